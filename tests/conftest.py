@@ -26,3 +26,116 @@ def offline_recipe(tmp_path):
     from detox_sft.config import load_recipe
 
     return load_recipe("offline", run_dir=str(tmp_path / "run"))
+
+
+def build_tiny_bart(root, max_positions: int = 128, seed: int = 0):
+    """Build a tiny BART tokenizer (byte-level BPE with BART's special tokens) and three random BART models.
+
+    Stands in for TMaRCo's base / expert / anti-expert where the offline zoo is not needed (compat and parity tests).
+    Returns a namespace with Paths ``bart_base``, ``expert``, ``anti_expert`` (each a model dir with the tokenizer).
+    """
+    import json
+    import types
+    from pathlib import Path
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import BartConfig, BartForConditionalGeneration, BartTokenizer
+
+    root = Path(root)
+    sentence = (
+        "you are a stupid idiot and what lovely day it is the quick brown fox jumps over lazy dog I think this "
+        "article should be deleted because nobody cares about your opinion thanks for the help damn hell shut "
+        "up please read sources again"
+    )
+    words = sentence.split(" ")
+    corpus = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)) for i in range(200)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    bpe.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=600,
+            special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    merges = [
+        tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in json.loads(bpe.to_str())["model"]["merges"]
+    ]
+    vocab = dict(sorted(bpe.get_vocab().items(), key=lambda kv: kv[1]))
+    vocab["<mask>"] = len(vocab)  # BART keeps <mask> as the last id
+    tokenizer = BartTokenizer(vocab=vocab, merges=merges)
+    config = BartConfig(
+        vocab_size=len(vocab),
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=max_positions,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_bos_token_id=0,
+        init_std=0.3,  # peaked random distributions: experts disagree on some tokens, so TMaRCo masks some
+    )
+    paths = {}
+    for offset, name in enumerate(("bart_base", "expert", "anti_expert")):
+        torch.manual_seed(seed + offset)
+        model = BartForConditionalGeneration(config).eval()
+        paths[name] = root / name
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    return types.SimpleNamespace(**paths)
+
+
+@pytest.fixture(scope="session")
+def tiny_bart(tmp_path_factory):
+    """Three tiny random BART models sharing one tokenizer (TMaRCo base, expert, anti-expert) in a temp dir."""
+    return build_tiny_bart(tmp_path_factory.mktemp("tiny_bart"))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real local S3 server (SeaweedFS on 127.0.0.1, bucket ``detox-sft``) for the session; stopped after.
+
+    Use ``s3_server.settings()`` (an S3Settings), ``s3_server.env()`` (the data-connection variables),
+    ``s3_server.endpoint``, ``.access_key``, ``.secret_key``, ``.bucket``. Give each test its own key prefix.
+    """
+    from detox_sft.local import LocalS3
+
+    server = LocalS3(bucket="detox-sft").start()
+    yield server
+    server.stop()
+
+
+def _make_adapter(recipe, base_path, arm: str = "detox", seed: int = 0):
+    """Save a LoRA adapter (non-zero update) on ``base_path`` to ``<run_dir>/adapters/<arm>`` like training does."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
+    lora = {k: v for k, v in recipe.training.lora.items() if k != "target_modules"}
+    model = get_peft_model(
+        model, LoraConfig(task_type="CAUSAL_LM", target_modules=recipe.training.lora["target_modules"], **lora)
+    )
+    with torch.no_grad():  # a fresh LoRA's B is zero (no-op): give it a small update so merging changes weights
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    out = recipe.run_path / "adapters" / arm
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(base_path)).save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def make_adapter():
+    """``make_adapter(recipe, base_path, arm="detox")``: a LoRA adapter where training would write it (tests only)."""
+    return _make_adapter

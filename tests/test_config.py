@@ -47,3 +47,10 @@ def test_bad_value_names_field_and_fix(tmp_path, text, field):
 def test_unknown_recipe_lists_the_real_ones():
     with pytest.raises(RecipeError, match="offline"):
         load_recipe("no-such-recipe")
+
+
+def test_section_override_merges_and_none_keeps():
+    recipe = load_recipe("offline", serving={"url": "http://x:8080", "grpc_target": None}, run_dir=None)
+    assert recipe.serving.url == "http://x:8080"
+    assert recipe.serving.token_env == "MODEL_TOKEN"  # untouched fields keep the recipe's values
+    assert recipe.run_path.name == "offline"

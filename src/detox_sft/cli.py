@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in SUBCOMMANDS.items():
-        sub.add_parser(name, help=help_text, description=help_text, add_help=False)
+        sub.add_parser(name, help=help_text, description=help_text.replace("%%", "%"), add_help=False)
     return parser
 
 
@@ -72,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _NotBuilt:
         print(f"detox-sft {command}: not built yet in this version of detox-sft.", file=sys.stderr)
         return 3
-    sub = argparse.ArgumentParser(prog=f"detox-sft {command}", description=SUBCOMMANDS[command][1])
+    # help strings are %-formatted by argparse, descriptions are not
+    sub = argparse.ArgumentParser(prog=f"detox-sft {command}", description=SUBCOMMANDS[command][1].replace("%%", "%"))
     add(sub)
     args = sub.parse_args(argv[1:])
     args.command = command

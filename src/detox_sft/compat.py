@@ -6,3 +6,303 @@ Each shim has a test in tests/test_compat.py that fails when the shim is no long
 from __future__ import annotations
 
 __all__: list[str] = []
+
+
+# --- TrustyAI TMaRCo (trustyai 0.6.4 without its [detoxify] extra, transformers 5) -------------------------------
+# trustyai.language.detoxify.tmarco imports `transformers.Conversation` inside one try-block; transformers removed it
+# in 4.42, so the import fails, the module prints a warning and simply never defines TMaRCo. Its loaders pass
+# `max_length` / `forced_bos_token_id` to `from_pretrained`, which transformers 5 forwards to the model constructor and
+# BART rejects (TypeError); and `load_models` reads an expert given as a bare relative name as a hub id of a
+# decoder-only model (AutoModelForCausalLM). We load the models ourselves and hand TMaRCo the objects.
+
+TMARCO_MODULE = "trustyai.language.detoxify.tmarco"
+TMARCO_MAX_LENGTH = 150  # TMaRCo.__init__'s default max_length for the base model
+
+
+class _ConversationPlaceholder:
+    """Stands in for the removed ``transformers.Conversation``; only TMaRCo.reflect() would use it (unsupported)."""
+
+    def __init__(self, *args, **kwargs):
+        raise NotImplementedError(
+            "transformers.Conversation was removed in transformers 4.42; TMaRCo.reflect() cannot run with "
+            "transformers 5 — use TMaRCo.score / mask / rephrase."
+        )
+
+
+def ensure_transformers_conversation() -> bool:
+    """Give ``transformers`` a placeholder ``Conversation`` so that trustyai's tmarco module defines TMaRCo.
+
+    Breakage: trustyai 0.6.4 imports ``transformers.Conversation`` (removed in transformers 4.42) in the try-block that
+    guards the whole TMaRCo class.
+
+    Returns:
+        True when the placeholder was installed now, False when ``transformers.Conversation`` already exists.
+    """
+    import transformers
+
+    if hasattr(transformers, "Conversation"):
+        return False
+    transformers.Conversation = _ConversationPlaceholder
+    return True
+
+
+def import_tmarco() -> type:
+    """Import trustyai's ``TMaRCo`` class with the ``Conversation`` shim applied (reloading a half-imported module).
+
+    Raises:
+        ImportError: trustyai (or torch / scipy / datasets) is not installed.
+    """
+    import importlib
+    import sys
+
+    ensure_transformers_conversation()
+    stale = sys.modules.get(TMARCO_MODULE)
+    if stale is not None and not hasattr(stale, "TMaRCo"):
+        # imported before the shim (TMaRCo silently missing, the package import failed): import both afresh
+        for name in (TMARCO_MODULE, TMARCO_MODULE.rsplit(".", 1)[0]):
+            sys.modules.pop(name, None)
+    module = importlib.import_module(TMARCO_MODULE)
+    if not hasattr(module, "TMaRCo"):
+        raise ImportError(f"{TMARCO_MODULE} did not define TMaRCo; check that torch, scipy and datasets import")
+    return module.TMaRCo
+
+
+def load_tmarco_model(
+    ref: str, *, forced_bos_token_id: int | None, max_length: int | None = None, device: str = "cpu", dtype=None
+):
+    """Load a BART-style seq2seq model (TMaRCo base or expert) the way trustyai means to, on transformers 5.
+
+    Breakage: trustyai passes ``max_length`` / ``forced_bos_token_id`` to ``from_pretrained``; transformers 5 rejects
+    them for BART (``__init__() got an unexpected keyword argument``). They are generation settings, so they go into
+    ``model.generation_config``. Local paths are made absolute (a bare relative name would be read as a hub id).
+
+    Args:
+        ref: hub id, local directory, or ``zoo:<name>``.
+        forced_bos_token_id: the tokenizer's BOS id (trustyai sets it on every model it loads).
+        max_length: generation max length (trustyai sets 150 on the base model only).
+        device: where to put the model.
+        dtype: torch dtype to load in; `None` keeps the checkpoint's float32.
+
+    Raises:
+        OSError: the model cannot be found (message says what to do).
+    """
+    from transformers import AutoModelForSeq2SeqLM
+
+    from detox_sft.config import resolve_ref
+
+    path = resolve_ref(ref)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise OSError(
+            f"cannot load TMaRCo model {ref!r} ({path}): {exc}. Fix: give a local model directory or a "
+            "zoo: reference (offline recipe), or make the Hugging Face hub reachable."
+        ) from exc
+    model.generation_config.forced_bos_token_id = forced_bos_token_id
+    if max_length is not None:
+        model.generation_config.max_length = max_length
+    return model.to(device).eval()
+
+
+def load_tmarco(
+    base_model: str,
+    expert: str,
+    anti_expert: str,
+    device: str = "cpu",
+    expert_weights: list[float] | None = None,
+    max_length: int = TMARCO_MAX_LENGTH,
+):
+    """Build trustyai's own ``TMaRCo`` with base, expert and anti-expert loaded through the shims above.
+
+    The tokenizer is loaded by TMaRCo itself from the base model's path, exactly as its default path does for
+    facebook/bart-large (``is_split_into_words=True, add_prefix_space=True``, pad token set to EOS).
+    ``tmarco.experts`` is ``[anti_expert, expert]``, matching ``expert_weights = [anti_weight, expert_weight]``.
+    Call ``tmarco.rephrase(texts, scores=..., masked_outputs=...)`` with keywords (its positional order differs from
+    ``mask``'s).
+
+    Args:
+        base_model: hub id, local path or ``zoo:`` reference of the BART base (``facebook/bart-large``).
+        expert: the non-toxic expert (``trustyai/gplus``).
+        anti_expert: the toxic anti-expert (``trustyai/gminus``).
+        device: ``cpu`` or ``cuda``.
+        expert_weights: ``[anti_expert_weight, expert_weight]``; `None` keeps TMaRCo's default ``[-0.5, 0.5]``.
+        max_length: the base model's generation max length (TMaRCo's default 150).
+
+    Returns:
+        A ``trustyai.language.detoxify.TMaRCo`` ready for ``score`` / ``mask`` / ``rephrase``.
+    """
+    from detox_sft.config import resolve_ref
+
+    tmarco_cls = import_tmarco()
+    base_path = resolve_ref(base_model)
+    # TMaRCo builds the tokenizer before the base model; give it a stand-in base and load the real one with its BOS id
+    tmarco = tmarco_cls(
+        base_model=object(), tokenizer=base_path, expert_weights=expert_weights, max_length=max_length, device=device
+    )
+    bos = tmarco.tokenizer.bos_token_id
+    tmarco.base = load_tmarco_model(base_model, forced_bos_token_id=bos, max_length=max_length, device=device)
+    tmarco.experts = [load_tmarco_model(ref, forced_bos_token_id=bos, device=device) for ref in (anti_expert, expert)]
+    return tmarco
+
+
+__all__ += [
+    "TMARCO_MAX_LENGTH",
+    "ensure_transformers_conversation",
+    "import_tmarco",
+    "load_tmarco_model",
+    "load_tmarco",
+]
+
+
+# --- caikit runtime (caikit 0.28 / caikit-nlp 0.5.15 installed --no-deps on NumPy 2) -------------------------------
+# caikit's HTTP server builds its pydantic request models with `np.issubclass_` (removed in NumPy 2.0): without it
+# the runtime dies while starting the HTTP server. Its HTTP server binds "0.0.0.0" and its gRPC server "[::]", both
+# hard-coded: the local model server for the demo and the tests must listen on 127.0.0.1 only.
+
+
+def restore_numpy_issubclass() -> bool:
+    """Give NumPy back ``np.issubclass_`` (removed in NumPy 2.0) for caikit's HTTP server.
+
+    Breakage: ``caikit.runtime.http_server.pydantic_wrapper`` calls ``np.issubclass_`` while building the request
+    models, so the caikit runtime cannot start its HTTP server on NumPy 2.
+
+    Returns:
+        True when the function was installed now, False when NumPy already has it.
+    """
+    import numpy as np
+
+    if hasattr(np, "issubclass_"):
+        return False
+
+    def issubclass_(arg1, arg2) -> bool:  # NumPy 1.x semantics: False instead of TypeError for non-classes
+        try:
+            return issubclass(arg1, arg2)
+        except TypeError:
+            return False
+
+    np.issubclass_ = issubclass_
+    return True
+
+
+def bind_caikit_to_host(host: str = "127.0.0.1") -> None:
+    """Make the caikit runtime started in this process listen on ``host`` instead of all interfaces.
+
+    Breakage: caikit 0.28 hard-codes ``host="0.0.0.0"`` for uvicorn (HTTP) and ``[::]:<port>`` for gRPC. This wraps
+    ``uvicorn.Config`` and ``grpc.server`` (process-wide: call it only in the process that runs the runtime).
+
+    Args:
+        host: the address to bind (an IPv4 address or a host name).
+    """
+    import grpc
+    import uvicorn
+
+    if not getattr(uvicorn.Config, "_detox_sft_host", None):
+        base_config = uvicorn.Config
+
+        class _LocalConfig(base_config):
+            _detox_sft_host = host
+
+            def __init__(self, *args, **kwargs):
+                kwargs["host"] = host
+                super().__init__(*args, **kwargs)
+
+        uvicorn.Config = _LocalConfig
+
+    if not getattr(grpc.server, "_detox_sft_host", None):
+        base_server = grpc.server
+
+        def _rebind(address: str) -> str:
+            return f"{host}:{address[len('[::]:') :]}" if address.startswith("[::]:") else address
+
+        def server(*args, **kwargs):
+            srv = base_server(*args, **kwargs)
+            add_insecure, add_secure = srv.add_insecure_port, srv.add_secure_port
+            srv.add_insecure_port = lambda address: add_insecure(_rebind(address))
+            srv.add_secure_port = lambda address, credentials: add_secure(_rebind(address), credentials)
+            return srv
+
+        server._detox_sft_host = host
+        grpc.server = server
+
+
+__all__ += ["restore_numpy_issubclass", "bind_caikit_to_host"]
+
+
+# --- bitsandbytes 0.50 4-bit layers on CPU (QLoRA training without CUDA) -------------------------------------------
+# On CPUs with AVX512-BF16, `Linear4bit.forward` repacks its weight in place into an inference-only layout the first
+# time it runs in eval mode without grad (an evaluation pass). From then on it calls `gemv_4bit`, which has no
+# autograd: after the first eval loss, no gradient flows through the frozen 4-bit layers, so every LoRA adapter below
+# the last layer silently stops learning (torch only warns). The repacking also fails outright for layers narrower
+# than the quantisation block (64), such as a small OPT's `project_in`.
+
+
+def keep_bnb_4bit_trainable_on_cpu(model) -> int:
+    """Stop bitsandbytes' 4-bit layers of ``model`` from switching to the CPU inference-only layout.
+
+    Breakage: bitsandbytes 0.50 ``Linear4bit.forward`` converts the weight to ``packing_format_for_cpu`` in eval mode
+    on AVX512-BF16 CPUs; the kernel it then uses has no backward, so training after an evaluation loses the gradient
+    through the base layers (and layers with fewer than 64 inputs crash). Turning the per-module flag off keeps the
+    dequantise + matmul path, which is differentiable.
+
+    Args:
+        model: any ``torch.nn.Module`` (a PEFT model included).
+
+    Returns:
+        The number of 4-bit layers whose flag was turned off.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
+__all__ += ["keep_bnb_4bit_trainable_on_cpu"]
+
+
+# caikit-nlp 0.5.15's local text generation builds `generate` arguments that go wrong on transformers 5 / our models:
+# (1) it passes `seed` straight to `model.generate` when sampling; transformers 5 validates generate's keyword arguments
+# and rejects it ("model_kwargs are not used by the model: ['seed']"), so every seeded sampling request fails with 400;
+# (2) for GREEDY it sets no `do_sample`, so a model whose generation_config.json says `do_sample: true` (the offline
+# zoo's OPT) samples although the request asked for greedy decoding (TGIS semantics: GREEDY is greedy).
+
+
+def fix_caikit_nlp_generate_args() -> bool:
+    """Make caikit-nlp's local text generation seed torch's RNG (not ``generate``) and decode greedily when asked.
+
+    Breakage: ``caikit_nlp.toolkit.text_generation.model_run_utils.__process_gen_args`` puts ``seed`` into the
+    ``generate`` keyword arguments (transformers 5 raises ValueError) and leaves ``do_sample`` to the model's
+    generation config for GREEDY.
+
+    Returns:
+        True when the wrapper was installed now, False when it already was.
+    """
+    import inspect
+
+    import torch
+    from caikit_nlp.toolkit.text_generation import model_run_utils
+
+    name = "__process_gen_args"
+    original = getattr(model_run_utils, name)
+    if getattr(original, "_detox_sft_wrapped", False):
+        return False
+    signature = inspect.signature(original)
+
+    def process_gen_args(*args, **kwargs):
+        params = original(*args, **kwargs)
+        decoding = signature.bind(*args, **kwargs).arguments.get("decoding_method")
+        if decoding != "SAMPLING":
+            params["do_sample"] = False
+        seed = params.pop("seed", None)
+        if seed is not None:  # called right before model.generate: seed the sampling that follows
+            torch.manual_seed(int(seed))
+        return params
+
+    process_gen_args._detox_sft_wrapped = True
+    setattr(model_run_utils, name, process_gen_args)
+    return True
+
+
+__all__ += ["fix_caikit_nlp_generate_args"]

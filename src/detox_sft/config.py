@@ -45,14 +45,22 @@ def _check(condition: bool, field_name: str, problem: str, fix: str) -> None:
 
 
 def _check_prob(value: float, name: str) -> None:
-    _check(isinstance(value, int | float) and 0.0 <= value <= 1.0, name, f"got {value!r}, expected a number in [0, 1]",
-           f"set {name} between 0 and 1")
+    _check(
+        isinstance(value, int | float) and 0.0 <= value <= 1.0,
+        name,
+        f"got {value!r}, expected a number in [0, 1]",
+        f"set {name} between 0 and 1",
+    )
 
 
 def _check_pos(value: Any, name: str, allow_zero: bool = False) -> None:
     ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-    _check(ok, name, f"got {value!r}, expected a {'non-negative' if allow_zero else 'positive'} integer",
-           f"set {name} to a whole number{' >= 0' if allow_zero else ' >= 1'}")
+    _check(
+        ok,
+        name,
+        f"got {value!r}, expected a {'non-negative' if allow_zero else 'positive'} integer",
+        f"set {name} to a whole number{' >= 0' if allow_zero else ' >= 1'}",
+    )
 
 
 @dataclass
@@ -89,11 +97,17 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.train_dataset), "data.train_dataset", "is empty", "give a hub id, a local path or zoo:rtp")
-        _check(bool(self.eval_dataset), "data.eval_dataset", "is empty", "give a hub id, a local path or zoo:wiki_toxic")
+        _check(
+            bool(self.eval_dataset), "data.eval_dataset", "is empty", "give a hub id, a local path or zoo:wiki_toxic"
+        )
         if self.num_train_samples is not None:
             _check_pos(self.num_train_samples, "data.num_train_samples")
-        _check(isinstance(self.test_size, float) and 0.0 < self.test_size < 1.0, "data.test_size",
-               f"got {self.test_size!r}", "use a fraction such as 0.1")
+        _check(
+            isinstance(self.test_size, float) and 0.0 < self.test_size < 1.0,
+            "data.test_size",
+            f"got {self.test_size!r}",
+            "use a fraction such as 0.1",
+        )
         if self.min_toxicity is not None:
             _check_prob(self.min_toxicity, "data.min_toxicity")
         _check_pos(self.max_chars, "data.max_chars")
@@ -112,7 +126,8 @@ class RephraseConfig:
         expert_weights (`list[float]`, defaults to ``[-0.5, 4.0]``): weights of anti-expert and expert logits.
         mask_threshold (`float`, defaults to 1.2): mask a token whose disagreement score divided by the sentence
             mean reaches this (the MaRCo paper uses 1.2; the 2024 original's 0.6 masked nearly everything).
-        combine_original (`bool`, defaults to `True`): add the base model's logits when rewriting.
+        combine_original (`bool`, defaults to `True`): when filling a mask, show the experts the original tokens
+            after it (otherwise only the left context); TMaRCo adds the base model's logits either way.
         gate_threshold (`float`, defaults to 0.5): only samples whose toxicity reaches this are rephrased.
         scorer (`str`): the toxicity scorer used for gating (see :mod:`detox_sft.toxicity`).
         engine (`str`, defaults to ``"batched"``): ``batched`` (ours) or ``trustyai`` (the reference).
@@ -133,16 +148,32 @@ class RephraseConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        _check(len(self.expert_weights) == 2, "rephrase.expert_weights", f"got {self.expert_weights!r}",
-               "give two numbers: [anti_expert_weight, expert_weight]")
-        _check(isinstance(self.mask_threshold, int | float) and self.mask_threshold > 0, "rephrase.mask_threshold",
-               f"got {self.mask_threshold!r}", "use a positive number; 1.2 is the MaRCo paper's value")
+        _check(
+            len(self.expert_weights) == 2,
+            "rephrase.expert_weights",
+            f"got {self.expert_weights!r}",
+            "give two numbers: [anti_expert_weight, expert_weight]",
+        )
+        _check(
+            isinstance(self.mask_threshold, int | float) and self.mask_threshold > 0,
+            "rephrase.mask_threshold",
+            f"got {self.mask_threshold!r}",
+            "use a positive number; 1.2 is the MaRCo paper's value",
+        )
         _check_prob(self.gate_threshold, "rephrase.gate_threshold")
-        _check(self.engine in ("batched", "trustyai"), "rephrase.engine", f"got {self.engine!r}",
-               "use 'batched' or 'trustyai'")
+        _check(
+            self.engine in ("batched", "trustyai"),
+            "rephrase.engine",
+            f"got {self.engine!r}",
+            "use 'batched' or 'trustyai'",
+        )
         _check_pos(self.batch_size, "rephrase.batch_size")
-        _check(self.device in ("auto", "cpu", "cuda"), "rephrase.device", f"got {self.device!r}",
-               "use 'auto', 'cpu' or 'cuda'")
+        _check(
+            self.device in ("auto", "cpu", "cuda"),
+            "rephrase.device",
+            f"got {self.device!r}",
+            "use 'auto', 'cpu' or 'cuda'",
+        )
 
 
 @dataclass
@@ -162,11 +193,22 @@ class TrainingConfig:
 
     base_model: str = "facebook/opt-350m"
     load_in_4bit: bool = True
-    lora: dict[str, Any] = field(default_factory=lambda: {
-        "r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]})
-    sft: dict[str, Any] = field(default_factory=lambda: {
-        "learning_rate": 2e-4, "num_train_epochs": 1, "per_device_train_batch_size": 8, "max_length": 256})
+    lora: dict[str, Any] = field(
+        default_factory=lambda: {
+            "r": 16,
+            "lora_alpha": 32,
+            "lora_dropout": 0.05,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+        }
+    )
+    sft: dict[str, Any] = field(
+        default_factory=lambda: {
+            "learning_rate": 2e-4,
+            "num_train_epochs": 1,
+            "per_device_train_batch_size": 8,
+            "max_length": 256,
+        }
+    )
     completion_only_loss: bool = True
     device: str = "auto"
 
@@ -174,8 +216,12 @@ class TrainingConfig:
         _check(bool(self.base_model), "training.base_model", "is empty", "give facebook/opt-350m or zoo:opt")
         _check(isinstance(self.lora, dict), "training.lora", "must be a mapping", "give LoraConfig keyword arguments")
         _check(isinstance(self.sft, dict), "training.sft", "must be a mapping", "give SFTConfig keyword arguments")
-        _check(self.device in ("auto", "cpu", "cuda"), "training.device", f"got {self.device!r}",
-               "use 'auto', 'cpu' or 'cuda'")
+        _check(
+            self.device in ("auto", "cpu", "cuda"),
+            "training.device",
+            f"got {self.device!r}",
+            "use 'auto', 'cpu' or 'cuda'",
+        )
 
 
 @dataclass
@@ -192,6 +238,9 @@ class EvaluationConfig:
         bootstrap_samples (`int`, defaults to 1000): bootstrap resamples for the 95% intervals.
         toxic_threshold (`float`, defaults to 0.5): a continuation at or above this is toxic (for TP).
         perplexity_model (`str` or `None`): model for the conditional perplexity; `None` uses the base model.
+        prompt_template (`bool`, defaults to `True`): give every model the prompt in the training template
+            (``"Prompt: {prompt}\nContinuation:"``), as the arms saw it in training; `False` gives the bare prompt.
+        device (`str`, defaults to ``"auto"``): ``auto``, ``cpu`` or ``cuda`` for generation, scoring, perplexity.
     """
 
     scorers: list[str] = field(default_factory=lambda: ["facebook/roberta-hate-speech-dynabench-r4-target"])
@@ -203,9 +252,17 @@ class EvaluationConfig:
     bootstrap_samples: int = 1000
     toxic_threshold: float = 0.5
     perplexity_model: str | None = None
+    prompt_template: bool = True
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         _check(bool(self.scorers), "evaluation.scorers", "is empty", "name at least one scorer")
+        _check(
+            self.device in ("auto", "cpu", "cuda"),
+            "evaluation.device",
+            f"got {self.device!r}",
+            "use 'auto', 'cpu' or 'cuda'",
+        )
         _check_pos(self.num_samples, "evaluation.num_samples")
         _check_pos(self.max_new_tokens, "evaluation.max_new_tokens")
         _check(0.0 < self.top_p <= 1.0, "evaluation.top_p", f"got {self.top_p!r}", "use a value in (0, 1]")
@@ -229,10 +286,18 @@ class ExportConfig:
     dtype: str = "float16"
 
     def __post_init__(self) -> None:
-        _check(self.dtype in ("float32", "float16", "bfloat16"), "export.dtype", f"got {self.dtype!r}",
-               "use float32, float16 or bfloat16")
-        _check(bool(self.model_id) and "/" not in self.model_id, "export.model_id", f"got {self.model_id!r}",
-               "use a plain name such as opt-350m-detox")
+        _check(
+            self.dtype in ("float32", "float16", "bfloat16"),
+            "export.dtype",
+            f"got {self.dtype!r}",
+            "use float32, float16 or bfloat16",
+        )
+        _check(
+            bool(self.model_id) and "/" not in self.model_id,
+            "export.model_id",
+            f"got {self.model_id!r}",
+            "use a plain name such as opt-350m-detox",
+        )
 
 
 @dataclass
@@ -249,8 +314,12 @@ class StorageConfig:
     max_concurrency: int = 8
 
     def __post_init__(self) -> None:
-        _check(bool(self.prefix) and not self.prefix.startswith("/"), "storage.prefix", f"got {self.prefix!r}",
-               "use a relative key prefix such as models/opt-350m-detox")
+        _check(
+            bool(self.prefix) and not self.prefix.startswith("/"),
+            "storage.prefix",
+            f"got {self.prefix!r}",
+            "use a relative key prefix such as models/opt-350m-detox",
+        )
         _check_pos(self.max_concurrency, "storage.max_concurrency")
 
 
@@ -299,8 +368,9 @@ class Recipe:
     serving: ServingConfig = field(default_factory=ServingConfig)
 
     def __post_init__(self) -> None:
-        _check(self.profile in ("tutorial", "offline"), "profile", f"got {self.profile!r}",
-               "use 'tutorial' or 'offline'")
+        _check(
+            self.profile in ("tutorial", "offline"), "profile", f"got {self.profile!r}", "use 'tutorial' or 'offline'"
+        )
         _check_pos(self.seed, "seed", allow_zero=True)
 
     @property
@@ -315,8 +385,13 @@ class Recipe:
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe)}
 _SECTION_CLASSES = {
-    "data": DataConfig, "rephrase": RephraseConfig, "training": TrainingConfig, "evaluation": EvaluationConfig,
-    "export": ExportConfig, "storage": StorageConfig, "serving": ServingConfig,
+    "data": DataConfig,
+    "rephrase": RephraseConfig,
+    "training": TrainingConfig,
+    "evaluation": EvaluationConfig,
+    "export": ExportConfig,
+    "storage": StorageConfig,
+    "serving": ServingConfig,
 }
 
 
@@ -328,12 +403,20 @@ def recipe_names() -> list[str]:
 def _build_section(name: str, cls: type, values: Any) -> Any:
     if values is None:
         return cls()
-    _check(isinstance(values, dict), name, f"must be a mapping, got {type(values).__name__}",
-           f"write {name}: as a YAML mapping of field: value")
+    _check(
+        isinstance(values, dict),
+        name,
+        f"must be a mapping, got {type(values).__name__}",
+        f"write {name}: as a YAML mapping of field: value",
+    )
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
-    _check(not unknown, f"{name}.{unknown[0] if unknown else ''}", "is not a known field",
-           f"use one of: {', '.join(sorted(known))}")
+    _check(
+        not unknown,
+        f"{name}.{unknown[0] if unknown else ''}",
+        "is not a known field",
+        f"use one of: {', '.join(sorted(known))}",
+    )
     try:
         return cls(**values)
     except TypeError as exc:  # a wrong type reaching a comparison in __post_init__
@@ -345,8 +428,9 @@ def recipe_from_dict(values: dict[str, Any], default_name: str = "recipe") -> Re
     _check(isinstance(values, dict), "recipe", "is not a YAML mapping", "write the recipe as field: value pairs")
     values = dict(values)
     unknown = sorted(set(values) - set(_SECTIONS))
-    _check(not unknown, unknown[0] if unknown else "", "is not a known recipe field",
-           f"use one of: {', '.join(_SECTIONS)}")
+    _check(
+        not unknown, unknown[0] if unknown else "", "is not a known recipe field", f"use one of: {', '.join(_SECTIONS)}"
+    )
     sections = {name: _build_section(name, cls, values.pop(name, None)) for name, cls in _SECTION_CLASSES.items()}
     values.setdefault("name", default_name)
     _check("profile" in values, "profile", "is missing", "add profile: tutorial or profile: offline")
@@ -361,7 +445,8 @@ def load_recipe(name_or_path: str | os.PathLike[str], **overrides: Any) -> Recip
 
     Args:
         name_or_path: a name of a file in `recipes/` or a path to a YAML file.
-        **overrides: top-level fields to replace (``run_dir="runs/x"``, ``seed=1``).
+        **overrides: top-level fields to replace (``run_dir="runs/x"``, ``seed=1``); a dict for a section
+            (``serving={"url": ...}``) merges into it. `None` values keep the recipe's.
 
     Raises:
         RecipeError: the recipe does not exist or a value is invalid.
@@ -370,14 +455,23 @@ def load_recipe(name_or_path: str | os.PathLike[str], **overrides: Any) -> Recip
     if not path.suffix and not path.exists():
         path = RECIPES_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        raise RecipeError(f"recipe {str(name_or_path)!r} not found. Fix: use one of {recipe_names()} "
-                          "or the path of a YAML recipe file.")
+        raise RecipeError(
+            f"recipe {str(name_or_path)!r} not found. Fix: use one of {recipe_names()} "
+            "or the path of a YAML recipe file."
+        )
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise RecipeError(f"recipe {path}: not valid YAML ({exc}). Fix: correct the YAML syntax.") from exc
     if isinstance(values, dict):
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        for key, value in overrides.items():
+            if isinstance(value, dict) and key in _SECTION_CLASSES:
+                # a section override merges into the recipe's section; None keeps the recipe's value
+                section = dict(values.get(key) or {})
+                section.update({k: v for k, v in value.items() if v is not None})
+                values[key] = section
+            elif value is not None:
+                values[key] = value
     return recipe_from_dict(values, default_name=path.stem)
 
 
@@ -390,7 +484,7 @@ def resolve_ref(ref: str) -> str:
     if ref.startswith("zoo:"):
         from detox_sft import offline  # local import: building the zoo is heavy and must not happen at import
 
-        return str(offline.resolve(ref[len("zoo:"):]))
+        return str(offline.resolve(ref[len("zoo:") :]))
     local = Path(ref).expanduser()
     if local.exists():
         return str(local.resolve())

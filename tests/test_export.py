@@ -1,0 +1,109 @@
+"""Export: merge a LoRA adapter on the offline OPT, write the HF and Caikit directories, load back, generate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from detox_sft.config import load_recipe
+from detox_sft.export import (
+    CHECK_PROMPT,
+    ExportError,
+    caikit_export_path,
+    check_caikit_model,
+    convert_to_caikit,
+    hf_export_path,
+    merge_adapter,
+)
+
+CAIKIT_TEXT_GENERATION_MODULE_ID = "f9181353-4ccf-4572-bd1e-f12bcda26792"  # caikit-nlp's local TextGeneration
+
+
+@pytest.fixture(scope="module")
+def exported(zoo, tmp_path_factory):
+    """The offline recipe's run with a LoRA adapter on the zoo OPT, exported through the CLI."""
+    from conftest import _make_adapter  # the helper behind the make_adapter fixture (that one is per test)
+
+    from detox_sft.cli import main
+
+    run_dir = tmp_path_factory.mktemp("export") / "run"
+    recipe = load_recipe("offline", run_dir=str(run_dir))
+    adapter = _make_adapter(recipe, zoo.opt)
+    assert main(["export", "--recipe", "offline", "--run-dir", str(run_dir)]) == 0
+    return recipe, adapter
+
+
+def _logits(model, tokenizer, text="Prompt: you are\nContinuation: "):
+    with torch.no_grad():
+        return model(**tokenizer(text, return_tensors="pt")).logits
+
+
+def test_merged_model_equals_base_plus_adapter(exported, zoo):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe, adapter = exported
+    hf_dir = hf_export_path(recipe)
+    assert (hf_dir / "config.json").is_file() and (hf_dir / "model.safetensors").is_file()
+    assert (hf_dir / "tokenizer_config.json").is_file()
+    assert not (hf_dir / "adapter_config.json").exists()  # a plain model, servable by vLLM as is
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    merged = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    assert not any("lora" in name for name, _ in merged.named_modules())
+    base = AutoModelForCausalLM.from_pretrained(zoo.opt).eval()
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(zoo.opt), adapter).eval()
+    merged_logits = _logits(merged, tokenizer)
+    assert torch.allclose(merged_logits, _logits(with_adapter, tokenizer), atol=1e-4)
+    assert (merged_logits - _logits(base, tokenizer)).abs().max() > 1e-3  # the adapter really changed the model
+    assert merged.config.word_embed_proj_dim != merged.config.hidden_size  # opt-350m's quirk survives the merge
+
+
+def test_caikit_directory_is_loadable_and_matches_hf_greedy(exported):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe, _ = exported
+    caikit_dir = caikit_export_path(recipe)
+    assert caikit_dir.name == recipe.export.model_id == "opt-350m-detox"
+    config = yaml.safe_load((caikit_dir / "config.yml").read_text())
+    assert config["module_id"] == CAIKIT_TEXT_GENERATION_MODULE_ID
+    assert (caikit_dir / config["artifact_path"] / "config.json").is_file()  # what the TGIS container loads
+    text = check_caikit_model(caikit_dir, max_new_tokens=8)
+    # the same greedy continuation as transformers on the merged HF directory
+    hf_dir = hf_export_path(recipe)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    inputs = tokenizer(CHECK_PROMPT, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    full = tokenizer.decode(out[0], skip_special_tokens=True)
+    prompt = tokenizer.decode(inputs["input_ids"][0], skip_special_tokens=True)
+    assert text == full[len(prompt) :]
+    assert text.strip()
+
+
+def test_export_dtype_follows_the_recipe(exported, zoo, tmp_path):
+    recipe, _ = exported
+    half = load_recipe("offline", run_dir=str(recipe.run_path))
+    half.export.dtype = "float16"
+    half.run_dir = str(tmp_path / "run")
+    (tmp_path / "run" / "adapters").mkdir(parents=True)
+    (tmp_path / "run" / "adapters" / "detox").symlink_to(recipe.run_path / "adapters" / "detox")
+    hf_dir = merge_adapter(half)
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert (config.get("dtype") or config.get("torch_dtype")) == "float16"
+    caikit_dir = convert_to_caikit(hf_dir, tmp_path / "caikit" / "m")
+    assert yaml.safe_load((caikit_dir / "config.yml").read_text())["torch_dtype"] == "torch.float16"
+
+
+def test_missing_adapter_says_what_to_do(offline_recipe):
+    with pytest.raises(ExportError, match=r"run notebooks/1-sft.ipynb first \(or `detox-sft train"):
+        merge_adapter(offline_recipe)
+
+
+def test_export_cli_reports_missing_adapter(tmp_path, capsys):
+    from detox_sft.cli import main
+
+    assert main(["export", "--recipe", "offline", "--run-dir", str(tmp_path / "empty")]) == 1
+    assert "No adapter in" in capsys.readouterr().err

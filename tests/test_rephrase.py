@@ -1,0 +1,393 @@
+"""TMaRCo rephrasing: parity of the batched engine with TrustyAI's, gating, cache/resume, bad input, CLI, helpers."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import warnings
+
+import numpy as np
+import pytest
+
+from detox_sft.config import RephraseConfig
+
+PARITY_SENTENCES = 200
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models: per-op overhead dominates and two threads on a shared 2-core box thrash; same for both engines
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cfg(trio, **kw) -> RephraseConfig:
+    values = dict(
+        base_model=str(trio.bart_base),
+        expert=str(trio.expert),
+        anti_expert=str(trio.anti_expert),
+        scorer="profanity-check",
+        device="cpu",
+        batch_size=64,
+    )
+    values.update(kw)
+    return RephraseConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def zoo_tmarco(zoo):
+    """TrustyAI's TMaRCo on the offline zoo's BART base / expert / anti-expert (fp32, CPU)."""
+    from detox_sft.compat import load_tmarco
+
+    cfg = _cfg(zoo)
+    return cfg, load_tmarco(
+        cfg.base_model, cfg.expert, cfg.anti_expert, device="cpu", expert_weights=list(cfg.expert_weights)
+    )
+
+
+def _corpus_sentences(zoo, n: int) -> list[str]:
+    """Prompts and continuations of the zoo's RTP-like corpus, toxic ones first (they get masked and rewritten)."""
+    with open(zoo.rtp, encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    texts = []
+    for row in rows:
+        for part in ("prompt", "continuation"):
+            value = row.get(part) or {}
+            text = value.get("text") if isinstance(value, dict) else value
+            if text and text.strip():
+                texts.append((-(value.get("toxicity") or 0.0) if isinstance(value, dict) else 0.0, text))
+    texts.sort(key=lambda x: x[0])
+    chosen = [t for _, t in texts[: n // 2]] + [t for _, t in texts[n // 2 :: max(1, len(texts) // n)]]
+    return list(dict.fromkeys(chosen))[:n]
+
+
+def _compare(ref_out, bat_out):
+    """Indices where the engines differ, among the sentences TrustyAI's TMaRCo can process (it raises on a few)."""
+    return [
+        i
+        for i, (a, b) in enumerate(zip(ref_out, bat_out, strict=True))
+        if a.error is None and (a.masked, a.rephrased, a.changed) != (b.masked, b.rephrased, b.changed)
+    ]
+
+
+def test_parity_batched_equals_trustyai_on_zoo(zoo, zoo_tmarco):
+    from detox_sft.rephrase import BatchedEngine, ReferenceEngine
+
+    cfg, tmarco = zoo_tmarco
+    texts = _corpus_sentences(zoo, PARITY_SENTENCES)
+    assert len(texts) >= PARITY_SENTENCES
+    reference = ReferenceEngine(tmarco, cfg).rephrase(texts)
+    batched = BatchedEngine.from_tmarco(tmarco, cfg, max_batch_tokens=2048).rephrase(texts)
+    changed = sum(o.changed for o in reference)
+    assert changed >= len(texts) // 10, f"only {changed} sentences rewritten: the parity set does not exercise rephrase"
+    assert sum(o.error is not None for o in reference) <= len(texts) // 100
+    assert not any(o.error for o in batched)
+    diffs = _compare(reference, batched)
+    # a difference is allowed only at a numerical near-tie, and on at most 1% of the sentences
+    assert len(diffs) <= len(texts) // 100, [(texts[i], reference[i], batched[i]) for i in diffs]
+    for i in diffs:
+        assert batched[i].min_gap < 1e-4 or batched[i].min_margin < 1e-4, (texts[i], reference[i], batched[i])
+
+
+@pytest.mark.parametrize("combine_original", [True, False])
+def test_parity_on_tiny_random_bart_with_many_masks(tiny_bart, combine_original):
+    # random weights, a low threshold: most tokens masked, long fill chains, emoji / CJK byte pieces, markup
+    from detox_sft.compat import load_tmarco
+    from detox_sft.rephrase import BatchedEngine, ReferenceEngine
+
+    cfg = _cfg(tiny_bart, mask_threshold=1.02, combine_original=combine_original)
+    tmarco = load_tmarco(cfg.base_model, cfg.expert, cfg.anti_expert, expert_weights=list(cfg.expert_weights))
+    words = [
+        "you",
+        "are",
+        "a",
+        "stupid",
+        "idiot",
+        "and",
+        "what",
+        "lovely",
+        "day",
+        "it",
+        "is",
+        "the",
+        "quick",
+        "fox",
+        "I",
+        "think",
+        "this",
+        "article",
+        "thanks",
+    ]
+    rng = random.Random(1)
+    texts = [
+        " ".join(rng.choice(words) for _ in range(rng.randint(1, 18))) + rng.choice(["", ".", "!"]) for _ in range(36)
+    ]
+    texts += ["😀 you idiot 你好", "<b>shut up</b> & read", "x", "Ça va, idiot?", "<mask> you"]
+    reference = ReferenceEngine(tmarco, cfg).rephrase(texts)
+    batched = BatchedEngine.from_tmarco(tmarco, cfg, max_batch_tokens=512).rephrase(texts)
+    assert sum(o.changed for o in reference) >= len(texts) // 2
+    assert sum(o.error is not None for o in reference) <= 2  # TMaRCo's own IndexError on some emoji / CJK pieces
+    assert not any(o.error for o in batched)  # where the batched engine reads the last base position instead
+    diffs = _compare(reference, batched)
+    assert all(batched[i].min_gap < 1e-4 or batched[i].min_margin < 1e-4 for i in diffs)
+    assert len(diffs) <= 1
+
+
+def test_jensenshannon_torch_matches_scipy():
+    import torch
+    from scipy.spatial.distance import jensenshannon
+
+    from detox_sft.rephrase import _jensenshannon_torch
+
+    gen = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(5, 300, generator=gen) * 3, dim=1)
+    q = torch.softmax(torch.randn(5, 300, generator=gen) * 3, dim=1)
+    ours = _jensenshannon_torch(p, q).numpy()
+    np.testing.assert_allclose(ours, jensenshannon(p.numpy(), q.numpy(), axis=1), rtol=1e-5)
+
+
+class CountingEngine:
+    """Wraps an engine; counts sentences; optionally raises after some batches (an interrupted run)."""
+
+    def __init__(self, inner, fail_after_batches=None):
+        self.inner, self.name, self.calls, self.batches = inner, inner.name, 0, 0
+        self.fail_after_batches = fail_after_batches
+
+    def rephrase(self, texts):
+        if self.fail_after_batches is not None and self.batches >= self.fail_after_batches:
+            raise KeyboardInterrupt
+        self.batches += 1
+        self.calls += len(texts)
+        return self.inner.rephrase(texts)
+
+    def fingerprint(self):
+        return self.inner.fingerprint()
+
+
+def _stub_scorer(texts):
+    # deterministic gate for cache/bad-input tests: "toxic" when a swear word is present
+    bad = ("idiot", "stupid", "damn", "hell", "shut")
+    return np.array([0.9 if any(b in t.lower() for b in bad) else 0.1 for t in texts])
+
+
+@pytest.fixture(scope="module")
+def zoo_engine(zoo_tmarco):
+    from detox_sft.rephrase import BatchedEngine
+
+    cfg, tmarco = zoo_tmarco
+    return cfg, BatchedEngine.from_tmarco(tmarco, cfg)
+
+
+def test_gate_with_recipe_scorer_counts_and_fields(zoo, zoo_engine):
+    from detox_sft.rephrase import ADDED_FIELDS, rephrase_dataset
+    from detox_sft.toxicity import load_scorer
+
+    cfg, engine = zoo_engine
+    texts = _corpus_sentences(zoo, 60)
+    records = [{"id": i, "text": t} for i, t in enumerate(texts)]
+    result = rephrase_dataset(records, cfg, engine=engine, progress=False)
+    tox = load_scorer("profanity-check")(texts)
+    gated = int((tox >= cfg.gate_threshold).sum())
+    s = result.summary
+    assert 0 < gated < len(texts)
+    assert (s.total, s.scored, s.gated) == (len(texts), len(texts), gated)
+    assert s.rephrased + s.unchanged + s.errors == gated and s.rephrased > 0
+    for rec, t, value in zip(result.records, texts, tox, strict=True):
+        assert set(ADDED_FIELDS) <= set(rec) and rec["text"] == t
+        assert rec["toxicity_before"] == pytest.approx(value)
+        if value < cfg.gate_threshold:  # below the gate: passes through untouched
+            assert (rec["rephrase_status"], rec["rephrased_text"], rec["rephrased"]) == ("below_gate", t, False)
+        elif rec["rephrased"]:
+            assert rec["rephrased_text"] != t and "<mask>" in rec["masked_text"]
+    assert s.gated_toxicity_after < s.gated_toxicity_before  # TMaRCo with the zoo's experts does detoxify
+
+
+def test_cache_resume_after_interruption_recomputes_nothing(zoo, zoo_tmarco, zoo_engine, tmp_path):
+    from detox_sft.rephrase import BatchedEngine, rephrase_dataset
+    from detox_sft.toxicity import load_scorer
+
+    cfg, engine = zoo_engine
+    cfg = dataclasses.replace(cfg, batch_size=3)
+    scorer = load_scorer(cfg.scorer)
+    texts = _corpus_sentences(zoo, 80)
+    records = [{"text": t} for t in texts]
+    gated = len({t for t, v in zip(texts, scorer(texts), strict=True) if v >= cfg.gate_threshold})
+    assert gated > 6
+    cache = tmp_path / "cache"
+    interrupted = CountingEngine(engine, fail_after_batches=2)
+    with pytest.raises(KeyboardInterrupt):
+        rephrase_dataset(records, cfg, cache_dir=cache, engine=interrupted, scorer=scorer, progress=False)
+    assert interrupted.calls == 6
+    resumed = CountingEngine(engine)
+    first = rephrase_dataset(records, cfg, cache_dir=cache, engine=resumed, scorer=scorer, progress=False)
+    assert resumed.calls == gated - 6 and first.summary.cached == 6  # only the rest is computed
+    again = CountingEngine(engine)
+    second = rephrase_dataset(records, cfg, cache_dir=cache, engine=again, scorer=scorer, progress=False)
+    assert again.calls == 0 and second.summary.computed == 0
+    fresh = rephrase_dataset(records, cfg, engine=CountingEngine(engine), scorer=scorer, progress=False)
+    assert first.records == second.records == fresh.records and first.summary.rephrased > 0
+    # another setting is another key: computed again
+    other_cfg = dataclasses.replace(cfg, mask_threshold=1.5)
+    other = CountingEngine(BatchedEngine.from_tmarco(zoo_tmarco[1], other_cfg))
+    rephrase_dataset(records, other_cfg, cache_dir=cache, engine=other, scorer=scorer, progress=False)
+    assert other.calls == gated
+
+
+def test_cached_rerun_does_not_load_models(zoo, tmp_path, monkeypatch):
+    from detox_sft import rephrase
+
+    cfg = _cfg(zoo)
+    records = [{"text": "you stupid idiot, shut up"}, {"text": "thanks for the help"}]
+    first = rephrase.rephrase_dataset(records, cfg, cache_dir=tmp_path, progress=False, scorer=_stub_scorer)
+    assert first.summary.computed == 1
+    monkeypatch.setattr(rephrase, "load_engine", lambda *a, **k: pytest.fail("models loaded on a cached rerun"))
+    second = rephrase.rephrase_dataset(records, cfg, cache_dir=tmp_path, progress=False, scorer=_stub_scorer)
+    assert second.records == first.records and second.summary.cached == 1
+
+
+BAD_INPUTS = {
+    "empty": "",
+    "whitespace": "   \n\t ",
+    "one_char": "x",
+    "non_english": "Du bist ein dummer Idiot, halt die Klappe!",
+    "cjk": "你是个白痴 stupid idiot 馬鹿",
+    "emoji": "you stupid idiot 😡🤬👎",
+    "markup": "<b>shut up</b> <a href='x'>idiot</a> &amp; <s>damn</s>",
+    "literal_mask": "<mask> you stupid idiot <mask>",
+    "long": " ".join(["you stupid idiot, shut up and read the article again"] * 40),
+}
+
+
+def test_bad_input_never_crashes(zoo, zoo_engine):
+    from detox_sft.rephrase import rephrase_dataset
+
+    cfg, engine = zoo_engine
+    records = [{"key": k, "text": v} for k, v in BAD_INPUTS.items()]
+    records += [{"key": "missing"}, {"key": "null", "text": None}]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = rephrase_dataset(records, cfg, engine=engine, scorer=_stub_scorer, progress=False)
+    out = {r["key"]: r for r in result.records}
+    assert [r["key"] for r in result.records] == [r["key"] for r in records]
+    for key, text in BAD_INPUTS.items():
+        assert out[key]["text"] == text and isinstance(out[key]["rephrased_text"], str)
+        assert out[key]["rephrase_status"] != "error", out[key]
+    assert out["empty"]["rephrase_status"] == out["whitespace"]["rephrase_status"] == "empty"
+    assert out["one_char"]["rephrase_status"] == "below_gate"
+    for key in ("missing", "null"):
+        assert out[key]["rephrase_status"] == "missing" and out[key]["toxicity_before"] is None
+    assert "text" not in out["missing"]
+    assert out["long"]["rephrase_truncated"] is True and result.summary.truncated == 1
+    assert any("truncated" in str(w.message) for w in caught)
+    assert len(out["long"]["rephrased_text"]) < len(BAD_INPUTS["long"])
+    assert result.summary.missing == 2 and result.summary.empty == 2
+
+
+def test_reference_engine_handles_bad_input_too(zoo_tmarco):
+    from detox_sft.rephrase import ReferenceEngine
+
+    cfg, tmarco = zoo_tmarco
+    texts = [v for k, v in BAD_INPUTS.items() if k not in ("empty", "whitespace")]
+    outs = ReferenceEngine(tmarco, cfg).rephrase(texts)
+    assert len(outs) == len(texts) and not any(o.error for o in outs)
+    assert outs[-1].truncated
+
+
+def _cli(argv):
+    from detox_sft.rephrase import add_arguments, main
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return main(parser.parse_args(argv))
+
+
+def test_cli_malformed_jsonl_names_the_line_and_writes_nothing(tmp_path, capsys, zoo):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "fine"}\n\n{"text": "broken"\n{"text": "after"}\n', encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    rc = _cli(["--recipe", "offline", "--input", str(src), "--output", str(out), "--no-progress"])
+    assert rc == 2
+    assert "line 3" in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == [src]
+
+
+def test_cli_writes_every_record_in_order_atomically(zoo, tmp_path):
+    from detox_sft.rephrase import read_jsonl
+
+    texts = _corpus_sentences(zoo, 30) + [""]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"n": i, "text": t}) + "\n" for i, t in enumerate(texts)), encoding="utf-8")
+    out = tmp_path / "sub" / "out.jsonl"
+    argv = [
+        "--recipe",
+        "offline",
+        "--input",
+        str(src),
+        "--output",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--no-progress",
+    ]
+    assert _cli(argv) == 0
+    rows = read_jsonl(out)
+    assert [r["n"] for r in rows] == list(range(len(texts))) and [r["text"] for r in rows] == texts
+    assert any(r["rephrased"] for r in rows)
+    assert [p.name for p in out.parent.iterdir()] == ["out.jsonl"]  # no temp file left
+    assert _cli([*argv, "--engine", "trustyai"]) == 0  # the reference engine through the CLI
+    assert [r["text"] for r in read_jsonl(out)] == texts
+
+
+def test_write_jsonl_atomic_leaves_old_file_on_failure(tmp_path):
+    from detox_sft.rephrase import write_jsonl_atomic
+
+    path = tmp_path / "out.jsonl"
+    write_jsonl_atomic([{"a": 1}], path)
+
+    def broken():
+        yield {"a": 2}
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        write_jsonl_atomic(broken(), path)
+    assert path.read_text() == '{"a": 1}\n' and [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_detoxify_training_set_keeps_prompts_and_format(offline_recipe, zoo):
+    from detox_sft.data import load_train_dataset
+    from detox_sft.rephrase import detoxify_training_set, highlight_html, plot_toxicity_histogram, read_jsonl
+
+    offline_recipe.data.num_train_samples = 120
+    train = load_train_dataset(offline_recipe.data, offline_recipe.seed)["train"]
+    detox, summary = detoxify_training_set(offline_recipe, train, progress=False)
+    raw_rows = read_jsonl(offline_recipe.run_path / "data" / "train_raw.jsonl")
+    detox_rows = read_jsonl(offline_recipe.run_path / "data" / "train_detox.jsonl")
+    assert raw_rows == train.to_list()
+    assert len(detox_rows) == len(raw_rows) == len(detox) and detox.column_names == train.column_names
+    assert summary.total == len(train) and summary.rephrased > 0
+    for raw, new, row in zip(raw_rows, detox_rows, detox.to_list(), strict=True):
+        assert new["prompt"] == raw["prompt"] and row["prompt"] == raw["prompt"]
+        assert new["text"].startswith(f"Prompt: {raw['prompt'].strip()}\nContinuation: ")
+        if new["rephrased"]:
+            assert new["continuation"] == new["rephrased_text"] != raw["continuation"]
+            assert new["original_continuation"] == raw["continuation"]
+        else:
+            assert (new["continuation"], new["text"]) == (raw["continuation"], raw["text"])
+    html_table = highlight_html(detox_rows, n=5, field="continuation")
+    assert html_table.count("<tr>") == 6 and "<mark" in html_table and html_table._repr_html_() == html_table
+    png = offline_recipe.run_path / "figures" / "rephrase_toxicity.png"
+    fig = plot_toxicity_histogram(detox_rows, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and fig.axes[0].get_xlabel().startswith("toxicity")
+
+
+def test_highlight_marks_exactly_the_masked_words():
+    from detox_sft.rephrase import _highlight_masked
+
+    out = _highlight_masked("you stupid idiot, go", "you<mask><mask>, go")
+    assert out == 'you<mark style="background:#f8b4b4"> stupid idiot</mark>, go'

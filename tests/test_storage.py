@@ -1,0 +1,336 @@
+"""S3 storage: settings, checksums, upload/download against a real SeaweedFS server, and the failure cases."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from detox_sft import cli, storage
+from detox_sft.local import LocalS3, free_port
+from detox_sft.storage import (
+    MARKER_NAME,
+    BucketNotFoundError,
+    ChecksumMismatchError,
+    IncompleteUploadError,
+    S3AuthError,
+    S3ConfigError,
+    S3Settings,
+    S3UnavailableError,
+    StorageError,
+)
+
+SECRET = "s3cr3t-value-that-must-never-show-0123456789"
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def make_model_dir(root: Path, big_mb: int = 9, small: int = 6, seed: int = 0) -> Path:
+    """A small HF-like directory: one multipart-sized weight file, a few small JSON files, one nested file."""
+    import random
+
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "model.safetensors").write_bytes(rng.randbytes(big_mb * 2**20 + 12345))
+    for i in range(small):
+        (root / f"file{i}.json").write_bytes(rng.randbytes(100 + 1000 * i))
+    (root / "artifacts").mkdir(exist_ok=True)
+    (root / "artifacts" / "tokenizer.json").write_bytes(rng.randbytes(4096))
+    (root / "empty.txt").write_bytes(b"")
+    return root
+
+
+def local_files(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): _sha(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(autouse=True)
+def _private_hash_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DETOX_SFT_CACHE", str(tmp_path / "cache"))
+
+
+# ------------------------------------------------------------------------------------------------ no server
+def test_settings_read_the_data_connection_at_call_time_and_explicit_values_win(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEKEY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_S3_ENDPOINT", "http://minio.example:9000")
+    monkeypatch.setenv("AWS_S3_BUCKET", "from-env")
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    settings = S3Settings.from_env(bucket="explicit")
+    assert settings.endpoint == "http://minio.example:9000"
+    assert settings.bucket == "explicit"
+    assert settings.access_key == "AKIAEXAMPLEKEY" and settings.secret_key == SECRET
+    assert settings.region == "us-east-1"
+    monkeypatch.setenv("AWS_S3_BUCKET", "changed")
+    assert S3Settings.from_env().bucket == "changed"  # read now, not at import
+    shown = repr(settings) + str(settings)
+    assert SECRET not in shown and "AKIAEXAMPLEKEY" not in shown and "AKIA****" in shown
+
+
+def test_settings_errors_name_the_variable_to_set():
+    with pytest.raises(S3ConfigError, match="AWS_SECRET_ACCESS_KEY"):
+        S3Settings(access_key="AKIA", secret_key=None)
+    with pytest.raises(S3ConfigError, match="AWS_S3_ENDPOINT"):
+        S3Settings(endpoint="minio:9000")
+    with pytest.raises(S3ConfigError, match="AWS_S3_BUCKET"):
+        S3Settings(bucket=None).require_bucket()
+
+
+def test_local_checksums_follow_the_s3_multipart_rules(tmp_path):
+    import base64
+    import zlib
+
+    path = tmp_path / "f.bin"
+    data = os.urandom(8 * 2**20 * 2 + 1000)  # three parts of 8 MiB (the last one short), as s3transfer splits it
+    path.write_bytes(data)
+    digest = storage._hash_file(path, len(data), md5=True)
+    part = 8 * 2**20
+    chunks = [data[i : i + part] for i in range(0, len(data), part)]
+    md5s = b"".join(hashlib.md5(c).digest() for c in chunks)
+    assert digest.etag == f"{hashlib.md5(md5s).hexdigest()}-3"
+    crcs = b"".join(zlib.crc32(c).to_bytes(4, "big") for c in chunks)
+    assert digest.crc32 == base64.b64encode(zlib.crc32(crcs).to_bytes(4, "big")).decode() + "-3"
+    assert digest.sha256 == hashlib.sha256(data).hexdigest()
+    assert storage._hash_file(path, len(data)).etag is None  # the MD5 only when asked: it is the slow part
+    small = tmp_path / "s.bin"
+    small.write_bytes(b"abc")
+    small_digest = storage._hash_file(small, 3, md5=True)
+    assert small_digest.etag == hashlib.md5(b"abc").hexdigest()
+    assert small_digest.crc32 == base64.b64encode(zlib.crc32(b"abc").to_bytes(4, "big")).decode()
+
+
+def test_model_prefixes_follow_the_recipe_prefix():
+    assert storage.model_prefixes() == {"caikit": "models/opt-350m-detox/caikit", "hf": "models/opt-350m-detox/hf"}
+    assert storage.model_prefixes("/a/b/") == {"caikit": "a/b/caikit", "hf": "a/b/hf"}
+
+
+def test_download_refuses_keys_that_escape_the_directory(tmp_path):
+    with pytest.raises(StorageError, match="outside"):
+        storage._safe_dest(tmp_path, "../../etc/passwd")
+
+
+def test_endpoint_down_is_a_clear_error_without_secrets(tmp_path):
+    settings = S3Settings(
+        endpoint=f"http://127.0.0.1:{free_port()}",
+        bucket="detox-sft",
+        access_key="AKIAEXAMPLE",
+        secret_key=SECRET,
+        max_attempts=1,
+        connect_timeout=1,
+    )
+    with pytest.raises(S3UnavailableError, match="check AWS_S3_ENDPOINT") as info:
+        storage.upload_dir(make_model_dir(tmp_path / "m", big_mb=0), "p", settings=settings, progress=False)
+    assert SECRET not in str(info.value)
+
+
+def test_upload_cli_without_dir_or_recipe_says_what_to_give(capsys, monkeypatch):
+    monkeypatch.setenv("AWS_S3_BUCKET", "b")
+    assert cli.main(["upload"]) == 2
+    assert "give a DIR" in capsys.readouterr().err
+
+
+def test_upload_of_a_missing_directory_points_to_the_export_step(tmp_path):
+    with pytest.raises(FileNotFoundError, match="detox-sft export"):
+        storage.upload_dir(tmp_path / "nope", settings=S3Settings(bucket="b"))
+
+
+# ----------------------------------------------------------------------------------------- real S3 server
+@pytest.mark.service
+def test_upload_verifies_everything_then_a_rerun_transfers_nothing(s3_server, tmp_path):
+    src = make_model_dir(tmp_path / "hf")
+    settings = s3_server.settings()
+    first = storage.upload_dir(src, "t-roundtrip/hf", settings=settings, progress=False)
+    expected = local_files(src)
+    assert sorted(first.uploaded) == sorted(f"t-roundtrip/hf/{rel}" for rel in expected)
+    assert first.bytes_uploaded == sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+    assert first.verified == first.files == len(expected)
+    assert first.server_verified == len(expected)  # SeaweedFS keeps the CRC32s it validated (single and multipart)
+
+    client = s3_server.client()
+    head = client.head_object(Bucket="detox-sft", Key="t-roundtrip/hf/model.safetensors")
+    assert head["ETag"].strip('"').endswith("-2")  # it did go multipart
+    assert head["Metadata"]["sha256"] == expected["model.safetensors"]
+    manifest = json.loads(client.get_object(Bucket="detox-sft", Key=f"t-roundtrip/hf/{MARKER_NAME}")["Body"].read())
+    assert {f["path"]: f["sha256"] for f in manifest["files"]} == expected
+
+    again = storage.upload_dir(src, "t-roundtrip/hf", settings=settings, progress=False)
+    assert again.uploaded == [] and again.bytes_uploaded == 0
+    assert len(again.skipped) == len(expected) and again.verified == again.server_verified == len(expected)
+
+    dst = tmp_path / "downloaded"
+    down = storage.download_prefix("t-roundtrip/hf", dst, settings=settings, progress=False)
+    assert down.complete and down.verified == len(expected) and not down.unverified
+    assert local_files(dst) == expected
+    assert not list(dst.rglob("*.detox-sft-part"))
+    assert storage.download_prefix("t-roundtrip/hf", dst, settings=settings, progress=False).downloaded == []
+
+    keys = [o.key for o in storage.list_prefix("t-roundtrip", settings=settings)]
+    assert f"t-roundtrip/hf/{MARKER_NAME}" in keys and "t-roundtrip/hf/artifacts/tokenizer.json" in keys
+
+
+@pytest.mark.service
+def test_a_changed_file_is_the_only_one_uploaded_and_extra_objects_are_reported(s3_server, tmp_path):
+    src = make_model_dir(tmp_path / "m", big_mb=0)
+    settings = s3_server.settings()
+    storage.upload_dir(src, "t-change", settings=settings, progress=False)
+    (src / "file1.json").write_bytes(b"changed")
+    (src / "file2.json").unlink()
+    report = storage.upload_dir(src, "t-change", settings=settings, progress=False)
+    assert report.uploaded == ["t-change/file1.json"]
+    assert report.extra_keys == ["t-change/file2.json"]
+    report = storage.upload_dir(src, "t-change", settings=settings, progress=False, delete_extra=True)
+    assert report.uploaded == [] and report.extra_keys == ["t-change/file2.json"]
+    assert "t-change/file2.json" not in [o.key for o in storage.list_prefix("t-change", settings=settings)]
+
+
+@pytest.mark.service
+def test_wrong_credentials_are_a_clear_error_that_never_shows_the_secret(s3_server, tmp_path):
+    src = make_model_dir(tmp_path / "m", big_mb=0)
+    for changes in ({"secret_key": SECRET}, {"access_key": "NOSUCHKEY1234", "secret_key": SECRET}):
+        bad = s3_server.settings(**changes)
+        with pytest.raises(S3AuthError, match="check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY") as info:
+            storage.upload_dir(src, "t-creds", settings=bad, progress=False)
+        assert SECRET not in str(info.value) and s3_server.secret_key not in str(info.value)
+    assert storage.list_prefix("t-creds", settings=s3_server.settings()) == []
+
+
+@pytest.mark.service
+def test_a_missing_bucket_is_an_error_unless_creation_is_asked(s3_server, tmp_path):
+    src = make_model_dir(tmp_path / "m", big_mb=0)
+    settings = s3_server.settings(bucket="detox-sft-missing")
+    with pytest.raises(BucketNotFoundError, match="--create-bucket"):
+        storage.upload_dir(src, "p", settings=settings, progress=False)
+    with pytest.raises(BucketNotFoundError, match="AWS_S3_BUCKET"):
+        storage.list_prefix("p", settings=settings)
+    report = storage.upload_dir(src, "p", settings=settings, progress=False, create_bucket=True)
+    assert report.verified == report.files == len(local_files(src))
+    assert storage.ensure_bucket(settings=settings) == "detox-sft-missing"
+
+
+@pytest.mark.service
+def test_download_refuses_an_unfinished_prefix_and_a_corrupted_object(s3_server, tmp_path):
+    settings = s3_server.settings()
+    client = s3_server.client()
+    client.put_object(Bucket="detox-sft", Key="t-foreign/a.txt", Body=b"uploaded by another tool")
+    with pytest.raises(IncompleteUploadError, match="--allow-incomplete"):
+        storage.download_prefix("t-foreign", tmp_path / "x", settings=settings, progress=False)
+    report = storage.download_prefix(
+        "t-foreign", tmp_path / "x", settings=settings, progress=False, require_complete=False
+    )
+    assert report.unverified == ["a.txt"] and (tmp_path / "x" / "a.txt").read_bytes() == b"uploaded by another tool"
+
+    src = make_model_dir(tmp_path / "m", big_mb=0)
+    storage.upload_dir(src, "t-corrupt", settings=settings, progress=False)
+    good = (src / "file3.json").read_bytes()
+    # same size, same metadata, other bytes: only a content check can notice
+    client.put_object(
+        Bucket="detox-sft",
+        Key="t-corrupt/file3.json",
+        Body=bytes(len(good)),
+        Metadata={"sha256": hashlib.sha256(good).hexdigest()},
+    )
+    dst = tmp_path / "y"
+    with pytest.raises(ChecksumMismatchError, match="SHA-256"):
+        storage.download_prefix("t-corrupt", dst, settings=settings, progress=False)
+    assert not (dst / "file3.json").exists()
+    assert not list(dst.rglob("*.detox-sft-part"))
+
+
+@pytest.mark.service
+def test_cli_upload_and_download_through_the_data_connection_variables(s3_server, tmp_path, monkeypatch, capsys):
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    hf = make_model_dir(tmp_path / "hf", big_mb=0)
+    (hf / "config.json").write_text("{}")
+    assert cli.main(["upload", str(hf), "--no-progress"]) == 0
+    out = capsys.readouterr()
+    assert "s3://detox-sft/models/opt-350m-detox/hf:" in out.out and s3_server.secret_key not in out.out + out.err
+    dst = tmp_path / "back"
+    assert cli.main(["download", "models/opt-350m-detox/hf", str(dst), "--no-progress"]) == 0
+    assert local_files(dst) == local_files(hf)
+    assert cli.main(["download", "models/nothing-here", str(dst), "--no-progress"]) == 1
+    assert "not a finished detox-sft upload" in capsys.readouterr().err
+
+
+@pytest.mark.service
+def test_s3_stopped_mid_upload_then_restarted_the_rerun_completes_and_nothing_looked_done_early(tmp_path):
+    src = tmp_path / "model"
+    make_model_dir(src, big_mb=16, small=0)
+    for i in range(24):
+        (src / f"shard{i:02d}.bin").write_bytes(os.urandom(2**20))
+    expected = local_files(src)
+    prefix = "models/opt-350m-detox/hf"
+    marker = f"{prefix}/{MARKER_NAME}"
+    server = LocalS3(tmp_path / "s3data", bucket="detox-sft").start()
+    try:
+        # few retries so the failure surfaces in seconds; the bandwidth cap makes the upload last ~10 s
+        settings = server.settings(max_attempts=2, connect_timeout=1, read_timeout=5)
+        watcher = server.client()
+        outcome: dict = {}
+
+        def run_upload():
+            try:
+                outcome["report"] = storage.upload_dir(
+                    src, prefix, settings=settings, progress=False, max_concurrency=4, max_bandwidth=4 * 2**20
+                )
+            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=run_upload)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while len(watcher.list_objects_v2(Bucket="detox-sft", Prefix=prefix).get("Contents", [])) < 4:
+            assert time.monotonic() < deadline and thread.is_alive(), outcome
+            time.sleep(0.1)
+        stopped_at = time.monotonic()
+        server.stop(keep_data=True)
+        thread.join(timeout=60)
+        print(f"upload failed {time.monotonic() - stopped_at:.1f} s after the stop began")
+        assert not thread.is_alive()
+        assert "report" not in outcome, "the upload claimed success although the server went away"
+        assert isinstance(outcome["error"], S3UnavailableError), outcome["error"]
+        assert "AWS_S3_ENDPOINT" in str(outcome["error"]) and "rerun the same command" in str(outcome["error"])
+
+        restart = time.monotonic()
+        server.start()  # same data, ports and credentials
+        print(f"restarted in {time.monotonic() - restart:.1f} s")
+        keys = {o.key for o in storage.list_prefix(prefix, settings=settings)}
+        assert marker not in keys  # nothing was reported done early
+        assert 0 < len(keys) < len(expected)
+        with pytest.raises(IncompleteUploadError):
+            storage.download_prefix(prefix, tmp_path / "too-early", settings=settings, progress=False)
+
+        report = storage.upload_dir(src, prefix, settings=server.settings(), progress=False)
+        assert report.skipped, "the rerun should resume, not start over"
+        assert len(report.uploaded) + len(report.skipped) == len(expected) == report.verified
+        assert report.server_verified == len(expected)
+        down = storage.download_prefix(prefix, tmp_path / "back", settings=server.settings(), progress=False)
+        assert down.verified == len(expected) and local_files(tmp_path / "back") == expected
+    finally:
+        server.stop()
+
+
+def test_objects_without_a_crc32_are_checked_by_their_md5_etag(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"model bytes")
+    digest = storage._hash_file(path, path.stat().st_size)
+    head = {
+        "ContentLength": digest.size,
+        "Metadata": {"sha256": digest.sha256},
+        "ETag": f'"{hashlib.md5(b"model bytes").hexdigest()}"',
+    }
+    assert storage._check_object(head, digest, "k", path, server_check=True) is True
+    assert storage._check_object(head, digest, "k", path, server_check=False) is False
+    with pytest.raises(ChecksumMismatchError, match="ETag"):
+        storage._check_object({**head, "ETag": '"' + "0" * 32 + '"'}, digest, "k", path, server_check=True)
+    with pytest.raises(ChecksumMismatchError, match="CRC32"):
+        storage._check_object({**head, "ChecksumCRC32": "AAAAAA=="}, digest, "k", path, server_check=True)
+    with pytest.raises(ChecksumMismatchError, match="SHA-256"):
+        storage._check_object({**head, "Metadata": {}}, digest, "k", path, server_check=True)
