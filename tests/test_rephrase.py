@@ -374,16 +374,35 @@ def test_detoxify_training_set_keeps_prompts_and_format(offline_recipe, zoo):
     for raw, new, row in zip(raw_rows, detox_rows, detox.to_list(), strict=True):
         assert new["prompt"] == raw["prompt"] and row["prompt"] == raw["prompt"]
         assert new["text"].startswith(f"Prompt: {raw['prompt'].strip()}\nContinuation: ")
+        assert new["sample"] == f"{raw['prompt'].strip()} {raw['continuation'].strip()}"  # rephrased in context
         if new["rephrased"]:
-            assert new["continuation"] == new["rephrased_text"] != raw["continuation"]
+            assert new["continuation"] != raw["continuation"] and new["continuation"].strip()
+            # the kept continuation is the part of the rephrased sample after the prompt
+            assert new["rephrased_text"].endswith(new["continuation"])
             assert new["original_continuation"] == raw["continuation"]
         else:
             assert (new["continuation"], new["text"]) == (raw["continuation"], raw["text"])
-    html_table = highlight_html(detox_rows, n=5, field="continuation")
+    html_table = highlight_html(detox_rows, n=5, field="sample")
     assert html_table.count("<tr>") == 6 and "<mark" in html_table and html_table._repr_html_() == html_table
     png = offline_recipe.run_path / "figures" / "rephrase_toxicity.png"
     fig = plot_toxicity_histogram(detox_rows, png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and fig.axes[0].get_xlabel().startswith("toxicity")
+
+
+@pytest.mark.parametrize(
+    ("rephrased", "expected"),
+    [
+        ("the host is a genius and nobody cares.", "genius and nobody cares."),  # word after the prompt rewritten
+        ("the guy is a genius and nobody cares.", "genius and nobody cares."),  # prompt word rewritten too
+        ("the host is a great, genius and nobody cares.", "great, genius and nobody cares."),
+        ("the host is a", ""),  # nothing left after the prompt
+    ],
+)
+def test_continuation_of_splits_the_rephrased_sample_at_the_prompt(rephrased, expected):
+    from detox_sft.rephrase import continuation_of
+
+    original = "the host is a idiot and nobody cares."
+    assert continuation_of(original, rephrased, len("the host is a")) == expected
 
 
 def test_highlight_marks_exactly_the_masked_words():

@@ -41,9 +41,12 @@ def execute_notebook(name: str, out_dir: Path, parameters: dict[str, Any], noteb
         str(target),
         parameters=parameters,
         kernel_name="python3",
-        progress_bar=True,
         cwd=str(notebooks_dir),
-        log_output=False,
+        # the cells' own output (progress bars of rephrasing, training, generation) streams to this terminal
+        log_output=True,
+        progress_bar=False,
+        stdout_file=sys.stdout,
+        stderr_file=sys.stderr,
     )
     print(f"=== {name} done in {time.perf_counter() - started:.0f} s ===", flush=True)
     return target

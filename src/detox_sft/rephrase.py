@@ -49,6 +49,7 @@ import numpy as np
 from detox_sft.config import Recipe, RephraseConfig, load_recipe, resolve_ref
 
 __all__ = [
+    "continuation_of",
     "RephraseError",
     "EngineOutput",
     "RephraseSummary",
@@ -977,6 +978,28 @@ def _engine_key(cfg: RephraseConfig, engine: TMaRCoEngine | None, name: str, dev
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _join_sample(prompt: str, continuation: str) -> str:
+    return f"{(prompt or '').strip()} {(continuation or '').strip()}".strip()
+
+
+def continuation_of(original: str, rephrased: str, boundary: int) -> str:
+    """The part of ``rephrased`` that corresponds to ``original[boundary:]`` (the continuation after the prompt).
+
+    The two texts are aligned character by character; a rewritten span that straddles the boundary goes to the
+    continuation, so a masked word right after the prompt is kept in it.
+    """
+    import difflib
+
+    matcher = difflib.SequenceMatcher(a=original, b=rephrased, autojunk=False)
+    for tag, i1, i2, j1, _j2 in matcher.get_opcodes():
+        if tag == "insert" and i1 == boundary:
+            return rephrased[j1:].strip()
+        if i1 <= boundary < i2:
+            start = j1 + (boundary - i1) if tag == "equal" else j1
+            return rephrased[start:].strip()
+    return ""
+
+
 def detoxify_training_set(
     recipe: Recipe,
     train_dataset: Any,
@@ -987,9 +1010,10 @@ def detoxify_training_set(
     """Rephrase the toxic continuations of the SFT training set; write ``data/train_raw.jsonl`` and
     ``data/train_detox.jsonl`` in the run directory.
 
-    The *continuation* is gated and rephrased (it is what the model learns to generate: the loss is completion-only),
-    and ``text`` is re-formatted with :func:`detox_sft.data.format_sample`, so the prompt stays identical and the
-    ``Prompt: ...\\nContinuation: ...`` format is kept. Both files have the same rows in the same order;
+    Each sample (prompt and continuation joined, column ``sample``) is gated and rephrased, so that TMaRCo fills masked
+    words in context; only the rewritten *continuation* is kept (it is what the model learns to generate: the loss is
+    completion-only), the prompt stays identical, and ``text`` is re-formatted with
+    :func:`detox_sft.data.format_sample`, keeping the ``Prompt: ...\\nContinuation: ...`` format. Both files have the same rows in the same order;
     ``train_detox.jsonl`` adds ``original_continuation`` and the rephrase fields (:data:`ADDED_FIELDS`).
 
     Args:
@@ -1018,10 +1042,14 @@ def detoxify_training_set(
     data_dir = recipe.run_path / "data"
     rows = train_dataset.to_list()
     write_jsonl_atomic(rows, data_dir / "train_raw.jsonl")
+    # TMaRCo sees the whole sample: with the prompt as context the experts and BART fill a masked word the way the
+    # sentence needs it; alone, a continuation's first word has no context and is filled with whatever starts
+    # sentences most often. Only the continuation part of the result is kept; the prompt stays as it was.
+    samples = [{**row, "sample": _join_sample(row["prompt"], row["continuation"])} for row in rows]
     result = rephrase_dataset(
-        rows,
+        samples,
         recipe.rephrase,
-        field="continuation",
+        field="sample",
         cache_dir=recipe.run_path / "rephrase" / "cache",
         progress=progress,
         engine=engine,
@@ -1030,12 +1058,15 @@ def detoxify_training_set(
     detox_rows, clean_rows = [], []
     for row, rec in zip(rows, result.records, strict=True):
         new = dict(rec)
+        new["original_continuation"] = row["continuation"]
         if rec["rephrased"]:
-            new["original_continuation"] = row["continuation"]
-            new["continuation"] = rec["rephrased_text"]
-            new["text"] = format_sample(row["prompt"], rec["rephrased_text"])
-        else:
-            new["original_continuation"] = row["continuation"]
+            continuation = continuation_of(rec["sample"], rec["rephrased_text"], len(row["prompt"].strip()))
+            if continuation:
+                new["continuation"] = continuation
+                new["text"] = format_sample(row["prompt"], continuation)
+            else:  # TMaRCo rewrote nothing after the prompt into words: keep the sample as it was
+                new["rephrased"] = False
+                new["rephrase_status"] = "empty_continuation"
         detox_rows.append(new)
         clean_rows.append({c: new[c] for c in columns})
     write_jsonl_atomic(detox_rows, data_dir / "train_detox.jsonl")
