@@ -298,14 +298,18 @@ def _bench_section(benchmarks: Path, name: str) -> str | None:
 
 def _bench_digest(section: str) -> str | None:
     """The tables of a BENCHMARKS.md section, its machine line and reproduce command: what fits on a slide."""
-    keep, in_table = [], False
+    keep, in_table, machine = [], False, False
     for line in section.splitlines():
         is_row = line.lstrip().startswith("|")
         if is_row:
             keep.append(line.strip())
         elif in_table:
             keep.append("")
-        elif re.search(r"(?i)\b(machine|cpu|gpu)\b.*:|benchmarks/\S+\.py", line) and len(line) < 240:
+        elif not machine and line.lstrip().lower().startswith("machine:"):
+            # the first line only: the machine named, not the whole paragraph (it would overflow the slide)
+            keep.append(line.strip().rstrip(",;") + "\n")
+            machine = True
+        elif re.search(r"benchmarks/\S+\.py", line) and len(line) < 240:
             keep.append(line.strip() + "\n")
         in_table = is_row
     body = "\n".join(keep).strip()
@@ -467,7 +471,7 @@ li {{ margin: 4px 0; }}
 code {{ font-family: "DejaVu Sans Mono", monospace; font-size: 0.9em; background: #f2f2f2; padding: 0 4px; }}
 pre {{ background: #f2f2f2; padding: 10px 14px; font-size: 17px; overflow: hidden; }}
 pre code {{ background: none; padding: 0; }}
-table {{ border-collapse: collapse; font-size: 18px; margin: 8px 0; }}
+table {{ border-collapse: collapse; font-size: 16px; margin: 8px 0; }}
 th, td {{ border-bottom: 1px solid #ccd; padding: 4px 12px; text-align: left; }}
 /* A figure takes the room the text leaves: it shrinks instead of overflowing the slide. */
 .content > figure, .content > .cols {{ flex: 1 1 0; min-height: 120px; }}
@@ -476,8 +480,8 @@ figure img {{ flex: 1 1 0; min-height: 0; max-width: 100%; object-fit: contain; 
 figcaption {{ flex: 0 0 auto; font-size: 16px; color: #555; text-align: center; }}
 .cols {{ display: flex; gap: 24px; }}
 .cols > * {{ flex: 1 1 0; min-width: 0; }}
-.bench table {{ font-size: 17px; }}
-.bench p {{ font-size: 15px; color: #444; }}
+.bench table {{ font-size: 14px; }}
+.bench p {{ font-size: 13px; color: #444; }}
 .pending {{ border: 3px dashed #d08000; color: #8a5300; background: #fff6e5; padding: 10px 14px; font-size: 18px; }}
 .sources {{ position: absolute; left: 64px; right: 120px; bottom: 14px; font-size: 13px; color: #777; }}
 .pageno {{ position: absolute; right: 40px; bottom: 14px; font-size: 13px; color: #777; }}
