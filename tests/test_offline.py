@@ -181,8 +181,14 @@ def _word_at(tokens: list[str], i: int) -> str:
     return "".join(tokens[start:end]).lstrip("\u0120").strip(",.?!")
 
 
-def test_disagreement_lands_on_toxic_words_in_unseen_sentences(zoo):
-    """TrustyAI's own TMaRCo.score (through detox_sft.compat) on sentences the corpus does not contain."""
+TOP_SHARE = 0.51  # "most": more than half
+MASKED_SHARE = 0.75
+
+
+@pytest.fixture(scope="module")
+def disagreement(zoo) -> tuple[float, float]:
+    """TrustyAI's own TMaRCo.score (through detox_sft.compat) on sentences the corpus does not contain: the share of
+    sentences whose toxic word has the highest score, and the share whose toxic word is masked at MaRCo's 1.2."""
     from detox_sft import compat
 
     assert not any(s in r for s, _ in UNSEEN for r in _corpus_texts(zoo))
@@ -199,14 +205,21 @@ def test_disagreement_lands_on_toxic_words_in_unseen_sentences(zoo):
         f"toxic word has the highest disagreement in {share_top:.0%} of {len(UNSEEN)} unseen sentences; "
         f"is masked (score > 1.2) in {share_masked:.0%}"
     )
-    assert share_top >= TOP_SHARE
-    assert share_masked >= MASKED_SHARE
+    return share_top, share_masked
 
 
-# Measured on this build (2-core AMD EPYC): highest score on the toxic word in 40% of the sentences, toxic word masked
-# (score > 1.2) in 85%. The issue's aim was "most" for the highest score; that is not reached yet (see the report).
-TOP_SHARE = 0.35
-MASKED_SHARE = 0.75
+def test_disagreement_masks_the_toxic_word_in_unseen_sentences(disagreement):
+    assert disagreement[1] >= MASKED_SHARE
+
+
+# The issue asks that in MOST unseen sentences the toxic word gets the highest score. Measured on the current zoo
+# (2-core AMD EPYC): 40% (8/20), while the toxic word is masked in 85%. The test states the requirement and is
+# expected to fail until the experts are better; strict, so it turns red the day the zoo meets it.
+@pytest.mark.xfail(
+    strict=True, reason="zoo experts: the toxic word has the top TMaRCo score in 40% of unseen sentences"
+)
+def test_disagreement_peaks_on_the_toxic_word_in_most_unseen_sentences(disagreement):
+    assert disagreement[0] >= TOP_SHARE
 
 
 def _corpus_texts(zoo) -> list[str]:
