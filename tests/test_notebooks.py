@@ -74,3 +74,22 @@ def test_four_notebooks_run_end_to_end(tmp_path, zoo):
     assert "<table" in report and "data:image/png;base64" in report
     for figure in ("loss_curves.png", "toxicity_histogram.png"):
         assert (run_dir / "figures" / figure).is_file()
+
+
+def test_tutorial_profile_without_hub_says_how_to_run_offline(tmp_path, capsys, monkeypatch):
+    from detox_sft.notebook import start
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = start("tutorial", str(tmp_path / "run"))
+    out = capsys.readouterr().out
+    assert cfg.profile == "tutorial" and (tmp_path / "run").is_dir()
+    assert "cannot be reached" in out and 'recipe = "offline"' in out and "make demo" in out
+
+
+def test_guard_names_the_step_that_produces_the_missing_output(tmp_path):
+    from detox_sft.notebook import StepMissing, require
+
+    with pytest.raises(StepMissing, match=r"run notebooks/1-sft.ipynb first"):
+        require(tmp_path / "adapters" / "detox" / "adapter_config.json", "1-sft")
+    (tmp_path / "x").write_text("")
+    assert require(tmp_path / "x", "2-eval") == tmp_path / "x"
