@@ -410,3 +410,24 @@ def test_highlight_marks_exactly_the_masked_words():
 
     out = _highlight_masked("you stupid idiot, go", "you<mask><mask>, go")
     assert out == 'you<mark style="background:#f8b4b4"> stupid idiot</mark>, go'
+
+
+def test_decoder_groups_cover_every_query_once_and_stop_at_the_last_needed_position():
+    import torch
+
+    from detox_sft.rephrase import _decoder_groups
+
+    # 7 rows, one with two queries; positions spread so that groups of 3 rows differ in how far they decode
+    q_row = torch.tensor([0, 1, 2, 3, 4, 5, 6, 2])
+    q_pos = torch.tensor([9, 1, 4, 2, 7, 3, 12, 6])
+    groups = _decoder_groups(q_row, q_pos, 3, "cpu")
+    seen = []
+    for rows, queries, local, cut in groups:
+        assert len(rows) <= 3
+        for q, lr in zip(queries.tolist(), local.tolist(), strict=True):
+            assert rows[lr].item() == q_row[q].item()  # the local index points at the query's row
+            assert q_pos[q].item() < cut  # the decoder runs far enough for every query of the group
+        seen += queries.tolist()
+    assert sorted(seen) == list(range(len(q_row)))
+    cuts = [g[3] for g in groups]
+    assert cuts == sorted(cuts) and cuts[0] < cuts[-1] == 13  # rows that need little stop early

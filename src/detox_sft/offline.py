@@ -63,6 +63,10 @@ _OPT = {
     "ffn_dim": 512,
     "num_attention_heads": 4,
     "max_position_embeddings": 256,
+    # Post-LN (opt-350m's do_layer_norm_before=False) with tied embeddings barely trains from OPT's 0.02 init in the
+    # build budget (held-out loss 4.1 nats/token, worse than a bigram model's 2.6: a near-unigram model whose
+    # generations ignore the prompt); 0.05 reaches 1.0 in the same 250 steps, and the model learns the sentences.
+    "init_std": 0.05,
 }
 _BART = {
     "d_model": 128,
@@ -302,12 +306,10 @@ def _build_steps(out: Path, t0: float, timings: dict[str, float]) -> None:
     _build_opt(opt_tok, pretrain, out / "opt")
     tick("opt")
 
-    # Whole sentences and continuations alone: the rephrase step scores continuations, whose first word is often the
-    # slot, so the experts must know slots at the start of a text too.
+    # Whole sentences, as the rephrase step sees them (prompt + continuation). Continuations alone (slot word first)
+    # taught the experts to disagree at every sentence's first token.
     texts = [f"{r['prompt']['text']} {r['continuation']['text']}" for r in rtp]
     toxic = [max(r["prompt"]["toxicity"] or 0.0, r["continuation"]["toxicity"]) >= 0.5 for r in rtp]
-    texts += [r["continuation"]["text"] for r in rtp]
-    toxic += [r["continuation"]["toxicity"] >= 0.5 for r in rtp]
     replay = [texts[i] for i in random.Random(_SEED).sample(range(len(texts)), len(rtp))]
     base = _train_bart(bart_tok, pretrain, None, epochs=1, lr=3e-3, seed=_SEED, copy_loss=True)
     _save_bart(base, bart_tok, out / "bart-base")
@@ -456,9 +458,9 @@ def _build_opt(tok: Any, texts: Sequence[str], out: Path) -> None:
     model = OPTForCausalLM(config)
     ids = [tok(t + tok.eos_token, add_special_tokens=True)["input_ids"] for t in texts]
     rng = random.Random(_SEED)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     steps = list(_batches(len(ids), 32, rng, epochs=2))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=len(steps), pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=len(steps), pct_start=0.1)
     model.train()
     for step, batch in enumerate(steps):
         input_ids = _pad([ids[i] for i in batch], 1)
@@ -570,8 +572,6 @@ def _train_bart(
         rows = [examples[i] for i in batch]
         input_ids = _pad([r[0] for r in rows], 1)
         attn = (input_ids != 1).long()
-        # The decoder sees the shifted *input* (as in TMaRCo's forward without labels); the target at the mask is
-        # the original token. The base also learns to copy the other tokens (TMaRCo reads its unmasked logits).
         # The decoder sees the shifted *input* (as in TMaRCo's forward without labels); the target at the mask is
         # the original token. The base also learns to copy the other tokens (TMaRCo reads its unmasked logits).
         labels = input_ids.masked_fill(attn == 0, -100) if copy_loss else torch.full_like(input_ids, -100)

@@ -259,6 +259,7 @@ class BatchedEngine(TMaRCoEngine):
                 "Fix: give one weight per expert: [anti_expert_weight, expert_weight]."
             )
         self.max_batch_tokens = max_batch_tokens or (65536 if device == "cuda" else 8192)
+        self.decoder_group_rows = 256 if device == "cuda" else 32
 
     @classmethod
     def from_tmarco(cls, tmarco: Any, cfg: RephraseConfig, **kwargs: Any) -> BatchedEngine:
@@ -315,11 +316,17 @@ class BatchedEngine(TMaRCoEngine):
                 # asked for (the decoder is causal: they cannot change earlier ones) and the LM head elsewhere
                 enc = core.encoder(input_ids=ids, attention_mask=attn).last_hidden_state
                 dec_ids = shift_tokens_right(ids, core.config.pad_token_id, core.config.decoder_start_token_id)
-                dec_ids = dec_ids[:, : int(q_pos.max()) + 1]
-                hidden = core.decoder(
-                    input_ids=dec_ids, encoder_hidden_states=enc, encoder_attention_mask=attn, use_cache=False
-                ).last_hidden_state
-                picked = hidden[q_row.to(hidden.device), q_pos.to(hidden.device)]
+                picked = torch.empty((len(q_row), enc.shape[-1]), dtype=enc.dtype, device=enc.device)
+                # rows grouped by the last position they need: the decoder is causal, so each group stops there
+                # (one cut for the whole chunk computed twice the positions needed on average)
+                for rows, queries, local, cut in _decoder_groups(q_row, q_pos, self.decoder_group_rows, enc.device):
+                    hidden = core.decoder(
+                        input_ids=dec_ids[rows, :cut],
+                        encoder_hidden_states=enc[rows],
+                        encoder_attention_mask=attn[rows],
+                        use_cache=False,
+                    ).last_hidden_state
+                    picked[queries] = hidden[local, q_pos.to(enc.device)[queries]]
                 return model.lm_head(picked) + model.final_logits_bias[0].to(picked.device)
             logits = model(input_ids=ids, attention_mask=attn).logits
             return logits[q_row.to(logits.device), q_pos.to(logits.device)]
@@ -521,6 +528,35 @@ class BatchedEngine(TMaRCoEngine):
             if len(scores[i]):
                 outs[i].min_margin = float(np.min(np.abs(np.asarray(scores[i], dtype=np.float64) - thr)))
         return outs
+
+
+def _decoder_groups(q_row: Any, q_pos: Any, group_rows: int, device: Any) -> list[tuple[Any, Any, Any, int]]:
+    """Split a chunk's rows into groups of ``group_rows`` that need about as many decoder positions.
+
+    Returns ``(rows, queries, local rows of the queries, cut)`` per group, as index tensors on ``device``; ``cut`` is
+    one past the last position any query of the group reads.
+    """
+    import torch
+
+    q_row_list, q_pos_list = q_row.tolist(), q_pos.tolist()
+    need: dict[int, int] = {}
+    for r, p in zip(q_row_list, q_pos_list, strict=True):
+        need[r] = max(need.get(r, -1), p)
+    ordered = sorted(need, key=lambda r: (need[r], r))
+    groups = []
+    for start in range(0, len(ordered), group_rows):
+        rows = ordered[start : start + group_rows]
+        local = {r: i for i, r in enumerate(rows)}
+        queries = [qi for qi, r in enumerate(q_row_list) if r in local]
+        groups.append(
+            (
+                torch.tensor(rows, dtype=torch.long, device=device),
+                torch.tensor(queries, dtype=torch.long, device=device),
+                torch.tensor([local[q_row_list[qi]] for qi in queries], dtype=torch.long, device=device),
+                need[rows[-1]] + 1,
+            )
+        )
+    return groups
 
 
 def _jensenshannon_torch(p: Any, q: Any) -> Any:
