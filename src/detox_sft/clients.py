@@ -168,7 +168,15 @@ def _check_input(text: str) -> None:
         raise BadRequest("empty input text. Fix: give the prompt to continue.", status=400, detail="empty input")
 
 
-class _HttpClient:
+class _TextOnly:
+    """``generate_text`` for the clients, each of which implements ``generate``."""
+
+    def generate_text(self, model_id: str, text: str, **params: Any) -> str:
+        """Like ``generate``, returning the text only."""
+        return self.generate(model_id, text, **params).text  # type: ignore[attr-defined]
+
+
+class _HttpClient(_TextOnly):
     """Shared HTTP plumbing: session, bearer token, TLS, timeouts, bounded retries, error mapping."""
 
     def __init__(
@@ -326,10 +334,6 @@ class CaikitHttpClient(_HttpClient):
             data,
         )
 
-    def generate_text(self, model_id: str, text: str, **params: Any) -> str:
-        """Like :meth:`generate`, returning the text only."""
-        return self.generate(model_id, text, **params).text
-
     def generate_stream(
         self, model_id: str, text: str, params: GenerationParams | None = None, fallback: bool = False, **overrides: Any
     ) -> Iterator[str]:
@@ -406,10 +410,6 @@ class VllmClient(_HttpClient):
             data,
         )
 
-    def generate_text(self, model_id: str, text: str, **params: Any) -> str:
-        """Like :meth:`generate`, returning the text only."""
-        return self.generate(model_id, text, **params).text
-
 
 def _auth_interceptor(token: str):
     """An interceptor adding ``authorization: Bearer <token>`` to every call, reflection included (plaintext or TLS)."""
@@ -439,7 +439,7 @@ def _auth_interceptor(token: str):
     return _AuthInterceptor()
 
 
-class CaikitGrpcClient:
+class CaikitGrpcClient(_TextOnly):
     """The caikit runtime's gRPC API (``caikit.runtime.Nlp.NlpService/TextGenerationTaskPredict``, ``mm-model-id``).
 
     Message types come from the server by gRPC reflection (as caikit-nlp-client does); unlike caikit-nlp-client 0.0.8
@@ -599,10 +599,6 @@ class CaikitGrpcClient:
             int(response.input_token_count),
             raw,
         )
-
-    def generate_text(self, model_id: str, text: str, **params: Any) -> str:
-        """Like :meth:`generate`, returning the text only."""
-        return self.generate(model_id, text, **params).text
 
 
 def connect(

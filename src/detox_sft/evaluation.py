@@ -80,11 +80,9 @@ class EvaluationError(RuntimeError):
 
 
 def _resolve_device(device: str | None) -> str:
-    import torch
+    from detox_sft.devices import resolve_device
 
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return resolve_device(device, "evaluation.device", EvaluationError)
 
 
 def _model_device(model: Any) -> Any:

@@ -119,14 +119,10 @@ class EngineOutput:
 
 
 def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cpu`` / ``cuda`` as given."""
-    import torch
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cpu`` / ``cuda`` as given (RephraseError otherwise)."""
+    from detox_sft.devices import resolve_device as _resolve
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RephraseError("rephrase.device is 'cuda' but no GPU is visible. Fix: use device 'auto' or 'cpu'.")
-    return device
+    return _resolve(device, "rephrase.device", RephraseError)
 
 
 class TMaRCoEngine:

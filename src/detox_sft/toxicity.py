@@ -55,11 +55,9 @@ def _clean(texts: Sequence[Any]) -> list[str]:
 
 
 def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
+    from detox_sft.devices import resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device(device, "the scorer's device", ScorerError)
 
 
 @dataclass

@@ -117,18 +117,9 @@ def resolve_device(device: str = "auto") -> str:
     Raises:
         TrainingError: ``cuda`` was asked for but CUDA is not available.
     """
-    import torch
+    from detox_sft.devices import resolve_device as _resolve
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(
-            "training.device is 'cuda' but CUDA is not available here. "
-            "Fix: set training.device: auto (or cpu) in the recipe."
-        )
-    if device not in ("cpu", "cuda"):
-        raise TrainingError(f"unknown device {device!r}. Fix: use 'auto', 'cpu' or 'cuda'.")
-    return device
+    return _resolve(device, "training.device", TrainingError)
 
 
 def _gpu_dtype() -> torch.dtype:
