@@ -314,7 +314,7 @@ class BatchedEngine(TMaRCoEngine):
                 dec_ids = shift_tokens_right(ids, core.config.pad_token_id, core.config.decoder_start_token_id)
                 picked = torch.empty((len(q_row), enc.shape[-1]), dtype=enc.dtype, device=enc.device)
                 # rows grouped by the last position they need: the decoder is causal, so each group stops there
-                # (one cut for the whole chunk computed twice the positions needed on average)
+                # (a single cut for the whole chunk decoded about twice the positions that are read)
                 for rows, queries, local, cut in _decoder_groups(q_row, q_pos, self.decoder_group_rows, enc.device):
                     hidden = core.decoder(
                         input_ids=dec_ids[rows, :cut],
@@ -539,19 +539,18 @@ def _decoder_groups(q_row: Any, q_pos: Any, group_rows: int, device: Any) -> lis
     for r, p in zip(q_row_list, q_pos_list, strict=True):
         need[r] = max(need.get(r, -1), p)
     ordered = sorted(need, key=lambda r: (need[r], r))
+    slot = {r: divmod(k, group_rows) for k, r in enumerate(ordered)}  # row -> (group, index within the group)
+    queries: list[list[int]] = [[] for _ in range(0, len(ordered), group_rows)]
+    for qi, r in enumerate(q_row_list):
+        queries[slot[r][0]].append(qi)
+
+    def index(values: list[int]) -> Any:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
     groups = []
-    for start in range(0, len(ordered), group_rows):
-        rows = ordered[start : start + group_rows]
-        local = {r: i for i, r in enumerate(rows)}
-        queries = [qi for qi, r in enumerate(q_row_list) if r in local]
-        groups.append(
-            (
-                torch.tensor(rows, dtype=torch.long, device=device),
-                torch.tensor(queries, dtype=torch.long, device=device),
-                torch.tensor([local[q_row_list[qi]] for qi in queries], dtype=torch.long, device=device),
-                need[rows[-1]] + 1,
-            )
-        )
+    for g, qs in enumerate(queries):
+        rows = ordered[g * group_rows : (g + 1) * group_rows]
+        groups.append((index(rows), index(qs), index([slot[q_row_list[qi]][1] for qi in qs]), need[rows[-1]] + 1))
     return groups
 
 
