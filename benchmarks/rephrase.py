@@ -11,6 +11,17 @@ that both produce the same texts. Model sets:
 
 GPU: when CUDA is available both engines also run on it (batched in float16, reference in float32).
 
+Timing: after one full warm-up pass each, the two engines run alternately (batched, reference, batched, ...) up to
+``--repeats`` times or until ``--budget-s`` seconds have been spent measuring, at least once; medians are reported.
+Each engine times its own steps within the same passes (``engine.timings``): scoring (every token masked in turn,
+read by both experts) and rephrasing (mask + fill).
+
+The bound: what any engine that computes TMaRCo's scores exactly, with dense float32 arithmetic, must at least do is
+counted from the models' shapes and the sentences (:func:`arithmetic`), and the CPU's float32 matrix-multiply rate is
+measured on the models' own layer shapes in the same run (:func:`gemm_rate`). Scoring cannot run faster than that
+work at that rate, so the reference's time divided by it bounds the speedup of any exact engine, even one whose
+rephrasing step took no time at all.
+
 Run: ``.venv/bin/python benchmarks/rephrase.py [--sentences 120] [--models zoo bart-base-random] [--threads N]``.
 Writes benchmarks/results/rephrase.json and prints a markdown table.
 """
@@ -25,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["machine", "sentences", "build_bart_base_random", "bench", "main"]
+__all__ = ["machine", "sentences", "build_bart_base_random", "arithmetic", "gemm_rate", "bench", "main"]
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rephrase.json"
 
@@ -103,8 +114,74 @@ def build_bart_base_random(root: Path) -> dict[str, str]:
     return paths
 
 
-def bench(label: str, paths: dict[str, str], texts: list[str], threshold: float, device: str) -> dict:
-    """Run both engines on ``texts``; returns timings, samples/s, ratio, parity and mask share."""
+def arithmetic(tokenizer, config, texts: list[str]) -> dict:
+    """Multiply-accumulates (both experts) of TMaRCo's scoring: the reference's and the least any exact engine needs.
+
+    Counts the linear layers and the LM head (attention's own products and the norms are left out, which only
+    lowers both counts). Reference: every masked variant of a sentence, padded to the sentence's longest, runs the
+    whole encoder, the whole decoder and the LM head at every position (what ``model.forward`` does). Least work:
+    each variant's own length through the encoder; the decoder's cross-attention keys and values over all of it; the
+    decoder only up to the mask (it is causal) and the LM head only there (the full vocabulary: the score is a
+    divergence between whole distributions). Even the first layers' query/key/value projections are left out,
+    since an engine could share them between variants (they see the same token at the same position).
+    """
+    d, vocab = config.d_model, config.vocab_size
+    enc_layer = 4 * d * d + 2 * d * config.encoder_ffn_dim
+    dec_layer = 6 * d * d + 2 * d * config.decoder_ffn_dim  # self q,k,v,o + cross q,o + FFN
+    cross_kv = 2 * d * d  # per encoder position, per decoder layer
+    n_enc, n_dec = config.encoder_layers, config.decoder_layers
+    reference = least = 0
+    variants = 0
+    for text in texts:
+        tokens = tokenizer.tokenize(text)
+        shapes = []
+        for idx in range(len(tokens)):
+            masked = tokens.copy()
+            masked[idx] = tokenizer.pad_token + tokenizer.mask_token
+            ids = tokenizer(tokenizer.convert_tokens_to_string(masked))["input_ids"]
+            shapes.append((len(ids), ids.index(tokenizer.mask_token_id)))
+        if not shapes:
+            continue
+        width = max(length for length, _ in shapes)
+        for length, pos in shapes:
+            variants += 1
+            reference += width * (n_enc * enc_layer + n_dec * (cross_kv + dec_layer) + d * vocab)
+            least += (
+                length * (n_enc * enc_layer + n_dec * cross_kv - 3 * d * d)  # first encoder layer's q,k,v shared
+                + (pos + 1) * (n_dec * dec_layer - 3 * d * d)  # first decoder layer's q,k,v shared
+                + d * vocab
+            )
+    return {"variants": variants, "reference_gmac": 2 * reference / 1e9, "least_gmac": 2 * least / 1e9}
+
+
+def gemm_rate(config, rows: int = 2048, repeats: int = 5) -> float:
+    """The best float32 GFLOP/s of this CPU on the model's own layer shapes (rows x d_model @ d_model x out)."""
+    import torch
+
+    best = 0.0
+    d = config.d_model
+    for out in (d, config.encoder_ffn_dim, 3 * d):
+        a, w = torch.randn(rows, d), torch.randn(out, d)
+        torch.nn.functional.linear(a, w)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            torch.nn.functional.linear(a, w)
+        best = max(best, 2 * rows * d * out * repeats / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def bench(
+    label: str,
+    paths: dict[str, str],
+    texts: list[str],
+    threshold: float,
+    device: str,
+    repeats: int = 3,
+    budget_s: float = 400.0,
+) -> dict:
+    """Run both engines on ``texts``; returns timings (medians), samples/s, ratio, parity, mask share, bound."""
+    import statistics
+
     import torch
 
     from detox_sft.compat import load_tmarco
@@ -131,31 +208,43 @@ def bench(label: str, paths: dict[str, str], texts: list[str], threshold: float,
     batched.rephrase(texts)
     reference.rephrase(texts)
 
-    def timed(run):
+    def timed(engine):
+        """One full pass: (outputs, total seconds, scoring seconds); the engine times its own steps."""
         if device == "cuda":
             torch.cuda.synchronize()
+        before = engine.timings["score"]
         start = time.perf_counter()
-        out = run(texts)
+        out = engine.rephrase(texts)
         if device == "cuda":
             torch.cuda.synchronize()
-        return out, time.perf_counter() - start
+        return out, time.perf_counter() - start, engine.timings["score"] - before
 
-    out_b, t_b = timed(batched.rephrase)
-    out_r, t_r = timed(reference.rephrase)
-    # where the time goes: the scoring step alone (every token masked in turn, both experts), same texts
-    _, ts_b = timed(batched.score)
-    _, ts_r = timed(tmarco.score)
+    runs: dict[str, list[float]] = {"batched": [], "reference": [], "batched_score": [], "reference_score": []}
+    measuring = time.perf_counter()
+    while not runs["batched"] or (len(runs["batched"]) < repeats and time.perf_counter() - measuring < budget_s):
+        out_b, t, ts = timed(batched)
+        runs["batched"].append(t)
+        runs["batched_score"].append(ts)
+        out_r, t, ts = timed(reference)
+        runs["reference"].append(t)
+        runs["reference_score"].append(ts)
+    # medians of the totals and of the scoring steps (with an odd count, each is one real run's figure)
+    t_b, t_r, ts_b, ts_r = (
+        statistics.median(runs[k]) for k in ("batched", "reference", "batched_score", "reference_score")
+    )
     ok = [i for i, o in enumerate(out_r) if o.error is None]
     same = sum((out_r[i].masked, out_r[i].rephrased) == (out_b[i].masked, out_b[i].rephrased) for i in ok)
     tokens = sum(len(tmarco.tokenizer.tokenize(t)) for t in texts)
     masked = sum(o.masked.count(tmarco.tokenizer.mask_token) for o in out_b)
-    return {
+    result = {
         "models": label,
         "device": device,
         "sentences": len(texts),
         "mask_threshold": threshold,
         "masked_token_share": round(masked / max(tokens, 1), 3),
         "rephrased": sum(o.changed for o in out_b),
+        "timed_runs": len(runs["batched"]),
+        "runs_s": {k: [round(v, 3) for v in vals] for k, vals in runs.items()},
         "reference_s": round(t_r, 2),
         "batched_s": round(t_b, 2),
         "reference_samples_per_s": round(len(texts) / t_r, 2),
@@ -164,10 +253,32 @@ def bench(label: str, paths: dict[str, str], texts: list[str], threshold: float,
         "reference_score_s": round(ts_r, 2),
         "batched_score_s": round(ts_b, 2),
         "score_speedup": round(ts_r / ts_b, 1),
-        "rest_speedup": round((t_r - ts_r) / max(t_b - ts_b, 1e-9), 1),
+        "rest_speedup": round(
+            statistics.median(r - sc for r, sc in zip(runs["reference"], runs["reference_score"], strict=True))
+            / max(
+                statistics.median(b - sc for b, sc in zip(runs["batched"], runs["batched_score"], strict=True)), 1e-9
+            ),
+            1,
+        ),
         "identical_texts": f"{same}/{len(ok)}",
         "reference_errors": len(texts) - len(ok),
     }
+    if device == "cpu":
+        work = arithmetic(tmarco.tokenizer, tmarco.experts[0].config, texts)
+        rate = gemm_rate(tmarco.experts[0].config)
+        least_s = 2 * work["least_gmac"] / rate  # GMAC -> GFLOP
+        result.update(
+            {
+                **work,
+                "gemm_gflops": round(rate, 1),
+                "reference_score_gflops": round(2 * work["reference_gmac"] / ts_r, 1),
+                "batched_score_gflops_on_least_work": round(2 * work["least_gmac"] / ts_b, 1),
+                "least_score_s": round(least_s, 3),
+                "exact_score_speedup_bound": round(ts_r / least_s, 1),
+                "exact_speedup_bound": round(t_r / least_s, 1),
+            }
+        )
+    return result
 
 
 def _threshold_for_share(paths: dict[str, str], texts: list[str], share: float) -> float:
@@ -202,6 +313,10 @@ def main() -> None:
         help="mask threshold for the random models (default: the one that masks 18%% of tokens)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine, alternating (median shown)")
+    parser.add_argument(
+        "--budget-s", type=float, default=400.0, help="no new repeat starts after this many seconds of measuring"
+    )
     args = parser.parse_args()
     import torch
 
@@ -228,7 +343,7 @@ def main() -> None:
                 paths = build_bart_base_random(Path(tmp))
                 threshold = args.random_threshold or _threshold_for_share(paths, texts, 0.18)
             for device in devices:
-                rows.append(bench(label, paths, texts, threshold, device))
+                rows.append(bench(label, paths, texts, threshold, device, args.repeats, args.budget_s))
                 print(json.dumps(rows[-1]), flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"machine": info, "results": rows}, indent=2))
@@ -254,6 +369,18 @@ def main() -> None:
             f"| {r['models']} | {r['device']} | {r['reference_score_s']} | {r['batched_score_s']} | "
             f"{r['score_speedup']}x | {r['rest_speedup']}x |"
         )
+    print(
+        "\n| models | scoring GMAC: reference | least exact | GEMM GFLOP/s | reference GFLOP/s | batched GFLOP/s "
+        "(least work) | bound: score | bound: total |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "exact_speedup_bound" in r:
+            print(
+                f"| {r['models']} | {r['reference_gmac']:.0f} | {r['least_gmac']:.0f} | {r['gemm_gflops']} | "
+                f"{r['reference_score_gflops']} | {r['batched_score_gflops_on_least_work']} | "
+                f"{r['exact_score_speedup_bound']}x | {r['exact_speedup_bound']}x |"
+            )
 
 
 if __name__ == "__main__":

@@ -417,17 +417,70 @@ def test_decoder_groups_cover_every_query_once_and_stop_at_the_last_needed_posit
 
     from detox_sft.rephrase import _decoder_groups
 
-    # 7 rows, one with two queries; positions spread so that groups of 3 rows differ in how far they decode
+    # 7 rows, one with two queries; positions spread so that groups differ in how far they decode
     q_row = torch.tensor([0, 1, 2, 3, 4, 5, 6, 2])
     q_pos = torch.tensor([9, 1, 4, 2, 7, 3, 12, 6])
-    groups = _decoder_groups(q_row, q_pos, 3, "cpu")
-    seen = []
-    for rows, queries, local, cut in groups:
-        assert len(rows) <= 3
-        for q, lr in zip(queries.tolist(), local.tolist(), strict=True):
-            assert rows[lr].item() == q_row[q].item()  # the local index points at the query's row
-            assert q_pos[q].item() < cut  # the decoder runs far enough for every query of the group
-        seen += queries.tolist()
-    assert sorted(seen) == list(range(len(q_row)))
-    cuts = [g[3] for g in groups]
-    assert cuts == sorted(cuts) and cuts[0] < cuts[-1] == 13  # rows that need little stop early
+    need = {0: 9, 1: 1, 2: 6, 3: 2, 4: 7, 5: 3, 6: 12}
+
+    def check(groups, max_tokens):
+        seen = []
+        for rows, queries, local, cut in groups:
+            assert len(rows) * cut <= max_tokens
+            for q, lr in zip(queries.tolist(), local.tolist(), strict=True):
+                assert rows[lr].item() == q_row[q].item()  # the local index points at the query's row
+                assert q_pos[q].item() < cut  # the decoder runs far enough for every query of the group
+            assert cut == max(need[r] for r in rows.tolist()) + 1  # and no further
+            seen += queries.tolist()
+        assert sorted(seen) == list(range(len(q_row)))
+        return [(sorted(g[0].tolist()), g[3]) for g in groups]
+
+    # calls are free: every row decodes exactly as far as it needs (one call per distinct need)
+    free = check(_decoder_groups(q_row, q_pos, 0, 1000, "cpu"), 1000)
+    assert len(free) == 7 and sum(len(r) * c for r, c in free) == sum(v + 1 for v in need.values())
+    # calls are dear: one call for all rows
+    assert check(_decoder_groups(q_row, q_pos, 1000, 1000, "cpu"), 1000) == [(list(range(7)), 13)]
+    # the memory cap splits that call: at most 26 decoded positions per call
+    capped = check(_decoder_groups(q_row, q_pos, 1000, 26, "cpu"), 26)
+    assert len(capped) > 1
+
+
+def test_decoder_groups_find_the_cheapest_split():
+    import itertools
+    import random
+
+    import torch
+
+    from detox_sft.rephrase import _decoder_groups
+
+    rng = random.Random(0)
+    for _ in range(20):
+        positions = [rng.randrange(1, 30) for _ in range(rng.randrange(1, 9))]
+        call_tokens = rng.choice([0, 5, 20, 80])
+        groups = _decoder_groups(torch.arange(len(positions)), torch.tensor(positions), call_tokens, 10_000, "cpu")
+        got = sum(call_tokens + len(rows) * cut for rows, _, _, cut in groups)
+        # brute force over every split of the sorted rows into consecutive groups
+        needs = sorted(positions)
+        best = min(
+            sum(call_tokens + (b - a) * (needs[b - 1] + 1) for a, b in itertools.pairwise([0, *cuts, len(needs)]))
+            for k in range(len(needs))
+            for cuts in itertools.combinations(range(1, len(needs)), k)
+        )
+        assert got == best
+
+
+def test_engines_time_their_own_steps(zoo, zoo_tmarco):
+    import time
+
+    from detox_sft.rephrase import BatchedEngine, ReferenceEngine
+
+    cfg, tmarco = zoo_tmarco
+    texts = _corpus_sentences(zoo, 4)
+    for engine in (BatchedEngine.from_tmarco(tmarco, cfg), ReferenceEngine(tmarco, cfg)):
+        start = time.perf_counter()
+        engine.rephrase(texts)
+        wall = time.perf_counter() - start
+        first = dict(engine.timings)
+        assert first["score"] > 0 and first["rephrase"] > 0  # both steps ran and were timed
+        assert first["score"] + first["rephrase"] <= wall  # within the pass, not beside it
+        engine.rephrase(texts)
+        assert engine.timings["score"] > first["score"] and engine.timings["rephrase"] > first["rephrase"]
