@@ -50,7 +50,7 @@ def test_scoring_arithmetic_matches_torch_flop_counter(zoo):
     # the batched engine without padding (one row per encoder call, each decoder call stopping at its own row's
     # mask) does the least work plus the first layers' query/key/value projections it does not share
     engine = BatchedEngine.from_tmarco(tmarco, cfg)
-    engine.max_batch_tokens, engine.decoder_call_tokens = 1, 0
+    engine.max_batch_tokens, engine.call_tokens = 1, 0
     batched = _matmul_flops(lambda: engine.score(texts))
     config = tmarco.experts[0].config
     shared = 0

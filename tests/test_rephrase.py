@@ -484,3 +484,22 @@ def test_engines_time_their_own_steps(zoo, zoo_tmarco):
         assert first["score"] + first["rephrase"] <= wall  # within the pass, not beside it
         engine.rephrase(texts)
         assert engine.timings["score"] > first["score"] and engine.timings["rephrase"] > first["rephrase"]
+
+
+def test_cheapest_split_covers_rows_in_order_within_the_cap():
+    import random
+
+    from detox_sft.rephrase import _cheapest_split
+
+    rng = random.Random(1)
+    assert _cheapest_split([], 128, 100) == []
+    for _ in range(50):
+        sizes = sorted(rng.randrange(1, 60) for _ in range(rng.randrange(1, 40)))
+        cap = rng.choice([1, 50, 200, 10_000])
+        calls = _cheapest_split(sizes, rng.choice([0, 16, 128, 4096]), cap)
+        assert [i for a, b in calls for i in range(a, b)] == list(range(len(sizes)))  # every row once, in order
+        for a, b in calls:
+            assert b - a == 1 or (b - a) * sizes[b - 1] <= cap  # padded to its last (longest) row
+    # free calls: no padding at all; dear calls: a single call when the cap allows it
+    assert all(len({sizes_ for sizes_ in [5, 5, 7, 9][a:b]}) == 1 for a, b in _cheapest_split([5, 5, 7, 9], 0, 100))
+    assert _cheapest_split([5, 5, 7, 9], 10_000, 100) == [(0, 4)]

@@ -262,9 +262,10 @@ class BatchedEngine(TMaRCoEngine):
                 "Fix: give one weight per expert: [anti_expert_weight, expert_weight]."
             )
         self.max_batch_tokens = max_batch_tokens or (65536 if device == "cuda" else 8192)
-        # what one decoder call costs, in decoded positions (see _decoder_groups): CPU measured; on CUDA a call is
-        # dozens of kernel launches while positions are nearly free
-        self.decoder_call_tokens = 4096 if device == "cuda" else 128
+        # what one encoder or decoder call costs, in token positions (see _cheapest_split): on CPU measured for the
+        # decoder, ~70 at bart-base size and ~200 for the zoo's d=128 BART; on CUDA a call is dozens of kernel launches
+        # while positions are nearly free
+        self.call_tokens = 4096 if device == "cuda" else 128
 
     @classmethod
     def from_tmarco(cls, tmarco: Any, cfg: RephraseConfig, **kwargs: Any) -> BatchedEngine:
@@ -286,14 +287,9 @@ class BatchedEngine(TMaRCoEngine):
             by_row.setdefault(row, []).append(qi)
         order = sorted(by_row, key=lambda r: len(rows[r]))  # length-sorted: little padding
         pad = self.tokenizer.pad_token_id
-        start = 0
-        while start < len(order):
-            # grow the chunk while the padded size (longest row, sorted last) stays within the budget
-            end = start + 1
-            while end < len(order) and len(rows[order[end]]) * (end + 1 - start) <= self.max_batch_tokens:
-                end += 1
+        # chunks of rows of similar length: padding costs arithmetic, each call costs overhead
+        for start, end in _cheapest_split([len(rows[r]) for r in order], self.call_tokens, self.max_batch_tokens):
             chunk = order[start:end]
-            start = end
             width = len(rows[chunk[-1]])
             ids = torch.tensor([list(rows[r]) + [pad] * (width - len(rows[r])) for r in chunk], dtype=torch.long)
             attn = torch.tensor([[1] * len(rows[r]) + [0] * (width - len(rows[r])) for r in chunk], dtype=torch.long)
@@ -322,7 +318,7 @@ class BatchedEngine(TMaRCoEngine):
                 # rows grouped by the last position they need: the decoder is causal, so each group stops there
                 # (a single cut for the whole chunk decoded about twice the positions that are read)
                 for rows, queries, local, cut in _decoder_groups(
-                    q_row, q_pos, self.decoder_call_tokens, self.max_batch_tokens, enc.device
+                    q_row, q_pos, self.call_tokens, self.max_batch_tokens, enc.device
                 ):
                     hidden = core.decoder(
                         input_ids=dec_ids[rows, :cut],
@@ -558,15 +554,43 @@ class BatchedEngine(TMaRCoEngine):
         return outs
 
 
+def _cheapest_split(sizes: Sequence[int], call_tokens: int, max_tokens: int) -> list[tuple[int, int]]:
+    """Cut rows sorted by size (ascending) into consecutive calls ``[start, end)``, each padded to its last row.
+
+    Minimises the estimated time ``sum(call_tokens + rows * size of the call's last row)``: one model call costs about
+    as much as ``call_tokens`` token positions, so small models get few large calls and large ones pay little padding.
+    No call holds more than ``max_tokens`` positions (``rows * size``) unless one row alone does.
+    """
+    if not sizes:
+        return []
+    values, counts = np.unique(np.asarray(sizes), return_counts=True)
+    before = np.concatenate([[0], np.cumsum(counts)])  # rows before distinct size k
+    # best[j]: least cost of the rows of sizes values[:j]; a call of sizes i..j-1 pads to values[j-1]
+    best = np.zeros(len(values) + 1)
+    start_of = np.zeros(len(values) + 1, dtype=int)
+    for j in range(1, len(values) + 1):
+        rows_in = before[j] - before[:j]  # rows of sizes i..j-1 for every i < j
+        per_call = max(1, max_tokens // int(values[j - 1]))  # rows one call may hold at this size
+        cost = best[:j] + -(-rows_in // per_call) * call_tokens + rows_in * int(values[j - 1])
+        start_of[j] = int(np.argmin(cost))
+        best[j] = cost[start_of[j]]
+    calls: list[tuple[int, int]] = []
+    j = len(values)
+    while j > 0:
+        i = start_of[j]
+        per_call = max(1, max_tokens // int(values[j - 1]))
+        calls[:0] = [(k, min(k + per_call, int(before[j]))) for k in range(int(before[i]), int(before[j]), per_call)]
+        j = i
+    return calls
+
+
 def _decoder_groups(
     q_row: Any, q_pos: Any, call_tokens: int, max_tokens: int, device: Any
 ) -> list[tuple[Any, Any, Any, int]]:
     """Split a chunk's rows into decoder calls that each stop at the last position one of their rows needs.
 
-    Rows are sorted by the positions they need and cut into consecutive groups that minimise the estimated time
-    ``sum(call_tokens + rows * cut)``: one decoder call costs about as much as ``call_tokens`` decoded positions
-    (measured on CPU: ~70 at bart-base size, ~200 for the zoo's d=128 BART), so small models get few large calls and
-    large ones pay little padding. No group decodes more than ``max_tokens`` positions (``rows * cut``).
+    Rows are sorted by the positions they need and cut by :func:`_cheapest_split` (the decoder is causal: a row's
+    later positions cannot change the ones it reads).
 
     Returns ``(rows, queries, local rows of the queries, cut)`` per group, as index tensors on ``device``; ``cut`` is
     one past the last position any query of the group reads.
@@ -578,29 +602,9 @@ def _decoder_groups(
     for r, p in zip(q_row_list, q_pos_list, strict=True):
         need[r] = max(need.get(r, -1), p)
     ordered = sorted(need, key=lambda r: (need[r], r))
-    values, counts = np.unique(np.asarray([need[r] for r in ordered]), return_counts=True)
-    cuts = values + 1
-    before = np.concatenate([[0], np.cumsum(counts)])  # rows before distinct value k
-    # best[j]: least cost of the rows needing values[:j]; a segment of values i..j-1 decodes to cuts[j-1]
-    best = np.zeros(len(values) + 1)
-    start_of = np.zeros(len(values) + 1, dtype=int)
-    for j in range(1, len(values) + 1):
-        rows_in = before[j] - before[:j]  # rows of segments i..j-1 for every i < j
-        per_call = max(1, max_tokens // int(cuts[j - 1]))  # rows one call may hold at this cut
-        calls = -(-rows_in // per_call)
-        cost = best[:j] + calls * call_tokens + rows_in * int(cuts[j - 1])
-        start_of[j] = int(np.argmin(cost))
-        best[j] = cost[start_of[j]]
-    segments = []
-    j = len(values)
-    while j > 0:
-        i = start_of[j]
-        per_call = max(1, max_tokens // int(cuts[j - 1]))
-        seg = ordered[before[i] : before[j]]
-        segments[:0] = [(seg[k : k + per_call], int(cuts[j - 1])) for k in range(0, len(seg), per_call)]
-        j = i
-    slot = {r: (g, k) for g, (rows, _) in enumerate(segments) for k, r in enumerate(rows)}
-    queries: list[list[int]] = [[] for _ in segments]
+    groups = [ordered[a:b] for a, b in _cheapest_split([need[r] + 1 for r in ordered], call_tokens, max_tokens)]
+    slot = {r: (g, k) for g, rows in enumerate(groups) for k, r in enumerate(rows)}
+    queries: list[list[int]] = [[] for _ in groups]
     for qi, r in enumerate(q_row_list):
         queries[slot[r][0]].append(qi)
 
@@ -608,8 +612,8 @@ def _decoder_groups(
         return torch.tensor(values, dtype=torch.long, device=device)
 
     return [
-        (index(rows), index(qs), index([slot[q_row_list[qi]][1] for qi in qs]), cut)
-        for (rows, cut), qs in zip(segments, queries, strict=True)
+        (index(rows), index(qs), index([slot[q_row_list[qi]][1] for qi in qs]), need[rows[-1]] + 1)
+        for rows, qs in zip(groups, queries, strict=True)
     ]
 
 
