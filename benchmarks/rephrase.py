@@ -114,7 +114,7 @@ def build_bart_base_random(root: Path) -> dict[str, str]:
     return paths
 
 
-def arithmetic(tokenizer, config, texts: list[str]) -> dict:
+def arithmetic(tmarco, texts: list[str]) -> dict:
     """Multiply-accumulates (both experts) of TMaRCo's scoring: the reference's and the least any exact engine needs.
 
     Counts the linear layers and the LM head (attention's own products and the norms are left out, which only
@@ -125,6 +125,7 @@ def arithmetic(tokenizer, config, texts: list[str]) -> dict:
     divergence between whole distributions). Even the first layers' query/key/value projections are left out,
     since an engine could share them between variants (they see the same token at the same position).
     """
+    tokenizer, config = tmarco.tokenizer, tmarco.experts[0].config
     d, vocab = config.d_model, config.vocab_size
     enc_layer = 4 * d * d + 2 * d * config.encoder_ffn_dim
     dec_layer = 6 * d * d + 2 * d * config.decoder_ffn_dim  # self q,k,v,o + cross q,o + FFN
@@ -133,13 +134,11 @@ def arithmetic(tokenizer, config, texts: list[str]) -> dict:
     reference = least = 0
     variants = 0
     for text in texts:
-        tokens = tokenizer.tokenize(text)
-        shapes = []
-        for idx in range(len(tokens)):
-            masked = tokens.copy()
-            masked[idx] = tokenizer.pad_token + tokenizer.mask_token
-            ids = tokenizer(tokenizer.convert_tokens_to_string(masked))["input_ids"]
-            shapes.append((len(ids), ids.index(tokenizer.mask_token_id)))
+        # the masked variants exactly as TrustyAI builds them, and their token ids as its scoring sees them
+        variants_ids = [
+            tokenizer(v)["input_ids"] for v in tmarco.mask_tokens(text, tokenizer.pad_token + tokenizer.mask_token)
+        ]
+        shapes = [(len(ids), ids.index(tokenizer.mask_token_id)) for ids in variants_ids]
         if not shapes:
             continue
         width = max(length for length, _ in shapes)
@@ -264,7 +263,7 @@ def bench(
         "reference_errors": len(texts) - len(ok),
     }
     if device == "cpu":
-        work = arithmetic(tmarco.tokenizer, tmarco.experts[0].config, texts)
+        work = arithmetic(tmarco, texts)
         rate = gemm_rate(tmarco.experts[0].config)
         least_s = 2 * work["least_gmac"] / rate  # GMAC -> GFLOP
         result.update(

@@ -40,7 +40,7 @@ def test_scoring_arithmetic_matches_torch_flop_counter(zoo):
     texts = ["you are a stupid idiot and everyone knows it", "thanks, that helps a lot", "ok"]
     cfg = RephraseConfig(base_model=str(zoo.bart_base), expert=str(zoo.expert), anti_expert=str(zoo.anti_expert))
     tmarco = load_tmarco(cfg.base_model, cfg.expert, cfg.anti_expert, device="cpu")
-    work = bench.arithmetic(tmarco.tokenizer, tmarco.experts[0].config, texts)
+    work = bench.arithmetic(tmarco, texts)
     assert work["variants"] == sum(len(tmarco.tokenizer.tokenize(t)) for t in texts)
 
     # the reference: TrustyAI's own scoring, both experts, every variant through the whole model
