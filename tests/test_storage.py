@@ -176,6 +176,25 @@ def test_upload_verifies_everything_then_a_rerun_transfers_nothing(s3_server, tm
 
 
 @pytest.mark.service
+def test_an_upload_aborts_the_unfinished_multipart_uploads_a_dead_run_left_under_its_prefix(s3_server, tmp_path):
+    src = make_model_dir(tmp_path / "hf", big_mb=0)
+    client = s3_server.client()
+    left = {}
+    for key in ("t-orphan/hf/model.safetensors", "t-orphan/hf-old/model.safetensors"):  # ours, and a neighbour's
+        up = client.create_multipart_upload(Bucket="detox-sft", Key=key)
+        client.upload_part(Bucket="detox-sft", Key=key, UploadId=up["UploadId"], PartNumber=1, Body=b"x" * 2**20)
+        left[key] = up["UploadId"]
+
+    report = storage.upload_dir(src, "t-orphan/hf", settings=s3_server.settings(), progress=False)
+    assert report.aborted_uploads == ["t-orphan/hf/model.safetensors"]
+    assert "1 unfinished earlier upload(s) aborted" in str(report)
+    assert not client.list_multipart_uploads(Bucket="detox-sft", Prefix="t-orphan/hf/").get("Uploads")
+    neighbour = client.list_multipart_uploads(Bucket="detox-sft", Prefix="t-orphan/hf-old/").get("Uploads", [])
+    assert [u["UploadId"] for u in neighbour] == [left["t-orphan/hf-old/model.safetensors"]]  # not ours: untouched
+    assert storage.upload_dir(src, "t-orphan/hf", settings=s3_server.settings(), progress=False).aborted_uploads == []
+
+
+@pytest.mark.service
 def test_a_changed_file_is_the_only_one_uploaded_and_extra_objects_are_reported(s3_server, tmp_path):
     src = make_model_dir(tmp_path / "m", big_mb=0)
     settings = s3_server.settings()

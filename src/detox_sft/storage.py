@@ -23,6 +23,8 @@ What an upload guarantees:
 * A completion marker ``<prefix>/.detox-sft-upload.json`` (the manifest: every file's size, SHA-256, ETag) is written
   LAST, after the checks, and deleted FIRST when an upload starts. A failed or interrupted upload therefore never
   looks done, and :func:`download_prefix` refuses a prefix without it unless told otherwise.
+* The multipart uploads a killed run left open under the prefix (their parts stay stored, and billed, until they are
+  aborted) are aborted when the next upload to that prefix starts: one writer per prefix.
 
 A download writes each file to a temporary name beside it, checks its SHA-256 against the manifest (or the object's
 metadata), then renames it into place, so a file is either complete and verified or absent.
@@ -552,6 +554,8 @@ class UploadReport:
             the server validated on receipt (or its MD5 ETag where it keeps no CRC32); for an unchanged object,
             its ETag is the one recorded when the last completed upload verified it.
         extra_keys: objects under the prefix that are not in the directory (left alone unless ``delete_extra``).
+        aborted_uploads: keys of unfinished multipart uploads under the prefix (a killed earlier run's parts, which
+            the server keeps, and bills, until they are aborted) that this run aborted before starting.
         marker_key: the completion marker, written last.
         seconds: wall time.
     """
@@ -566,14 +570,16 @@ class UploadReport:
     verified: int = 0
     server_verified: int = 0
     extra_keys: list[str] = field(default_factory=list)
+    aborted_uploads: list[str] = field(default_factory=list)
     marker_key: str = ""
     seconds: float = 0.0
 
     def __str__(self) -> str:
+        aborted = f", {len(self.aborted_uploads)} unfinished earlier upload(s) aborted" if self.aborted_uploads else ""
         return (
             f"s3://{self.bucket}/{self.prefix}: {len(self.uploaded)} uploaded ({self.bytes_uploaded / 2**20:.1f} MiB), "
             f"{len(self.skipped)} unchanged ({self.bytes_skipped / 2**20:.1f} MiB), {self.verified}/{self.files} "
-            f"verified (size + SHA-256; server-side checksum: {self.server_verified}), {self.seconds:.1f} s"
+            f"verified (size + SHA-256; server-side checksum: {self.server_verified}){aborted}, {self.seconds:.1f} s"
         )
 
 
@@ -667,6 +673,25 @@ def _list(client, bucket: str, prefix: str) -> list[S3Object]:
         for item in page.get("Contents", []):
             objects.append(S3Object(item["Key"], int(item["Size"]), str(item.get("ETag", "")).strip('"')))
     return objects
+
+
+def _abort_unfinished_uploads(client, bucket: str, prefix: str) -> list[str]:
+    """Abort the multipart uploads left open under ``prefix/`` (a run killed mid-transfer leaves its parts stored).
+
+    Best effort: a server or a policy that does not allow listing them leaves them as they are.
+    """
+    from botocore.exceptions import ClientError
+
+    listing_prefix = f"{prefix}/" if prefix else ""
+    aborted = []
+    try:
+        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=listing_prefix):
+            for upload in page.get("Uploads", []):
+                client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                aborted.append(upload["Key"])
+    except ClientError:
+        pass  # not allowed or not implemented there: the parts stay, nothing else changes
+    return sorted(aborted)
 
 
 def list_prefix(
@@ -797,6 +822,8 @@ def upload_dir(
     try:
         with _s3_errors(settings, what):
             existing = {o.key: o for o in _list(client, name, prefix)}
+            # one writer per prefix (the marker protocol): anything still open here is a dead run's
+            report.aborted_uploads = _abort_unfinished_uploads(client, name, prefix)
             previous: dict[str, dict] = {}  # path -> entry of the last completed upload's manifest
             if report.marker_key in existing:
                 with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
