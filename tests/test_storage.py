@@ -192,6 +192,9 @@ def test_an_upload_aborts_the_unfinished_multipart_uploads_a_dead_run_left_under
     neighbour = client.list_multipart_uploads(Bucket="detox-sft", Prefix="t-orphan/hf-old/").get("Uploads", [])
     assert [u["UploadId"] for u in neighbour] == [left["t-orphan/hf-old/model.safetensors"]]  # not ours: untouched
     assert storage.upload_dir(src, "t-orphan/hf", settings=s3_server.settings(), progress=False).aborted_uploads == []
+    # at the bucket's root an upload must not reach into other prefixes: the neighbour's stays open
+    assert storage._abort_unfinished_uploads(client, "detox-sft", "") == []
+    assert client.list_multipart_uploads(Bucket="detox-sft", Prefix="t-orphan/hf-old/").get("Uploads")
 
 
 @pytest.mark.service

@@ -678,14 +678,16 @@ def _list(client, bucket: str, prefix: str) -> list[S3Object]:
 def _abort_unfinished_uploads(client, bucket: str, prefix: str) -> list[str]:
     """Abort the multipart uploads left open under ``prefix/`` (a run killed mid-transfer leaves its parts stored).
 
-    Best effort: a server or a policy that does not allow listing them leaves them as they are.
+    Best effort: a server or a policy that does not allow listing them leaves them as they are. At the bucket's root
+    (no prefix) nothing is aborted: every other prefix's uploads, live ones included, would be under it.
     """
     from botocore.exceptions import ClientError
 
-    listing_prefix = f"{prefix}/" if prefix else ""
+    if not prefix:
+        return []
     aborted = []
     try:
-        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=listing_prefix):
+        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
             for upload in page.get("Uploads", []):
                 client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
                 aborted.append(upload["Key"])
