@@ -53,6 +53,46 @@ def test_conversation_shim_makes_tmarco_importable():
         transformers.Conversation("hi")
 
 
+def test_tmarco_argmax_shim_still_needed():
+    import inspect
+
+    import numpy as np
+    import torch
+
+    from detox_sft import compat
+
+    # fails when trustyai stops picking tokens with numpy from torch logits: drop the shim then
+    source = inspect.getsource(compat.import_tmarco().rephrase)
+    assert "np.argmax(log_prob)" in source and "log_prob = next_token_logits" in source
+    # numpy reads a tensor only where torch lets it (CPU, no autograd); on CUDA it raises TypeError, here the
+    # autograd case stands in for it
+    with pytest.raises(RuntimeError, match="requires grad"):
+        np.argmax(torch.tensor([0.0, 2.0, 1.0], requires_grad=True))
+    if torch.cuda.is_available():
+        with pytest.raises(TypeError, match="cuda"):
+            np.argmax(torch.tensor([0.0, 2.0, 1.0], device="cuda"))
+
+
+def test_tmarco_argmax_shim_picks_numpys_token_from_any_tensor():
+    import sys
+
+    import numpy as np
+    import torch
+
+    from detox_sft import compat
+
+    compat.import_tmarco()
+    module = sys.modules[compat.TMARCO_MODULE]
+    assert compat.ensure_tmarco_argmax_on_cuda(module) is False  # installed by import_tmarco, once
+    shimmed = module.np
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    assert shimmed.argmax(logits).item() == np.argmax(logits).item() == int(logits.argmax())
+    assert shimmed.argmax(logits.clone().requires_grad_()).item() == int(logits.argmax())  # numpy alone raises
+    assert shimmed.argmax([1, 5, 2]) == 1 and shimmed.average is np.average and shimmed.ndarray is np.ndarray
+    if torch.cuda.is_available():
+        assert shimmed.argmax(logits.cuda()).item() == int(logits.argmax())
+
+
 @pytest.mark.parametrize("kwarg", [{"max_length": 150}, {"forced_bos_token_id": 0}])
 def test_bart_from_pretrained_still_rejects_generation_kwargs(tiny_bart, kwarg):
     # trustyai passes these to from_pretrained; fails when transformers accepts them again (shim not needed)

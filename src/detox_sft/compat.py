@@ -46,8 +46,44 @@ def ensure_transformers_conversation() -> bool:
     return True
 
 
+class _NumpyArgmaxOnAnyDevice:
+    """trustyai's ``np`` with an ``argmax`` that takes a torch tensor on any device; everything else is numpy's."""
+
+    def __init__(self, numpy_module):
+        self._np = numpy_module
+
+    def __getattr__(self, name):
+        return getattr(self._np, name)
+
+    def argmax(self, a, *args, **kwargs):
+        import torch
+
+        if isinstance(a, torch.Tensor):  # numpy can read a tensor only on the CPU and outside autograd
+            a = a.detach().cpu()
+        return self._np.argmax(a, *args, **kwargs)
+
+
+def ensure_tmarco_argmax_on_cuda(module) -> bool:
+    """Let TMaRCo.rephrase pick its tokens from logits on a GPU.
+
+    Breakage: trustyai 0.6.4's ``rephrase`` (and ``print_token``) picks each token with ``np.argmax(logits)`` where
+    the logits are a torch tensor on the models' device; numpy cannot read a CUDA tensor, so on a GPU every sentence
+    with a masked token fails (TypeError: can't convert cuda:0 device type tensor to numpy; seen on an H200 with
+    torch 2.11). The module's ``np`` is replaced by numpy with an ``argmax`` that moves a tensor to the CPU first: the
+    same index, on the CPU exactly what numpy did.
+
+    Returns:
+        True when the shim was installed now, False when the module already had it.
+    """
+    if isinstance(module.np, _NumpyArgmaxOnAnyDevice):
+        return False
+    module.np = _NumpyArgmaxOnAnyDevice(module.np)
+    return True
+
+
 def import_tmarco() -> type:
-    """Import trustyai's ``TMaRCo`` class with the ``Conversation`` shim applied (reloading a half-imported module).
+    """Import trustyai's ``TMaRCo`` class with the ``Conversation`` and ``argmax`` shims applied (reloading a
+    half-imported module).
 
     Raises:
         ImportError: trustyai (or torch / scipy / datasets) is not installed.
@@ -64,6 +100,7 @@ def import_tmarco() -> type:
     module = importlib.import_module(TMARCO_MODULE)
     if not hasattr(module, "TMaRCo"):
         raise ImportError(f"{TMARCO_MODULE} did not define TMaRCo; check that torch, scipy and datasets import")
+    ensure_tmarco_argmax_on_cuda(module)
     return module.TMaRCo
 
 
