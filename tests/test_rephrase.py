@@ -503,3 +503,16 @@ def test_cheapest_split_covers_rows_in_order_within_the_cap():
     # free calls: no padding at all; dear calls: a single call when the cap allows it
     assert all(len({sizes_ for sizes_ in [5, 5, 7, 9][a:b]}) == 1 for a, b in _cheapest_split([5, 5, 7, 9], 0, 100))
     assert _cheapest_split([5, 5, 7, 9], 10_000, 100) == [(0, 4)]
+
+
+def test_detoxify_training_set_takes_a_datasetdicts_train_split(offline_recipe):
+    from datasets import Dataset, DatasetDict
+
+    from detox_sft.rephrase import RephraseError, detoxify_training_set
+
+    with pytest.raises(RephraseError, match=r"no 'train' split \(splits: \['test'\]\).*dataset\['train'\]"):
+        detoxify_training_set(offline_recipe, DatasetDict({"test": Dataset.from_dict({"text": ["a"]})}))
+    # the train split is the one checked: its missing columns are named (before the fix the dict's keys were)
+    splits = DatasetDict({"train": Dataset.from_dict({"text": ["a"], "prompt": ["p"]})})
+    with pytest.raises(RephraseError, match=r"lacks column\(s\) \['continuation'\]"):
+        detoxify_training_set(offline_recipe, splits, progress=False)

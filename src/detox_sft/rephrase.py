@@ -1120,11 +1120,16 @@ def detoxify_training_set(
     Returns:
         (the detoxified Dataset, with the input's columns only; the :class:`RephraseSummary`).
     """
-    from datasets import Dataset
+    from datasets import Dataset, DatasetDict
 
     from detox_sft.data import format_sample
 
-    if hasattr(train_dataset, "keys") and "train" in train_dataset and not isinstance(train_dataset, dict):
+    if isinstance(train_dataset, DatasetDict):  # (a DatasetDict is a dict: test its class, not its keys)
+        if "train" not in train_dataset:
+            raise RephraseError(
+                f"the DatasetDict has no 'train' split (splits: {list(train_dataset)}). Fix: pass the split to "
+                "detoxify, e.g. dataset['train']."
+            )
         train_dataset = train_dataset["train"]
     columns = list(train_dataset.column_names)
     missing = [c for c in ("prompt", "continuation", "text") if c not in columns]
