@@ -13,6 +13,7 @@ Writes benchmarks/results/generation.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -91,6 +92,23 @@ def original_loop(model, tokenizer, prompts, max_new_tokens: int, device) -> lis
     return out
 
 
+def top2_gaps(model, tokenizer, prompt: str, max_new_tokens: int, device) -> list[float]:
+    """The gap between the two highest logits at each step of the loop's greedy path for ``prompt``."""
+    import torch
+
+    enc = tokenizer(prompt, return_tensors="pt").to(device)
+    with torch.inference_mode():
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=1,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    return [float(t[0] - t[1]) for t in (step[0].float().topk(2).values for step in out.logits)]
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -134,7 +152,10 @@ def main() -> int:
         scorers=["profanity-check"], num_samples=1, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size
     )
 
-    original_loop(model, tokenizer, prompts[:1], 2, args.device)  # warm-up (allocator, kernels)
+    # warm-up of both paths (allocator, kernels, the batch's shapes; a GPU meets its kernels on first use): 2 tokens
+    original_loop(model, tokenizer, prompts[:1], 2, args.device)
+    warm = dataclasses.replace(cfg, max_new_tokens=2)
+    generate_continuations(model, tokenizer, prompts, warm, seed=0, greedy=True, progress=False)
     t0 = time.perf_counter()
     looped = original_loop(model, tokenizer, prompts, args.max_new_tokens, args.device)
     t_loop = time.perf_counter() - t0
@@ -144,7 +165,17 @@ def main() -> int:
     ]
     t_batched = time.perf_counter() - t0
     mismatches = [i for i, (a, b) in enumerate(zip(looped, batched, strict=True)) if a != b]
-    assert not mismatches, f"batched greedy outputs differ from the loop's at prompts {mismatches}"
+    near_ties = {}
+    if mismatches:
+        # float32 on CPU: the two paths must agree exactly. Half precision on a GPU rounds padded and unpadded
+        # inputs differently (other kernels, other reduction orders), so a greedy step whose top two logits lie
+        # within rounding can go either way: report the smallest top-2 gap on each differing prompt's path
+        assert dtype != torch.float32, f"batched greedy outputs differ from the loop's at prompts {mismatches}"
+        gaps = [min(top2_gaps(model, tokenizer, p, args.max_new_tokens, args.device)) for p in prompts]
+        near_ties = {i: round(gaps[i], 5) for i in mismatches}
+        near_ties["smallest on the identical prompts"] = round(
+            min((g for i, g in enumerate(gaps) if i not in mismatches), default=float("nan")), 5
+        )
 
     new_tokens = len(prompts) * args.max_new_tokens
     result = {
@@ -166,7 +197,8 @@ def main() -> int:
         "num_prompts": len(prompts),
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
-        "identical_outputs": True,
+        "identical_outputs": f"{len(prompts) - len(mismatches)}/{len(prompts)}",
+        "differing_prompts_min_top2_logit_gap": near_ties,
         "distinct_outputs": len(set(batched)),
         "loop_s": round(t_loop, 2),
         "batched_s": round(t_batched, 2),
@@ -181,8 +213,10 @@ def main() -> int:
         f"{result['machine']['torch_threads']}, device {args.device}; {result['model']}"
     )
     print(
-        f"{len(prompts)} prompts, {args.max_new_tokens} new tokens each, greedy; outputs identical: yes "
-        f"({result['distinct_outputs']} distinct)\n"
+        f"{len(prompts)} prompts, {args.max_new_tokens} new tokens each, greedy; outputs identical: "
+        f"{result['identical_outputs']} ({result['distinct_outputs']} distinct)"
+        + (f"; differing prompts' smallest top-2 logit gap on the loop's path: {near_ties}" if near_ties else "")
+        + "\n"
     )
     print("| path | time (s) | new tokens/s | speedup |")
     print("|---|---|---|---|")
