@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from detox_sft.compat import sft_checkpointing_kwargs
 from detox_sft.config import Recipe, TrainingConfig, load_recipe, resolve_ref
 
 if TYPE_CHECKING:  # heavy imports stay inside the functions
@@ -273,7 +274,7 @@ def sft_config_kwargs(
         kwargs.update(use_cpu=True, bf16=False, fp16=False)
         dtype = "float32"
     kwargs["model_init_kwargs"] = {**(kwargs.get("model_init_kwargs") or {}), "dtype": dtype}
-    return kwargs
+    return sft_checkpointing_kwargs(kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------------------
