@@ -12,8 +12,9 @@ that both produce the same texts. Model sets:
 GPU: when CUDA is available both engines also run on it (batched in float16, reference in float32); ``--devices``
 picks where to run (``--devices cuda`` for the GPU rows alone).
 
-Timing: after one warm-up pass each (all sentences, or the first ``--warmup`` of them), the two engines run alternately (batched, reference, batched, ...) up to
-``--repeats`` times or until ``--budget-s`` seconds have been spent measuring, at least once; medians are reported.
+Timing: after one warm-up pass each (all sentences, or the first ``--warmup`` of them), the two engines run
+alternately (batched, reference, batched, ...) up to ``--repeats`` times or until ``--budget-s`` seconds have been
+spent measuring, at least once; medians are reported.
 Each engine times its own steps within the same passes (``engine.timings``): scoring (every token masked in turn,
 read by both experts) and rephrasing (mask + fill).
 
