@@ -516,3 +516,51 @@ def test_detoxify_training_set_takes_a_datasetdicts_train_split(offline_recipe):
     splits = DatasetDict({"train": Dataset.from_dict({"text": ["a"], "prompt": ["p"]})})
     with pytest.raises(RephraseError, match=r"lacks column\(s\) \['continuation'\]"):
         detoxify_training_set(offline_recipe, splits, progress=False)
+
+
+def test_experts_side_by_side_on_cpu_give_the_same_bits_and_restore_threads(zoo, zoo_tmarco):
+    import numpy as np
+    import torch
+
+    from detox_sft.rephrase import BatchedEngine
+
+    cfg, tmarco = zoo_tmarco
+    texts = _corpus_sentences(zoo, 60)
+    engine = BatchedEngine.from_tmarco(tmarco, cfg)
+    assert engine.concurrent_models  # the CPU default
+    before = torch.get_num_threads()  # 1 in this module
+    torch.set_num_threads(2)  # the side-by-side path needs a thread per expert
+    try:
+        seen = []
+        real = engine._logits_at
+
+        def spy(model, rows, queries):
+            if model is not engine.base:  # the base model runs alone, on all threads
+                seen.append(torch.get_num_threads())  # each expert's share of the threads
+            return real(model, rows, queries)
+
+        engine._logits_at = spy
+        side_scores, _ = engine.score(texts)
+        side = engine.rephrase(texts)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2  # ran side by side, threads restored
+        engine.concurrent_models = False
+        seen.clear()
+        one_scores, _ = engine.score(texts)
+        one = engine.rephrase(texts)
+        assert set(seen) == {2}
+        assert all(np.array_equal(a, b) for a, b in zip(side_scores, one_scores, strict=True))  # bit for bit
+        assert [(o.masked, o.rephrased) for o in side] == [(o.masked, o.rephrased) for o in one]
+        assert sum(o.changed for o in side) >= 10
+
+        # an expert that fails: the error comes through and torch's thread count is still restored
+        engine.concurrent_models = True
+
+        def broken(model, rows, queries):
+            raise RuntimeError("expert exploded")
+
+        engine._logits_at = broken
+        with pytest.raises(RuntimeError, match="expert exploded"):
+            engine.score(texts[:3])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
