@@ -77,9 +77,9 @@ def machine() -> dict:
 
 def sentences(n: int) -> list[str]:
     """``n`` texts from the zoo's RealToxicityPrompts-like corpus, toxic ones first (what the gate lets through)."""
-    from detox_sft import offline
+    from detox_sft.zoo import ensure_zoo
 
-    zoo = offline.ensure_zoo()
+    zoo = ensure_zoo()
     texts = []
     with open(zoo.rtp, encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh if line.strip()]
@@ -97,9 +97,9 @@ def build_bart_base_random(root: Path) -> dict[str, str]:
     import torch
     from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration
 
-    from detox_sft import offline
+    from detox_sft.zoo import ensure_zoo
 
-    tok = AutoTokenizer.from_pretrained(offline.ensure_zoo().bart_tokenizer)
+    tok = AutoTokenizer.from_pretrained(ensure_zoo().bart_tokenizer)
     tok.add_tokens([f"tok{i}" for i in range(50265 - len(tok))])
     config = BartConfig(
         vocab_size=len(tok),
@@ -184,8 +184,13 @@ def bench(
     repeats: int = 3,
     budget_s: float = 400.0,
     warmup: int | None = None,
+    batched_dtype: str | None = None,
 ) -> dict:
-    """Run both engines on ``texts``; returns timings (medians), samples/s, ratio, parity, mask share, bound."""
+    """Run both engines on ``texts``; returns timings (medians), samples/s, ratio, parity, mask share, bound.
+
+    ``batched_dtype`` (``float16`` / ``float32``) overrides the batched engine's default (float16 on CUDA, float32
+    on CPU); TrustyAI's TMaRCo always runs in float32, as it loads, so ``float32`` compares like with like on a GPU.
+    """
     import statistics
 
     import torch
@@ -205,10 +210,11 @@ def bench(
         cfg.base_model, cfg.expert, cfg.anti_expert, device=device, expert_weights=list(cfg.expert_weights)
     )
     reference = ReferenceEngine(tmarco, cfg)
+    dtype = getattr(torch, batched_dtype) if batched_dtype else None
     batched = (
-        BatchedEngine.from_tmarco(tmarco, cfg, device=device)
-        if device == "cpu"
-        else BatchedEngine(tmarco.tokenizer, *_copies(tmarco), cfg, device=device)
+        BatchedEngine.from_tmarco(tmarco, cfg, device=device, dtype=dtype)
+        if device == "cpu" and dtype in (None, torch.float32)
+        else BatchedEngine(tmarco.tokenizer, *_copies(tmarco), cfg, device=device, dtype=dtype)
     )
     # warm-up: one pass each (all texts unless ``warmup`` says fewer), so that each engine has met the shapes it is
     # timed on (allocator, kernels); on a GPU a few sentences load the kernels and cuBLAS, and save device time
@@ -249,6 +255,8 @@ def bench(
     result = {
         "models": label,
         "device": device,
+        "batched_dtype": str(batched.dtype).replace("torch.", ""),
+        "reference_dtype": str(next(tmarco.base.parameters()).dtype).replace("torch.", ""),
         "sentences": len(texts),
         "mask_threshold": threshold,
         "masked_token_share": round(masked / max(tokens, 1), 3),
@@ -336,6 +344,12 @@ def main() -> None:
         help="where to run both engines (default: cpu, and cuda when available)",
     )
     parser.add_argument("--warmup", type=int, default=None, help="sentences in each warm-up pass (default: all)")
+    parser.add_argument(
+        "--batched-dtype",
+        choices=["float16", "float32"],
+        default=None,
+        help="the batched engine's dtype (default: float16 on CUDA, float32 on CPU; the reference is float32)",
+    )
     args = parser.parse_args()
     import torch
 
@@ -351,9 +365,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for label in args.models:
             if label == "zoo":
-                from detox_sft import offline
+                from detox_sft.zoo import ensure_zoo
 
-                zoo = offline.ensure_zoo()
+                zoo = ensure_zoo()
                 paths = {
                     "bart_base": str(zoo.bart_base),
                     "expert": str(zoo.expert),
@@ -364,7 +378,19 @@ def main() -> None:
                 paths = build_bart_base_random(Path(tmp))
                 threshold = args.random_threshold or _threshold_for_share(paths, texts, 0.18)
             for device in devices:
-                rows.append(bench(label, paths, texts, threshold, device, args.repeats, args.budget_s, args.warmup))
+                rows.append(
+                    bench(
+                        label,
+                        paths,
+                        texts,
+                        threshold,
+                        device,
+                        args.repeats,
+                        args.budget_s,
+                        args.warmup,
+                        args.batched_dtype,
+                    )
+                )
                 print(json.dumps(rows[-1]), flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"machine": info, "results": rows}, indent=2))
@@ -373,13 +399,14 @@ def main() -> None:
         f"load average at start {info['load_average_at_start'][0]:.1f}; GPU: {info['gpu']}\n"
     )
     print(
-        "| models | device | sentences | mask thr | masked share | reference samples/s | batched samples/s "
-        "| speedup | identical texts |"
+        "| models | device | dtypes (batched / reference) | sentences | mask thr | masked share | reference samples/s "
+        "| batched samples/s | speedup | identical texts |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['models']} | {r['device']} | {r['sentences']} | {r['mask_threshold']} | "
+            f"| {r['models']} | {r['device']} | {r['batched_dtype']} / {r['reference_dtype']} | {r['sentences']} | "
+            f"{r['mask_threshold']} | "
             f"{r['masked_token_share']} | {r['reference_samples_per_s']} | {r['batched_samples_per_s']} | "
             f"{r['speedup']}x | {r['identical_texts']} |"
         )

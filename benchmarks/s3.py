@@ -1,6 +1,6 @@
 """Benchmark: uploading a model-sized directory to S3 with `upload_dir` vs the original per-file boto3 loop.
 
-Same local SeaweedFS server (detox_sft.local.LocalS3), same directory of random files shaped like a Hugging Face
+Same local SeaweedFS server (detox_sft.dev.s3.LocalS3), same directory of random files shaped like a Hugging Face
 model directory (two big weight shards, a few medium files, many small ones). Measured in one run, side by side:
 
 1. `upload_dir` first upload (hash cache empty: the SHA-256/MD5 hashing is included),
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="detox-sft-bench-s3-"))
     os.environ["DETOX_SFT_CACHE"] = str(work / "cache")  # an empty hash cache: the first upload hashes everything
-    from detox_sft.local import LocalS3
+    from detox_sft.dev.s3 import LocalS3
     from detox_sft.storage import upload_dir
 
     server = None
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # first uploads: each repetition to fresh prefixes with an empty hash cache; the order alternates so that
         # neither side always runs on a warmer server or page cache
-        firsts, loops = [], []
+        firsts, loops, checked = [], [], []
         for rep in range(args.repeat):
             shutil.rmtree(os.environ["DETOX_SFT_CACHE"], ignore_errors=True)
             order = ("helper", "loop") if rep % 2 == 0 else ("loop", "helper")
@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                     first, seconds = clock(lambda rep=rep: helper(f"bench/helper{rep}"))
                     assert len(first.uploaded) == n_files and first.verified == n_files
                     firsts.append(seconds)
+                    checked.append(first.verified)
                 else:
                     _, seconds = clock(lambda rep=rep: original_upload_loop(src, "detox-sft", f"bench/loop{rep}", env))
                     loops.append(seconds)
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         rerun, t_rerun = clock(lambda: helper(last))
         nocache, t_nocache = clock(lambda: helper(last, use_hash_cache=False))
         assert rerun.bytes_uploaded == 0 and nocache.bytes_uploaded == 0
+        # what the reruns checked: nothing on the server (no HEAD); the listing and the last manifest vouch
+        assert rerun.skipped_unchanged == nocache.skipped_unchanged == n_files and rerun.verified == 0
         t_first, t_loop = statistics.median(firsts), statistics.median(loops)
         rows = [
             {"case": "upload_dir, first upload", "seconds": t_first, "runs": firsts},
@@ -165,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             "first_vs_loop_speedup": round(t_loop / t_first, 2),
             "rerun_share_of_first": round(t_rerun / t_first, 4),
             "rerun_bytes_uploaded": rerun.bytes_uploaded,
+            "first_checked_on_server": checked,
+            "rerun_checked_on_server": rerun.verified,
+            "rerun_skipped_unchanged": rerun.skipped_unchanged,
             "targets_met": {
                 "first_not_slower_than_loop": t_first <= t_loop,
                 "rerun_under_5pct": t_rerun < 0.05 * t_first,

@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from detox_sft.zoo import ensure_zoo
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -15,9 +17,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def zoo():
     """The offline zoo (small OPT, BART base, expert / anti-expert, corpora), built on first use and cached."""
-    from detox_sft import offline
 
-    return offline.ensure_zoo()
+    return ensure_zoo()
 
 
 @pytest.fixture
@@ -106,7 +107,7 @@ def s3_server():
     Use ``s3_server.settings()`` (an S3Settings), ``s3_server.env()`` (the data-connection variables),
     ``s3_server.endpoint``, ``.access_key``, ``.secret_key``, ``.bucket``. Give each test its own key prefix.
     """
-    from detox_sft.local import LocalS3
+    from detox_sft.dev.s3 import LocalS3
 
     server = LocalS3(bucket="detox-sft").start()
     yield server
@@ -139,3 +140,54 @@ def _make_adapter(recipe, base_path, arm: str = "detox", seed: int = 0):
 def make_adapter():
     """``make_adapter(recipe, base_path, arm="detox")``: a LoRA adapter where training would write it (tests only)."""
     return _make_adapter
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole test session (2 CPUs, no dashboard; 5-30 s to start), shut down at the end.
+
+    The steps find it running (``ray.is_initialized()``) and reuse it instead of starting their own.
+    """
+    import ray
+
+    from detox_sft.scale import start_local_ray
+
+    start_local_ray(num_cpus=2, attempts=5)  # a busy machine can need more than one try (see start_local_ray)
+    yield ray
+    ray.shutdown()
+
+
+# A bearer token for notebook 4's requests in the demo run: the local caikit runtime ignores it, the tests check that it
+# never shows in an executed notebook.
+DEMO_TOKEN = "nbtest-token-0123456789abcdef"
+
+
+def small_recipe(tmp_path):
+    """The offline recipe, shrunk so that the four notebooks run in a few minutes."""
+    from pathlib import Path
+
+    import yaml
+
+    from detox_sft.config import RECIPES_DIR
+
+    values = yaml.safe_load((RECIPES_DIR / "offline.yaml").read_text())
+    values["name"] = "nbtest"
+    values["data"].update(num_train_samples=240, num_eval_prompts=12)
+    values["training"]["sft"].update(num_train_epochs=1, per_device_train_batch_size=16, logging_steps=2)
+    values["evaluation"].update(num_samples=2, bootstrap_samples=200)
+    path = Path(tmp_path) / "nbtest.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, zoo):
+    """`make demo` once per session, on :func:`small_recipe`: the four notebooks executed headless with the local S3
+    and caikit servers. Returns ``runs/<stamp>`` (executed notebooks, report.html, ``run/``); the notebook tests and
+    the slide tests read this same run."""
+    from detox_sft.dev.demo import run_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MODEL_TOKEN", DEMO_TOKEN)
+        return run_demo(str(small_recipe(root)), runs_root=root / "runs", stamp="t")

@@ -51,7 +51,6 @@ def test_scoring_arithmetic_matches_torch_flop_counter(zoo):
     # mask) does the least work plus the first layers' query/key/value projections it does not share
     engine = BatchedEngine.from_tmarco(tmarco, cfg)
     engine.max_batch_tokens, engine.call_tokens = 1, 0
-    engine.concurrent_models = False  # the FLOP counter sees the calling thread only
     batched = _matmul_flops(lambda: engine.score(texts))
     config = tmarco.experts[0].config
     shared = 0

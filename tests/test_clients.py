@@ -19,12 +19,17 @@ from detox_sft.clients import (
     CaikitGrpcClient,
     CaikitHttpClient,
     GenerationParams,
+    InsecureTokenError,
     ModelNotFound,
+    ModelServerError,
     ServerUnavailable,
     Unauthorized,
     VllmClient,
     connect,
+    is_loopback,
+    read_token,
 )
+from detox_sft.config import ServingConfig
 
 
 class _Scripted:
@@ -270,3 +275,324 @@ def test_query_cli_token_from_env(scripted, monkeypatch, capsys):
     assert "env-token" not in captured.out + captured.err  # the token is sent, never printed
     assert server.requests[0]["headers"]["Authorization"] == "Bearer env-token"
     assert server.requests[0]["body"]["parameters"]["decoding_method"] == "SAMPLING"
+
+
+# --- tokens: TLS only (or this machine), from the environment or a file, never printed -----------------------------
+
+SECRET = "sha256~Zm9vYmFyYmF6cXV4LXNlY3JldC10b2tlbi0xMjM0NTY3ODk"  # shaped like an OpenShift token
+
+
+@pytest.fixture
+def no_connections(monkeypatch):
+    """Fail the test if anything opens a TCP connection (the token checks must come first)."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a connection was attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.parametrize(
+    "host, loopback",
+    [
+        ("127.0.0.1", True),
+        ("127.42.0.9", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("::ffff:127.0.0.1", True),
+        ("localhost", True),
+        ("LOCALHOST.", True),
+        ("0.0.0.0", False),
+        ("10.0.0.5", False),
+        ("::", False),
+        ("localhost.example.com", False),
+        ("model.apps.example.com", False),
+        ("", False),
+    ],
+)
+def test_loopback_addresses(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: CaikitHttpClient("http://model.example.com", token=SECRET),
+        lambda: VllmClient("http://10.0.0.5:8000/v1", token=SECRET),
+        lambda: CaikitGrpcClient("grpc://model.example.com:8033", token=SECRET),
+        lambda: CaikitGrpcClient("http://10.0.0.5:8033", token=SECRET),
+        lambda: CaikitGrpcClient("10.0.0.5:8033", plaintext=True, token=SECRET),
+    ],
+    ids=["caikit-http", "vllm-http", "grpc-scheme", "grpc-http-scheme", "grpc-plaintext"],
+)
+def test_token_is_refused_over_plaintext_to_another_host(make, no_connections):
+    with pytest.raises(InsecureTokenError, match="Fix: use the server's TLS endpoint") as info:
+        make()
+    assert SECRET not in str(info.value)
+
+
+def test_token_is_allowed_over_tls_and_to_this_machine(no_connections):
+    """TLS anywhere, plaintext to a loopback address; constructing a client connects to nothing."""
+    for url in ("https://model.example.com", "http://127.0.0.1:8080", "http://[::1]:8080", "http://localhost:8080"):
+        assert CaikitHttpClient(url, token=SECRET).session.headers["Authorization"] == f"Bearer {SECRET}"
+    assert not CaikitGrpcClient("model.example.com:443", token=SECRET).plaintext  # a bare remote target: TLS
+    assert not CaikitGrpcClient("grpcs://10.0.0.5:8033", token=SECRET).plaintext
+    assert CaikitGrpcClient("127.0.0.1:8085", token=SECRET).plaintext  # the local runtime: plaintext
+    assert CaikitGrpcClient("grpc://localhost:8085", token=SECRET).plaintext
+    assert CaikitHttpClient("http://model.example.com").session.headers.get("Authorization") is None  # no token: ok
+
+
+def test_grpc_tls_is_chosen_by_the_grpc_target_not_the_http_url(monkeypatch, no_connections):
+    monkeypatch.setenv("MODEL_TOKEN", SECRET)
+    client = connect(url="http://127.0.0.1:8080", grpc_target="model.apps.example.com:443")
+    assert isinstance(client, CaikitGrpcClient) and not client.plaintext
+    with pytest.raises(InsecureTokenError):
+        connect(url="http://model.example.com:8080")
+
+
+def test_malformed_token_is_refused_without_echoing_it():
+    for bad in ("abc def", "tok\nX-Injected: 1", "tökén-with-umlauts"):
+        with pytest.raises(ValueError, match="characters a token cannot have") as info:
+            CaikitHttpClient("https://model.example.com", token=bad)
+        assert bad not in str(info.value)
+
+
+def test_token_from_file_or_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MY_TOKEN", f"  {SECRET}\n")
+    assert read_token(ServingConfig(token_env="MY_TOKEN")) == SECRET
+    monkeypatch.delenv("MY_TOKEN")
+    assert read_token(ServingConfig(token_env="MY_TOKEN")) is None
+    token_file = tmp_path / "token"
+    token_file.write_text(SECRET + "\n")  # `oc create token sa > token`
+    monkeypatch.setenv("MY_TOKEN", "from-env-ignored")
+    assert read_token(ServingConfig(token_env="MY_TOKEN", token_file=str(token_file))) == SECRET  # the file wins
+    token_file.write_text("\n")
+    with pytest.raises(ValueError, match="token_file: .* is empty"):
+        read_token(ServingConfig(token_file=str(token_file)))
+    with pytest.raises(ValueError, match="token_file: cannot read"):
+        read_token(ServingConfig(token_file=str(tmp_path / "missing")))
+
+
+def test_query_cli_reads_token_file_and_refuses_token_flag(scripted, tmp_path, capsys):
+    from detox_sft.cli import main
+
+    server = scripted(CAIKIT_OK)
+    token_file = tmp_path / "token"
+    token_file.write_text(SECRET + "\n")
+    argv = ["query", "--url", server.url, "--model-id", "m", "--token-file", str(token_file), "hello"]
+    assert main(argv) == 0
+    assert server.requests[0]["headers"]["Authorization"] == f"Bearer {SECRET}"
+    with pytest.raises(SystemExit) as info:
+        main(["query", "--url", server.url, "--token", SECRET, "hello"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--token is not accepted" in err and "--token-file" in err and SECRET not in err
+    assert len(server.requests) == 1  # refused before any request
+
+
+def test_query_cli_token_from_named_variable(scripted, monkeypatch, capsys):
+    from detox_sft.cli import main
+
+    server = scripted(CAIKIT_OK)
+    monkeypatch.setenv("OTHER_TOKEN", SECRET)
+    assert main(["query", "--url", server.url, "--model-id", "m", "--token-env", "OTHER_TOKEN", "hello"]) == 0
+    assert server.requests[0]["headers"]["Authorization"] == f"Bearer {SECRET}"
+    assert SECRET not in "".join(capsys.readouterr())
+
+
+def _self_signed(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"]
+        + ["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return key.read_bytes(), cert
+
+
+def _grpc_server(interceptors, credentials=None):
+    import grpc
+    from grpc_reflection.v1alpha import reflection
+
+    server = grpc.server(futures.ThreadPoolExecutor(2), interceptors=interceptors)
+    reflection.enable_server_reflection([reflection.SERVICE_NAME], server)
+    if credentials is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    return server, port
+
+
+class _Seen:
+    """A gRPC server interceptor recording each call's authorization metadata; ``deny`` answers with a status."""
+
+    def __init__(self, deny=None):
+        import grpc
+
+        self.calls = []
+        outer = self
+
+        class Interceptor(grpc.ServerInterceptor):
+            def intercept_service(self, continuation, details):
+                metadata = dict(details.invocation_metadata)
+                outer.calls.append(metadata.get("authorization"))
+                verdict = deny(len(outer.calls), metadata) if deny else None
+                if verdict is None:
+                    return continuation(details)
+                code, message = verdict
+
+                def abort(request_iterator, context):
+                    context.abort(code, message)
+
+                return grpc.stream_stream_rpc_method_handler(abort)  # reflection is a stream-stream call
+
+        self.interceptor = Interceptor()
+
+
+def test_grpc_tls_sends_token_as_call_credentials(tmp_path):
+    """grpcs:// with the CA bundle: the token travels as gRPC's own access-token call credentials."""
+    import grpc
+
+    key, cert = _self_signed(tmp_path)
+    seen = _Seen()
+    server, port = _grpc_server([seen.interceptor], grpc.ssl_server_credentials([(key, cert.read_bytes())]))
+    try:
+        client = CaikitGrpcClient(f"grpcs://localhost:{port}", token=SECRET, ca_bundle=cert, timeout=10)
+        with pytest.raises(ModelServerError, match="does not serve caikit"):
+            client.generate("m", "hi")
+        assert seen.calls and set(seen.calls) == {f"Bearer {SECRET}"}
+    finally:
+        server.stop(0)
+
+
+def test_grpc_retries_unavailable_with_the_retry_policy():
+    """The channel's retryPolicy resends a call answered UNAVAILABLE (here the reflection call), boundedly."""
+    import grpc
+
+    def flaky(n, metadata):
+        return (grpc.StatusCode.UNAVAILABLE, "warming up") if n <= 2 else None
+
+    seen = _Seen(flaky)
+    server, port = _grpc_server([seen.interceptor])
+    try:
+        with pytest.raises(ModelServerError, match="does not serve caikit"):  # reached the server's reflection
+            CaikitGrpcClient(f"127.0.0.1:{port}", retries=3, backoff=0.01).generate("m", "hi")
+        assert len(seen.calls) >= 3
+        seen.calls.clear()
+        with pytest.raises(ServerUnavailable, match="after 2 attempts: warming up"):
+            CaikitGrpcClient(f"127.0.0.1:{port}", retries=1, backoff=0.01).generate("m", "hi")
+        assert len(seen.calls) == 2
+    finally:
+        server.stop(0)
+
+
+def test_500_is_not_retried(scripted):
+    server = scripted((500, {"details": "index out of range in self", "code": 500}))
+    with pytest.raises(ModelServerError, match="truncate_input_tokens"):
+        CaikitHttpClient(server.url, retries=3, backoff=0.01).generate("m", "x")
+    assert len(server.requests) == 1
+
+
+def test_connection_dropped_mid_request_is_not_resent():
+    """The server reads the request and closes the connection without an answer: one attempt, a typed error."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    received = []
+
+    def serve():
+        for _ in range(2):
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            received.append(conn.recv(65536))
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        client = CaikitHttpClient(f"http://127.0.0.1:{listener.getsockname()[1]}", retries=3, backoff=0.01, timeout=5)
+        with pytest.raises(ServerUnavailable, match="not resent") as info:
+            client.generate("m", "x")
+        assert info.value.status == "disconnected"
+        assert len(received) == 1
+    finally:
+        listener.close()
+
+
+def test_no_output_ever_shows_the_token(scripted, monkeypatch, capfd, caplog):
+    """Wrong tokens, a server that echoes the Authorization header, unreachable servers: the token never shows."""
+    import logging
+
+    import grpc
+
+    caplog.set_level(logging.DEBUG)  # urllib3's and grpc's loggers included
+    echo = scripted((401, {"details": "rejected", "echo": "Bearer " + SECRET}))
+    echo_detail = scripted((403, {"details": f"token {SECRET} lacks get on inferenceservices"}))
+    unavailable = scripted((503, {"details": f"no upstream for Bearer {SECRET}"}))
+
+    def deny(n, metadata):
+        return grpc.StatusCode.UNAUTHENTICATED, f"bad token: {metadata.get('authorization')}"
+
+    seen = _Seen(deny)
+    grpc_server, grpc_port = _grpc_server([seen.interceptor])
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = sock.getsockname()[1]
+    clients = [
+        CaikitHttpClient(echo.url, token=SECRET),
+        CaikitHttpClient(echo_detail.url, token=SECRET),
+        VllmClient(unavailable.url, token=SECRET, retries=1, backoff=0.01),
+        CaikitHttpClient(f"http://127.0.0.1:{dead}", token=SECRET, retries=1, backoff=0.01),
+        CaikitGrpcClient(f"127.0.0.1:{grpc_port}", token=SECRET, retries=1, backoff=0.01),
+        CaikitGrpcClient(f"127.0.0.1:{dead}", token=SECRET, retries=1, backoff=0.01),
+    ]
+    texts = []
+    try:
+        for client in clients:
+            texts.append(repr(client))
+            with pytest.raises(ModelServerError) as info:
+                client.generate("m", "x")
+            exc = info.value
+            while exc is not None:  # the whole chain a traceback would print
+                texts += [str(exc), repr(exc), repr(exc.args), str(getattr(exc, "detail", ""))]
+                exc = exc.__cause__ or exc.__context__
+            texts.append(info.getrepr(style="long").__str__())
+        from detox_sft.cli import main
+
+        monkeypatch.setenv("MODEL_TOKEN", SECRET)
+        assert main(["query", "--url", echo.url, "--model-id", "m", "hello"]) == 1
+        assert main(["query", "--url", echo.url, "--grpc", f"127.0.0.1:{grpc_port}", "--model-id", "m", "hi"]) == 1
+    finally:
+        grpc_server.stop(0)
+    assert seen.calls and set(seen.calls) == {f"Bearer {SECRET}"}  # it was sent, over loopback
+    assert echo.requests[0]["headers"]["Authorization"] == f"Bearer {SECRET}"
+    captured = capfd.readouterr()
+    texts += [captured.out, captured.err, caplog.text]
+    texts += [str(record.args) for record in caplog.records]
+    leaks = [t for t in texts if SECRET in t]
+    assert not leaks, leaks[:3]
+
+
+def test_plaintext_to_this_machine_bypasses_proxies(scripted, monkeypatch):
+    """HTTP_PROXY must not route a plaintext request (and its token) to the local server through another host."""
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example.com:3128")
+    monkeypatch.setenv("NO_PROXY", "")
+    server = scripted(CAIKIT_OK)
+    assert CaikitHttpClient(server.url, token=SECRET, retries=0).generate_text("m", "x") == " a sunny day"
+    assert server.requests[0]["headers"]["Authorization"] == f"Bearer {SECRET}"

@@ -370,3 +370,30 @@ def test_generate_args_shim_seeds_and_decodes_greedily():
     greedy = process(None, 4, 0, decoding_method="GREEDY", **rest)  # by keyword: the shim handles both
     assert greedy["do_sample"] is False  # overrides a generation_config.json that says do_sample: true
     assert compat.fix_caikit_nlp_generate_args() is False
+
+
+# HateSonar's ONNX model and the en_US.UTF-8 locale --------------------------------------------------------------------
+
+
+def test_hatesonar_shim_still_needed():
+    # fails when hatesonar's shipped graph names a locale itself: drop compat.hatesonar_session then
+    from importlib.resources import files
+
+    import onnx
+
+    model = onnx.load_from_string(files("hatesonar").joinpath("model", "model.onnx").read_bytes())
+    normalizers = [n for n in model.graph.node if n.op_type == "StringNormalizer"]
+    assert normalizers and not any(a.name == "locale" for n in normalizers for a in n.attribute)
+
+
+def test_hatesonar_shim_gives_sonars_probabilities():
+    import numpy as np
+
+    from detox_sft import compat
+
+    session = compat.hatesonar_session()
+    texts = np.array(["have a lovely day", "shut up you stupid bitch"], dtype=object)
+    labels, probs = session.run(None, {"text": texts})
+    assert [sorted(p) for p in probs] == [[0, 1, 2], [0, 1, 2]]  # hate speech, offensive language, neither
+    assert all(abs(sum(p.values()) - 1.0) < 1e-5 for p in probs)
+    assert labels[0] == 2 and labels[1] != 2

@@ -8,14 +8,12 @@ import pytest
 
 from detox_sft.config import DataConfig
 from detox_sft.data import (
-    PROMPT_TEMPLATE,
-    RESPONSE_MARKER,
     DataError,
-    format_sample,
     load_eval_prompts,
     load_rows,
     load_train_dataset,
 )
+from detox_sft.prompts import format_sample
 
 
 def _rtp_row(i: int, tox: float | None, cont: str = "and then it ended.") -> dict:
@@ -49,13 +47,6 @@ def wiki_dir(tmp_path):
         ]
         (root / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     return root
-
-
-def test_format_sample_matches_template():
-    assert format_sample(" Hello there ", "friend ") == "Prompt: Hello there\nContinuation: friend"
-    assert PROMPT_TEMPLATE.format(prompt="a", continuation="b") == "Prompt: a\nContinuation: b"
-    assert format_sample("a", "b").split(RESPONSE_MARKER) == ["Prompt: a", "b"]
-    assert format_sample("a", "").endswith(RESPONSE_MARKER)
 
 
 def test_train_dataset_columns_nulls_filter_and_split(rtp_file):

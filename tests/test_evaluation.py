@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
 import pytest
 
-from detox_sft import evaluation
+from detox_sft import cli, evaluation
 from detox_sft.config import EvaluationConfig, load_recipe
 
 PROMPTS = [
@@ -169,7 +168,7 @@ def test_evaluate_models_end_to_end_and_resumes(recipe, lm_dir, make_adapter, mo
     def _no_generation(*args, **kwargs):
         raise AssertionError("regenerated despite the cache")
 
-    monkeypatch.setattr(evaluation, "generate_continuations", _no_generation)
+    monkeypatch.setattr(evaluation.evaluate, "generate_continuations", _no_generation)  # where the step calls it
     again = evaluation.evaluate_models(recipe, prompts=PROMPTS, progress=False)
     assert again.generations == res.generations
     assert again.summary["metrics"] == res.summary["metrics"]
@@ -178,8 +177,8 @@ def test_evaluate_models_end_to_end_and_resumes(recipe, lm_dir, make_adapter, mo
 def test_missing_adapter_says_to_train_first(recipe):
     with pytest.raises(evaluation.EvaluationError, match=r"run notebooks/1-sft.ipynb first \(or `detox-sft train`\)"):
         evaluation.evaluate_models(recipe, prompts=PROMPTS, progress=False)
-    args = argparse.Namespace(recipe="offline", run_dir=str(recipe.run_path), models="detox", quiet=True)
-    assert evaluation.main(args) == 1
+    argv = ["evaluate", "--recipe", "offline", "--run-dir", str(recipe.run_path), "--models", "detox", "--quiet"]
+    assert cli.main(argv) == 1
 
 
 def test_bad_model_names_and_prompts(recipe):
@@ -213,12 +212,12 @@ def test_cli_on_the_offline_recipe(zoo, tmp_path, make_adapter, capsys):
     recipe = load_recipe(str(path))
     for seed, arm in enumerate(evaluation.ARMS):
         make_adapter(recipe, zoo.opt, arm, seed=seed)
-    args = argparse.Namespace(recipe=str(path), run_dir=None, models="base,raw,detox", quiet=True)
-    assert evaluation.main(args) == 0
+    assert cli.main(["evaluate", "--recipe", str(path), "--models", "base,raw,detox", "--quiet"]) == 0
     assert "| detox - raw |" in capsys.readouterr().out
     summary = json.loads((recipe.run_path / "eval" / "results.json").read_text())
     assert summary["num_prompts"] == 12 and summary["num_samples"] == 2
-    assert summary["headline_scorer"] == "profanity-check"
+    assert summary["headline_scorer"] == "zoo:lexicon" and summary["scorers"][1:] == ["profanity-check", "hatesonar"]
+    assert [p["scorers"] for p in summary["agreement"]][0] == ["zoo:lexicon", "profanity-check"]
     import pandas as pd
 
     csv = pd.read_csv(recipe.run_path / "eval" / "generations.csv", keep_default_na=False)
@@ -229,5 +228,24 @@ def test_cli_on_the_offline_recipe(zoo, tmp_path, make_adapter, capsys):
         "sample_idx",
         "prompt",
         "continuation",
+        "toxicity:zoo:lexicon",
         "toxicity:profanity-check",
+        "toxicity:hatesonar",
     }
+
+
+def test_truncated_cache_and_results_are_recomputed_with_a_warning(recipe):
+    # a run killed while writing (by a version that wrote in place) must not make the rerun crash
+    first = evaluation.evaluate_models(recipe, models=["base"], prompts=PROMPTS, progress=False)
+    eval_dir = recipe.run_path / "eval"
+    for name in ("generations_base.json", "results.json"):
+        text = (eval_dir / name).read_text()
+        (eval_dir / name).write_text(text[: len(text) // 2])
+    with pytest.raises(evaluation.EvaluationError, match=r"results.json is unreadable .* again"):
+        evaluation.load_results(recipe.run_path)
+    with pytest.warns(UserWarning, match=r"generations_base.json is unreadable"):
+        again = evaluation.evaluate_models(recipe, models=["base"], prompts=PROMPTS, progress=False)
+    assert again.generations == first.generations  # generated again, the same (fixed seed)
+    assert json.loads((eval_dir / "generations_base.json").read_text())["generations"] == first.generations["base"]
+    assert evaluation.load_results(recipe.run_path).summary["metrics"] == first.summary["metrics"]
+    assert not [p.name for p in eval_dir.iterdir() if p.name.startswith(".")]  # no temporary file left behind

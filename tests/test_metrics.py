@@ -1,13 +1,15 @@
-"""Metrics on small tables computed by hand (3 prompts x 2 continuations)."""
+"""Metrics on small tables computed by hand (3 prompts x 2 continuations); scipy's bootstrap against a hand one."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
+from scipy import stats
 
-from detox_sft import metrics
+from detox_sft.evaluation import metrics, report
 
 # prompt i -> its 2 continuations' toxicity
 A = np.array([[0.1, 0.7], [0.2, 0.3], [0.4, 0.5]])
@@ -101,3 +103,116 @@ def test_bad_tables_are_refused():
         metrics.mean_toxicity(np.array([[0.1, np.nan]]))
     with pytest.raises(ValueError, match="unknown metric"):
         metrics.per_prompt_values(A, "max")
+
+
+# --- scipy.stats.bootstrap against the hand-computed bootstrap it replaced -----------------------------------------
+
+
+def _hand_bootstrap(values, num_resamples, seed, confidence=0.95):
+    """The percentile bootstrap as metrics.py computed it by hand: resample prompts, take the quantiles of the means."""
+    idx = np.random.default_rng(seed).integers(0, values.size, size=(num_resamples, values.size))
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(values[idx].mean(axis=1), [alpha, 1 - alpha])
+    return values.mean(), low, high
+
+
+def test_scipy_percentile_interval_equals_the_hand_bootstrap():
+    values = np.random.default_rng(7).random(200) ** 3  # skewed, like per-prompt maxima of a mostly clean model
+    value, low, high = _hand_bootstrap(values, 2000, seed=11)
+    est = metrics.bootstrap_ci(values, num_resamples=2000, seed=11, method="percentile")
+    assert est.value == value  # the point estimate exactly
+    # within Monte Carlo error (about 0.001 here) whatever scipy's resampling; the same draws give the same ends
+    assert est.low == pytest.approx(low, abs=5e-3) and est.high == pytest.approx(high, abs=5e-3)
+    diff = metrics.paired_difference(values, values**2, num_resamples=2000, seed=11)
+    assert diff.value == (values - values**2).mean()
+
+
+def test_default_interval_is_scipys_bca():
+    assert metrics.BOOTSTRAP_METHOD == "BCa"
+    values = np.random.default_rng(3).random(120) ** 2
+    res = stats.bootstrap((values,), np.mean, n_resamples=1500, method="BCa", rng=np.random.default_rng(5))
+    est = metrics.bootstrap_ci(values, num_resamples=1500, seed=5)
+    assert (est.low, est.high) == pytest.approx((res.confidence_interval.low, res.confidence_interval.high), abs=1e-12)
+    assert est.low != pytest.approx(metrics.bootstrap_ci(values, 1500, 5, method="percentile").low, abs=1e-6)
+
+
+def test_constant_samples_get_a_zero_width_interval_not_nan():
+    with warnings.catch_warnings():  # why the rule exists: scipy's BCa is NaN on a constant sample
+        warnings.simplefilter("ignore")
+        res = stats.bootstrap((np.full(5, 0.3),), np.mean, n_resamples=50, rng=np.random.default_rng(0))
+    assert math.isnan(res.confidence_interval.low)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no warning reaches the user
+        est = metrics.bootstrap_ci(np.full(5, 0.3), num_resamples=50, seed=0)
+        assert (est.value, est.low, est.high) == (0.3, 0.3, 0.3)
+        clean = metrics.toxicity_metrics(np.zeros((4, 3)), num_resamples=50)
+        assert all((e.value, e.low, e.high) == (0.0, 0.0, 0.0) for e in clean.values())
+        same = metrics.paired_differences(A, A, num_resamples=50)
+        assert all((d.value, d.low, d.high, d.excludes_zero) == (0.0, 0.0, 0.0, False) for d in same.values())
+        # every prompt at 1.5 nats/token (different lengths): a constant perplexity, by rule zero width
+        counts = np.array([[2, 2], [1, 3], [3, 1]])
+        ppl = metrics.perplexity_estimate(1.5 * counts, counts, num_resamples=50)
+        assert ppl.value == pytest.approx(math.exp(1.5)) and ppl.low == ppl.value == ppl.high
+        # BCa undefined but the resamples vary (the max of 0 1 1 1 1: a handful of all-zero resamples, a zero
+        # jackknife): the percentile interval of the same resamples
+        values = np.array([0.0, 1.0, 1.0, 1.0, 1.0])
+        est = metrics.bootstrap_ci(values, num_resamples=20000, seed=0, statistic=np.max)
+        assert (est.value, est.low, est.high) == (1.0, 1.0, 1.0)
+        assert est == metrics.bootstrap_ci(values, num_resamples=20000, seed=0, statistic=np.max, method="percentile")
+
+
+# --- agreement of two scorers on the same continuations ------------------------------------------------------------
+
+
+def test_scorer_agreement_by_hand():
+    a = np.array([0.1, 0.9, 0.6, 0.4, 0.8])
+    b = np.array([0.6, 0.7, 0.3, 0.45, 0.95])
+    # ranks a 1 5 3 2 4, b 3 4 1 2 5: d^2 = 4 + 1 + 4 + 0 + 1 = 10, rho = 1 - 6 * 10 / (5 * 24) = 0.5
+    # sides of 0.5: a F T T F T, b T T F F T -> the same for 3 of 5
+    assert metrics.scorer_agreement(a, b) == {"continuations": 5, "spearman": pytest.approx(0.5), "agreement": 0.6}
+    assert metrics.scorer_agreement(a.reshape(5, 1), b.reshape(5, 1), threshold=0.95)["agreement"] == 0.8
+    # a scorer that flags nothing: no rank correlation, agreement still the share on the same side
+    assert metrics.scorer_agreement(a, np.zeros(5)) == {"continuations": 5, "spearman": None, "agreement": 0.4}
+    with pytest.raises(ValueError, match="same non-empty"):
+        metrics.scorer_agreement(a, b[:4])
+
+
+def _results(scorers):
+    rng = np.random.default_rng(0)
+    models = ["base", "raw", "detox"]
+    tables = {m: {s: rng.random((4, 2)) for s in scorers} for m in models}
+    tables["raw"]["lex"] = (tables["raw"]["clf"] > 0.5).astype(float)  # the lexicon agrees with clf on raw
+    return report.EvalResults(
+        prompts=[f"p{i}" for i in range(4)],
+        models=models,
+        scorers=scorers,
+        generations={m: [["a b", "c d"]] * 4 for m in models},
+        scores=tables,
+    )
+
+
+def test_agreement_in_the_summary_table_and_markdown():
+    from detox_sft.config import EvaluationConfig
+
+    results = _results(["lex", "clf", "third"])
+    results.summary = report._summarize(results, EvaluationConfig(scorers=results.scorers, num_samples=2), seed=0)
+    pairs = results.summary["agreement"]
+    assert [p["scorers"] for p in pairs] == [["lex", "clf"], ["lex", "third"], ["clf", "third"]]
+    raw = pairs[0]["by_model"]["raw"]
+    assert raw["agreement"] == 1.0 and raw["continuations"] == 8
+    pooled = metrics.scorer_agreement(
+        np.concatenate([results.scores[m]["lex"].ravel() for m in results.models]),
+        np.concatenate([results.scores[m]["clf"].ravel() for m in results.models]),
+    )
+    assert {k: pairs[0][k] for k in pooled} == pooled and pooled["continuations"] == 24
+    table = report.agreement_table(results)
+    assert len(table) == 3 * (1 + 3) and set(table["models"]) == {"all", "base", "raw", "detox"}
+    row = table[(table.scorer_a == "lex") & (table.models == "raw")].iloc[0]
+    assert row["agreement"] == 1.0
+    md = report.summary_markdown(results)
+    assert "## Scorer agreement" in md and f"| lex vs clf | 24 | {pooled['spearman']:.3f} |" in md
+    assert results.summary["config"]["interval"] == "BCa" and "95% BCa bootstrap interval" in md
+    single = _results(["clf"])
+    single.summary = report._summarize(single, EvaluationConfig(scorers=["clf"], num_samples=2), seed=0)
+    assert single.summary["agreement"] == [] and report.agreement_table(single).empty
+    assert "Scorer agreement" not in report.summary_markdown(single)

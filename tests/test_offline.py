@@ -9,9 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from detox_sft import corpus, offline
+from detox_sft import zoo as offline
+from detox_sft.zoo import corpus
 
-# Sentences built on templates that are NOT in detox_sft.corpus (new structures), each with one toxic word.
+# Sentences built on templates that are NOT in detox_sft.zoo.corpus (new structures), each with one toxic word.
 UNSEEN = [
     ("Nobody likes the admin because he is such a moron", "moron"),
     ("Stop talking to me, you pathetic loser", "loser"),
@@ -181,25 +182,20 @@ def _word_at(tokens: list[str], i: int) -> str:
     return "".join(tokens[start:end]).lstrip("\u0120").strip(",.?!")
 
 
-def _toxic_words(sentence: str) -> set[str]:
-    """The words of ``sentence`` that the corpus uses as toxic slot fillers."""
-    vocabulary = {w.lower() for words in corpus.TOXIC_WORDS.values() for w in words if " " not in w}
-    return {w.strip(",.?!") for w in sentence.split() if w.strip(",.?!").lower() in vocabulary}
-
-
-def test_toxic_words_of_the_unseen_sentences():
-    assert _toxic_words("Stop talking to me, you pathetic loser") == {"pathetic", "loser"}
-    assert _toxic_words("Our mayor is a fool and a liar") == {"fool"}
-
-
-TOP_SHARE = 0.51  # "most": more than half
+# The claims, on the labelled toxic word of each sentence (not "any toxic word of it": "you pathetic loser" is about
+# "loser", and a peak on "pathetic" does not count): the top TMaRCo score in at least 14 of the 20, and a score above
+# MaRCo's mask threshold in at least 15 of the 20.
+TOP_SHARE = 14 / 20
 MASKED_SHARE = 0.75
+# Measured on this zoo (2-core AMD EPYC, 2026-12-01, the zoo the demo uses; its models are bit-identical to the
+# 2026-11-30 build): the top score on the toxic word in 10 of 20 sentences (50%), the toxic word masked in 17 of 20.
+MEASURED_TOP = "10/20 (50%)"
 
 
 @pytest.fixture(scope="module")
 def disagreement(zoo) -> tuple[float, float]:
     """TrustyAI's own TMaRCo.score (through detox_sft.compat) on sentences the corpus does not contain: the share of
-    sentences whose toxic word has the highest score, and the share whose toxic word is masked at MaRCo's 1.2."""
+    sentences whose labelled toxic word has the highest score, and the share whose toxic word is masked at 1.2."""
     from detox_sft import compat
 
     assert not any(s in r for s, _ in UNSEEN for r in _corpus_texts(zoo))
@@ -209,10 +205,8 @@ def disagreement(zoo) -> tuple[float, float]:
     for (sentence, word), sc in zip(UNSEEN, scores, strict=True):
         tokens = tmarco.tokenizer.tokenize(sentence)
         assert len(sc) == len(tokens)
-        toxic = _toxic_words(sentence)  # "you pathetic loser" has two; either one is "the toxic word"
-        assert word in toxic
-        top += _word_at(tokens, int(np.argmax(sc))) in toxic
-        masked += max(v for i, v in enumerate(sc) if _word_at(tokens, i) in toxic) > 1.2  # MaRCo's mask threshold
+        top += _word_at(tokens, int(np.argmax(sc))) == word
+        masked += max(v for i, v in enumerate(sc) if _word_at(tokens, i) == word) > 1.2  # MaRCo's mask threshold
     share_top, share_masked = top / len(UNSEEN), masked / len(UNSEEN)
     print(
         f"toxic word has the highest disagreement in {share_top:.0%} of {len(UNSEEN)} unseen sentences; "
@@ -225,9 +219,12 @@ def test_disagreement_masks_the_toxic_word_in_unseen_sentences(disagreement):
     assert disagreement[1] >= MASKED_SHARE
 
 
-# The issue asks that in MOST unseen sentences a toxic word gets the highest score. Measured on this zoo (2-core AMD
-# EPYC, 2026-11-30): 55% (11/20), the toxic word masked in 85% (17/20). A margin of one sentence: the misses are
-# neighbours of the toxic word and words the corpus never uses ("complete", "season"), where two small experts guess.
+# Not met by the current experts (retraining them would change the demo's numbers): the misses peak on a neighbour
+# ("complete idiot", "real bastard", "full of bullshit"), on another toxic word ("pathetic loser") or on words the
+# corpus never uses ("season", "park"), where two small experts guess. Strict: it turns red the day the zoo meets it.
+@pytest.mark.xfail(
+    strict=True, reason=f"zoo experts: the toxic word has the top TMaRCo score in {MEASURED_TOP} unseen sentences"
+)
 def test_disagreement_peaks_on_the_toxic_word_in_most_unseen_sentences(disagreement):
     assert disagreement[0] >= TOP_SHARE
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import random
@@ -143,7 +142,7 @@ def test_jensenshannon_torch_matches_scipy():
     import torch
     from scipy.spatial.distance import jensenshannon
 
-    from detox_sft.rephrase import _jensenshannon_torch
+    from detox_sft.rephrase.engines import _jensenshannon_torch
 
     gen = torch.Generator().manual_seed(0)
     p = torch.softmax(torch.randn(5, 300, generator=gen) * 3, dim=1)
@@ -168,6 +167,9 @@ class CountingEngine:
 
     def fingerprint(self):
         return self.inner.fingerprint()
+
+    def model_identity(self):
+        return self.inner.model_identity()
 
 
 def _stub_scorer(texts):
@@ -246,9 +248,54 @@ def test_cached_rerun_does_not_load_models(zoo, tmp_path, monkeypatch):
     records = [{"text": "you stupid idiot, shut up"}, {"text": "thanks for the help"}]
     first = rephrase.rephrase_dataset(records, cfg, cache_dir=tmp_path, progress=False, scorer=_stub_scorer)
     assert first.summary.computed == 1
-    monkeypatch.setattr(rephrase, "load_engine", lambda *a, **k: pytest.fail("models loaded on a cached rerun"))
+    monkeypatch.setattr(rephrase.dataset, "load_engine", lambda *a, **k: pytest.fail("models loaded on a cached rerun"))
     second = rephrase.rephrase_dataset(records, cfg, cache_dir=tmp_path, progress=False, scorer=_stub_scorer)
     assert second.records == first.records and second.summary.cached == 1
+
+
+def test_cache_key_covers_the_models_an_injected_engine_holds(zoo, zoo_tmarco, zoo_engine, tiny_bart, tmp_path):
+    from detox_sft.compat import load_tmarco
+    from detox_sft.rephrase import BatchedEngine, models_fingerprint, rephrase_dataset
+
+    cfg, engine = zoo_engine  # holds the recipe's (the zoo's) models
+    # an engine loaded from the recipe's models keys like the recipe does before loading anything
+    assert engine.model_identity() == models_fingerprint(cfg)
+    tiny = load_tmarco(str(tiny_bart.bart_base), str(tiny_bart.expert), str(tiny_bart.anti_expert))
+    other = BatchedEngine.from_tmarco(tiny, cfg)  # the same recipe, other models
+    assert other.fingerprint() == engine.fingerprint() and other.model_identity() != engine.model_identity()
+
+    records = [{"text": "you stupid idiot, shut up"}, {"text": "what a damn stupid article"}, {"text": "thanks"}]
+    cache = tmp_path / "cache"
+    first = CountingEngine(engine)
+    rephrase_dataset(records, cfg, cache_dir=cache, engine=first, scorer=_stub_scorer, progress=False)
+    assert first.calls == 2
+    # the other models do not reuse the recipe models' outputs: computed, and cached under their own key
+    counted = CountingEngine(other)
+    second = rephrase_dataset(records, cfg, cache_dir=cache, engine=counted, scorer=_stub_scorer, progress=False)
+    assert counted.calls == 2 and (second.summary.cached, second.summary.computed) == (0, 2)
+    # the same engine again: everything from the cache, the same records
+    again = CountingEngine(other)
+    third = rephrase_dataset(records, cfg, cache_dir=cache, engine=again, scorer=_stub_scorer, progress=False)
+    assert again.calls == 0 and third.summary.cached == 2 and third.records == second.records
+
+
+def test_loaded_identity_of_a_model_built_in_memory_is_its_content():
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from detox_sft.rephrase.engines import _loaded_identity
+
+    sizes = dict(d_model=16, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=32, decoder_ffn_dim=32)
+    config = BartConfig(vocab_size=64, max_position_embeddings=32, **sizes)
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(config)  # nothing on disk says what it holds
+    before = _loaded_identity(model)
+    assert before == _loaded_identity(model) and before["ref"] == ""
+    torch.manual_seed(1)
+    assert _loaded_identity(BartForConditionalGeneration(config)) != before  # same config, other weights
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert _loaded_identity(model) != before
 
 
 BAD_INPUTS = {
@@ -300,11 +347,9 @@ def test_reference_engine_handles_bad_input_too(zoo_tmarco):
 
 
 def _cli(argv):
-    from detox_sft.rephrase import add_arguments, main
+    from detox_sft.cli import main
 
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return main(parser.parse_args(argv))
+    return main(["rephrase", *argv])
 
 
 def test_cli_malformed_jsonl_names_the_line_and_writes_nothing(tmp_path, capsys, zoo):
@@ -318,7 +363,7 @@ def test_cli_malformed_jsonl_names_the_line_and_writes_nothing(tmp_path, capsys,
 
 
 def test_cli_writes_every_record_in_order_atomically(zoo, tmp_path):
-    from detox_sft.rephrase import read_jsonl
+    from detox_sft.data import read_jsonl
 
     texts = _corpus_sentences(zoo, 30) + [""]
     src = tmp_path / "in.jsonl"
@@ -345,7 +390,7 @@ def test_cli_writes_every_record_in_order_atomically(zoo, tmp_path):
 
 
 def test_write_jsonl_atomic_leaves_old_file_on_failure(tmp_path):
-    from detox_sft.rephrase import write_jsonl_atomic
+    from detox_sft.data import write_jsonl_atomic
 
     path = tmp_path / "out.jsonl"
     write_jsonl_atomic([{"a": 1}], path)
@@ -360,8 +405,8 @@ def test_write_jsonl_atomic_leaves_old_file_on_failure(tmp_path):
 
 
 def test_detoxify_training_set_keeps_prompts_and_format(offline_recipe, zoo):
-    from detox_sft.data import load_train_dataset
-    from detox_sft.rephrase import detoxify_training_set, highlight_html, plot_toxicity_histogram, read_jsonl
+    from detox_sft.data import load_train_dataset, read_jsonl
+    from detox_sft.rephrase import detoxify_training_set, highlight_html, plot_toxicity_histogram
 
     offline_recipe.data.num_train_samples = 120
     train = load_train_dataset(offline_recipe.data, offline_recipe.seed)["train"]
@@ -406,7 +451,7 @@ def test_continuation_of_splits_the_rephrased_sample_at_the_prompt(rephrased, ex
 
 
 def test_highlight_marks_exactly_the_masked_words():
-    from detox_sft.rephrase import _highlight_masked
+    from detox_sft.rephrase.display import _highlight_masked
 
     out = _highlight_masked("you stupid idiot, go", "you<mask><mask>, go")
     assert out == 'you<mark style="background:#f8b4b4"> stupid idiot</mark>, go'
@@ -415,7 +460,7 @@ def test_highlight_marks_exactly_the_masked_words():
 def test_decoder_groups_cover_every_query_once_and_stop_at_the_last_needed_position():
     import torch
 
-    from detox_sft.rephrase import _decoder_groups
+    from detox_sft.rephrase.engines import _decoder_groups
 
     # 7 rows, one with two queries; positions spread so that groups differ in how far they decode
     q_row = torch.tensor([0, 1, 2, 3, 4, 5, 6, 2])
@@ -450,7 +495,7 @@ def test_decoder_groups_find_the_cheapest_split():
 
     import torch
 
-    from detox_sft.rephrase import _decoder_groups
+    from detox_sft.rephrase.engines import _decoder_groups
 
     rng = random.Random(0)
     for _ in range(20):
@@ -489,7 +534,7 @@ def test_engines_time_their_own_steps(zoo, zoo_tmarco):
 def test_cheapest_split_covers_rows_in_order_within_the_cap():
     import random
 
-    from detox_sft.rephrase import _cheapest_split
+    from detox_sft.rephrase.engines import _cheapest_split
 
     rng = random.Random(1)
     assert _cheapest_split([], 128, 100) == []
@@ -505,6 +550,16 @@ def test_cheapest_split_covers_rows_in_order_within_the_cap():
     assert _cheapest_split([5, 5, 7, 9], 10_000, 100) == [(0, 4)]
 
 
+def test_rephrase_dataset_refuses_a_datasetdict_and_names_its_splits():
+    from datasets import Dataset, DatasetDict
+
+    from detox_sft.rephrase import RephraseError, rephrase_dataset
+
+    splits = DatasetDict({"train": Dataset.from_dict({"text": ["you idiot"]})})
+    with pytest.raises(RephraseError, match=r"got a DatasetDict \(splits: \['train'\]\).*dataset\['train'\]"):
+        rephrase_dataset(splits, RephraseConfig(), scorer=_stub_scorer, progress=False)
+
+
 def test_detoxify_training_set_takes_a_datasetdicts_train_split(offline_recipe):
     from datasets import Dataset, DatasetDict
 
@@ -518,49 +573,83 @@ def test_detoxify_training_set_takes_a_datasetdicts_train_split(offline_recipe):
         detoxify_training_set(offline_recipe, splits, progress=False)
 
 
-def test_experts_side_by_side_on_cpu_give_the_same_bits_and_restore_threads(zoo, zoo_tmarco):
-    import numpy as np
+def test_rephrasing_never_changes_torchs_thread_count(tiny_bart):
+    # torch's thread count is process-wide: library code must not touch it while other threads may use torch
+    import inspect
+    import threading
+
     import torch
 
-    from detox_sft.rephrase import BatchedEngine
+    from detox_sft.compat import load_tmarco
+    from detox_sft.rephrase import BatchedEngine, dataset, engines
 
-    cfg, tmarco = zoo_tmarco
-    texts = _corpus_sentences(zoo, 60)
+    for module in (engines, dataset):
+        assert "set_num_threads" not in inspect.getsource(module), module.__name__
+    cfg = _cfg(tiny_bart, mask_threshold=1.02)
+    tmarco = load_tmarco(cfg.base_model, cfg.expert, cfg.anti_expert, expert_weights=list(cfg.expert_weights))
     engine = BatchedEngine.from_tmarco(tmarco, cfg)
-    assert engine.concurrent_models  # the CPU default
-    before = torch.get_num_threads()  # 1 in this module
-    torch.set_num_threads(2)  # the side-by-side path needs a thread per expert
-    try:
-        seen = []
-        real = engine._logits_at
+    before = torch.get_num_threads()
+    seen = []
+    real = engine._logits_at
 
-        def spy(model, rows, queries):
-            if model is not engine.base:  # the base model runs alone, on all threads
-                seen.append(torch.get_num_threads())  # each expert's share of the threads
-            return real(model, rows, queries)
+    def spy(model, rows, queries):
+        seen.append((threading.current_thread() is threading.main_thread(), torch.get_num_threads()))
+        return real(model, rows, queries)
 
-        engine._logits_at = spy
-        side_scores, _ = engine.score(texts)
-        side = engine.rephrase(texts)
-        assert seen and set(seen) == {1} and torch.get_num_threads() == 2  # ran side by side, threads restored
-        engine.concurrent_models = False
-        seen.clear()
-        one_scores, _ = engine.score(texts)
-        one = engine.rephrase(texts)
-        assert set(seen) == {2}
-        assert all(np.array_equal(a, b) for a, b in zip(side_scores, one_scores, strict=True))  # bit for bit
-        assert [(o.masked, o.rephrased) for o in side] == [(o.masked, o.rephrased) for o in one]
-        assert sum(o.changed for o in side) >= 10
+    engine._logits_at = spy
+    outs = engine.rephrase(["you are a stupid idiot and what lovely day", "the quick fox thinks"])
+    assert any(o.changed for o in outs) and seen
+    assert set(seen) == {(True, before)} and torch.get_num_threads() == before
 
-        # an expert that fails: the error comes through and torch's thread count is still restored
-        engine.concurrent_models = True
 
-        def broken(model, rows, queries):
-            raise RuntimeError("expert exploded")
+def _api_break(*args, **kwargs):
+    raise TypeError("score() got an unexpected keyword argument 'texts'")  # what a trustyai upgrade can do
 
-        engine._logits_at = broken
-        with pytest.raises(RuntimeError, match="expert exploded"):
-            engine.score(texts[:3])
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+
+def _exploding(*args, **kwargs):
+    raise RuntimeError("expert exploded")
+
+
+def test_an_engine_failure_fails_the_step_with_the_first_error(tiny_bart, tmp_path):
+    from detox_sft.compat import load_tmarco
+    from detox_sft.rephrase import BatchedEngine, ReferenceEngine, RephraseError, rephrase_dataset
+
+    cfg = _cfg(tiny_bart, mask_threshold=1.02)
+    tmarco = load_tmarco(cfg.base_model, cfg.expert, cfg.anti_expert, expert_weights=list(cfg.expert_weights))
+    records = [{"text": "you stupid idiot, shut up"}, {"text": "damn this hell"}, {"text": "thanks"}]
+    reference = ReferenceEngine(tmarco, cfg)
+    tmarco.score = _api_break  # this test's own TMaRCo
+    batched = BatchedEngine.from_tmarco(tmarco, cfg)
+    batched._logits_at = _exploding
+    for engine, cause in ((reference, TypeError), (batched, RuntimeError)):
+        with pytest.raises(RephraseError, match="keep_going") as caught:
+            rephrase_dataset(records, cfg, engine=engine, scorer=_stub_scorer, cache_dir=tmp_path, progress=False)
+        assert isinstance(caught.value.__cause__, cause), engine.name
+
+
+def test_keep_going_keeps_failed_texts_as_counted_error_rows_and_retries_them(tiny_bart, tmp_path):
+    from detox_sft.compat import load_tmarco
+    from detox_sft.rephrase import BatchedEngine, rephrase_dataset
+
+    cfg = _cfg(tiny_bart, mask_threshold=1.02, keep_going=True)
+    tmarco = load_tmarco(cfg.base_model, cfg.expert, cfg.anti_expert, expert_weights=list(cfg.expert_weights))
+    records = [{"text": "you stupid idiot, shut up"}, {"text": "damn this hell"}, {"text": "thanks"}]
+    broken = BatchedEngine.from_tmarco(tmarco, cfg)
+    real = broken._run
+
+    def fails_on_damn(texts):  # one sentence breaks the engine (and the whole batch it is in), the others do not
+        if any("damn" in t for t in texts):
+            _exploding()
+        return real(texts)
+
+    broken._run = fails_on_damn
+    with pytest.warns(UserWarning, match="1 of 2 gated text"):
+        result = rephrase_dataset(records, cfg, engine=broken, scorer=_stub_scorer, cache_dir=tmp_path, progress=False)
+    status = [r["rephrase_status"] for r in result.records]
+    assert status[1] == "error" and status[0] != "error" and status[2] == "below_gate"
+    assert "RuntimeError: expert exploded" in result.records[1]["rephrase_error"]
+    assert result.records[1]["rephrased_text"] == records[1]["text"] and result.summary.errors == 1
+    # the failed text was not cached: a rerun with a working engine computes it (and only it)
+    fixed = CountingEngine(BatchedEngine.from_tmarco(tmarco, cfg))
+    again = rephrase_dataset(records, cfg, engine=fixed, scorer=_stub_scorer, cache_dir=tmp_path, progress=False)
+    assert fixed.calls == 1 and again.summary.errors == 0 and again.summary.cached == 1

@@ -1,4 +1,4 @@
-"""The real caikit runtime on 127.0.0.1 (detox_sft.serving) queried by the real clients (detox_sft.clients).
+"""The real caikit runtime on 127.0.0.1 (detox_sft.dev.model_server) queried by the real clients (detox_sft.clients).
 
 One server per module (startup takes seconds). The end-to-end test at the bottom runs the whole serving path:
 export the offline model from an adapter, upload it to SeaweedFS, ``detox-sft serve --from-s3``, query HTTP and gRPC.
@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,8 +26,9 @@ from detox_sft.clients import (
     ServerUnavailable,
     StreamingNotSupported,
 )
-from detox_sft.local import free_port, port_in_use
-from detox_sft.serving import LocalModelServer, PortInUseError, ServingError
+from detox_sft.dev.model_server import LocalModelServer, PortInUseError, ServingError
+from detox_sft.dev.s3 import free_port, port_in_use
+from detox_sft.export import CHECK_PROMPT
 
 pytestmark = pytest.mark.service
 
@@ -84,18 +86,26 @@ def models_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(models_dir):
+def runtime(models_dir):
     with LocalModelServer(models_dir) as srv:
         yield srv
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
+def server(runtime):
+    """The module's runtime, started again should a test have killed it (same ports)."""
+    if runtime.process is None:
+        runtime.start()
+    return runtime
+
+
+@pytest.fixture
 def http(server):
     with CaikitHttpClient(server.http_url, timeout=60) as client:
         yield client
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def grpc_client(server):
     with CaikitGrpcClient(server.grpc_target, plaintext=True, timeout=60) as client:
         yield client
@@ -167,6 +177,14 @@ def test_input_longer_than_context_needs_truncation(kind, http, grpc_client):
     assert result.text
 
 
+def test_grpc_token_to_the_local_runtime_goes_over_local_credentials(server, grpc_client):
+    """A token to a loopback target rides gRPC's local channel credentials, which the caikit runtime accepts."""
+    with CaikitGrpcClient(server.grpc_target, token="local-test-token-123", timeout=60) as client:
+        assert client.plaintext  # a bare loopback target: plaintext, to this machine only
+        expected = grpc_client.generate_text(MODEL_ID, "hello world", max_new_tokens=4)
+        assert client.generate_text(MODEL_ID, "hello world", max_new_tokens=4) == expected
+
+
 def test_local_module_does_not_stream(http):
     with pytest.raises(StreamingNotSupported):
         list(http.generate_stream(MODEL_ID, "hello world", max_new_tokens=4))
@@ -215,7 +233,9 @@ def test_server_down_is_unavailable_after_bounded_retries(kind):
     with pytest.raises(ServerUnavailable, match="after 3 attempts"):
         client.generate(MODEL_ID, "hello")
     elapsed = time.monotonic() - start
-    assert 0.6 <= elapsed < 10  # waited 0.2 + 0.4 s between the three attempts, and gave up
+    # backed off between the three attempts, then gave up: urllib3 retries once at once, then after 2 x 0.2 s;
+    # gRPC's retryPolicy waits 0.2 s then 0.4 s, each jittered by +-20 %
+    assert {"http": 0.4, "grpc": 0.8 * 0.6}[kind] <= elapsed < 10
 
 
 def test_port_in_use_is_refused(server, models_dir):
@@ -229,6 +249,48 @@ def test_port_in_use_is_refused(server, models_dir):
         sock.listen()
         with pytest.raises(PortInUseError):
             LocalModelServer(models_dir, grpc_port=sock.getsockname()[1]).start()
+
+
+def test_server_killed_mid_request_is_a_typed_error_not_a_hang(server):
+    """SIGKILL while requests are in flight: each client raises ServerUnavailable at once, well within its timeout.
+
+    The server is stopped (SIGSTOP) first, so the kernel takes the requests but the runtime cannot answer them before
+    the kill: the requests are really in flight, whatever the machine's speed. It kills the module's shared runtime
+    (last in this file to use it; the ``server`` fixture restarts it for any test that comes later).
+    """
+    timeout = 30.0
+    results = {}
+    try:
+        http_client = CaikitHttpClient(server.http_url, timeout=timeout, retries=1, backoff=0.1)
+        grpc_c = CaikitGrpcClient(server.grpc_target, timeout=timeout, retries=1, backoff=0.1)
+        # warm: the gRPC channel is connected and its message types loaded, HTTP holds a keep-alive connection
+        warm = http_client.generate_text(MODEL_ID, "hello", max_new_tokens=2)
+        assert grpc_c.generate_text(MODEL_ID, "hello", max_new_tokens=2) == warm
+
+        def ask(name, client):
+            start = time.monotonic()
+            try:
+                results[name] = client.generate(MODEL_ID, "hello world", max_new_tokens=4)
+            except Exception as exc:  # the test checks its type below
+                results[name] = exc
+            results[name + "_seconds"] = time.monotonic() - start
+
+        os.killpg(server.process.pid, signal.SIGSTOP)
+        threads = [threading.Thread(target=ask, args=item) for item in (("http", http_client), ("grpc", grpc_c))]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)  # both requests sent, neither answered
+        assert not results
+        os.killpg(server.process.pid, signal.SIGKILL)
+        for thread in threads:
+            thread.join(timeout)
+    finally:
+        server.stop()  # reaps it (or stops it, should an assertion above fail)
+    for name, status in (("http", "disconnected"), ("grpc", "UNAVAILABLE")):
+        exc = results[name]
+        assert isinstance(exc, ServerUnavailable), (name, exc)
+        assert exc.status == status, (name, exc)  # the lost connection, not a timeout
+        assert results[name + "_seconds"] < 1.0 + 5.0 < timeout, (name, results)
 
 
 def test_empty_models_dir_says_what_to_do(tmp_path):
@@ -304,7 +366,7 @@ def test_end_to_end_export_upload_serve_from_s3_query(zoo, s3_server, offline_re
         assert (models_dir / model_id / "config.yml").is_file()  # downloaded as KServe's storage initializer does
         http = CaikitHttpClient(f"http://127.0.0.1:{http_port}")
         grpc_client = CaikitGrpcClient(f"127.0.0.1:{grpc_port}", plaintext=True)
-        prompt = "Prompt: The weather today is\nContinuation: "
+        prompt = CHECK_PROMPT  # what the export checked
         text = http.generate_text(model_id, prompt, max_new_tokens=8)
         assert text.strip()
         assert grpc_client.generate_text(model_id, prompt, max_new_tokens=8) == text

@@ -1,8 +1,9 @@
 """The deck renderer: slides/deck.md -> one self-contained HTML file + PDF, checked in headless Chromium.
 
-The run directory here is a small fake one (PNG figures drawn with matplotlib, a results.json in the evaluation's
-format, two JSONL training sets): that is enough to test the renderer, which never computes results itself.
-Chromium tests skip, saying so, where Debian's `chromium` package is not installed.
+Two kinds of run: a small fake one (PNG figures drawn with matplotlib, a results.json in the evaluation's format, two
+JSONL training sets), enough to test the renderer's rules and errors; and the real run `make demo` makes (the session's
+``demo_run``), on which the whole deck is rendered with the real BENCHMARKS.md and checked slide by slide in Chromium,
+as `make slides` does after `make demo`. Chromium tests skip, saying so, where Debian's `chromium` is not installed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from detox_sft import slides
+from detox_sft.dev import slides
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ["loss_curves.png", "toxicity_histogram.png", "eval_toxicity_distributions.png", "eval_metric_bars.png"]
@@ -112,23 +113,9 @@ def fake_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def benchmarks(tmp_path) -> Path:
-    path = tmp_path / "BENCHMARKS.md"
-    sections = {
-        "training": "| method | peak MB | s/step |\n|---|---|---|\n| qlora | 900 | 1.5 |",
-        "rephrase": "| engine | samples/s |\n|---|---|\n| batched | 40 |",
-        "generation": "| method | prompts/s |\n|---|---|\n| batched | 12 |",
-        "s3": "| method | MB/s |\n|---|---|\n| upload_dir | 300 |",
-    }
-    path.write_text(
-        "# Benchmarks\n\n"
-        + "".join(
-            f"## {name}\n\nMachine: test CPU (2 cores)\n\nA long explanation that stays off the slide.\n\n"
-            f"{table}\n\nReproduce: `.venv/bin/python benchmarks/{name}.py`\n\n"
-            for name, table in sections.items()
-        )
-    )
-    return path
+def benchmarks() -> Path:
+    """The real BENCHMARKS.md: the deck quotes figures from its tables, so it is rendered against what is recorded."""
+    return ROOT / "BENCHMARKS.md"
 
 
 @pytest.fixture(scope="module")
@@ -159,9 +146,13 @@ def test_renders_every_figure_and_number_from_the_run(fake_run, benchmarks, tmp_
     # the worked example is the sample the rephrase step changed
     assert "stupid idiot" in page and "silly person" in page and "you &lt;mask&gt; &lt;mask&gt;" in page
     assert "(toxicity 0.90)" in page and "(toxicity 0.20)" in page
-    # measurements are quoted from BENCHMARKS.md with their section
-    assert "s/step" in page and "BENCHMARKS.md § training" in page and "benchmarks/s3.py" in page
-    assert "A long explanation" not in page  # only tables, machine and command reach the slides
+    # measurements: single figures quoted from BENCHMARKS.md's tables, with their section; no benchmark table
+    section = slides._bench_section(benchmarks, "rephrase")
+    assert f"<strong>{slides._bench_figure(section, 'offline zoo', 'speedup', 'EPYC')}</strong>" in page
+    assert "BENCHMARKS.md § training" in page and "BENCHMARKS.md § s3" in page
+    assert "reference samples/s" not in page and "runs, batched (s)" not in page
+    # one idea per slide: at most one table on any slide
+    assert max(part.count("<table") for part in page.split('<section class="slide"')) <= 1
     assert deck.pending == []
     assert "PENDING" not in page
 
@@ -301,6 +292,7 @@ def test_reads_the_results_json_the_evaluation_writes(fake_run, benchmarks, tmp_
 
     from detox_sft import evaluation
     from detox_sft.config import EvaluationConfig
+    from detox_sft.evaluation import report
 
     rng = np.random.default_rng(0)
     models = list(evaluation.MODELS)
@@ -311,10 +303,87 @@ def test_reads_the_results_json_the_evaluation_writes(fake_run, benchmarks, tmp_
         generations={m: [[f"text {i} {j}" for j in range(3)] for i in range(12)] for m in models},
         scores={m: {"profanity-check": rng.random((12, 3))} for m in models},
     )
-    summary = evaluation._summarize(results, EvaluationConfig(scorers=["profanity-check"], num_samples=3), seed=1)
+    summary = report._summarize(results, EvaluationConfig(scorers=["profanity-check"], num_samples=3), seed=1)
     run = tmp_path / "run"
     shutil.copytree(fake_run, run)
     (run / "eval" / "results.json").write_text(json.dumps(summary))
     deck = slides.render_deck(ROOT / "slides", run_dir=run, out_dir=tmp_path / "build", benchmarks=benchmarks)
     detox_emt = summary["metrics"]["detox"]["toxicity"]["profanity-check"]["expected_max_toxicity"]
     assert f"{detox_emt['value']:.3f} [{detox_emt['low']:.3f}, {detox_emt['high']:.3f}]" in deck.html.read_text()
+
+
+SECTION = """
+Machine: AMD EPYC, 2 cores.
+
+| case | seconds | speedup |
+|---|---:|---:|
+| batched, padded | 1.5 | **8.0x** |
+| one at a time | 12.0 | 1.0x |
+
+GPU. Machine: NVIDIA H200.
+
+| case | seconds | speedup |
+|---|---:|---:|
+| batched, padded | 0.5 | **4.2x** |
+"""
+
+
+def test_a_benchmark_figure_is_one_cell_picked_by_row_column_and_context():
+    assert slides._bench_figure(SECTION, "batched", "speedup") == "8.0x"  # the first table that has it; no bold
+    assert slides._bench_figure(SECTION, "batched", "speedup", "H200") == "4.2x"  # the table after the GPU paragraph
+    assert slides._bench_figure(SECTION, "one at a time", "Seconds", "epyc") == "12.0"  # case is ignored
+    assert slides._bench_figure(SECTION, "one at a time", "speedup", "H200") is None
+    assert slides._bench_figure(SECTION, "batched", "tokens/s") is None
+
+
+def test_a_whole_benchmark_section_is_refused(fake_run, benchmarks, tmp_path):
+    deck_dir = tmp_path / "deck"
+    deck_dir.mkdir()
+    (deck_dir / "deck.md").write_text("# t\n\n{{bench:rephrase}}\n")
+    with pytest.raises(slides.SlidesError, match="quote one figure"):
+        slides.render_deck(deck_dir, run_dir=fake_run, out_dir=tmp_path / "build", benchmarks=benchmarks)
+
+
+def test_the_worked_example_fits_a_slide_whatever_the_sample(fake_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(fake_run, run)
+    long = " ".join(["word"] * 200)
+    rows = [{"prompt": long, "continuation": long + " idiot", "toxicity": 0.9}]
+    detox = [{**rows[0], "continuation": long, "original_continuation": rows[0]["continuation"], "rephrased": True}]
+    (run / "data" / "train_raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "data" / "train_detox.jsonl").write_text("".join(json.dumps(r) + "\n" for r in detox))
+    example = slides._rephrase_example(run)
+    assert all(len(line) < 220 for line in example.split("\n\n")) and "…" in example
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the real run: what `make slides` renders after `make demo`
+
+
+@pytest.mark.service
+@pytest.mark.timeout(2400)
+def test_make_slides_renders_the_demo_run_and_the_real_benchmarks_without_overflow(demo_run, tmp_path, chromium):
+    """The deck from the run the notebook tests made and the real BENCHMARKS.md: every placeholder filled, every
+    figure from that run, no slide overflowing, one PDF page per slide, each slide showing something."""
+    from PIL import Image, ImageStat
+
+    run_dir = demo_run / "run"
+    deck = slides.render_deck(
+        ROOT / "slides", run_dir=run_dir, out_dir=tmp_path / "build", benchmarks=ROOT / "BENCHMARKS.md", strict=True
+    )
+    assert deck.pending == [] and deck.run_dir == run_dir.resolve()
+    assert sorted(p.name for p in deck.figures) == sorted(FIGURES)
+    page = deck.html.read_text()
+    assert "profile <strong>offline</strong>" in page  # the demo's recipe.json sits beside the run
+    assert max(part.count("<table") for part in page.split('<section class="slide"')) <= 1
+    assert slides.check_deck(deck.html, chromium) == []
+    png = slides.screenshot_deck(deck.html, tmp_path / "deck.png", deck.num_slides, chromium)
+    image = Image.open(png).convert("L")
+    for i in range(deck.num_slides):
+        body = image.crop((0, i * slides.SLIDE_H + 60, slides.SLIDE_W, (i + 1) * slides.SLIDE_H - 40))
+        assert ImageStat.Stat(body).stddev[0] > 5, f"slide {i + 1} looks blank"
+    # `make slides` itself: render, check in Chromium, print the PDF
+    out = tmp_path / "cli"
+    assert slides.main([str(ROOT / "slides"), "--run-dir", str(run_dir), "--out", str(out), "--strict"]) == 0
+    data = (out / "deck.pdf").read_bytes()
+    assert len(re.findall(rb"/Type\s*/Page[^s]", data)) == deck.num_slides

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from detox_sft import cli, storage
-from detox_sft.local import LocalS3, free_port
+from detox_sft.dev.s3 import LocalS3, free_port
 from detox_sft.storage import (
     MARKER_NAME,
     BucketNotFoundError,
@@ -83,7 +83,7 @@ def test_settings_errors_name_the_variable_to_set():
         S3Settings(bucket=None).require_bucket()
 
 
-def test_local_checksums_follow_the_s3_multipart_rules(tmp_path):
+def test_local_checksums_are_the_full_object_crc32_and_the_multipart_etag(tmp_path):
     import base64
     import zlib
 
@@ -95,8 +95,8 @@ def test_local_checksums_follow_the_s3_multipart_rules(tmp_path):
     chunks = [data[i : i + part] for i in range(0, len(data), part)]
     md5s = b"".join(hashlib.md5(c).digest() for c in chunks)
     assert digest.etag == f"{hashlib.md5(md5s).hexdigest()}-3"
-    crcs = b"".join(zlib.crc32(c).to_bytes(4, "big") for c in chunks)
-    assert digest.crc32 == base64.b64encode(zlib.crc32(crcs).to_bytes(4, "big")).decode() + "-3"
+    # the CRC32 sent with the upload is the whole file's (FULL_OBJECT), whatever the part split
+    assert digest.crc32 == base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
     assert digest.sha256 == hashlib.sha256(data).hexdigest()
     assert storage._hash_file(path, len(data)).etag is None  # the MD5 only when asked: it is the slow part
     small = tmp_path / "s.bin"
@@ -150,19 +150,26 @@ def test_upload_verifies_everything_then_a_rerun_transfers_nothing(s3_server, tm
     expected = local_files(src)
     assert sorted(first.uploaded) == sorted(f"t-roundtrip/hf/{rel}" for rel in expected)
     assert first.bytes_uploaded == sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
-    assert first.verified == first.files == len(expected)
+    assert first.verified == first.files == len(expected) and first.skipped_unchanged == 0
     assert first.server_verified == len(expected)  # SeaweedFS keeps the CRC32s it validated (single and multipart)
 
     client = s3_server.client()
-    head = client.head_object(Bucket="detox-sft", Key="t-roundtrip/hf/model.safetensors")
+    head = client.head_object(Bucket="detox-sft", Key="t-roundtrip/hf/model.safetensors", ChecksumMode="ENABLED")
     assert head["ETag"].strip('"').endswith("-2")  # it did go multipart
     assert head["Metadata"]["sha256"] == expected["model.safetensors"]
+    # the server holds the whole file's CRC32 (it refuses the upload otherwise), not a CRC of part CRCs
+    assert head["ChecksumType"] == "FULL_OBJECT"
+    assert head["ChecksumCRC32"] == storage._hash_file(src / "model.safetensors", head["ContentLength"]).crc32
+    assert not client.list_objects_v2(Bucket="detox-sft", Prefix=f"t-roundtrip/hf/{storage.LOCK_NAME}").get("Contents")
     manifest = json.loads(client.get_object(Bucket="detox-sft", Key=f"t-roundtrip/hf/{MARKER_NAME}")["Body"].read())
     assert {f["path"]: f["sha256"] for f in manifest["files"]} == expected
 
     again = storage.upload_dir(src, "t-roundtrip/hf", settings=settings, progress=False)
     assert again.uploaded == [] and again.bytes_uploaded == 0
-    assert len(again.skipped) == len(expected) and again.verified == again.server_verified == len(expected)
+    # the rerun made no HEAD request: it checked nothing on the server, it trusted the listing + the last manifest
+    assert len(again.skipped) == again.skipped_unchanged == len(expected)
+    assert again.verified == again.server_verified == 0
+    assert f"0/{len(expected)} checked on the server" in str(again)
 
     dst = tmp_path / "downloaded"
     down = storage.download_prefix("t-roundtrip/hf", dst, settings=settings, progress=False)
@@ -180,7 +187,9 @@ def test_an_upload_aborts_the_unfinished_multipart_uploads_a_dead_run_left_under
     src = make_model_dir(tmp_path / "hf", big_mb=0)
     client = s3_server.client()
     left = {}
-    for key in ("t-orphan/hf/model.safetensors", "t-orphan/hf-old/model.safetensors"):  # ours, and a neighbour's
+    # ours; a neighbour's; one under a sub-prefix whose own upload holds its lock (a live writer, not ours)
+    client.put_object(Bucket="detox-sft", Key=f"t-orphan/hf/live/{storage.LOCK_NAME}.000000", Body=b"{}")
+    for key in ("t-orphan/hf/model.safetensors", "t-orphan/hf-old/model.safetensors", "t-orphan/hf/live/w.bin"):
         up = client.create_multipart_upload(Bucket="detox-sft", Key=key)
         client.upload_part(Bucket="detox-sft", Key=key, UploadId=up["UploadId"], PartNumber=1, Body=b"x" * 2**20)
         left[key] = up["UploadId"]
@@ -188,7 +197,8 @@ def test_an_upload_aborts_the_unfinished_multipart_uploads_a_dead_run_left_under
     report = storage.upload_dir(src, "t-orphan/hf", settings=s3_server.settings(), progress=False)
     assert report.aborted_uploads == ["t-orphan/hf/model.safetensors"]
     assert "1 unfinished earlier upload(s) aborted" in str(report)
-    assert not client.list_multipart_uploads(Bucket="detox-sft", Prefix="t-orphan/hf/").get("Uploads")
+    still_open = client.list_multipart_uploads(Bucket="detox-sft", Prefix="t-orphan/hf/").get("Uploads", [])
+    assert [u["UploadId"] for u in still_open] == [left["t-orphan/hf/live/w.bin"]]
     neighbour = client.list_multipart_uploads(Bucket="detox-sft", Prefix="t-orphan/hf-old/").get("Uploads", [])
     assert [u["UploadId"] for u in neighbour] == [left["t-orphan/hf-old/model.safetensors"]]  # not ours: untouched
     assert storage.upload_dir(src, "t-orphan/hf", settings=s3_server.settings(), progress=False).aborted_uploads == []
@@ -312,8 +322,10 @@ def test_s3_stopped_mid_upload_then_restarted_the_rerun_completes_and_nothing_lo
             assert time.monotonic() < deadline and thread.is_alive(), outcome
             time.sleep(0.1)
         stopped_at = time.monotonic()
-        server.stop(keep_data=True)
-        thread.join(timeout=60)
+        # the failed run says it could not delete its lock (the server is gone)
+        with pytest.warns(UserWarning, match="Could not delete the upload lock"):
+            server.stop(keep_data=True)
+            thread.join(timeout=60)
         print(f"upload failed {time.monotonic() - stopped_at:.1f} s after the stop began")
         assert not thread.is_alive()
         assert "report" not in outcome, "the upload claimed success although the server went away"
@@ -330,9 +342,12 @@ def test_s3_stopped_mid_upload_then_restarted_the_rerun_completes_and_nothing_lo
             storage.download_prefix(prefix, tmp_path / "too-early", settings=settings, progress=False)
 
         report = storage.upload_dir(src, prefix, settings=server.settings(), progress=False)
+        # the failed run could not delete its lock (no server): this process knows it is over and takes it back
+        assert report.lock_taken_over == "left by an earlier upload of this process that could not delete it"
         assert report.skipped, "the rerun should resume, not start over"
+        # no marker survived the failed run, so every object was checked on the server again
         assert len(report.uploaded) + len(report.skipped) == len(expected) == report.verified
-        assert report.server_verified == len(expected)
+        assert report.server_verified == len(expected) and report.skipped_unchanged == 0
         down = storage.download_prefix(prefix, tmp_path / "back", settings=server.settings(), progress=False)
         assert down.verified == len(expected) and local_files(tmp_path / "back") == expected
     finally:
@@ -356,3 +371,224 @@ def test_objects_without_a_crc32_are_checked_by_their_md5_etag(tmp_path):
         storage._check_object({**head, "ChecksumCRC32": "AAAAAA=="}, digest, "k", path, server_check=True)
     with pytest.raises(ChecksumMismatchError, match="SHA-256"):
         storage._check_object({**head, "Metadata": {}}, digest, "k", path, server_check=True)
+
+
+# ---------------------------------------------------------------------------------------- one writer per prefix
+def _lock_body(**fields) -> bytes:
+    return json.dumps({"tool": "detox-sft", "owner": "someone-else", **fields}).encode()
+
+
+@pytest.mark.service
+def test_of_three_concurrent_uploads_to_one_prefix_exactly_one_runs_and_the_others_are_refused(
+    s3_server, tmp_path, monkeypatch
+):
+    src = make_model_dir(tmp_path / "m", big_mb=0)
+    settings = s3_server.settings()
+    # whoever holds the lock waits at its first step until the others have tried: they overlap for certain
+    arrived, gate = [], threading.Event()
+    open_prefix = storage._Upload.open_prefix
+
+    def gated_open_prefix(self):
+        arrived.append(threading.current_thread().name)
+        gate.wait(60)
+        return open_prefix(self)
+
+    monkeypatch.setattr(storage._Upload, "open_prefix", gated_open_prefix)
+    start, outcome = threading.Barrier(3), {}
+
+    def writer():
+        start.wait()
+        try:
+            outcome[threading.current_thread().name] = storage.upload_dir(
+                src, "t-lock", settings=settings, progress=False
+            )
+        except StorageError as exc:
+            outcome[threading.current_thread().name] = exc
+
+    threads = [threading.Thread(target=writer, name=f"writer-{i}") for i in range(3)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while len(outcome) < 2 and len(arrived) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    gate.set()
+    for thread in threads:
+        thread.join(60)
+    refused = [v for v in outcome.values() if isinstance(v, storage.PrefixLockedError)]
+    done = [v for v in outcome.values() if isinstance(v, storage.UploadReport)]
+    assert len(arrived) == 1 and len(done) == 1 and len(refused) == 2, outcome
+    assert all("being uploaded by another run" in str(e) and "force_lock" in str(e) for e in refused)
+    assert done[0].verified == done[0].files
+    keys = [o.key for o in storage.list_prefix("t-lock", settings=settings)]
+    assert not [k for k in keys if storage.LOCK_NAME in k] and f"t-lock/{MARKER_NAME}" in keys  # released, complete
+    down = storage.download_prefix("t-lock", tmp_path / "back", settings=settings, progress=False)
+    assert down.verified == len(local_files(src))
+
+
+@pytest.mark.service
+def test_an_upload_whose_lock_was_taken_over_fails_before_writing_its_marker(s3_server, tmp_path, monkeypatch):
+    src = make_model_dir(tmp_path / "m", big_mb=0)
+    settings = s3_server.settings()
+    reached, other_done = threading.Event(), threading.Event()
+    verify = storage._Upload.verify_uploaded
+
+    def slow_verify(self):  # the first writer pauses after its transfers, as a stalled pod would
+        if threading.current_thread().name == "stalled":
+            reached.set()
+            other_done.wait(60)
+        return verify(self)
+
+    monkeypatch.setattr(storage._Upload, "verify_uploaded", slow_verify)
+    outcome = {}
+
+    def stalled():
+        try:
+            outcome["report"] = storage.upload_dir(src, "t-lost", settings=settings, progress=False)
+        except StorageError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=stalled, name="stalled")
+    thread.start()
+    assert reached.wait(60)
+    with pytest.raises(storage.PrefixLockedError, match="being uploaded by another run"):
+        storage.upload_dir(src, "t-lost", settings=settings, progress=False)
+    forced = storage.upload_dir(src, "t-lost", settings=settings, progress=False, force_lock=True)
+    assert "taken over with force_lock" in forced.lock_taken_over
+    marker = s3_server.client().head_object(Bucket="detox-sft", Key=f"t-lost/{MARKER_NAME}")
+    other_done.set()
+    thread.join(60)
+    assert isinstance(outcome.get("error"), storage.PrefixLockedError), outcome
+    assert "lost the upload lock" in str(outcome["error"]) and "marker was not written" in str(outcome["error"])
+    # the marker is the forced run's, untouched by the one that lost the lock
+    again = s3_server.client().head_object(Bucket="detox-sft", Key=f"t-lost/{MARKER_NAME}")
+    assert again["ETag"] == marker["ETag"] and again["LastModified"] == marker["LastModified"]
+
+
+@pytest.mark.service
+def test_a_lock_left_by_a_dead_run_is_taken_over_after_its_ttl_or_at_once_when_its_process_is_gone(s3_server, tmp_path):
+    import subprocess
+    import sys
+
+    src = make_model_dir(tmp_path / "m", big_mb=0)
+    settings, client = s3_server.settings(), s3_server.client()
+    key = f"t-stale/{storage.LOCK_NAME}.000000"
+
+    # a killed pod elsewhere: its lock counts until it has gone lock_ttl seconds without renewal (server clock)
+    client.put_object(Bucket="detox-sft", Key=key, Body=_lock_body(host="pod-elsewhere", pid=7, ttl=3600))
+    with pytest.raises(storage.PrefixLockedError, match=r"pid 7 on pod-elsewhere.*expires in \d+ s"):
+        storage.upload_dir(src, "t-stale", settings=settings, progress=False)
+    client.put_object(Bucket="detox-sft", Key=key, Body=_lock_body(host="pod-elsewhere", pid=7, ttl=1))
+    time.sleep(2.5)  # LastModified has one-second resolution
+    report = storage.upload_dir(src, "t-stale", settings=settings, progress=False)
+    assert report.lock_taken_over.startswith("pid 7 on pod-elsewhere, not renewed for")
+    assert "lock taken over" in str(report)
+
+    # a process of this machine that has exited: no need to wait
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    here = storage._process_identity()
+    client.put_object(Bucket="detox-sft", Key=key, Body=_lock_body(**{**here, "pid": gone.pid, "ttl": 3600}))
+    report = storage.upload_dir(src, "t-stale", settings=settings, progress=False)
+    assert report.lock_taken_over == f"pid {gone.pid} on {here['host']}, which has exited"
+    assert not [o.key for o in storage.list_prefix("t-stale", settings=settings) if storage.LOCK_NAME in o.key]
+
+
+# ------------------------------------------------------------------------------ damaged files, changed files, full disk
+@pytest.mark.service
+def test_a_file_changed_during_its_upload_is_refused_by_the_server(s3_server, tmp_path, monkeypatch):
+    src = make_model_dir(tmp_path / "m")
+    plan = storage._Upload.plan
+
+    def plan_then_rewrite(self, rel, path):
+        planned = plan(self, rel, path)  # hashed: the upload sends this SHA-256 and CRC32
+        if rel == "model.safetensors":
+            path.write_bytes(bytes(path.stat().st_size))  # same size, other bytes, before the transfer
+        return planned
+
+    monkeypatch.setattr(storage._Upload, "plan", plan_then_rewrite)
+    with pytest.raises(ChecksumMismatchError, match="changed during the upload"):
+        storage.upload_dir(src, "t-changed", settings=s3_server.settings(), progress=False)
+    keys = [o.key for o in storage.list_prefix("t-changed", settings=s3_server.settings())]
+    assert "t-changed/model.safetensors" not in keys and f"t-changed/{MARKER_NAME}" not in keys
+
+
+@pytest.mark.service
+def test_a_damaged_marker_is_not_trusted_the_rerun_checks_everything_and_rewrites_it(s3_server, tmp_path):
+    src = make_model_dir(tmp_path / "m", big_mb=0)
+    settings, client = s3_server.settings(), s3_server.client()
+    storage.upload_dir(src, "t-damaged", settings=settings, progress=False)
+    marker = f"t-damaged/{MARKER_NAME}"
+    good = client.get_object(Bucket="detox-sft", Key=marker)["Body"].read()
+    client.put_object(Bucket="detox-sft", Key=marker, Body=good[: len(good) // 2])  # a truncated marker
+
+    with pytest.raises(IncompleteUploadError, match="damaged.*rerun `detox-sft upload`"):
+        storage.download_prefix("t-damaged", tmp_path / "x", settings=settings, progress=False)
+    with pytest.warns(UserWarning, match="damaged.*checked again"):
+        again = storage.upload_dir(src, "t-damaged", settings=settings, progress=False)
+    assert again.uploaded == [] and again.skipped_unchanged == 0 and again.verified == again.files
+    assert json.loads(client.get_object(Bucket="detox-sft", Key=marker)["Body"].read())["files"]
+    down = storage.download_prefix("t-damaged", tmp_path / "y", settings=settings, progress=False)
+    assert down.complete and local_files(tmp_path / "y") == local_files(src)
+
+
+def test_a_damaged_checksum_cache_is_ignored_with_a_warning_and_rewritten_whole(tmp_path):
+    root = make_model_dir(tmp_path / "m", big_mb=0)
+    cache = storage._HashCache(root)
+    digest = cache.digest(root / "file1.json", "file1.json")
+    cache.save()
+    text = cache.path.read_text()
+    # truncated, not a mapping: the file is ignored with a warning; a malformed entry: that entry is recomputed
+    for damaged, warns in ((text[: len(text) // 2], True), ("[1, 2]", True), ('{"file1.json": 5}', False)):
+        cache.path.write_text(damaged)
+        if warns:
+            with pytest.warns(UserWarning, match="checksum cache .* is damaged"):
+                again = storage._HashCache(root)
+        else:
+            again = storage._HashCache(root)
+        assert again.digest(root / "file1.json", "file1.json") == digest
+        again.save()
+        assert json.loads(cache.path.read_text())["file1.json"][4] == digest.sha256
+    assert [p.name for p in cache.path.parent.iterdir()] == [cache.path.name]  # no temporary file left
+
+
+@pytest.mark.service
+def test_a_download_that_runs_out_of_room_fails_with_a_typed_error_keeps_nothing_partial_and_a_rerun_completes(
+    s3_server, tmp_path
+):
+    import subprocess
+    import sys
+    import textwrap
+
+    src = make_model_dir(tmp_path / "m", big_mb=2)  # a 2 MiB weight file; the limit below is 1 MiB
+    settings = s3_server.settings()
+    storage.upload_dir(src, "t-full", settings=settings, progress=False)
+    dst = tmp_path / "dst"
+    script = textwrap.dedent(
+        """
+        import json, resource, signal, sys
+        from detox_sft import storage
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails (EFBIG), as ENOSPC would
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+        try:
+            storage.download_prefix("t-full", sys.argv[1], progress=False)
+        except storage.StorageError as exc:
+            print(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
+        else:
+            print(json.dumps({"error": None}))
+        """
+    )
+    env = {**os.environ, **s3_server.env(), "PYTHONDONTWRITEBYTECODE": "1"}
+    run = subprocess.run([sys.executable, "-c", script, str(dst)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["error"] == "DiskFullError", (result, run.stderr[-2000:])
+    assert "model.safetensors" in result["message"] and "file-size limit" in result["message"]
+    assert "rerun" in result["message"]
+    expected, present = local_files(src), local_files(dst)
+    assert "model.safetensors" not in present  # nothing partial is left under a real name...
+    assert all(expected.get(rel) == sha for rel, sha in present.items())  # ...what is there is complete
+    assert not [p.name for p in dst.rglob("*") if p.name.startswith(".")]  # and no temporary file stayed
+
+    report = storage.download_prefix("t-full", dst, settings=settings, progress=False)
+    assert "model.safetensors" in report.downloaded and sorted(report.downloaded + report.skipped) == sorted(expected)
+    assert local_files(dst) == expected

@@ -122,3 +122,146 @@ def test_measurement_default_is_the_hub_classifier_and_says_so_offline():
     measure = toxicity.load_measurement()
     with pytest.raises(toxicity.ScorerError, match="roberta-hate-speech-dynabench-r4-target"):
         measure.compute(predictions=[CLEAN])
+
+
+# --- the classifier scorer is a transformers pipeline; the hand-computed softmax stays as the reference ------------
+
+
+def _hand_probabilities(path, texts, label="hate"):
+    """P(label) the way the scorer computed it before it used a pipeline: tokenize, forward, softmax."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    index = {v.lower(): int(k) for k, v in model.config.id2label.items()}[label]
+    enc = tok(texts, padding=True, truncation=True, max_length=512, return_tensors="pt")
+    with torch.inference_mode():
+        return model(**enc).logits.float().softmax(-1)[:, index].numpy()
+
+
+def test_classifier_scorer_is_the_pipeline_and_equals_the_hand_softmax(classifier_dir):
+    from transformers import TextClassificationPipeline
+
+    scorer = toxicity.load_scorer(str(classifier_dir), device="cpu", batch_size=3)
+    assert isinstance(scorer._pipeline, TextClassificationPipeline)
+    texts = [TOXIC, CLEAN, "", "a", CLEAN + " " + TOXIC, TOXIC]
+    np.testing.assert_allclose(scorer(texts), _hand_probabilities(classifier_dir, texts), rtol=0, atol=1e-5)
+    assert scorer([]).shape == (0,)
+
+
+# --- the offline judges: the zoo's lexicon (exact in the synthetic world) and HateSonar ------------------------------
+
+
+@pytest.fixture(scope="module")
+def lexicon_file(tmp_path_factory):
+    """The lexicon as the zoo writes it (the same function), without building the zoo."""
+    import json
+
+    from detox_sft.zoo import corpus
+
+    path = tmp_path_factory.mktemp("lexicon") / "lexicon.json"
+    path.write_text(json.dumps({"toxic_words": corpus.toxic_lexicon()}))
+    return path
+
+
+def test_lexicon_scorer_is_exact_on_the_corpus_sentences(lexicon_file):
+    from detox_sft.zoo import corpus
+
+    scorer = toxicity.load_scorer(str(lexicon_file))
+    assert isinstance(scorer, toxicity.LexiconScorer) and scorer.name == str(lexicon_file)
+    fillers = [w for words in corpus.TOXIC_WORDS.values() for w in words]
+    benign = [w for words in corpus.BENIGN_WORDS.values() for w in words]
+    assert scorer(fillers).all() and not scorer(benign).any()  # every toxic filler holds a lexicon word
+    for seed, n in ((0, 3000), (1234, 2000)):  # 1234: the zoo's own seed
+        sentences = corpus.generate_sentences(n, seed)
+        toxic = np.array([s.toxic_prompt or s.toxic_continuation for s in sentences])
+        assert 0.3 < toxic.mean() < 0.7  # both kinds, many of each
+        # every toxic sentence scores 1, every benign one 0; the same for continuations and prompts alone
+        np.testing.assert_array_equal(scorer([s.text for s in sentences]), toxic.astype(float))
+        np.testing.assert_array_equal(
+            scorer([s.continuation for s in sentences]), [s.toxic_continuation for s in sentences]
+        )
+        np.testing.assert_array_equal(scorer([s.prompt for s in sentences]), [s.toxic_prompt for s in sentences])
+    assert set(np.unique(scorer([s.text for s in corpus.generate_sentences(50, 9)]))) <= {0.0, 1.0}
+
+
+def test_lexicon_scorer_matches_whole_words_in_any_case(lexicon_file):
+    scorer = toxicity.load_scorer(str(lexicon_file))
+    hits = ["IDIOT!", "you idiot.", "Dumbass, stop", "what the hell", "Holy shit, no", "a jerk's move", "it stinks"]
+    misses = ["idiots", "foolish", "hello", "the shell", "dumbassery", "crappy", "", "what the", "would like this"]
+    np.testing.assert_array_equal(scorer(hits + misses), [1.0] * len(hits) + [0.0] * len(misses))
+    with pytest.raises(TypeError, match="list of texts"):
+        scorer("idiot")
+
+
+def test_lexicon_scorer_refuses_a_bad_file(tmp_path):
+    with pytest.raises(toxicity.ScorerError, match="cannot read the lexicon"):
+        toxicity.LexiconScorer(path=str(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text('{"words": ["x"]}')
+    with pytest.raises(toxicity.ScorerError, match="toxic_words"):
+        toxicity.load_scorer(str(tmp_path / "bad.json"))
+
+
+def test_zoo_lexicon_resolves_to_the_generator_lexicon(zoo):
+    import json
+
+    from detox_sft.zoo import corpus
+
+    scorer = toxicity.load_scorer(toxicity.LEXICON_SCORER)
+    assert scorer.name == "zoo:lexicon" and scorer.words == tuple(corpus.toxic_lexicon())
+    assert json.loads(zoo.lexicon.read_text()) == {"toxic_words": corpus.toxic_lexicon()}
+
+
+def test_hatesonar_scores_a_list_in_order_offline():
+    scorer = toxicity.load_scorer(toxicity.HATESONAR_SCORER)
+    scores = scorer([CLEAN, TOXIC, "", CLEAN])
+    assert scores.shape == (4,) and scores.dtype == np.float64
+    assert ((scores >= 0) & (scores <= 1)).all()
+    assert scores[1] > 0.9 and scores[0] < 0.5 and scores[0] == scores[3]
+    assert scorer([]).shape == (0,)
+    with pytest.raises(TypeError, match="list of texts"):
+        scorer(TOXIC)
+    measure = toxicity.load_measurement("hatesonar")
+    np.testing.assert_allclose(measure.compute(predictions=[CLEAN, TOXIC])["toxicity"], scores[:2])
+
+
+def test_hatesonar_missing_names_the_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(toxicity.ScorerError, match="pip install hatesonar"):
+        toxicity.load_scorer("hatesonar")
+
+
+# --- independence: the headline judge never gated the data, never built or chose the corpus ----------------------
+
+
+def _corpus_scorer(dataset: str) -> str | None:
+    """Who computed a dataset's toxicity metadata: Perspective API for RTP; for the zoo its CORPUS_SCORER, which also
+    chose the toxic slot words."""
+    from detox_sft.zoo import corpus
+
+    if dataset.startswith("zoo:"):
+        return corpus.CORPUS_SCORER
+    return {"allenai/real-toxicity-prompts": "perspective-api"}.get(dataset)
+
+
+@pytest.mark.parametrize("name", ["offline", "tutorial"])
+def test_headline_scorer_is_neither_the_gate_nor_the_corpus_builder(name):
+    from detox_sft.config import load_recipe, recipe_names
+
+    assert name in recipe_names()
+    recipe = load_recipe(name)
+    headline = recipe.evaluation.scorers[0]
+    assert headline != recipe.rephrase.scorer, "the gate scorer would judge its own rewrites"
+    builders = {_corpus_scorer(recipe.data.train_dataset), _corpus_scorer(recipe.data.eval_dataset)}
+    assert headline not in builders, f"{headline} built or chose the corpus"
+    assert recipe.rephrase.scorer in recipe.evaluation.scorers[1:]  # the gate's own view is still reported
+    assert len(set(recipe.evaluation.scorers)) == len(recipe.evaluation.scorers)
+
+
+def test_the_zoo_corpus_toxicity_is_the_corpus_scorer():
+    from detox_sft.zoo import corpus
+
+    records = corpus.make_rtp_records(40, seed=5)
+    scores = toxicity.load_scorer(corpus.CORPUS_SCORER)([r["continuation"]["text"] for r in records])
+    np.testing.assert_allclose([r["continuation"]["toxicity"] for r in records], scores, atol=1e-6)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 
 import pytest
 
+from detox_sft import cli, devices
 from detox_sft import training as T
 from detox_sft.config import load_recipe
+from detox_sft.prompts import generation_prompt
 
 OPT_NAMES = [
     f"model.decoder.layers.0.{n}"
@@ -43,7 +44,8 @@ def test_quantization_config_nf4_double_quant():
 def test_quantization_config_gpu_computes_in_bf16(monkeypatch):
     import torch
 
-    monkeypatch.setattr(T, "_gpu_dtype", lambda: torch.bfloat16)
+    monkeypatch.setattr(devices, "gpu_dtype", lambda: torch.bfloat16)
+    monkeypatch.setattr(T, "gpu_dtype", lambda: torch.bfloat16)
     q = T.get_quantization_config(load_recipe("tutorial").training, "cuda")
     assert q.bnb_4bit_compute_dtype == torch.bfloat16
 
@@ -87,10 +89,14 @@ def test_sft_config_cpu(tmp_path):
 def test_sft_config_gpu_kwargs(monkeypatch, tmp_path):
     import torch
 
-    monkeypatch.setattr(T, "_gpu_dtype", lambda: torch.bfloat16)
-    kw = T.sft_config_kwargs(load_recipe("tutorial").training, tmp_path, 42, "cuda")
+    monkeypatch.setattr(devices, "gpu_dtype", lambda: torch.bfloat16)
+    monkeypatch.setattr(T, "gpu_dtype", lambda: torch.bfloat16)
+    cfg = load_recipe("tutorial").training
+    kw = T.sft_config_kwargs(cfg, tmp_path, 42, "cuda")
     assert kw["bf16"] and not kw["fp16"] and not kw["use_cpu"]
-    assert kw["model_init_kwargs"] == {"dtype": "bfloat16"} and kw["max_length"] == 256
+    # the tutorial pins opt-350m: SFTTrainer loads the base at that commit
+    assert kw["model_init_kwargs"] == {"dtype": "bfloat16", "revision": cfg.base_model_revision}
+    assert kw["max_length"] == 256
 
 
 def test_sft_config_unknown_key_is_named(tmp_path):
@@ -104,14 +110,14 @@ def test_prompt_completion_split_is_a_token_prefix(zoo):
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from detox_sft.data import format_sample
+    from detox_sft.prompts import format_sample
 
     text = format_sample("you are such a", "nice person today")
     pc = T.to_prompt_completion(Dataset.from_dict({"text": [text], "toxicity": [0.1]}))
     row = pc[0]
     assert set(pc.column_names) == {"prompt", "completion"}
     assert row["prompt"] + row["completion"] == text
-    assert row["prompt"] == T.generation_prompt("you are such a")
+    assert row["prompt"] == generation_prompt("you are such a")
     tok = AutoTokenizer.from_pretrained(str(zoo.opt))
     ids_prompt, ids_full = tok(row["prompt"])["input_ids"], tok(text)["input_ids"]
     assert ids_full[: len(ids_prompt)] == ids_prompt  # TRL's completion mask starts exactly after the prompt
@@ -124,7 +130,7 @@ def test_prompt_completion_split_is_a_token_prefix(zoo):
 def tiny_ds():
     from datasets import Dataset, DatasetDict
 
-    from detox_sft.data import format_sample
+    from detox_sft.prompts import format_sample
 
     rows = [format_sample(f"prompt {i}", f"continuation {i}") for i in range(8)]
     return DatasetDict(train=Dataset.from_dict({"text": rows}), test=Dataset.from_dict({"text": rows[:2]}))
@@ -164,8 +170,8 @@ def test_4bit_where_bitsandbytes_cannot_run(offline_recipe, tiny_ds, zoo, monkey
 
 
 def test_missing_detox_set_says_run_rephrase(offline_recipe, capsys):
-    args = argparse.Namespace(recipe="offline", arm="detox", run_dir=str(offline_recipe.run_path), overwrite=False)
-    assert T.main(args) == 2
+    argv = ["train", "--recipe", "offline", "--arm", "detox", "--run-dir", str(offline_recipe.run_path)]
+    assert cli.main(argv) == 2
     assert "detox-sft rephrase" in capsys.readouterr().err
 
 
@@ -180,7 +186,8 @@ def test_missing_adapter_says_train_first(tmp_path):
 @pytest.fixture(scope="module")
 def trained(zoo, tmp_path_factory):
     """Both arms trained on the offline recipe (32 samples, 4 steps each), detox data as the rephrase step writes it."""
-    from detox_sft.data import format_sample, load_train_dataset
+    from detox_sft.data import load_train_dataset
+    from detox_sft.prompts import format_sample
 
     run_dir = tmp_path_factory.mktemp("run")
     recipe = _small(load_recipe("offline", run_dir=str(run_dir)))
@@ -236,7 +243,7 @@ def test_adapters_load_back_and_generate(trained):
         model, tok = T.load_adapter_model(recipe.run_path, arm, "cpu")
         lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
         assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained: B starts at zero
-        enc = tok([T.generation_prompt("you are such a")], return_tensors="pt")
+        enc = tok([generation_prompt("you are such a")], return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
         assert out.shape[1] > enc["input_ids"].shape[1]
@@ -256,8 +263,7 @@ def test_finished_arm_is_not_retrained(trained, tmp_path, capsys):
     import yaml
 
     path.write_text(yaml.safe_dump(recipe.to_dict()))
-    args = argparse.Namespace(recipe=str(path), arm="both", run_dir=str(recipe.run_path), overwrite=False)
-    assert T.main(args) == 0
+    assert cli.main(["train", "--recipe", str(path), "--arm", "both", "--run-dir", str(recipe.run_path)]) == 0
     out = capsys.readouterr().out
     assert out.count("already trained") == 2 and "| raw | CPU QLoRA |" in out
     assert json.loads((recipe.run_path / "adapters" / "raw" / "metrics.json").read_text()) == results["raw"].metrics
@@ -289,3 +295,49 @@ def test_interrupted_run_resumes_from_last_checkpoint(offline_recipe, zoo):
     assert m["resumed_from"] == "checkpoint-2" and m["global_step"] == 4
     assert [p["step"] for p in m["loss_curve"]["train"]] == [1, 2, 3, 4]
     assert (out / "adapter_model.safetensors").is_file() and not (out / "checkpoints").exists()
+
+
+def test_whole_run_train_loss_adds_back_the_steps_before_the_checkpoint():
+    log = [{"loss": 4.0, "step": 1}, {"loss": 3.0, "step": 3}, {"eval_loss": 2.9, "step": 3}, {"loss": 2.0, "step": 4}]
+    # resumed at step 3 (after the step-3 log), 1 more step with session mean 2.0: (4*1 + 3*2 + 2*1) / 4
+    assert T._whole_run_train_loss(2.0, log, start_step=3, end_step=4) == pytest.approx(3.0)
+    assert T._whole_run_train_loss(2.5, log, start_step=0, end_step=4) == 2.5  # not resumed: the Trainer's
+    assert T._whole_run_train_loss(None, log, start_step=3, end_step=4) is None
+
+
+def test_damaged_checkpoint_and_marker_are_redone_with_a_warning(offline_recipe, zoo):
+    import shutil
+
+    from transformers import TrainerCallback
+
+    from detox_sft.data import load_train_dataset
+
+    recipe = _small(offline_recipe, samples=20, max_steps=4, save_steps=2)
+    ds = load_train_dataset(recipe.data, recipe.seed)
+    out = recipe.run_path / "adapters" / "raw"
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        T.train_arm(recipe, "raw", ds, callbacks=[Interrupt()])
+    # a kill while the Trainer wrote checkpoint-3: its files in place, trainer_state.json (written last) missing
+    shutil.copytree(out / "checkpoints" / "checkpoint-2", out / "checkpoints" / "checkpoint-3")
+    (out / "checkpoints" / "checkpoint-3" / "trainer_state.json").unlink()
+    with pytest.warns(UserWarning, match="checkpoint-3 is incomplete"):
+        first = T.train_arm(recipe, "raw", ds)
+    assert first.metrics["resumed_from"] == "checkpoint-2" and first.metrics["global_step"] == 4
+    assert math.isfinite(first.metrics["train_loss"])
+
+    # a truncated metrics.json (the "already trained" marker) means not trained: retrained, not a crash
+    marker = out / "metrics.json"
+    marker.write_text(marker.read_text()[:40])
+    with pytest.warns(UserWarning, match="metrics.json is unreadable"):
+        again = T.train_arm(recipe, "raw", ds)
+    assert not again.skipped and again.metrics["global_step"] == 4 and again.metrics["resumed_from"] is None
+    assert json.loads(marker.read_text())["global_step"] == 4
+    # the retrained arm is the same training: same data, seed and steps
+    assert again.metrics["final_eval_loss"] == pytest.approx(first.metrics["final_eval_loss"], abs=1e-3)
+    assert T.train_arm(recipe, "raw", ds).skipped  # and now it is finished

@@ -1,87 +1,648 @@
-"""The `detox-sft` command: one subcommand per pipeline step.
+"""The `detox-sft` command: one subcommand per pipeline step, each a small function over the step's Python API.
 
-Each step's module defines ``add_arguments(parser)`` and ``main(args) -> int``; this file only wires them, so a
-module owns its own flags. A step whose module is not there yet says so and exits non-zero.
+The steps that run on a recipe (rephrase, train, evaluate, export) take every recipe field as a flag, generated from
+the recipe's dataclasses (:func:`detox_sft.config.recipe_fields`: the type from the annotation, the help from the
+field's docstring entry), and any trl.SFTConfig / peft.LoraConfig field under ``--training.sft.`` /
+``--training.lora.``::
+
+    detox-sft train --recipe offline --training.sft.learning_rate 1e-4 --training.lora.r 8 --seed 3
+    detox-sft evaluate --recipe offline --evaluation.num_samples 2 --run-dir runs/x
+
+The values are read by the field's type and checked when the recipe loads, as the YAML's are; a bad key names the
+closest field. Exit codes: 0 done; 1 a step failed; 2 a bad command line, recipe or input file; 130 interrupted.
+The package's errors reach the user as their message, which says what to do, never as a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import contextlib
+import signal
 import sys
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
-__all__ = ["SUBCOMMANDS", "build_parser", "main"]
+from detox_sft.clients import (
+    CaikitHttpClient,
+    GenerationParams,
+    InsecureTokenError,
+    ModelServerError,
+    connect,
+    read_token,
+)
+from detox_sft.config import (
+    ARMS,
+    ExportConfig,
+    Recipe,
+    RecipeError,
+    ServingConfig,
+    StorageConfig,
+    load_recipe,
+    recipe_fields,
+)
+from detox_sft.data import DataError, load_train_dataset, read_records, write_jsonl_atomic
+from detox_sft.dev.demo import run_demo
+from detox_sft.dev.model_server import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, LocalModelServer, ServingError
+from detox_sft.evaluation import MODELS, EvaluationError, evaluate_models, summary_markdown
+from detox_sft.export import ExportError, export_model
+from detox_sft.rephrase import RephraseError, detoxify_training_set, rephrase_dataset
+from detox_sft.storage import (
+    DEFAULT_PREFIX,
+    S3Settings,
+    StorageError,
+    download_prefix,
+    upload_dir,
+    upload_export,
+    upload_prefix,
+)
+from detox_sft.toxicity import ScorerError
+from detox_sft.training import TrainingError, is_main_process, load_arm_datasets, plot_loss_curves, train_arms
 
-# subcommand -> (module that implements it, one-line help)
-SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "rephrase": ("detox_sft.rephrase", "detoxify a JSONL file with TrustyAI TMaRCo (gated, batched, resumable)"),
-    "train": ("detox_sft.training", "QLoRA-tune the base model on the raw and/or the detoxified data"),
-    "evaluate": ("detox_sft.evaluation", "generate on toxic prompts; toxicity with 95%% intervals"),
-    "export": ("detox_sft.export", "merge the detox adapter; write the Hugging Face and the Caikit directories"),
-    "upload": ("detox_sft.storage", "upload a directory to S3 (the data connection), checksummed and resumable"),
-    "download": ("detox_sft.storage", "download an S3 prefix to a directory"),
-    "serve": ("detox_sft.serving", "run the caikit runtime on 127.0.0.1 with a model directory (or from S3)"),
-    "query": ("detox_sft.clients", "query a served model over HTTP (caikit or vLLM) or gRPC"),
-    "demo": ("detox_sft.demo", "run the four notebooks end to end on a recipe, with local S3 and model server"),
+__all__ = ["SUBCOMMANDS", "INPUT_ERRORS", "STEP_ERRORS", "build_parser", "add_recipe_arguments", "main"]
+
+# The package's typed errors; their messages name the fix. A bad recipe, flag or input file exits 2, a failed step 1.
+INPUT_ERRORS: tuple[type[Exception], ...] = (RecipeError, DataError, RephraseError, TrainingError)
+STEP_ERRORS: tuple[type[Exception], ...] = (
+    ScorerError,
+    EvaluationError,
+    ExportError,
+    StorageError,
+    ServingError,
+    ModelServerError,
+    InsecureTokenError,
+)
+# The zoo is reached through refs.resolve_ref only (an import-linter contract), so its ZooError is known by its module.
+_ZOO_MODULE = "detox_sft.zoo"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Recipe fields as flags
+# --------------------------------------------------------------------------------------------------------------------
+
+_DEST = "recipe:"  # the generated flags' dest prefix, keeping them apart from a step's own arguments
+_METAVARS = {bool: "BOOL", int: "INT", float: "FLOAT", str: "TEXT", type(None): "null"}
+
+
+def _metavar(annotation: Any) -> str:
+    """What a flag takes, from its field's annotation: ``INT``, ``TEXT|null``, ``LIST``."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    return "|".join(_METAVARS.get(option, "LIST") for option in options)
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser, aliases: Mapping[str, str]) -> None:
+    """``--recipe`` and one flag per recipe field (``--seed``, ``--evaluation.num_samples``), from the dataclasses.
+
+    Args:
+        parser: the subcommand's parser.
+        aliases: shortcut flags for fields (``{"--run-dir": "run_dir"}``).
+    """
+    parser.add_argument("--recipe", default="offline", help="recipe name (offline, tutorial) or YAML path")
+    group = parser.add_argument_group(
+        "recipe fields",
+        "override the recipe's values (read by the field's type, checked as the YAML's are). Also "
+        "--training.sft.FIELD VALUE and --training.lora.FIELD VALUE for any field of trl.SFTConfig and "
+        "peft.LoraConfig, e.g. --training.sft.learning_rate 1e-4 --training.lora.r 8.",
+    )
+    for name, recipe_field in recipe_fields().items():
+        flags = [f"--{name}", *(alias for alias, target in aliases.items() if target == name)]
+        group.add_argument(
+            *flags,
+            dest=_DEST + name,
+            default=argparse.SUPPRESS,
+            metavar=_metavar(recipe_field.annotation),
+            help=recipe_field.help.replace("%", "%%"),  # argparse %-formats help
+        )
+
+
+def _recipe_overrides(args: argparse.Namespace, extras: Sequence[str]) -> dict[str, str]:
+    """The recipe fields given on the command line (dotted name -> text), with the flags argparse did not know
+    (``--training.sft.learning_rate 1e-4``, a misspelt field): :func:`load_recipe` checks those."""
+    overrides = {dest.removeprefix(_DEST): value for dest, value in vars(args).items() if dest.startswith(_DEST)}
+    tokens = iter(extras)
+    for token in tokens:
+        flag, has_value, value = token.partition("=")
+        if not flag.startswith("--"):
+            raise RecipeError(f"{token}: unexpected argument. Fix: give recipe fields as --FIELD VALUE (see --help).")
+        if not has_value:
+            value = next(tokens, None)
+            if value is None:
+                raise RecipeError(f"{flag}: no value. Fix: give one, as in {flag} VALUE.")
+        overrides[flag[2:]] = value
+    return overrides
+
+
+def _recipe(args: argparse.Namespace) -> Recipe:
+    return load_recipe(args.recipe, dotted=args.recipe_overrides)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The subcommands
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _add_rephrase(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input",
+        default=None,
+        help="input JSONL (one object per line) or Parquet file, local or s3://bucket/key; omitted: the recipe's "
+        "training set (its data section, column mapping included), written to <run>/data/train_raw.jsonl and "
+        "train_detox.jsonl for `detox-sft train`",
+    )
+    parser.add_argument("--output", default=None, help="output JSONL file (written atomically); with --input")
+    parser.add_argument("--field", default="text", help="the text field to detoxify (default: text)")
+    parser.add_argument("--cache-dir", default=None, help="cache directory (default: <run>/rephrase/cache)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--ray",
+        dest=_DEST + "rephrase.executor",
+        action="store_const",
+        const="ray",
+        default=argparse.SUPPRESS,
+        help="shortcut for --rephrase.executor ray (a Ray Data pipeline; joins the cluster when RAY_ADDRESS is set)",
+    )
+
+
+def _rephrase(args: argparse.Namespace) -> int:
+    """Every input record comes out, same order, with the rephrase fields added (or the recipe's training set's)."""
+    recipe = _recipe(args)
+    if args.input is None:
+        if args.output is not None or args.cache_dir is not None:
+            print("detox-sft rephrase: --output and --cache-dir go with --input.", file=sys.stderr)
+            return 2
+        dataset = load_train_dataset(recipe.data, recipe.seed)
+        _, summary = detoxify_training_set(recipe, dataset["train"], progress=not args.no_progress)
+        where = f"{recipe.paths.train_set('raw')} and {recipe.paths.train_set('detox')}"
+        print(f"{summary.total} training samples -> {where}: {_summary_text(summary)}")
+        return 0
+    if args.output is None:
+        print("detox-sft rephrase: --output is required with --input.", file=sys.stderr)
+        return 2
+    try:
+        records = read_records(args.input)
+    except OSError as exc:
+        print(f"detox-sft rephrase: {exc}", file=sys.stderr)
+        return 2
+    result = rephrase_dataset(
+        records,
+        recipe.rephrase,
+        field=args.field,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else recipe.paths.rephrase_cache,
+        progress=not args.no_progress,
+    )
+    write_jsonl_atomic(result.records, args.output)
+    print(f"{result.summary.total} records -> {args.output}: {_summary_text(result.summary)}")
+    return 0
+
+
+def _summary_text(s: Any) -> str:
+    """A :class:`detox_sft.rephrase.RephraseSummary` on one line."""
+    return (
+        f"{s.gated} at or above the gate ({s.gate_threshold}), "
+        f"{s.rephrased} rephrased, {s.unchanged} unchanged, {s.missing} missing, {s.empty} empty, "
+        f"{s.truncated} truncated, {s.errors} errors; {s.computed} computed, {s.cached} from the cache; "
+        f"mean toxicity {_fmt(s.mean_toxicity_before, 3)} -> {_fmt(s.mean_toxicity_after, 3)} ({s.seconds:.1f} s)"
+    )
+
+
+def _add_train(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arm", choices=[*ARMS, "both"], default="both", help="which arm(s) to train")
+    parser.add_argument("--overwrite", action="store_true", help="retrain arms that have finished before")
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Train the arm(s), write the loss figure, print a summary table."""
+    recipe = _recipe(args)
+    arms = list(ARMS) if args.arm == "both" else [args.arm]
+    results = train_arms(recipe, load_arm_datasets(recipe, arms), overwrite=args.overwrite)
+    if not is_main_process():  # under torchrun rank 0 alone writes the figure and prints the table
+        return 0
+    with contextlib.suppress(TrainingError):
+        plot_loss_curves(recipe.run_path)
+    print("| arm | path | train loss | eval loss | wall s | samples/s | peak MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for arm, r in results.items():
+        m = r.metrics
+        print(
+            f"| {arm} | {m.get('path')} | {_fmt(m.get('train_loss'))} | {_fmt(m.get('final_eval_loss'))} | "
+            f"{_fmt(m.get('wall_time_s'), 1)} | {_fmt(m.get('samples_per_s'), 2)} | "
+            f"{_fmt((m.get('peak_memory_bytes') or 0) / 2**20, 0)} |"
+        )
+    return 0
+
+
+def _add_evaluate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: base,raw,detox")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    """Print the summary table; the results, generations and figures go to the run directory."""
+    recipe = _recipe(args)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    results = evaluate_models(recipe, recipe.run_path, models=models, progress=not args.quiet)
+    print(summary_markdown(results))
+    print(f"\nwritten: {recipe.paths.eval} and {recipe.paths.figures}")
+    return 0
+
+
+def _add_export(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arm", default="detox", choices=("detox", "raw"), help="adapter to export")
+
+
+def _export(args: argparse.Namespace) -> int:
+    result = export_model(_recipe(args), arm=args.arm)
+    print(f"Hugging Face directory: {result.hf_dir}")
+    print(f"Caikit directory:       {result.caikit_dir}")
+    print(f"check generation:       {result.sample!r}")
+    return 0
+
+
+def _add_s3_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "connection",
+        "default: the data-connection variables AWS_S3_ENDPOINT, AWS_S3_BUCKET, AWS_DEFAULT_REGION; "
+        "the keys are read from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY only (never from the command line)",
+    )
+    group.add_argument("--endpoint", help="S3 endpoint URL (default $AWS_S3_ENDPOINT)")
+    group.add_argument("--bucket", help="bucket (default $AWS_S3_BUCKET)")
+    group.add_argument("--region", help="region (default $AWS_DEFAULT_REGION or us-east-1)")
+    group.add_argument("--ca-bundle", help="CA bundle to verify the endpoint's TLS certificate")
+    parser.add_argument("--recipe", help="recipe name or path: default prefix and concurrency (storage section)")
+    parser.add_argument("--max-concurrency", type=int, help="parallel requests (default: storage.max_concurrency)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _s3_settings(args: argparse.Namespace) -> S3Settings:
+    return S3Settings.from_env(
+        endpoint=args.endpoint,
+        bucket=args.bucket,
+        region=args.region,
+        **({"verify_tls": args.ca_bundle} if args.ca_bundle else {}),
+    )
+
+
+def _optional_recipe(args: argparse.Namespace) -> Recipe | None:
+    # serving and storage commands run without a recipe too: loading one checks training.sft against trl (slow)
+    return load_recipe(args.recipe) if args.recipe else None
+
+
+def _add_upload(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", nargs="?", help="directory to upload; omitted: the recipe's export (caikit and hf)")
+    parser.add_argument(
+        "--prefix", help="key prefix (default: <recipe prefix>/caikit for a Caikit dir, /hf for a Hugging Face dir)"
+    )
+    parser.add_argument("--create-bucket", action="store_true", help="create the bucket if it does not exist")
+    parser.add_argument("--delete-extra", action="store_true", help="delete objects under the prefix not in DIR")
+    parser.add_argument(
+        "--force-lock",
+        action="store_true",
+        help="take over the prefix's upload lock even if it looks live (shortcut for storage.force_lock: true)",
+    )
+    parser.add_argument(
+        "--no-server-checksum",
+        action="store_true",
+        help="check size and SHA-256 metadata only, not the server's CRC32/MD5",
+    )
+    _add_s3_arguments(parser)
+
+
+def _upload(args: argparse.Namespace) -> int:
+    recipe = _optional_recipe(args)
+    settings = _s3_settings(args)
+    if args.dir is None and recipe is None:
+        print("detox-sft upload: give a DIR, or --recipe to upload that run's export.", file=sys.stderr)
+        return 2
+    try:
+        if args.force_lock and recipe is not None:
+            recipe.storage.force_lock = True
+        if args.dir is None:
+            for report in upload_export(
+                recipe, settings=settings, create_bucket=args.create_bucket, progress=not args.no_progress
+            ).values():
+                print(report)
+            return 0
+        base = recipe.storage.prefix if recipe else DEFAULT_PREFIX
+        report = upload_dir(
+            args.dir,
+            args.prefix if args.prefix is not None else upload_prefix(Path(args.dir), base),
+            settings=settings,
+            recipe=recipe,
+            max_concurrency=args.max_concurrency,
+            create_bucket=args.create_bucket,
+            progress=not args.no_progress,
+            verify_server_checksum=not args.no_server_checksum,
+            delete_extra=args.delete_extra,
+            force_lock=True if args.force_lock else None,
+        )
+    except FileNotFoundError as exc:  # DIR, or the recipe's export, is not there
+        print(f"detox-sft upload: {exc}", file=sys.stderr)
+        return 1
+    print(report)
+    if report.extra_keys and not args.delete_extra:
+        print(
+            f"note: {len(report.extra_keys)} objects under the prefix are not in {args.dir} "
+            "(--delete-extra removes them).",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _add_download(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prefix", help="key prefix, e.g. models/opt-350m-detox/caikit")
+    parser.add_argument("dir", help="destination directory")
+    parser.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="download even without a completion marker (objects uploaded by another tool)",
+    )
+    _add_s3_arguments(parser)
+
+
+def _download(args: argparse.Namespace) -> int:
+    recipe = _optional_recipe(args)
+    storage = recipe.storage if recipe else StorageConfig()
+    report = download_prefix(
+        args.prefix,
+        args.dir,
+        settings=_s3_settings(args),
+        max_concurrency=args.max_concurrency or storage.max_concurrency,
+        require_complete=not args.allow_incomplete,
+        progress=not args.no_progress,
+    )
+    print(report)
+    return 0
+
+
+def _add_serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models-dir", required=True, help="folder whose sub-folders are Caikit models (id = name)")
+    parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT, help="HTTP port (default %(default)s)")
+    parser.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT, help="gRPC port (default %(default)s)")
+    parser.add_argument(
+        "--from-s3",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PREFIX",
+        help="first download the Caikit model from this S3 prefix into MODELS_DIR/<model id> (default prefix: "
+        "<storage.prefix>/caikit of the recipe); S3 settings from the data-connection variables AWS_*",
+    )
+    parser.add_argument("--model-id", default=None, help="served model id for --from-s3 (default: export.model_id)")
+    parser.add_argument("--recipe", default=None, help="recipe name or path (model id and S3 prefix)")
+    parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the model")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """(Download,) start, print the endpoints, serve until Ctrl-C or SIGTERM."""
+    recipe = _optional_recipe(args)
+    export_cfg = recipe.export if recipe else ExportConfig()
+    storage_cfg = recipe.storage if recipe else StorageConfig()
+    model_id = args.model_id or export_cfg.model_id
+    from_s3 = None
+    if args.from_s3 is not None:
+        from_s3 = args.from_s3 or f"{storage_cfg.prefix}/caikit"
+        target = Path(args.models_dir) / model_id
+        print(f"downloading s3 prefix {from_s3!r} into {target} (as KServe's storage initializer)", flush=True)
+    server = LocalModelServer(
+        args.models_dir,
+        args.http_port,
+        args.grpc_port,
+        startup_timeout=args.startup_timeout,
+        from_s3=from_s3,
+        model_id=model_id,
+    )
+
+    def _terminate(signum, frame):  # SIGTERM behaves like Ctrl-C: stop the runtime cleanly
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        server.start()
+        print(f"serving {', '.join(server.model_ids)}", flush=True)
+        print(f"  HTTP  {server.http_url}  (POST /api/v1/task/text-generation, GET /health)", flush=True)
+        print(f"  gRPC  {server.grpc_target}  (caikit.runtime.Nlp.NlpService, metadata mm-model-id)", flush=True)
+        print("Ctrl-C to stop.", flush=True)
+        code = server.wait()
+        print(f"detox-sft serve: the caikit runtime exited with code {code}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stopping the caikit runtime", flush=True)
+        return 0
+    finally:
+        server.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _RefuseTokenArgument(argparse.Action):
+    """``--token`` is refused (without echoing it): a token on the command line shows in ``ps`` and shell history."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(
+            "--token is not accepted: a token on the command line shows in `ps` and the shell history. Fix: put it "
+            "in the variable MODEL_TOKEN (or the one --token-env / serving.token_env names), or in a file "
+            "(--token-file / serving.token_file)."
+        )
+
+
+def _add_query(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("text", metavar="TEXT", help="the prompt to continue")
+    parser.add_argument("--url", default=None, help="server base URL (default: serving.url of the recipe)")
+    parser.add_argument("--model-id", default=None, help="served model id (default: export.model_id of the recipe)")
+    parser.add_argument(
+        "--token-env",
+        default=None,
+        metavar="VAR",
+        help="environment variable holding the bearer token (default: serving.token_env, MODEL_TOKEN)",
+    )
+    parser.add_argument(
+        "--token-file", default=None, metavar="PATH", help="file holding the bearer token (serving.token_file)"
+    )
+    parser.add_argument("--token", nargs="?", action=_RefuseTokenArgument, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--grpc",
+        default=None,
+        metavar="HOST:PORT",
+        help="query over caikit gRPC instead of HTTP (grpc://HOST:PORT plaintext, grpcs://HOST:PORT TLS; a bare "
+        "HOST:PORT is plaintext to this machine only)",
+    )
+    parser.add_argument("--kind", choices=("caikit", "vllm"), default="caikit", help="server API (default caikit)")
+    parser.add_argument("--ca-bundle", default=None, help="CA bundle (PEM) to verify the server's certificate")
+    parser.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (test clusters only)")
+    parser.add_argument("--recipe", default=None, help="recipe name or path (serving and export sections)")
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--sampling", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--truncate-input-tokens", type=int, default=None)
+    parser.add_argument("--stream", action="store_true", help="stream (caikit HTTP; falls back when unsupported)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per request")
+
+
+def _query(args: argparse.Namespace) -> int:
+    """Print the generated text."""
+    recipe = _optional_recipe(args)
+    model_id = args.model_id or (recipe.export if recipe else ExportConfig()).model_id
+    serving = recipe.serving if recipe else ServingConfig()
+    serving = replace(
+        serving,
+        token_env=args.token_env or serving.token_env,
+        token_file=args.token_file or serving.token_file,
+    )
+    params = GenerationParams(
+        max_new_tokens=args.max_new_tokens,
+        decoding="sampling" if args.sampling else "greedy",
+        top_p=args.top_p,
+        temperature=args.temperature,
+        seed=args.seed,
+        truncate_input_tokens=args.truncate_input_tokens,
+    )
+    try:
+        client = connect(
+            recipe,
+            url=args.url,
+            grpc_target=args.grpc,
+            kind=args.kind,
+            token=read_token(serving),
+            ca_bundle=args.ca_bundle,
+            verify=False if args.insecure else None,
+            timeout=args.timeout,
+        )
+        if args.stream and isinstance(client, CaikitHttpClient):
+            for piece in client.generate_stream(model_id, args.text, params, fallback=True):
+                print(piece, end="", flush=True)
+            print()
+        else:
+            print(client.generate(model_id, args.text, params).text)
+    except (ValueError, OSError) as exc:  # no URL, an unreadable token file or CA bundle
+        print(f"detox-sft query: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", default="offline", help="recipe name or path (default: offline)")
+    parser.add_argument("--runs-root", default="runs", help="where runs/<timestamp>/ is created")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Run the four notebooks headless; prints the run directory."""
+    run_demo(args.recipe, args.runs_root)
+    return 0
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One `detox-sft` subcommand.
+
+    Attributes:
+        help (`str`): the one-line help (argparse %-formats it: ``%%`` for a percent sign).
+        add_arguments (`Callable`): adds the step's own arguments (those that are not recipe fields).
+        run (`Callable`): runs the step on the parsed arguments; returns the exit code.
+        recipe_aliases (`dict` or `None`): `None`, or the command takes ``--recipe`` and every recipe field as a
+            flag, with these shortcuts (``--run-dir`` for ``--run_dir``).
+    """
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    recipe_aliases: dict[str, str] | None = None
+
+
+_RUN_DIR = {"--run-dir": "run_dir"}
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "rephrase": Subcommand(
+        "detoxify a JSONL file (or the recipe's training set) with TrustyAI TMaRCo (gated, batched, resumable)",
+        _add_rephrase,
+        _rephrase,
+        {**_RUN_DIR, "--engine": "rephrase.engine", "--device": "rephrase.device"},
+    ),
+    "train": Subcommand(
+        "QLoRA-tune the base model on the raw and/or the detoxified data",
+        _add_train,
+        _train,
+        {**_RUN_DIR, "--device": "training.device"},
+    ),
+    "evaluate": Subcommand(
+        "generate on toxic prompts; toxicity with 95%% intervals",
+        _add_evaluate,
+        _evaluate,
+        {**_RUN_DIR, "--device": "evaluation.device"},
+    ),
+    "export": Subcommand(
+        "merge the detox adapter; write the Hugging Face and the Caikit directories", _add_export, _export, _RUN_DIR
+    ),
+    "upload": Subcommand(
+        "upload a directory to S3 (the data connection), checksummed and resumable", _add_upload, _upload
+    ),
+    "download": Subcommand("download an S3 prefix to a directory", _add_download, _download),
+    "serve": Subcommand("run the caikit runtime on 127.0.0.1 with a model directory (or from S3)", _add_serve, _serve),
+    "query": Subcommand("query a served model over HTTP (caikit or vLLM) or gRPC", _add_query, _query),
+    "demo": Subcommand(
+        "run the four notebooks end to end on a recipe, with local S3 and model server", _add_demo, _demo
+    ),
 }
 
 
-class _NotBuilt(Exception):
-    pass
-
-
-def _load(command: str):
-    module_name, _ = SUBCOMMANDS[command]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            raise _NotBuilt(command) from exc
-        raise
-    add = getattr(module, f"add_{command}_arguments", None) or getattr(module, "add_arguments", None)
-    run = getattr(module, f"{command}_main", None) or getattr(module, "main", None)
-    if add is None or run is None:
-        raise _NotBuilt(command)
-    return add, run
-
-
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser, with every subcommand listed (flags load only for the chosen one)."""
+    """The argument parser, every subcommand with its flags."""
     parser = argparse.ArgumentParser(
         prog="detox-sft",
         description="Detoxify fine-tuning data with TrustyAI TMaRCo, QLoRA-tune opt-350m, measure, serve.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_text) in SUBCOMMANDS.items():
-        sub.add_parser(name, help=help_text, description=help_text.replace("%%", "%"), add_help=False)
+    for name, command in SUBCOMMANDS.items():
+        takes_recipe = command.recipe_aliases is not None
+        step = sub.add_parser(
+            name,
+            help=command.help,
+            description=command.help.replace("%%", "%"),
+            # listing every recipe field would make the usage line forty lines long
+            usage="%(prog)s [-h] [ARGUMENTS] [--recipe R] [--FIELD VALUE ...]" if takes_recipe else None,
+            allow_abbrev=False,  # --evaluation.num_sample must not quietly mean --evaluation.num_samples
+        )
+        command.add_arguments(step)
+        if takes_recipe:
+            add_recipe_arguments(step, command.recipe_aliases)
     return parser
 
 
+def _is_package_error(exc: BaseException) -> bool:
+    """One of the package's typed errors, whose message says what to do (anything else is a bug: traceback)."""
+    return isinstance(exc, INPUT_ERRORS + STEP_ERRORS) or type(exc).__module__.startswith(_ZOO_MODULE)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `detox-sft` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Entry point of the `detox-sft` console script; returns the exit code."""
     parser = build_parser()
-    if not argv or argv[0] not in SUBCOMMANDS:
-        args = parser.parse_args(argv)  # prints help / usage errors
+    args, extras = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    if args.command is None:
         parser.print_help()
         return 2
-    command = argv[0]
+    command = SUBCOMMANDS[args.command]
     try:
-        add, run = _load(command)
-    except _NotBuilt:
-        print(f"detox-sft {command}: not built yet in this version of detox-sft.", file=sys.stderr)
-        return 3
-    # help strings are %-formatted by argparse, descriptions are not
-    sub = argparse.ArgumentParser(prog=f"detox-sft {command}", description=SUBCOMMANDS[command][1].replace("%%", "%"))
-    add(sub)
-    args = sub.parse_args(argv[1:])
-    args.command = command
-    try:
-        return int(run(args) or 0)
+        if command.recipe_aliases is None:
+            if extras:
+                parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        else:
+            args.recipe_overrides = _recipe_overrides(args, extras)
+        return int(command.run(args) or 0)
     except KeyboardInterrupt:
-        print(f"detox-sft {command}: interrupted; rerun the same command to resume.", file=sys.stderr)
+        print(f"detox-sft {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not _is_package_error(exc):
+            raise
+        print(f"detox-sft {args.command}: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, INPUT_ERRORS) else 1
 
 
 if __name__ == "__main__":

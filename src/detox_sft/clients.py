@@ -1,34 +1,45 @@
 """Clients for the served model: caikit HTTP, caikit gRPC, and vLLM's OpenAI-compatible ``/v1/completions``.
 
 Every client sends a bearer token when given one (OpenShift AI's token auth), verifies TLS by default (a CA bundle can
-be given; ``verify=False`` only when asked), times out, retries a bounded number of times on 503 and refused
-connections, and maps failures to the exceptions below, with the server's own message::
+be given; ``verify=False`` only when asked), times out, retries a bounded number of times on 502-504 / UNAVAILABLE and
+refused connections (urllib3's ``Retry``, gRPC's ``retryPolicy``), and maps failures to the exceptions below, with the
+server's own message::
 
     ModelServerError            (base; any other server failure, e.g. 500 "index out of range" for an over-long input)
     ├── ModelNotFound           (404 / NOT_FOUND: no model with that id)
     ├── BadRequest              (400, 422 / INVALID_ARGUMENT: the server's detail is in the message)
     ├── Unauthorized            (401, 403 / UNAUTHENTICATED, PERMISSION_DENIED: token missing or wrong)
-    ├── ServerUnavailable       (refused connection, 502-504 / UNAVAILABLE after the retries, timeouts)
+    ├── ServerUnavailable       (refused connection, 502-504 / UNAVAILABLE after the retries, timeouts, a connection
+    │                            dropped before the answer)
     └── StreamingNotSupported   (the model's module cannot stream, e.g. caikit-nlp's local TextGeneration)
+    InsecureTokenError          (a ValueError, raised before connecting: a token would travel without TLS)
+
+A token travels only over TLS, or in plaintext to a loopback address (127.0.0.0/8, ::1, localhost: the local
+runtime). It is read from the environment variable ``serving.token_env`` or the file ``serving.token_file``
+(:func:`read_token`), never from the command line, and never printed.
 
 Usage::
 
-    client = CaikitHttpClient("https://opt-350m-detox.apps.example.com", token=os.environ["MODEL_TOKEN"])
-    client.generate_text("opt-350m-detox", "Prompt: you are\\nContinuation: ", max_new_tokens=20)
+    client = connect(recipe, url="https://opt-350m-detox.apps.example.com")  # token from $MODEL_TOKEN
+    client.generate_text("opt-350m-detox", generation_prompt("you are"), max_new_tokens=20)
 
-CLI: ``detox-sft query --url URL --model-id ID [--token T] [--grpc HOST:PORT] [--kind caikit|vllm] TEXT``.
+CLI: ``detox-sft query --url URL --model-id ID [--token-env VAR | --token-file PATH] [--grpc HOST:PORT]
+[--kind caikit|vllm] TEXT``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
-import sys
-import time
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+from detox_sft.config import ServingConfig
 
 __all__ = [
     "ModelServerError",
@@ -37,14 +48,19 @@ __all__ = [
     "Unauthorized",
     "ServerUnavailable",
     "StreamingNotSupported",
+    "InsecureTokenError",
     "GenerationParams",
     "GenerationResult",
     "CaikitHttpClient",
     "CaikitGrpcClient",
     "VllmClient",
     "connect",
-    "add_arguments",
-    "main",
+    "read_token",
+    "is_loopback",
+    "parse_caikit_result",
+    "parse_completion",
+    "parse_sse",
+    "error_detail",
 ]
 
 CAIKIT_TEXT_GENERATION = "/api/v1/task/text-generation"
@@ -54,6 +70,9 @@ GRPC_REQUEST = "caikit.runtime.Nlp.TextGenerationTaskRequest"
 GRPC_STREAM_REQUEST = "caikit.runtime.Nlp.ServerStreamingTextGenerationTaskRequest"
 GRPC_RESULT = "caikit_data_model.nlp.GeneratedTextResult"
 GRPC_STREAM_RESULT = "caikit_data_model.nlp.GeneratedTextStreamResult"
+GRPC_REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
+# a bearer token as RFC 6750 writes it (b64token): anything else would end up echoed in a library's header error
+_TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
 class ModelServerError(RuntimeError):
@@ -83,6 +102,10 @@ class ServerUnavailable(ModelServerError):
 
 class StreamingNotSupported(ModelServerError):
     """The served model cannot stream (caikit-nlp's local module); the TGIS-backed runtime can."""
+
+
+class InsecureTokenError(ValueError):
+    """A bearer token would be sent without TLS to a host other than this machine; raised before any connection."""
 
 
 @dataclass
@@ -168,12 +191,245 @@ def _check_input(text: str) -> None:
         raise BadRequest("empty input text. Fix: give the prompt to continue.", status=400, detail="empty input")
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine: ``localhost``, 127.0.0.0/8 or ::1 (IPv6 with or without brackets)."""
+    if not isinstance(host, str):
+        return False
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if name == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:  # another name: it may resolve anywhere
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def _check_token(token: str | None, tls: bool, host: str, where: str) -> str | None:
+    """``token`` (`None` when empty) once it is well formed and goes over TLS or to this machine; before connecting."""
+    if token is None or token == "":
+        return None
+    if not isinstance(token, str) or not _TOKEN_RE.fullmatch(token):
+        raise ValueError(
+            "the bearer token holds characters a token cannot have (spaces, quotes, line breaks, non-ASCII). Fix: "
+            "put only the token in the variable or file (`oc create token <service-account>` prints one)."
+        )
+    if not tls and not is_loopback(host):
+        raise InsecureTokenError(
+            f"refusing to send the bearer token to {where} in plaintext: anyone on the way could read and reuse it. "
+            "Fix: use the server's TLS endpoint (an https:// URL; for gRPC a grpcs:// target or plaintext=False), "
+            "or send no token. Plaintext with a token is allowed only to this machine (127.0.0.1, ::1, localhost)."
+        )
+    return token
+
+
+def read_token(serving: ServingConfig | None = None) -> str | None:
+    """The bearer token named by ``serving``: the file ``token_file`` when set, else the variable ``token_env``.
+
+    Surrounding whitespace (the newline of ``oc create token > file``) is dropped; `None` when the variable is unset
+    or empty. Pass the token to the clients this way, never on a command line (``ps`` and shell history show it).
+
+    Raises:
+        ValueError: ``token_file`` is set but cannot be read, or is empty.
+    """
+    cfg = serving if serving is not None else ServingConfig()
+    if cfg.token_file:
+        path = Path(cfg.token_file).expanduser()
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ValueError(
+                f"serving.token_file: cannot read {path} ({reason}). Fix: write the token into it "
+                f"(`oc create token <service-account> > {path}`), or unset token_file to use ${cfg.token_env}."
+            ) from None
+        if not token:
+            raise ValueError(
+                f"serving.token_file: {path} is empty. Fix: write the token into it "
+                f"(`oc create token <service-account> > {path}`)."
+            )
+        return token
+    if not cfg.token_env:
+        return None
+    return os.environ.get(cfg.token_env, "").strip() or None
+
+
+def _redact(text: str, token: str | None) -> str:
+    # a server (or a proxy) may echo the request's headers in its error body; a string this short is no real
+    # token (a service-account token has hundreds of characters) and would mangle ordinary words
+    if token and len(token) >= 8 and isinstance(text, str):
+        return text.replace(token, "<token>")
+    return text
+
+
+def _snippet(value: Any, limit: int = 300) -> str:
+    try:
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _json(body: Any, what: str) -> Any:
+    """``body`` (bytes or str off the wire) decoded as JSON; anything else is taken as already decoded."""
+    if not isinstance(body, (bytes, bytearray, str)):
+        return body
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # not JSON (a proxy's HTML page, a login form), or absurdly nested
+        text = body.decode("utf-8", "replace") if isinstance(body, (bytes, bytearray)) else body
+        raise ModelServerError(
+            f"{what}: the server did not answer JSON ({_snippet(text.strip(), 200)!r}). Fix: check the URL "
+            "(a proxy or a login page answers HTML) and --kind."
+        ) from None
+
+
+def _count(data: dict[str, Any], key: str) -> int | None:
+    value = data.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def parse_caikit_result(body: Any) -> GenerationResult:
+    """A caikit text-generation answer (the HTTP body as bytes or str, or its decoded JSON) as a result.
+
+    Counts that are not whole numbers and a ``finish_reason`` that is not a string are dropped (`None`).
+
+    Raises:
+        ModelServerError: the body is not JSON, or not an object whose ``generated_text`` (if any) is a string.
+    """
+    data = _json(body, "caikit text generation")
+    if not isinstance(data, dict) or not isinstance(data.get("generated_text", ""), str):
+        raise ModelServerError(
+            f"unexpected caikit response: {_snippet(data)}. Fix: check --url and --kind (vLLM answers /v1/completions)."
+        )
+    reason = data.get("finish_reason")
+    return GenerationResult(
+        data.get("generated_text", ""),
+        _count(data, "generated_tokens"),
+        reason if isinstance(reason, str) else None,
+        _count(data, "input_token_count"),
+        data,
+    )
+
+
+def parse_completion(body: Any) -> GenerationResult:
+    """An OpenAI-compatible completion (vLLM's ``/v1/completions`` body, bytes, str or decoded) as a result.
+
+    Raises:
+        ModelServerError: the body is not JSON, or has no ``choices[0]`` object with a string ``text``.
+    """
+    data = _json(body, "completion")
+    try:
+        choice = data["choices"][0]
+        text = choice.get("text", "")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        text = None
+    if not isinstance(text, str):
+        raise ModelServerError(f"unexpected completion response: {_snippet(data)}. Fix: check --url and --kind.")
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    reason = choice.get("finish_reason")
+    return GenerationResult(
+        text,
+        _count(usage, "completion_tokens"),
+        reason if isinstance(reason, str) else None,
+        _count(usage, "prompt_tokens"),
+        data,
+    )
+
+
+def parse_sse(lines: Iterable[bytes | str] | bytes | str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The ``(event, data)`` pairs of a server-sent-event stream, given line by line or whole (UTF-8).
+
+    Raises:
+        ModelServerError: a ``data:`` line is not a JSON object.
+    """
+    if isinstance(lines, (bytes, bytearray)):
+        lines = lines.decode("utf-8", "replace")
+    if isinstance(lines, str):  # SSE breaks lines at CR, LF and CRLF only (str.splitlines knows more breaks)
+        lines = re.split(r"\r\n|\r|\n", lines)
+    event = "message"
+    for line in lines:
+        if isinstance(line, (bytes, bytearray)):
+            line = line.decode("utf-8", "replace")
+        if not isinstance(line, str):
+            raise ModelServerError(f"unexpected stream line: {_snippet(line)} (expected text).")
+        line = line.rstrip("\r\n")
+        if not line:
+            event = "message"
+            continue
+        if line.startswith("event:"):
+            event = line[len("event:") :].strip()
+            continue
+        if not line.startswith("data:"):
+            continue
+        data = _json(line[len("data:") :].strip(), "stream event")
+        if not isinstance(data, dict):
+            raise ModelServerError(f"unexpected stream event: {_snippet(data)} (expected a JSON object).")
+        yield event, data
+
+
+def error_detail(body: Any) -> str:
+    """The server's explanation in an error body (caikit ``details``, FastAPI ``detail``, OpenAI ``error.message``).
+
+    At most 500 characters; the body's text itself when it is not JSON. Never raises.
+    """
+    try:
+        data = _json(body, "error")
+    except ModelServerError:
+        text = body.decode("utf-8", "replace") if isinstance(body, (bytes, bytearray)) else str(body)
+        return text.strip()[:500]
+    try:
+        if isinstance(data, dict):
+            error = data.get("error")
+            if isinstance(error, dict):  # OpenAI / vLLM
+                return str(error.get("message", error))[:500]
+            for key in ("details", "detail", "message", "error"):
+                if key in data:
+                    return str(data[key])[:500]
+        return _snippet(data, 500)
+    except RecursionError:
+        return "(an error body nested too deeply to show)"
+
+
 class _TextOnly:
     """``generate_text`` for the clients, each of which implements ``generate``."""
 
     def generate_text(self, model_id: str, text: str, **params: Any) -> str:
         """Like ``generate``, returning the text only."""
         return self.generate(model_id, text, **params).text  # type: ignore[attr-defined]
+
+
+def _http_retry(retries: int, backoff: float, timeout: float):
+    """urllib3's ``Retry`` for the clients: what is resent, how often, how long apart."""
+    from urllib3.util import Retry
+
+    return Retry(
+        total=retries,
+        connect=retries,  # refused / unreachable: the request never left, resending is safe
+        read=False,  # dropped after the request went out: not resent (the server may have run it, or died of it)
+        status=retries,
+        other=0,
+        # text generation changes nothing on the server, so a POST answered 502-504 (route or pod restarting) is
+        # safe to resend; 500 (a failure of this very input) and 4xx are not resent
+        allowed_methods=frozenset({"GET", "POST"}),
+        status_forcelist=(502, 503, 504),
+        backoff_factor=backoff,
+        retry_after_max=max(1, int(timeout)),  # a server's Retry-After is honoured, up to one request's timeout
+        raise_on_status=False,  # the last 5xx comes back, to be raised with the server's own detail
+    )
+
+
+def _attempts(resp) -> int:
+    retry = getattr(resp.raw, "retries", None)
+    return len(retry.history) + 1 if retry is not None else 1
+
+
+def _reason(exc: BaseException) -> str:
+    inner = exc.args[0] if exc.args else exc
+    inner = getattr(inner, "reason", None) or inner  # urllib3's MaxRetryError wraps the last error
+    return _snippet(str(inner), 200)
 
 
 class _HttpClient(_TextOnly):
@@ -191,26 +447,38 @@ class _HttpClient(_TextOnly):
         backoff: float = 0.5,
     ) -> None:
         import requests
+        from requests.adapters import HTTPAdapter
 
-        parsed = urlparse(url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        parsed = urlparse(url) if isinstance(url, str) else None
+        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ValueError(
                 f"url: got {url!r}. Fix: give the server's base URL, e.g. https://host or http://127.0.0.1:8080."
             )
         self.url = url.rstrip("/")
+        self._token = _check_token(token, parsed.scheme == "https", parsed.hostname or "", self.url)
         self.timeout = timeout
         self.retries = max(0, int(retries))
         self.backoff = backoff
         self.session = requests.Session()
+        adapter = HTTPAdapter(max_retries=_http_retry(self.retries, backoff, timeout))
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
         self.session.headers["Accept"] = "application/json"
-        if token:
-            self.session.headers["Authorization"] = f"Bearer {token}"
+        if self._token:
+            self.session.headers["Authorization"] = f"Bearer {self._token}"
+        if parsed.scheme == "http" and is_loopback(parsed.hostname or ""):
+            # straight to this machine: a proxy from HTTP_PROXY would carry the plaintext request (token) off it
+            self.session.trust_env = False
         # TLS: verify by default, against the CA bundle when given (OpenShift's router / service CA)
         self.session.verify = str(ca_bundle) if (ca_bundle and verify) else bool(verify)
         if not verify:
             import urllib3
 
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+
+    def __repr__(self) -> str:
+        token = "<set>" if self._token else None
+        return f"{type(self).__name__}({self.url!r}, token={token}, timeout={self.timeout:g}, retries={self.retries})"
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -224,61 +492,51 @@ class _HttpClient(_TextOnly):
 
     def _post(self, path: str, body: dict[str, Any], stream: bool = False):
         import requests
+        import urllib3
 
         url = f"{self.url}{path}"
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                resp = self.session.post(url, json=body, timeout=self.timeout, stream=stream)
-            except requests.exceptions.SSLError as exc:
-                raise ModelServerError(
-                    f"TLS verification failed for {self.url}: {exc}. Fix: pass the cluster's CA bundle "
-                    "(--ca-bundle / ca_bundle=), or --insecure for a throwaway test cluster only."
-                ) from exc
-            except requests.exceptions.ConnectionError as exc:  # refused, DNS, reset: worth another try
-                last = f"cannot connect to {self.url} ({exc.__class__.__name__})"
-                continue
-            except requests.exceptions.Timeout as exc:
+        try:
+            resp = self.session.post(url, json=body, timeout=self.timeout, stream=stream)
+        except requests.exceptions.SSLError as exc:
+            raise ModelServerError(
+                f"TLS verification failed for {self.url}: {exc}. Fix: pass the cluster's CA bundle "
+                "(--ca-bundle / ca_bundle=), or --insecure for a throwaway test cluster only."
+            ) from exc
+        except requests.exceptions.ReadTimeout as exc:
+            raise ServerUnavailable(
+                f"{url} did not answer within {self.timeout:g} s. Fix: check the server, or raise the timeout.",
+                status="timeout",
+            ) from exc
+        except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+            if isinstance(exc.args[0] if exc.args else None, urllib3.exceptions.MaxRetryError):
                 raise ServerUnavailable(
-                    f"{url} did not answer within {self.timeout:.0f} s. Fix: check the server, or raise the timeout.",
-                    status="timeout",
+                    f"cannot connect to {self.url} after {self.retries + 1} attempts ({_reason(exc)}). Fix: check "
+                    "that the server runs (`detox-sft serve`, or `oc get inferenceservice`) and that the URL is right.",
+                    status=503,
                 ) from exc
-            if resp.status_code in (502, 503, 504):  # the route or the server is (re)starting
-                last = f"{url} answered {resp.status_code}"
-                resp.close()
-                continue
-            if resp.status_code >= 400:
-                self._raise(resp)
-            return resp
-        raise ServerUnavailable(
-            f"model server unavailable after {self.retries + 1} attempts: {last}. Fix: check that the server runs "
-            "(`detox-sft serve`, or `oc get inferenceservice`) and that the URL is right.",
-            status=503,
-        )
+            raise self._dropped(url, exc) from exc
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
+            raise ModelServerError(f"{url}: the request failed ({type(exc).__name__}: {_reason(exc)}).") from exc
+        if resp.status_code >= 400:
+            self._raise(resp)
+        return resp
 
     @staticmethod
-    def _detail(resp) -> str:
-        try:
-            data = resp.json()
-        except ValueError:
-            return resp.text.strip()[:500]
-        if isinstance(data, dict):
-            error = data.get("error")
-            if isinstance(error, dict):  # OpenAI / vLLM
-                return str(error.get("message", error))
-            for key in ("details", "detail", "message", "error"):
-                if key in data:
-                    return str(data[key])
-        return json.dumps(data)[:500]
+    def _dropped(url: str, exc: BaseException) -> ServerUnavailable:
+        return ServerUnavailable(
+            f"{url}: the connection closed before the server answered ({_reason(exc)}); the request was not resent, "
+            "as the server may have run it (or died of it). Fix: check the server's state and log (`oc get pods`, "
+            "or the output of `detox-sft serve`), then retry.",
+            status="disconnected",
+        )
 
     def _raise(self, resp) -> None:
-        status, detail = resp.status_code, self._detail(resp)
+        status, detail = resp.status_code, _redact(error_detail(resp.content), self._token)
         if status in (401, 403):
             raise Unauthorized(
-                f"{resp.url}: {status} {detail or 'unauthorized'}. Fix: pass a valid token (--token, or the "
-                "MODEL_TOKEN variable): `oc create token <service-account>` or the token in the model's details.",
+                f"{resp.url}: {status} {detail or 'unauthorized'}. Fix: give a valid token in the variable "
+                "serving.token_env (MODEL_TOKEN) or the file serving.token_file (`--token-env`, `--token-file`): "
+                "`oc create token <service-account>`, or the token in the model's details.",
                 status,
                 detail,
             )
@@ -297,6 +555,13 @@ class _HttpClient(_TextOnly):
             )
         if status in (400, 422):
             raise BadRequest(f"bad request: {detail}", status, detail)
+        if status in (502, 503, 504):  # urllib3 resent it as often as allowed
+            raise ServerUnavailable(
+                f"{resp.url}: {status} {detail or 'unavailable'}, after {_attempts(resp)} attempts. Fix: the server "
+                "is (re)starting or overloaded: check `oc get inferenceservice` (or `detox-sft serve`), retry later.",
+                status,
+                detail,
+            )
         hint = ""
         if "index out of range" in detail or "maximum context length" in detail:
             hint = " The input is probably longer than the model's context: set truncate_input_tokens."
@@ -312,8 +577,12 @@ class CaikitHttpClient(_HttpClient):
         verify: verify the server's TLS certificate.
         ca_bundle: CA bundle file to verify against.
         timeout: seconds per request.
-        retries: extra attempts on refused connections and 502/503/504.
-        backoff: seconds before the first retry (doubling).
+        retries: extra attempts on refused connections and 502/503/504 (urllib3's ``Retry``); a connection dropped
+            after the request went out is not resent.
+        backoff: urllib3's backoff factor: the first retry comes at once, the n-th after ``backoff * 2**(n-1)`` s.
+
+    Raises:
+        InsecureTokenError: a token with a plain ``http://`` URL to a host other than this machine.
     """
 
     def generate(
@@ -325,14 +594,7 @@ class CaikitHttpClient(_HttpClient):
         """
         p = _params(params, overrides)
         resp = self._post(CAIKIT_TEXT_GENERATION, {"model_id": model_id, "inputs": text, "parameters": p.caikit()})
-        data = resp.json()
-        return GenerationResult(
-            data.get("generated_text", ""),
-            data.get("generated_tokens"),
-            data.get("finish_reason"),
-            data.get("input_token_count"),
-            data,
-        )
+        return parse_caikit_result(resp.content)
 
     def generate_stream(
         self, model_id: str, text: str, params: GenerationParams | None = None, fallback: bool = False, **overrides: Any
@@ -343,6 +605,9 @@ class CaikitHttpClient(_HttpClient):
             fallback: when the model cannot stream (caikit-nlp's local module), yield the unary result once instead
                 of raising :class:`StreamingNotSupported`.
         """
+        import requests
+        import urllib3
+
         _check_input(text)
         p = _params(params, overrides)
         resp = self._post(
@@ -350,35 +615,36 @@ class CaikitHttpClient(_HttpClient):
         )
         sent = False
         with resp:
-            event = "message"
-            for line in resp.iter_lines(decode_unicode=True):
-                if not line:
-                    event = "message"
-                    continue
-                if line.startswith("event:"):
-                    event = line[len("event:") :].strip()
-                    continue
-                if not line.startswith("data:"):
-                    continue
-                data = json.loads(line[len("data:") :].strip())
-                if event == "error":
-                    code, detail = data.get("code", 500), str(data.get("details", data))
-                    if not sent and code >= 500:
-                        if fallback:
-                            yield self.generate(model_id, text, p).text
-                            return
-                        raise StreamingNotSupported(
-                            f"the server could not stream {model_id!r} ({detail}): caikit-nlp's local module does "
-                            "not stream (the TGIS-backed runtime does). Fix: use generate(), or fallback=True.",
-                            code,
-                            detail,
-                        )
-                    cls = {404: ModelNotFound, 400: BadRequest, 422: BadRequest}.get(code, ModelServerError)
-                    raise cls(f"streaming failed: {detail}", code, detail)
-                piece = data.get("generated_text", "")
-                if piece:
-                    sent = True
-                    yield piece
+            try:
+                for event, data in parse_sse(resp.iter_lines()):
+                    if event == "error":
+                        code = data.get("code") if isinstance(data.get("code"), int) else 500
+                        detail = _redact(str(data.get("details", data)), self._token)
+                        if not sent and code >= 500:
+                            if fallback:
+                                yield self.generate(model_id, text, p).text
+                                return
+                            raise StreamingNotSupported(
+                                f"the server could not stream {model_id!r} ({detail}): caikit-nlp's local module "
+                                "does not stream (the TGIS-backed runtime does). Fix: use generate(), or "
+                                "fallback=True.",
+                                code,
+                                detail,
+                            )
+                        cls = {404: ModelNotFound, 400: BadRequest, 422: BadRequest}.get(code, ModelServerError)
+                        raise cls(f"streaming failed: {detail}", code, detail)
+                    piece = data.get("generated_text", "")
+                    if piece and isinstance(piece, str):
+                        sent = True
+                        yield piece
+            except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+                if isinstance(exc.args[0] if exc.args else None, urllib3.exceptions.ReadTimeoutError):
+                    raise ServerUnavailable(
+                        f"the stream from {self.url} stalled for {self.timeout:g} s. Fix: check the server, or "
+                        "raise the timeout.",
+                        status="timeout",
+                    ) from exc
+                raise self._dropped(f"{self.url}{CAIKIT_STREAMING}", exc) from exc
 
 
 class VllmClient(_HttpClient):
@@ -396,64 +662,53 @@ class VllmClient(_HttpClient):
         base = self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
         body = {"model": model_id, "prompt": text, **p.openai()}
         resp = self._post("/v1/completions" if base == self.url else "/completions", body)
-        data = resp.json()
-        try:
-            choice = data["choices"][0]
-        except (KeyError, IndexError, TypeError) as exc:
-            raise ModelServerError(f"unexpected completion response: {str(data)[:300]}") from exc
-        usage = data.get("usage") or {}
-        return GenerationResult(
-            choice.get("text", ""),
-            usage.get("completion_tokens"),
-            choice.get("finish_reason"),
-            usage.get("prompt_tokens"),
-            data,
-        )
+        return parse_completion(resp.content)
 
 
-def _auth_interceptor(token: str):
-    """An interceptor adding ``authorization: Bearer <token>`` to every call, reflection included (plaintext or TLS)."""
-    import grpc
-
-    header = ("authorization", f"Bearer {token}")
-
-    class _Details(grpc.ClientCallDetails):
-        def __init__(self, details) -> None:
-            self.method, self.timeout, self.credentials = details.method, details.timeout, details.credentials
-            self.wait_for_ready = getattr(details, "wait_for_ready", None)
-            self.compression = getattr(details, "compression", None)
-            self.metadata = [*(details.metadata or []), header]
-
-    class _AuthInterceptor(
-        grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor, grpc.StreamStreamClientInterceptor
-    ):
-        def intercept_unary_unary(self, continuation, details, request):
-            return continuation(_Details(details), request)
-
-        def intercept_unary_stream(self, continuation, details, request):
-            return continuation(_Details(details), request)
-
-        def intercept_stream_stream(self, continuation, details, request_iterator):
-            return continuation(_Details(details), request_iterator)
-
-    return _AuthInterceptor()
+def _grpc_options(retries: int, backoff: float, timeout: float) -> list[tuple[str, Any]]:
+    """Channel options: a default deadline and gRPC's own retries (``retryPolicy``) for caikit and reflection."""
+    method: dict[str, Any] = {
+        "name": [{"service": GRPC_SERVICE}, {"service": GRPC_REFLECTION}],
+        # the default deadline: reflection calls (made inside protobuf's descriptor pool) get one too
+        "timeout": f"{timeout:.3f}s",
+    }
+    if retries > 0:
+        method["retryPolicy"] = {
+            "maxAttempts": min(retries + 1, 5),  # gRPC caps attempts at 5
+            "initialBackoff": f"{max(backoff, 0.001):.3f}s",  # gRPC jitters each backoff by +-20 %
+            "maxBackoff": "30s",
+            "backoffMultiplier": 2,
+            # refused, reset, server (re)starting; not INTERNAL, the failure of this very input
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }
+    return [
+        ("grpc.enable_retries", int(retries > 0)),
+        ("grpc.service_config", json.dumps({"methodConfig": [method]})),
+        # reconnect as soon as a retry is due (by default a refused connection is next tried after 1 s, then later)
+        ("grpc.initial_reconnect_backoff_ms", max(1, int(backoff * 1000))),
+    ]
 
 
 class CaikitGrpcClient(_TextOnly):
     """The caikit runtime's gRPC API (``caikit.runtime.Nlp.NlpService/TextGenerationTaskPredict``, ``mm-model-id``).
 
     Message types come from the server by gRPC reflection (as caikit-nlp-client does); unlike caikit-nlp-client 0.0.8
-    this client sends the bearer token (metadata on every call, reflection included) and maps errors.
+    this client sends the bearer token (gRPC call credentials on every call, reflection included) and maps errors.
 
     Args:
-        target: ``host:port``.
-        token: bearer token; `None` sends none.
-        plaintext: no TLS (a local server); otherwise TLS, verified against ``ca_bundle`` or the system roots.
+        target: ``host:port``; ``grpc://host:port`` for plaintext, ``grpcs://host:port`` for TLS.
+        token: bearer token; `None` sends none. Sent only over TLS, or in plaintext to this machine.
+        plaintext: no TLS; `None` (default): as the target's scheme says, else plaintext for a loopback host (the
+            local runtime) and TLS for any other, verified against ``ca_bundle`` or the system roots.
         verify: with ``False`` the server's own certificate is fetched and trusted (throwaway clusters only).
         ca_bundle: CA bundle file (PEM).
         timeout: seconds per call.
-        retries: extra attempts on UNAVAILABLE (refused connection, server starting).
-        backoff: seconds before the first retry (doubling).
+        retries: extra attempts on UNAVAILABLE (refused or dropped connection, server starting): gRPC's
+            ``retryPolicy``, at most 5 attempts in all.
+        backoff: gRPC's initial backoff in seconds (doubling, jittered by gRPC).
+
+    Raises:
+        InsecureTokenError: a token with a plaintext channel to a host other than this machine.
     """
 
     def __init__(
@@ -461,7 +716,7 @@ class CaikitGrpcClient(_TextOnly):
         target: str,
         *,
         token: str | None = None,
-        plaintext: bool = False,
+        plaintext: bool | None = None,
         verify: bool = True,
         ca_bundle: str | os.PathLike[str] | None = None,
         timeout: float = 60.0,
@@ -470,19 +725,36 @@ class CaikitGrpcClient(_TextOnly):
     ) -> None:
         import grpc
 
-        for scheme in ("grpc://", "http://", "https://"):
-            if target.startswith(scheme):
-                plaintext = plaintext or scheme != "https://"
-                target = target[len(scheme) :]
+        fix = "Fix: give host:port, grpc://host:port (plaintext) or grpcs://host:port (TLS), e.g. 127.0.0.1:8085."
+        if not isinstance(target, str):
+            raise ValueError(f"grpc target: got {target!r}. {fix}")
+        scheme, sep, rest = target.partition("://")
+        if sep:
+            if scheme not in ("grpc", "grpcs", "http", "https"):
+                raise ValueError(f"grpc target: got {target!r}. {fix}")
+            target = rest
+            plaintext = scheme in ("grpc", "http") if plaintext is None else plaintext
         host, _, port = target.rpartition(":")
         if not host or not port.isdigit():
-            raise ValueError(f"grpc target: got {target!r}. Fix: give host:port, e.g. 127.0.0.1:8085.")
+            raise ValueError(f"grpc target: got {target!r}. {fix}")
+        if plaintext is None:
+            plaintext = is_loopback(host)
         self.target = target
+        self.plaintext = bool(plaintext)
+        self._token = _check_token(token, not plaintext, host, target)
         self.timeout = timeout
         self.retries = max(0, int(retries))
         self.backoff = backoff
-        if plaintext:
-            channel = grpc.insecure_channel(target)
+        options = _grpc_options(self.retries, backoff, timeout)
+        if plaintext and self._token:
+            # to this machine only (checked above): local credentials let gRPC attach call credentials without TLS,
+            # and gRPC itself refuses them for a peer that is not on this machine
+            creds = grpc.composite_channel_credentials(
+                grpc.local_channel_credentials(), grpc.access_token_call_credentials(self._token)
+            )
+            self.channel = grpc.secure_channel(target, creds, options)
+        elif plaintext:
+            self.channel = grpc.insecure_channel(target, options)
         else:
             root = None
             if ca_bundle and verify:
@@ -491,15 +763,21 @@ class CaikitGrpcClient(_TextOnly):
             elif not verify:
                 import ssl
 
-                root = ssl.get_server_certificate((host, int(port))).encode()
-            channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=root))
-        self._raw_channel = channel
-        self.channel = grpc.intercept_channel(channel, _auth_interceptor(token)) if token else channel
+                root = ssl.get_server_certificate((host.strip("[]"), int(port))).encode()
+            creds = grpc.ssl_channel_credentials(root_certificates=root)
+            if self._token:
+                creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(self._token))
+            self.channel = grpc.secure_channel(target, creds, options)
         self._stubs: dict[str, Any] | None = None
+
+    def __repr__(self) -> str:
+        token = "<set>" if self._token else None
+        tls = "plaintext" if self.plaintext else "TLS"
+        return f"CaikitGrpcClient({self.target!r}, {tls}, token={token}, timeout={self.timeout:g})"
 
     def close(self) -> None:
         """Close the channel."""
-        self._raw_channel.close()
+        self.channel.close()
 
     def __enter__(self):
         return self
@@ -536,43 +814,46 @@ class CaikitGrpcClient(_TextOnly):
     def _call(self, fn):
         import grpc
 
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                return fn()
-            except grpc.RpcError as exc:
-                code = exc.code() if hasattr(exc, "code") else None
-                details = exc.details() if hasattr(exc, "details") else str(exc)
-                if code == grpc.StatusCode.UNAVAILABLE:
-                    last = details or "unavailable"
-                    continue
-                self._raise(code, details)
-        raise ServerUnavailable(
-            f"gRPC server {self.target} unavailable after {self.retries + 1} attempts: {last}. Fix: check that the "
-            "server runs and the target is right (plaintext for a local server, TLS for a cluster route).",
-            status="UNAVAILABLE",
-        )
+        try:
+            return fn()  # retried by the channel's retryPolicy
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+        # raised outside the handler: our message has the code and the (redacted) details, the RpcError is not kept
+        raise self._error(code, details)
 
-    def _raise(self, code, details: str) -> None:
+    def _error(self, code, details: str | None) -> ModelServerError:
         import grpc
 
+        details = _redact(details or "", self._token)
         name = code.name if code is not None else "UNKNOWN"
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return ServerUnavailable(
+                f"gRPC server {self.target} unavailable after {min(self.retries + 1, 5)} attempts: {details}. Fix: "
+                "check that the server runs and the target is right (grpc://host:port for a plaintext local server, "
+                "grpcs://host:port for a cluster route).",
+                name,
+                details,
+            )
         if code == grpc.StatusCode.NOT_FOUND:
-            raise ModelNotFound(f"{details}. Fix: use the served model id (the caikit folder name).", name, details)
+            return ModelNotFound(f"{details}. Fix: use the served model id (the caikit folder name).", name, details)
         if code == grpc.StatusCode.INVALID_ARGUMENT:
-            raise BadRequest(f"bad request: {details}", name, details)
+            return BadRequest(f"bad request: {details}", name, details)
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-            raise Unauthorized(f"{name}: {details}. Fix: pass a valid token (--token or MODEL_TOKEN).", name, details)
+            return Unauthorized(
+                f"{name}: {details}. Fix: give a valid token in the variable serving.token_env (MODEL_TOKEN) or the "
+                "file serving.token_file (`--token-env`, `--token-file`).",
+                name,
+                details,
+            )
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            raise ServerUnavailable(f"no answer within {self.timeout:.0f} s. Fix: raise the timeout.", name, details)
+            return ServerUnavailable(f"no answer within {self.timeout:g} s. Fix: raise the timeout.", name, details)
         hint = (
             " The input is probably longer than the model's context: set truncate_input_tokens."
-            if ("index out of range" in (details or ""))
+            if "index out of range" in details
             else ""
         )
-        raise ModelServerError(f"gRPC {name}: {details}.{hint}", name, details)
+        return ModelServerError(f"gRPC {name}: {details}.{hint}", name, details)
 
     def generate(
         self, model_id: str, text: str, params: GenerationParams | None = None, **overrides: Any
@@ -613,39 +894,40 @@ def connect(
     timeout: float | None = None,
     retries: int = 3,
 ):
-    """A client for the served model; unset arguments come from ``recipe.serving`` (token from its ``token_env``).
+    """A client for the served model; unset arguments come from ``recipe.serving`` (token: :func:`read_token`).
 
     Args:
         recipe: a :class:`detox_sft.config.Recipe` (or `None`: defaults, token from ``MODEL_TOKEN``).
         url: HTTP base URL (caikit or vLLM).
-        grpc_target: ``host:port``; given (and ``kind`` caikit), the gRPC client is returned. It is plaintext when
-            ``url`` is plain ``http://`` (a local server) or the target starts with ``grpc://``, TLS otherwise.
+        grpc_target: ``host:port``; given (and ``kind`` caikit), the gRPC client is returned. Plaintext for
+            ``grpc://host:port`` or a bare loopback ``host:port`` (the local runtime), TLS for ``grpcs://`` and any
+            other host (see :class:`CaikitGrpcClient`); the HTTP URL's scheme has no say.
         kind: ``caikit`` or ``vllm``.
-        token: bearer token; `None` reads the environment variable ``recipe.serving.token_env``.
+        token: bearer token; `None` reads ``recipe.serving.token_file`` or the variable ``recipe.serving.token_env``.
         ca_bundle, verify, timeout: TLS and time limits (default: the recipe's).
-        retries: extra attempts on 503 / refused connections.
+        retries: extra attempts on 502-504 / UNAVAILABLE / refused connections.
 
     Returns:
         A :class:`CaikitHttpClient`, :class:`CaikitGrpcClient` or :class:`VllmClient`.
+
+    Raises:
+        InsecureTokenError: the token would travel in plaintext to a host other than this machine.
     """
-    from detox_sft.config import ServingConfig
 
     cfg = recipe.serving if recipe is not None else ServingConfig()
     if grpc_target is None and url is None:
         grpc_target = cfg.grpc_target
     url = url or cfg.url
-    token = token if token is not None else (os.environ.get(cfg.token_env) or None)
+    token = token if token is not None else read_token(cfg)
     verify = cfg.verify_tls if verify is None else verify
     ca_bundle = ca_bundle or cfg.ca_bundle
     timeout = timeout or cfg.timeout
     if kind not in ("caikit", "vllm"):
         raise ValueError(f"kind: got {kind!r}. Fix: use 'caikit' or 'vllm'.")
     if kind == "caikit" and grpc_target:
-        plaintext = bool(url and url.startswith("http://"))
         return CaikitGrpcClient(
             grpc_target,
             token=token,
-            plaintext=plaintext,
             verify=verify,
             ca_bundle=ca_bundle,
             timeout=timeout,
@@ -658,68 +940,3 @@ def connect(
         )
     cls = VllmClient if kind == "vllm" else CaikitHttpClient
     return cls(url, token=token, verify=verify, ca_bundle=ca_bundle, timeout=timeout, retries=retries)
-
-
-def add_arguments(parser) -> None:
-    """Flags of ``detox-sft query``."""
-    parser.add_argument("text", metavar="TEXT", help="the prompt to continue")
-    parser.add_argument("--url", default=None, help="server base URL (default: serving.url of the recipe)")
-    parser.add_argument("--model-id", default=None, help="served model id (default: export.model_id of the recipe)")
-    parser.add_argument(
-        "--token", default=None, help="bearer token (default: the env variable serving.token_env, MODEL_TOKEN)"
-    )
-    parser.add_argument(
-        "--grpc",
-        default=None,
-        metavar="HOST:PORT",
-        help="query over caikit gRPC instead of HTTP (plaintext when --url is http://)",
-    )
-    parser.add_argument("--kind", choices=("caikit", "vllm"), default="caikit", help="server API (default caikit)")
-    parser.add_argument("--ca-bundle", default=None, help="CA bundle (PEM) to verify the server's certificate")
-    parser.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (test clusters only)")
-    parser.add_argument("--recipe", default=None, help="recipe name or path (serving and export sections)")
-    parser.add_argument("--max-new-tokens", type=int, default=20)
-    parser.add_argument("--sampling", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--truncate-input-tokens", type=int, default=None)
-    parser.add_argument("--stream", action="store_true", help="stream (caikit HTTP; falls back when unsupported)")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds per request")
-
-
-def main(args) -> int:
-    """Run ``detox-sft query``: print the generated text (errors on stderr, exit code 1)."""
-    from detox_sft.config import ExportConfig, load_recipe
-
-    recipe = load_recipe(args.recipe) if args.recipe else None
-    model_id = args.model_id or (recipe.export if recipe else ExportConfig()).model_id
-    params = GenerationParams(
-        max_new_tokens=args.max_new_tokens,
-        decoding="sampling" if args.sampling else "greedy",
-        top_p=args.top_p,
-        temperature=args.temperature,
-        seed=args.seed,
-        truncate_input_tokens=args.truncate_input_tokens,
-    )
-    try:
-        client = connect(
-            recipe,
-            url=args.url,
-            grpc_target=args.grpc,
-            kind=args.kind,
-            token=args.token,
-            ca_bundle=args.ca_bundle,
-            verify=False if args.insecure else None,
-            timeout=args.timeout,
-        )
-        if args.stream and isinstance(client, CaikitHttpClient):
-            for piece in client.generate_stream(model_id, args.text, params, fallback=True):
-                print(piece, end="", flush=True)
-            print()
-        else:
-            print(client.generate(model_id, args.text, params).text)
-    except (ModelServerError, ValueError, OSError) as exc:
-        print(f"detox-sft query: {exc}", file=sys.stderr)
-        return 1
-    return 0

@@ -5,6 +5,14 @@ Each shim has a test in tests/test_compat.py that fails when the shim is no long
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
+import warnings
+from collections.abc import Iterator
+
+from detox_sft.refs import resolve_ref, revision_kwargs
+
 __all__: list[str] = []
 
 
@@ -105,7 +113,13 @@ def import_tmarco() -> type:
 
 
 def load_tmarco_model(
-    ref: str, *, forced_bos_token_id: int | None, max_length: int | None = None, device: str = "cpu", dtype=None
+    ref: str,
+    *,
+    forced_bos_token_id: int | None,
+    max_length: int | None = None,
+    device: str = "cpu",
+    dtype=None,
+    revision: str | None = None,
 ):
     """Load a BART-style seq2seq model (TMaRCo base or expert) the way trustyai means to, on transformers 5.
 
@@ -119,18 +133,19 @@ def load_tmarco_model(
         max_length: generation max length (trustyai sets 150 on the base model only).
         device: where to put the model.
         dtype: torch dtype to load in; `None` keeps the checkpoint's float32.
+        revision: the hub commit to load (``rephrase.*_revision``); ignored for ``zoo:`` references.
 
     Raises:
         OSError: the model cannot be found (message says what to do).
     """
     from transformers import AutoModelForSeq2SeqLM
 
-    from detox_sft.config import resolve_ref
-
     path = resolve_ref(ref)
     kwargs = {"dtype": dtype} if dtype is not None else {}
+    kwargs |= revision_kwargs(ref, revision)
     try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(path, **kwargs)
+        with library_progress_bars_off():  # transformers' 'Loading weights' bar, three times per TMaRCo
+            model = AutoModelForSeq2SeqLM.from_pretrained(path, **kwargs)
     except OSError as exc:
         raise OSError(
             f"cannot load TMaRCo model {ref!r} ({path}): {exc}. Fix: give a local model directory or a "
@@ -149,10 +164,11 @@ def load_tmarco(
     device: str = "cpu",
     expert_weights: list[float] | None = None,
     max_length: int = TMARCO_MAX_LENGTH,
+    revisions: tuple[str | None, str | None, str | None] = (None, None, None),
 ):
     """Build trustyai's own ``TMaRCo`` with base, expert and anti-expert loaded through the shims above.
 
-    The tokenizer is loaded by TMaRCo itself from the base model's path, exactly as its default path does for
+    The tokenizer is loaded from the base model's path (at its revision) as TMaRCo's own loader does for
     facebook/bart-large (``is_split_into_words=True, add_prefix_space=True``, pad token set to EOS).
     ``tmarco.experts`` is ``[anti_expert, expert]``, matching ``expert_weights = [anti_weight, expert_weight]``.
     Call ``tmarco.rephrase(texts, scores=..., masked_outputs=...)`` with keywords (its positional order differs from
@@ -165,22 +181,50 @@ def load_tmarco(
         device: ``cpu`` or ``cuda``.
         expert_weights: ``[anti_expert_weight, expert_weight]``; `None` keeps TMaRCo's default ``[-0.5, 0.5]``.
         max_length: the base model's generation max length (TMaRCo's default 150).
+        revisions: the hub commits of base model, expert and anti-expert (`None`: the newest).
 
     Returns:
         A ``trustyai.language.detoxify.TMaRCo`` ready for ``score`` / ``mask`` / ``rephrase``.
     """
-    from detox_sft.config import resolve_ref
+
+    from transformers import AutoTokenizer
 
     tmarco_cls = import_tmarco()
-    base_path = resolve_ref(base_model)
+    base_revision, expert_revision, anti_expert_revision = revisions
+    # what TMaRCo does with a tokenizer given by name, plus the revision it cannot pass
+    tokenizer = AutoTokenizer.from_pretrained(
+        resolve_ref(base_model),
+        is_split_into_words=True,
+        add_prefix_space=True,
+        **revision_kwargs(base_model, base_revision),
+    )
+    tokenizer.pad_token_id = tokenizer.eos_token_id
     # TMaRCo builds the tokenizer before the base model; give it a stand-in base and load the real one with its BOS id
     tmarco = tmarco_cls(
-        base_model=object(), tokenizer=base_path, expert_weights=expert_weights, max_length=max_length, device=device
+        base_model=object(), tokenizer=tokenizer, expert_weights=expert_weights, max_length=max_length, device=device
     )
     bos = tmarco.tokenizer.bos_token_id
-    tmarco.base = load_tmarco_model(base_model, forced_bos_token_id=bos, max_length=max_length, device=device)
-    tmarco.experts = [load_tmarco_model(ref, forced_bos_token_id=bos, device=device) for ref in (anti_expert, expert)]
+    tmarco.base = load_tmarco_model(
+        base_model, forced_bos_token_id=bos, max_length=max_length, device=device, revision=base_revision
+    )
+    tmarco.experts = [
+        load_tmarco_model(ref, forced_bos_token_id=bos, device=device, revision=revision)
+        for ref, revision in ((anti_expert, anti_expert_revision), (expert, expert_revision))
+    ]
+    tmarco.rephrase = _without_bpe_cleanup_notice(tmarco.rephrase)
     return tmarco
+
+
+def _without_bpe_cleanup_notice(rephrase):
+    """TMaRCo.rephrase, on this one object, without transformers' notice about its decoding arguments."""
+    import functools
+
+    @functools.wraps(rephrase)
+    def run(*args, **kwargs):
+        with drop_log_messages(*BPE_CLEANUP_NOTICE):
+            return rephrase(*args, **kwargs)
+
+    return run
 
 
 __all__ += [
@@ -380,3 +424,132 @@ def fix_caikit_nlp_generate_args() -> bool:
 
 
 __all__ += ["fix_caikit_nlp_generate_args"]
+
+
+# --- HateSonar 0.1.0 (its ONNX model needs the en_US.UTF-8 locale) ------------------------------------------------
+# The package ships its classifier (TF-IDF + logistic regression, Davidson et al. 2017) as model/model.onnx. The
+# graph's StringNormalizer (lower-casing) has no `locale` attribute, so onnxruntime constructs en_US.UTF-8 and fails to
+# create the session on machines without that locale (CI's, this one's: only C, C.utf8 and POSIX exist). Its tokenizer
+# keeps [a-zA-Z0-9_]+ only, so lower-casing under C.UTF-8 gives the same tokens.
+
+HATESONAR_LOCALE = "C.UTF-8"
+
+
+def hatesonar_session():
+    """An onnxruntime session of HateSonar's shipped model with the normaliser's locale set to C.UTF-8.
+
+    Breakage: ``hatesonar.Sonar()`` raises ``Failed to construct locale with name:en_US.UTF-8`` where that locale is
+    not installed.
+
+    Raises:
+        ImportError: hatesonar (or onnx, onnxruntime) is not installed.
+    """
+    from importlib.resources import files
+
+    import onnx
+    import onnxruntime
+
+    model = onnx.load_from_string(files("hatesonar").joinpath("model", "model.onnx").read_bytes())
+    for node in model.graph.node:
+        if node.op_type == "StringNormalizer" and not any(a.name == "locale" for a in node.attribute):
+            node.attribute.append(onnx.helper.make_attribute("locale", HATESONAR_LOCALE))
+    return onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+__all__ += ["HATESONAR_LOCALE", "hatesonar_session"]
+
+
+# --- Known upstream noise: silenced where it arises, and nowhere else ----------------------------------------------
+# Each caller says which upstream call makes the noise it silences. Everything is undone when the block ends: the
+# caller's warnings filters, loggers and progress-bar settings are as they were (importing the package changes none).
+
+
+class _DropMatching(logging.Filter):
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
+@contextlib.contextmanager
+def drop_log_messages(logger_name: str, pattern: str) -> Iterator[None]:
+    """Drop the records of the logger ``logger_name`` whose message matches ``pattern`` (a regex) inside the block.
+
+    The filter sits on that one logger (transformers logs each module's messages on its own logger, e.g.
+    ``transformers.generation.configuration_utils``): its other records, and every other logger's, pass as before.
+    """
+    logger = logging.getLogger(logger_name)
+    dropper = _DropMatching(pattern)
+    logger.addFilter(dropper)
+    try:
+        yield
+    finally:
+        logger.removeFilter(dropper)
+
+
+@contextlib.contextmanager
+def ignore_warnings(*filters: tuple[str, type[Warning]]) -> Iterator[None]:
+    """Ignore the warnings matching ``(message regex, category)`` pairs inside the block (``warnings.catch_warnings``:
+    the caller's filters come back afterwards)."""
+    with warnings.catch_warnings():
+        for message, category in filters:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        yield
+
+
+@contextlib.contextmanager
+def library_progress_bars_off() -> Iterator[None]:
+    """No progress bars from datasets (``map``, ``filter``, loading a JSON file) nor from transformers and
+    huggingface_hub (``Loading weights``, downloads) inside the block; their settings are restored afterwards.
+
+    The package's own bars (tqdm) and the Trainer's are not affected. An environment variable that forces one
+    library's bars (``HF_DATASETS_DISABLE_PROGRESS_BARS``, ``HF_HUB_DISABLE_PROGRESS_BARS``) keeps its say.
+    """
+    import datasets
+    import huggingface_hub.utils as hub
+    from huggingface_hub import constants as hub_constants
+    from transformers.utils import logging as tf_logging
+
+    datasets_on = (
+        datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is None and not datasets.are_progress_bars_disabled()
+    )
+    # transformers' switch turns huggingface_hub's bars off and on with its own
+    transformers_on = hub_constants.HF_HUB_DISABLE_PROGRESS_BARS is None and tf_logging.is_progress_bar_enabled()
+    hub_was_off = hub.are_progress_bars_disabled()
+    if datasets_on:
+        datasets.disable_progress_bars()
+    if transformers_on:
+        tf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if datasets_on:
+            datasets.enable_progress_bars()
+        if transformers_on:
+            tf_logging.enable_progress_bar()
+            if hub_was_off:
+                hub.disable_progress_bars()
+
+
+# TMaRCo.rephrase decodes with clean_up_tokenization_spaces=True (explicitly, and by BART's tokenizer default), which
+# transformers 5 skips for BPE tokenizers, saying so on the first decode. The batched engine decodes the same way, to
+# give the same texts. For drop_log_messages().
+BPE_CLEANUP_NOTICE = (
+    "transformers.tokenization_utils_tokenizers",
+    r"Ignoring clean_up_tokenization_spaces=True for BPE",
+)
+
+# transformers 5.24 deprecated PreTrainedModel.is_gradient_checkpointing (a FutureWarning on every read); peft 0.21's
+# PeftModel.__init__ still reads it, so building or loading any adapter warns. For ignore_warnings().
+PEFT_READS_IS_GRADIENT_CHECKPOINTING = (r"`is_gradient_checkpointing` is deprecated", FutureWarning)
+
+
+__all__ += [
+    "drop_log_messages",
+    "ignore_warnings",
+    "library_progress_bars_off",
+    "PEFT_READS_IS_GRADIENT_CHECKPOINTING",
+    "BPE_CLEANUP_NOTICE",
+]

@@ -1,83 +1,179 @@
 """Training samples and evaluation prompts, for both profiles, from a hub id or a local path.
 
 Training data follows allenai/real-toxicity-prompts (``prompt.text``, ``continuation.text``, ``prompt.toxicity``
-with some nulls); evaluation prompts follow OxAISH-AL-LLM/wiki_toxic (``comment_text``, ``label``). A reference is a
-hub id, a local path (a JSONL file, a directory of ``<split>.jsonl`` files, or a directory written by
-``datasets.save_to_disk``) or ``zoo:rtp`` / ``zoo:wiki_toxic`` for the bundled synthetic corpora.
+with some nulls); evaluation prompts follow OxAISH-AL-LLM/wiki_toxic (``comment_text``, ``label``). Your own data
+keeps its columns: the recipe's ``data`` section maps them (``prompt_field`` + ``continuation_field``, or one
+``text_field``; ``toxicity_field``; ``eval_text_field``, ``eval_label_field``). A reference is a hub id (read at
+``data.train_revision`` / ``data.eval_revision``), a local path (a JSONL, Parquet or CSV file, a directory of
+``<split>.jsonl`` / ``.parquet`` / ``.csv`` files, or a directory written by ``datasets.save_to_disk``) or ``zoo:rtp``
+/ ``zoo:wiki_toxic`` for the bundled synthetic corpora.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
+import os
 import random
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from detox_sft.files import atomic_writer
+from detox_sft.prompts import format_sample
+from detox_sft.refs import resolve_ref, revision_kwargs
+
 __all__ = [
-    "PROMPT_TEMPLATE",
-    "RESPONSE_MARKER",
     "DataError",
-    "format_sample",
+    "read_jsonl",
+    "read_records",
+    "write_jsonl_atomic",
     "load_rows",
     "load_train_dataset",
     "load_eval_prompts",
 ]
-
-PROMPT_TEMPLATE = "Prompt: {prompt}\nContinuation: {continuation}"
-RESPONSE_MARKER = "\nContinuation: "
 
 
 class DataError(ValueError):
     """A dataset or a field is missing; the message names it and the fix."""
 
 
-def format_sample(prompt: str, continuation: str) -> str:
-    """The SFT text of one sample: ``"Prompt: {prompt}\\nContinuation: {continuation}"``.
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read a JSONL file of objects (blank lines skipped).
 
-    A generation prompt is ``format_sample(prompt, "")``, which ends with :data:`RESPONSE_MARKER`'s ``": "``.
+    Raises:
+        DataError: a line is not UTF-8, not valid JSON or not an object; the message gives the line number.
     """
-    return PROMPT_TEMPLATE.format(prompt=prompt.strip(), continuation=continuation.strip())
+    with open(path, "rb") as fh:  # decoded line by line, so that a bad byte is reported with its line
+        return _jsonl_records(fh, path)
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with open(path) as fh:
-        for n, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{n} is not valid JSON ({exc}). Fix: one JSON object per line.") from exc
-    return rows
+def _jsonl_records(lines: Iterable[bytes], path: Any) -> list[dict[str, Any]]:
+    records = []
+    for number, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"{path}: line {number} is not UTF-8 (byte {exc.start + 1}: {exc.reason}). "
+                "Fix: save the file as UTF-8, one JSON object per line."
+            ) from None
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{path}: line {number} is not valid JSON ({exc.msg} at column {exc.colno}). "
+                "Fix: one JSON object per line."
+            ) from exc
+        except RecursionError:
+            raise DataError(
+                f"{path}: line {number} nests JSON too deeply to read. Fix: one flat JSON object per line."
+            ) from None
+        if not isinstance(value, dict):
+            raise DataError(
+                f"{path}: line {number} is a JSON {type(value).__name__}, not an object. Fix: one JSON object per line."
+            )
+        records.append(value)
+    return records
 
 
-def load_rows(ref: str, split: str) -> Any:
+def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Read records from a JSONL file (as :func:`read_jsonl`) or a Parquet file, local or ``s3://bucket/key``.
+
+    S3 is reached with the data connection's variables (``AWS_S3_ENDPOINT``, ``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``) through pyarrow's S3 filesystem, as Ray Data reads S3.
+
+    Raises:
+        DataError: a bad JSONL line (its number is in the message).
+        OSError: the file or the object cannot be read.
+    """
+    import pyarrow.parquet as pq
+
+    text = str(path)
+    if not text.startswith("s3://"):
+        return pq.read_table(text).to_pylist() if text.endswith(".parquet") else read_jsonl(path)
+    filesystem, key = _s3_filesystem(), text.removeprefix("s3://")
+    if text.endswith(".parquet"):
+        return pq.read_table(key, filesystem=filesystem).to_pylist()
+    with filesystem.open_input_stream(key) as stream:
+        return _jsonl_records(io.BytesIO(stream.read()), text)  # split as a local file is: at newlines only
+
+
+def _s3_filesystem() -> Any:
+    from urllib.parse import urlparse
+
+    from pyarrow import fs
+
+    endpoint = urlparse(os.environ["AWS_S3_ENDPOINT"]) if os.environ.get("AWS_S3_ENDPOINT") else None
+    return fs.S3FileSystem(
+        access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+        secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        region=os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        endpoint_override=endpoint.netloc if endpoint else None,
+        scheme=endpoint.scheme if endpoint else "https",
+    )
+
+
+def write_jsonl_atomic(records: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """Write records as JSONL through a temporary file in the same directory and a rename: complete or absent."""
+    with atomic_writer(path) as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return Path(path)
+
+
+# a local file's format by its suffix (data.format: auto)
+_FILE_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _read_file(path: Path, kind: str) -> Any:
+    """A JSONL (line-numbered errors), Parquet or CSV file as a :class:`datasets.Dataset`."""
+    from datasets import Dataset
+
+    if kind == "jsonl":
+        return Dataset.from_list(read_jsonl(path))
+    try:
+        return Dataset.from_parquet(str(path)) if kind == "parquet" else Dataset.from_csv(str(path))
+    except Exception as exc:  # pyarrow and pandas raise many kinds for a malformed file
+        raise DataError(
+            f"{path}: cannot read it as {kind} ({type(exc).__name__}: {exc}). Fix: check the file, or set "
+            "data.format (auto, jsonl, parquet, csv, hub) to its real format."
+        ) from exc
+
+
+def load_rows(ref: str, split: str, format: str = "auto", revision: str | None = None) -> Any:
     """Load one split of a dataset as a :class:`datasets.Dataset`.
 
     Args:
-        ref: hub id, local path (JSONL file, directory of ``<split>.jsonl``, ``save_to_disk`` directory) or
-            ``zoo:<name>``.
-        split: the split to read (a single JSONL file is taken as the requested split).
+        ref: hub id, local path (a JSONL, Parquet or CSV file; a directory of ``<split>.jsonl`` / ``.parquet`` /
+            ``.csv`` files; a ``save_to_disk`` directory) or ``zoo:<name>``.
+        split: the split to read (a single file is taken as the requested split).
+        format: ``auto`` (by the reference), ``jsonl``, ``parquet``, ``csv`` (read a file as that format, whatever its
+            name) or ``hub`` (``datasets.load_dataset`` on the reference, a hub id or a local dataset directory).
+        revision: the hub commit to read (``data.train_revision``); ignored for ``zoo:`` references.
 
     Raises:
         DataError: the dataset or the split cannot be found; the message says what to do.
     """
-    from datasets import Dataset, DatasetDict, load_from_disk
-
-    from detox_sft.config import resolve_ref
+    from datasets import DatasetDict, load_from_disk
 
     resolved = resolve_ref(ref)
     path = Path(resolved)
+    if format == "hub":
+        return _load_hub(ref, resolved, split, revision)
     if path.is_file():
-        if path.suffix not in (".jsonl", ".json"):
+        kind = _FILE_FORMATS.get(path.suffix.lower()) if format == "auto" else format
+        if kind is None:
             raise DataError(
-                f"dataset {ref!r}: {path} is not a JSONL file. Fix: give a .jsonl file, a directory of "
-                "<split>.jsonl files or a datasets.save_to_disk directory."
+                f"dataset {ref!r}: {path} is not a JSONL, Parquet or CSV file by its name. Fix: give a .jsonl, "
+                ".parquet or .csv file (or set data.format to its format), a directory of <split>.jsonl files or a "
+                "datasets.save_to_disk directory."
             )
-        return Dataset.from_list(_read_jsonl(path))
+        return _read_file(path, kind)
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             saved = load_from_disk(str(path))
@@ -89,28 +185,39 @@ def load_rows(ref: str, split: str) -> Any:
                     )
                 return saved[split]
             return saved
-        for candidate in (path / f"{split}.jsonl", path / f"{split}.json"):
-            if candidate.is_file():
-                return Dataset.from_list(_read_jsonl(candidate))
-        have = sorted(p.stem for p in path.glob("*.json*"))
+        for suffix, kind in _FILE_FORMATS.items():
+            candidate = path / f"{split}{suffix}"
+            if candidate.is_file() and format in ("auto", kind):
+                return _read_file(candidate, kind)
+        have = sorted(p.name for p in path.iterdir() if p.suffix.lower() in _FILE_FORMATS)
         raise DataError(
-            f"dataset {ref!r}: no {split}.jsonl in {path} (found: {have or 'nothing'}). Fix: set the "
-            "split in the recipe's data section or add the file."
+            f"dataset {ref!r}: no {split}.jsonl (or .parquet, .csv) in {path} (found: {have or 'nothing'}). Fix: set "
+            "the split in the recipe's data section or add the file."
         )
-    looks_local = ref.startswith((".", "/", "~")) or ref.endswith((".jsonl", ".json")) or ref.count("/") != 1
+    looks_local = ref.startswith((".", "/", "~")) or Path(ref).suffix.lower() in _FILE_FORMATS or ref.count("/") != 1
     if looks_local:
         raise DataError(
             f"dataset {ref!r} not found (no such file or directory). Fix: give an existing path, a hub "
             "id such as allenai/real-toxicity-prompts, or zoo:rtp / zoo:wiki_toxic."
         )
-    try:
-        from datasets import load_dataset
+    return _load_hub(ref, resolved, split, revision)
 
-        return load_dataset(ref, split=split)
+
+def _load_hub(ref: str, resolved: str, split: str, revision: str | None) -> Any:
+    """``datasets.load_dataset`` on a hub id (at ``revision``) or a local dataset directory."""
+    from datasets import load_dataset
+
+    try:
+        pinned = revision_kwargs(ref, revision, "the dataset's revision")
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    try:
+        return load_dataset(resolved, split=split, **pinned)
     except Exception as exc:  # the hub raises many kinds (offline, missing repo, missing split)
+        at = f" at revision {revision}" if revision else ""
         raise DataError(
-            f"cannot load dataset {ref!r} split {split!r} from the Hugging Face hub ({type(exc).__name__}:"
-            f" {exc}). Fix: reach the hub, or use a local copy (path) or the offline profile's "
+            f"cannot load dataset {ref!r} split {split!r}{at} from the Hugging Face hub ({type(exc).__name__}: "
+            f"{exc}). Fix: reach the hub, or use a local copy (path) or the offline profile's "
             "zoo:rtp / zoo:wiki_toxic (--recipe offline)."
         ) from exc
 
@@ -124,58 +231,156 @@ def _field(row: dict[str, Any], dotted: str) -> Any:
     return value
 
 
-def _require(columns: list[str], first: dict[str, Any], names: list[str], ref: str) -> None:
+def _has(row: dict[str, Any], dotted: str) -> bool:
+    try:
+        _field(row, dotted)
+    except KeyError:
+        return False
+    return True
+
+
+def _fields_of(row: dict[str, Any], prefix: str = "") -> list[str]:
+    """A row's field names, nested mappings as dotted names (``prompt.text``), for error messages."""
+    names: list[str] = []
+    for key, value in row.items():
+        if isinstance(value, dict) and value:
+            names += _fields_of(value, f"{prefix}{key}.")
+        else:
+            names.append(f"{prefix}{key}")
+    return names
+
+
+def _column(ds: Any, dotted: str) -> list[Any]:
+    """Every row's value of a (dotted) field; null where a row's nested mapping lacks it."""
+    top, _, rest = dotted.partition(".")
+    values = list(ds[top])
+    for part in rest.split(".") if rest else []:
+        values = [value.get(part) if isinstance(value, dict) else None for value in values]
+    return values
+
+
+def _require(first: dict[str, Any], names: list[str], ref: str) -> None:
+    """The default schema's fields (no column mapping in the recipe) are there."""
     for name in names:
-        try:
-            _field(first, name)
-        except KeyError:
+        if not _has(first, name):
             raise DataError(
-                f"dataset {ref!r} has no field {name!r} (columns: {columns}). Fix: use a dataset in the "
-                "allenai/real-toxicity-prompts schema (prompt.text, continuation.text, prompt.toxicity) "
-                "or OxAISH-AL-LLM/wiki_toxic (comment_text, label)."
-            ) from None
+                f"dataset {ref!r} has no field {name!r} (columns: {', '.join(_fields_of(first))}). Fix: map your "
+                "columns (data.prompt_field and data.continuation_field, or data.text_field; data.toxicity_field), "
+                "or use a dataset in the allenai/real-toxicity-prompts schema (prompt.text, continuation.text, "
+                "prompt.toxicity)."
+            )
 
 
-def _num(value: Any) -> float | None:
-    return None if value is None else float(value)
+def _require_mapped(first: dict[str, Any], field: str, column: str, ref: str) -> None:
+    """A column the recipe's ``field`` names is there."""
+    if not _has(first, column):
+        raise DataError(
+            f"{field}: {column!r} is not a column of {ref!r} (columns: {', '.join(_fields_of(first))}). "
+            f"Fix: set {field} to one of them (dots reach nested fields)."
+        )
+
+
+def _texts(values: list[Any], field: str, column: str) -> list[str | None]:
+    """The values of a text column; anything but text or null is an error naming the recipe field."""
+    for i, value in enumerate(values):
+        if value is not None and not isinstance(value, str):
+            raise DataError(
+                f"{field}: column {column!r} holds {type(value).__name__} values (row {i}: {str(value)[:60]!r}), "
+                f"not text. Fix: set {field} to a column of strings."
+            )
+    return values
+
+
+def _scores(values: list[Any], field: str, column: str) -> list[float | None]:
+    """The values of a toxicity column as floats (null and NaN -> `None`); anything else outside [0, 1] is an error."""
+    out: list[float | None] = []
+    for i, value in enumerate(values):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            out.append(None)
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+            raise DataError(
+                f"{field}: column {column!r} holds {value!r} (row {i}), not a toxicity in [0, 1] or null. Fix: set "
+                f"{field} to a column of scores in [0, 1], or to null (every sample counts as 0)."
+            )
+        out.append(float(value))
+    return out
+
+
+def _train_columns(data_cfg: Any, first: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Role (``prompt``, ``continuation`` or ``text``, ``toxicity``, ``continuation_toxicity``) -> (the recipe field
+    that names it, the dotted column): the recipe's column mapping, else the allenai/real-toxicity-prompts schema
+    (nested ``prompt.text`` ... or flat ``prompt`` ...)."""
+    ref = data_cfg.train_dataset
+    mapped = {
+        role: (f"data.{role}_field", column)
+        for role in ("prompt", "continuation", "text", "toxicity")
+        if (column := getattr(data_cfg, f"{role}_field")) is not None
+    }
+    for field, column in mapped.values():
+        _require_mapped(first, field, column, ref)
+    nested = isinstance(first.get("prompt"), dict)
+    prompt, continuation = ("prompt.text", "continuation.text") if nested else ("prompt", "continuation")
+    if not {"prompt", "text"} & set(mapped):
+        _require(first, [prompt, continuation], ref)
+        mapped["prompt"], mapped["continuation"] = (
+            ("data.prompt_field", prompt),
+            ("data.continuation_field", continuation),
+        )
+    if "toxicity" not in mapped:
+        found = [c for c in ("prompt.toxicity", "toxicity") if _has(first, c)]
+        if found:
+            mapped["toxicity"] = ("data.toxicity_field", found[0])
+    if "text" not in mapped and data_cfg.prompt_field is None:  # the schema's continuation toxicity, when present
+        column = "continuation.toxicity" if nested else "continuation_toxicity"
+        if _has(first, column):
+            mapped["continuation_toxicity"] = (f"the dataset's {column}", column)
+    return mapped
 
 
 def load_train_dataset(data_cfg: Any, seed: int) -> Any:
     """The SFT samples as ``DatasetDict(train, test)``.
 
     Columns: ``prompt``, ``continuation``, ``toxicity`` (the prompt's, nulls -> 0.0), ``toxicity_missing`` (was it
-    null), ``continuation_toxicity`` (nulls -> 0.0) and ``text`` (:func:`format_sample`). Samples below
-    ``data_cfg.min_toxicity`` or with a text longer than ``data_cfg.max_chars`` are dropped, then
-    ``num_train_samples`` are drawn with ``seed`` and ``test_size`` of them held out.
+    null), ``continuation_toxicity`` (nulls -> 0.0) and ``text`` (:func:`format_sample`). The dataset's columns are
+    the recipe's mapping (``data.prompt_field`` + ``data.continuation_field``, or ``data.text_field`` split after
+    ``data.text_prompt_words`` words; ``data.toxicity_field``), else the allenai/real-toxicity-prompts schema.
+    Samples with a null or empty prompt or continuation, below ``data_cfg.min_toxicity`` or with a text longer than
+    ``data_cfg.max_chars`` are dropped, then ``num_train_samples`` are drawn with ``seed`` and ``test_size`` of them
+    held out.
 
     Args:
         data_cfg: a :class:`detox_sft.config.DataConfig`.
         seed: the recipe's seed (same seed, same samples and split).
 
     Raises:
-        DataError: the dataset or a field is missing, or no sample survives the filters.
+        DataError: the dataset or a mapped column is missing (the message names the recipe field and the columns
+            there are), a column holds the wrong type, or no sample survives the filters.
     """
     from datasets import Dataset, DatasetDict
 
-    ds = load_rows(data_cfg.train_dataset, data_cfg.train_split)
+    ds = load_rows(data_cfg.train_dataset, data_cfg.train_split, data_cfg.format, data_cfg.train_revision)
     if len(ds) == 0:
         raise DataError(f"dataset {data_cfg.train_dataset!r} split {data_cfg.train_split!r} is empty.")
-    first = ds[0]
-    nested = isinstance(first.get("prompt"), dict)
-    if nested:
-        _require(ds.column_names, first, ["prompt.text", "continuation.text"], data_cfg.train_dataset)
-    else:  # flat files: prompt / continuation strings, optional toxicity
-        _require(ds.column_names, first, ["prompt", "continuation"], data_cfg.train_dataset)
+    columns = _train_columns(data_cfg, ds[0])
+    values: dict[str, list[Any]] = {}
+    for role, (field, column) in columns.items():
+        check = _scores if role.endswith("toxicity") else _texts
+        values[role] = check(_column(ds, column), field, column)
+    none = [None] * len(ds)
+    if "text" in values:
+        n = data_cfg.text_prompt_words
+        words = [t.split() if t else [] for t in values["text"]]
+        prompts = [" ".join(w[:n]) if len(w) > n else None for w in words]
+        continuations = [" ".join(w[n:]) if len(w) > n else None for w in words]
+    else:
+        prompts, continuations = values["prompt"], values["continuation"]
 
     records = []
-    for row in ds:
-        if nested:
-            prompt, cont = row["prompt"].get("text"), row["continuation"].get("text")
-            tox, ctox = _num(row["prompt"].get("toxicity")), _num(row["continuation"].get("toxicity"))
-        else:
-            prompt, cont = row.get("prompt"), row.get("continuation")
-            tox, ctox = _num(row.get("toxicity")), _num(row.get("continuation_toxicity"))
-        if not isinstance(prompt, str) or not isinstance(cont, str) or not prompt.strip() or not cont.strip():
+    for prompt, cont, tox, ctox in zip(
+        prompts, continuations, values.get("toxicity", none), values.get("continuation_toxicity", none), strict=True
+    ):
+        if prompt is None or cont is None or not prompt.strip() or not cont.strip():
             continue
         text = format_sample(prompt, cont)
         if len(text) > data_cfg.max_chars:
@@ -193,10 +398,11 @@ def load_train_dataset(data_cfg: Any, seed: int) -> Any:
             }
         )
     if len(records) < 2:
+        words = f", text_prompt_words={data_cfg.text_prompt_words}" if "text" in values else ""
         raise DataError(
             f"only {len(records)} samples of {data_cfg.train_dataset!r} pass the filters (min_toxicity="
-            f"{data_cfg.min_toxicity}, max_chars={data_cfg.max_chars}). Fix: relax data.min_toxicity or "
-            "raise data.max_chars."
+            f"{data_cfg.min_toxicity}, max_chars={data_cfg.max_chars}{words}). Fix: relax data.min_toxicity or "
+            "raise data.max_chars" + (" or lower data.text_prompt_words." if words else ".")
         )
     random.Random(seed).shuffle(records)
     if data_cfg.num_train_samples is not None:
@@ -219,6 +425,9 @@ def load_train_dataset(data_cfg: Any, seed: int) -> Any:
 def load_eval_prompts(data_cfg: Any, seed: int) -> list[str]:
     """The evaluation prompts: the first ``eval_prompt_words`` words of comments with label ``eval_label``.
 
+    The comments are the column ``data.eval_text_field`` (``comment_text``), the labels ``data.eval_label_field``
+    (``label``), as in OxAISH-AL-LLM/wiki_toxic.
+
     ``num_eval_prompts`` comments are drawn with ``seed`` (same seed, same prompts, same order); fewer when the split
     has fewer.
 
@@ -229,14 +438,16 @@ def load_eval_prompts(data_cfg: Any, seed: int) -> list[str]:
     Raises:
         DataError: the dataset or a field is missing, or no comment has the label.
     """
-    ds = load_rows(data_cfg.eval_dataset, data_cfg.eval_split)
+    ds = load_rows(data_cfg.eval_dataset, data_cfg.eval_split, data_cfg.eval_format, data_cfg.eval_revision)
     if len(ds) == 0:
         raise DataError(f"dataset {data_cfg.eval_dataset!r} split {data_cfg.eval_split!r} is empty.")
-    needed = ["comment_text"] + (["label"] if data_cfg.eval_label is not None else [])
-    _require(ds.column_names, ds[0], needed, data_cfg.eval_dataset)
-    texts = ds["comment_text"]
+    text_field, label_field = data_cfg.eval_text_field, data_cfg.eval_label_field
+    _require_mapped(ds[0], "data.eval_text_field", text_field, data_cfg.eval_dataset)
+    texts = _texts(_column(ds, text_field), "data.eval_text_field", text_field)
     if data_cfg.eval_label is not None:
-        texts = [t for t, lab in zip(texts, ds["label"], strict=True) if lab == data_cfg.eval_label]
+        _require_mapped(ds[0], "data.eval_label_field", label_field, data_cfg.eval_dataset)
+        labels = _column(ds, label_field)
+        texts = [t for t, lab in zip(texts, labels, strict=True) if lab == data_cfg.eval_label]
     prompts = [" ".join(t.split()[: data_cfg.eval_prompt_words]) for t in texts if isinstance(t, str) and t.strip()]
     if not prompts:
         raise DataError(

@@ -1,8 +1,8 @@
-"""Which torch device a step runs on: one rule for every step (rephrase, training, evaluation, scoring)."""
+"""Which torch device and dtype a step runs on: one rule for every step (rephrase, training, evaluation, scoring)."""
 
 from __future__ import annotations
 
-__all__ = ["resolve_device"]
+__all__ = ["compute_dtype", "gpu_dtype", "resolve_device"]
 
 
 def resolve_device(device: str | None = "auto", setting: str = "device", error: type[Exception] = ValueError) -> str:
@@ -25,3 +25,17 @@ def resolve_device(device: str | None = "auto", setting: str = "device", error: 
     if device not in ("cpu", "cuda"):
         raise error(f"unknown {setting} {device!r}. Fix: use 'auto', 'cpu' or 'cuda'.")
     return device
+
+
+def gpu_dtype():
+    """The half precision of this GPU: bfloat16 where it has it (Ampere or newer), else float16 (T4, V100)."""
+    import torch
+
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+
+
+def compute_dtype(device: str):
+    """The dtype models load and compute in: :func:`gpu_dtype` on ``cuda``, float32 on CPU (half is slow there)."""
+    import torch
+
+    return gpu_dtype() if str(device).startswith("cuda") else torch.float32

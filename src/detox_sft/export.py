@@ -6,39 +6,72 @@ Layout (``../shared/DESIGN.md`` §6)::
     <run_dir>/export/caikit/<model_id>/       config.yml + artifacts/ (caikit-nlp bootstrap + save; the folder
                                               name is the model id of the local caikit runtime)
 
-The Caikit directory is checked by loading it back with caikit-nlp and generating. CLI:
-``detox-sft export --recipe R [--run-dir D] [--arm detox]``.
+Both ``tokenizer.json`` files are written with their BPE merges as ``"a b"`` strings (:func:`write_legacy_merges`),
+the form the TGIS image's tokenizers 0.19 reads. The Caikit directory is checked by loading it back with caikit-nlp
+and generating. CLI: ``detox-sft export --recipe R [--run-dir D] [--arm detox] [--export.dtype float32]``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-import shutil
-import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from detox_sft.config import Recipe, load_recipe, resolve_ref
+from detox_sft.compat import (
+    BPE_CLEANUP_NOTICE,
+    PEFT_READS_IS_GRADIENT_CHECKPOINTING,
+    drop_log_messages,
+    fix_caikit_nlp_generate_args,
+    ignore_warnings,
+    library_progress_bars_off,
+)
+from detox_sft.config import Recipe, RunPaths
+from detox_sft.files import dir_writer
+from detox_sft.prompts import generation_prompt
+from detox_sft.refs import resolve_ref, revision_kwargs
 
 __all__ = [
     "ExportError",
     "ExportResult",
-    "adapter_path",
-    "hf_export_path",
-    "caikit_export_path",
+    "save_tokenizer",
+    "write_legacy_merges",
     "merge_adapter",
     "convert_to_caikit",
     "check_caikit_model",
     "export_model",
-    "add_arguments",
-    "main",
+    "quiet_caikit",
 ]
 
-CHECK_PROMPT = "Prompt: The weather today is\nContinuation: "
+CHECK_PROMPT = generation_prompt("The weather today is")
 
 
 class ExportError(RuntimeError):
     """An export step cannot run or produced something unusable; the message says what to do."""
+
+
+@contextlib.contextmanager
+def quiet_caikit() -> Iterator[None]:
+    """Run caikit-nlp calls (import, ``bootstrap``, ``save``, ``load``, ``run``) without upstream noise that is not ours.
+
+    Dropped, each where it comes from: caikit 0.28's import-time notice that ``register_backend_type`` "is still in the
+    BETA phase"; the notice that ``torch_dtype`` is deprecated (caikit-nlp 0.5.15 passes it to transformers 5 on every
+    load); transformers flagging the model's ``top_p`` as unused when caikit-nlp decodes greedily, and saying that it
+    skips the clean-up of spaces caikit-nlp asks for when decoding (BPE); and transformers' 'Loading weights' /
+    'Writing model shards' bars. Everything else passes.
+    """
+    with (
+        library_progress_bars_off(),
+        drop_log_messages("WIPDC", r"is still in the BETA phase"),
+        drop_log_messages("transformers.configuration_utils", r"`torch_dtype` is deprecated"),
+        drop_log_messages("transformers.generation.configuration_utils", r"generation flags are not valid"),
+        drop_log_messages(*BPE_CLEANUP_NOTICE),
+    ):
+        yield
 
 
 @dataclass
@@ -56,42 +89,109 @@ class ExportResult:
     sample: str
 
 
-def _run_dir(recipe: Recipe, run_dir: str | os.PathLike[str] | None) -> Path:
-    return Path(run_dir) if run_dir is not None else recipe.run_path
+def _paths(recipe: Recipe, run_dir: str | os.PathLike[str] | None) -> RunPaths:
+    return RunPaths(Path(run_dir)) if run_dir is not None else recipe.paths
 
 
-def adapter_path(recipe: Recipe, run_dir: str | os.PathLike[str] | None = None, arm: str = "detox") -> Path:
-    """``<run_dir>/adapters/<arm>``, where training writes the LoRA adapter."""
-    return _run_dir(recipe, run_dir) / "adapters" / arm
+def _legacy_merge(pair: list[str], path: Path, rank: int) -> str:
+    a, b = pair
+    # tokenizers 0.19 splits each merge on " " into exactly two parts and skips lines that start with "#version"
+    if " " in a or " " in b or not a or not b or a.startswith("#version"):
+        raise ExportError(
+            f"{path}: BPE merge {rank} {pair!r} has a token with a space (or an empty one), which the TGIS image's "
+            "tokenizers 0.19.1 cannot read: it reads merges only as 'a b' strings. Fix: serve the Hugging Face "
+            "directory (export/hf) with the vLLM runtime, whose tokenizers reads merges as pairs."
+        )
+    return f"{a} {b}"
 
 
-def hf_export_path(recipe: Recipe, run_dir: str | os.PathLike[str] | None = None) -> Path:
-    """``<run_dir>/export/hf``."""
-    return _run_dir(recipe, run_dir) / "export" / "hf"
+def write_legacy_merges(tokenizer_json: str | os.PathLike[str], strict: bool = True) -> bool:
+    """Rewrite a BPE ``tokenizer.json``'s merges from pairs to ``"a b"`` strings, the form every tokenizers reads.
+
+    tokenizers >= 0.20 writes merges as ``[["a", "b"], ...]`` and reads both forms. The TGIS image's tokenizers
+    0.19.1 (its Rust router and its transformers 4.40.2) reads only strings: on pairs ``Tokenizer.from_file`` and
+    ``AutoTokenizer`` fail with "data did not match any variant of untagged enum ModelWrapper" (measured on the
+    offline export). tokenizers has no option to write the old form, hence this rewrite; the new file must load as
+    the same tokenizer before it replaces the old one (atomically).
+
+    Args:
+        tokenizer_json: the file, rewritten in place.
+        strict: when a merge cannot be written as a string (a token holds a space), raise; else warn and leave the
+            file as it is.
+
+    Returns:
+        Whether the file was rewritten (`False`: merges already strings, no BPE merges, or left as pairs).
+
+    Raises:
+        ExportError: ``strict`` and a merge that tokenizers 0.19 cannot read.
+    """
+    from tokenizers import Tokenizer
+
+    path = Path(tokenizer_json)
+    text = path.read_text(encoding="utf-8")
+    data = json.loads(text)
+    model = data.get("model") or {}
+    merges = model.get("merges")
+    if model.get("type") != "BPE" or not merges or isinstance(merges[0], str):
+        return False
+    try:
+        model["merges"] = [_legacy_merge(pair, path, rank) for rank, pair in enumerate(merges)]
+    except ExportError as exc:
+        if strict:
+            raise
+        warnings.warn(f"{exc} Left as pairs: TGIS cannot serve this tokenizer.", UserWarning, stacklevel=2)
+        return False
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False, indent=2)
+        os.chmod(tmp, path.stat().st_mode & 0o777)  # mkstemp's file is private; keep the original's mode
+        if Tokenizer.from_file(tmp).to_str() != Tokenizer.from_str(text).to_str():
+            raise ExportError(f"{path}: the rewritten merges load as a different tokenizer; the file is left as it was")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return True
 
 
-def caikit_export_path(recipe: Recipe, run_dir: str | os.PathLike[str] | None = None) -> Path:
-    """``<run_dir>/export/caikit/<export.model_id>``."""
-    return _run_dir(recipe, run_dir) / "export" / "caikit" / recipe.export.model_id
+def save_tokenizer(tokenizer, out_dir: str | os.PathLike[str]) -> Path:
+    """``tokenizer.save_pretrained(out_dir)``, its ``tokenizer.json`` rewritten by :func:`write_legacy_merges`.
+
+    Not strict: vLLM reads merges as pairs, so a tokenizer that cannot be written the old way still serves from
+    this directory (with a warning); :func:`convert_to_caikit` refuses it.
+
+    Args:
+        tokenizer: a transformers tokenizer.
+        out_dir: the model directory.
+
+    Returns:
+        ``out_dir``.
+    """
+    out = Path(out_dir)
+    tokenizer.save_pretrained(str(out))
+    if (out / "tokenizer.json").is_file():
+        write_legacy_merges(out / "tokenizer.json", strict=False)
+    return out
 
 
-def _fresh_dir(path: Path) -> Path:
-    if path.exists():
-        shutil.rmtree(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def merge_adapter(recipe: Recipe, run_dir: str | os.PathLike[str] | None = None, arm: str = "detox") -> Path:
+def merge_adapter(
+    recipe: Recipe,
+    run_dir: str | os.PathLike[str] | None = None,
+    arm: str = "detox",
+    out_dir: str | os.PathLike[str] | None = None,
+) -> Path:
     """Merge the ``arm`` LoRA adapter into the base model and save model + tokenizer to ``<run_dir>/export/hf``.
 
     The base (``training.base_model``) is loaded unquantized in ``export.dtype``: QLoRA trains on a 4-bit base, but
-    the served model is the full-precision base with the low-rank update added in.
+    the served model is the full-precision base with the low-rank update added in. The directory is built beside its
+    place and swapped in when complete, so an interrupted merge leaves the previous one (or none), never half a model.
 
     Args:
         recipe: the run's recipe.
         run_dir: the run directory; `None` uses ``recipe.run_path``.
         arm: which adapter (``detox`` or ``raw``).
+        out_dir: where to write; `None` is ``<run_dir>/export/hf``.
 
     Returns:
         The Hugging Face directory.
@@ -103,30 +203,32 @@ def merge_adapter(recipe: Recipe, run_dir: str | os.PathLike[str] | None = None,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    adapter = adapter_path(recipe, run_dir, arm)
-    if not (adapter / "adapter_config.json").is_file():
+    adapter = _paths(recipe, run_dir).adapter(arm)
+    if not _paths(recipe, run_dir).adapter_config(arm).is_file():
         raise ExportError(
             f"No adapter in {adapter} — run notebooks/1-sft.ipynb first (or `detox-sft train --recipe {recipe.name}`)."
         )
     dtype = getattr(torch, recipe.export.dtype)
-    base = resolve_ref(recipe.training.base_model)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    cfg = recipe.training
+    base = resolve_ref(cfg.base_model)
+    pinned = revision_kwargs(cfg.base_model, cfg.base_model_revision, "training.base_model_revision")
+    with library_progress_bars_off(), ignore_warnings(PEFT_READS_IS_GRADIENT_CHECKPOINTING):
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **pinned)
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     leftover = [name for name, _ in model.named_modules() if "lora_" in name]
     if leftover:
         raise ExportError(f"LoRA layers left after merging ({leftover[:3]}...). Fix: check the adapter's peft version.")
     # the adapter folder holds the tokenizer training used (pad token set); fall back to the base's
-    tok_src = adapter if (adapter / "tokenizer_config.json").is_file() else base
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_src))
-    out = _fresh_dir(hf_export_path(recipe, run_dir))
-    model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
+    own = (adapter / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter)) if own else AutoTokenizer.from_pretrained(base, **pinned)
+    out = Path(out_dir) if out_dir is not None else _paths(recipe, run_dir).hf_export
+    with dir_writer(out) as building, library_progress_bars_off():  # 'Writing model shards'
+        model.save_pretrained(str(building))
+        save_tokenizer(tokenizer, building)
     return out
 
 
 def _hf_dtype(hf_dir: Path) -> str:
-    import json
-
     config = json.loads((hf_dir / "config.json").read_text())
     dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
     return str(dtype).replace("torch.", "")
@@ -139,21 +241,35 @@ def convert_to_caikit(
 
     Args:
         hf_dir: a Hugging Face causal-LM directory with its tokenizer.
-        out_dir: the Caikit model directory to (re)create; its name is the served model id.
+        out_dir: the Caikit model directory to (re)create; its name is the served model id. It is built beside its
+            place and swapped in when complete.
         dtype: weights dtype; `None` keeps the HF directory's (caikit-nlp would otherwise upcast to float32).
 
     Returns:
         ``out_dir`` (holding ``config.yml`` and ``artifacts/``).
+
+    Raises:
+        ExportError: no model in ``hf_dir``; or a tokenizer the TGIS image cannot read (see
+            :func:`write_legacy_merges`).
     """
-    from caikit_nlp.modules.text_generation import TextGeneration
+    import yaml
+
+    with quiet_caikit():
+        from caikit_nlp.modules.text_generation import TextGeneration
 
     hf_dir = Path(hf_dir).resolve()
     if not (hf_dir / "config.json").is_file():
         raise ExportError(f"No model in {hf_dir}. Fix: run merge_adapter first (or `detox-sft export`).")
-    out = _fresh_dir(Path(out_dir))
-    TextGeneration.bootstrap(str(hf_dir), torch_dtype=dtype or _hf_dtype(hf_dir)).save(str(out))
-    if not (out / "config.yml").is_file():
-        raise ExportError(f"caikit-nlp wrote no config.yml in {out}")
+    out = Path(out_dir)
+    with dir_writer(out) as building:
+        with quiet_caikit():
+            TextGeneration.bootstrap(str(hf_dir), torch_dtype=dtype or _hf_dtype(hf_dir)).save(str(building))
+        if not (building / "config.yml").is_file():
+            raise ExportError(f"caikit-nlp wrote no config.yml for {out}")
+        # caikit-nlp saves the tokenizer again, with the main stack's tokenizers: merges as pairs once more
+        artifacts = building / yaml.safe_load((building / "config.yml").read_text())["artifact_path"]
+        if (artifacts / "tokenizer.json").is_file():
+            write_legacy_merges(artifacts / "tokenizer.json")
     return out
 
 
@@ -163,41 +279,30 @@ def check_caikit_model(caikit_dir: str | os.PathLike[str], prompt: str = CHECK_P
     Raises:
         ExportError: the model generated no token.
     """
-    from caikit_nlp.modules.text_generation import TextGeneration
+    with quiet_caikit():
+        from caikit_nlp.modules.text_generation import TextGeneration
 
-    from detox_sft.compat import fix_caikit_nlp_generate_args
-
-    fix_caikit_nlp_generate_args()  # greedy means greedy, as in the served runtime
-    model = TextGeneration.load(str(caikit_dir))
-    result = model.run(prompt, max_new_tokens=max_new_tokens, preserve_input_text=False)
+        fix_caikit_nlp_generate_args()  # greedy means greedy, as in the served runtime
+        model = TextGeneration.load(str(caikit_dir))
+        result = model.run(prompt, max_new_tokens=max_new_tokens, preserve_input_text=False)
     if not result.generated_tokens:
         raise ExportError(f"the Caikit model in {caikit_dir} generated nothing for {prompt!r}")
     return result.generated_text
 
 
 def export_model(recipe: Recipe, run_dir: str | os.PathLike[str] | None = None, arm: str = "detox") -> ExportResult:
-    """Merge, convert and check: the whole export step (notebook 3 and ``detox-sft export``)."""
-    hf_dir = merge_adapter(recipe, run_dir, arm)
-    caikit_dir = convert_to_caikit(hf_dir, caikit_export_path(recipe, run_dir), recipe.export.dtype)
-    return ExportResult(hf_dir, caikit_dir, check_caikit_model(caikit_dir))
+    """Merge, convert and check: the whole export step (notebook 3 and ``detox-sft export``).
 
-
-def add_arguments(parser) -> None:
-    """Flags of ``detox-sft export``."""
-    parser.add_argument("--recipe", default="offline", help="recipe name or path (default %(default)s)")
-    parser.add_argument("--run-dir", default=None, help="run directory (default: runs/<recipe name>)")
-    parser.add_argument("--arm", default="detox", choices=("detox", "raw"), help="adapter to export")
-
-
-def main(args) -> int:
-    """Run ``detox-sft export``."""
-    recipe = load_recipe(args.recipe, run_dir=args.run_dir)
-    try:
-        result = export_model(recipe, arm=args.arm)
-    except ExportError as exc:
-        print(f"detox-sft export: {exc}", file=sys.stderr)
-        return 1
-    print(f"Hugging Face directory: {result.hf_dir}")
-    print(f"Caikit directory:       {result.caikit_dir}")
-    print(f"check generation:       {result.sample!r}")
-    return 0
+    The whole ``export/`` directory is built beside its place (a hidden temporary directory) and swapped in only once
+    the Caikit model has loaded back and generated: an interrupted or failed export leaves the previous export (or
+    none), never a half one that ``upload`` would ship.
+    """
+    paths = _paths(recipe, run_dir)
+    model_id = recipe.export.model_id
+    with dir_writer(paths.export) as building:
+        hf_dir = merge_adapter(recipe, run_dir, arm, out_dir=building / paths.hf_export.relative_to(paths.export))
+        caikit_dir = convert_to_caikit(
+            hf_dir, building / paths.caikit_export(model_id).relative_to(paths.export), recipe.export.dtype
+        )
+        sample = check_caikit_model(caikit_dir)
+    return ExportResult(paths.hf_export, paths.caikit_export(model_id), sample)

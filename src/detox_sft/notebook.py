@@ -1,6 +1,9 @@
-"""Small helpers the notebooks call: start a step, guard on an earlier step's output, record results.
+"""Small helpers the notebooks call: start a step, guard on an earlier step's output, record results, and show the
+real objects of a step (a library config as the call that builds it, TMaRCo's token scores, tables).
 
-They keep the notebooks thin (one call per cell) and let the tests read back what a headless run produced.
+They keep the notebooks' cells short (the logic is here, tested) and let the tests read back what a headless run
+produced. Nothing here changes the caller's process: figures are ``matplotlib.figure.Figure`` objects (Jupyter shows a
+cell's last one with ``%matplotlib inline``), tables are DataFrames.
 """
 
 from __future__ import annotations
@@ -11,7 +14,12 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from detox_sft import evaluation
+from detox_sft.clients import connect
 from detox_sft.config import Recipe, load_recipe
+from detox_sft.data import load_eval_prompts
+from detox_sft.prompts import generation_prompt
+from detox_sft.toxicity import load_scorer
 
 __all__ = [
     "StepMissing",
@@ -24,6 +32,15 @@ __all__ = [
     "ask",
     "ask_grpc",
     "compare_arms",
+    "ConfigView",
+    "show_config",
+    "plot_token_scores",
+    "training_table",
+    "scored_continuations",
+    "agreement",
+    "bucket_table",
+    "nontoxic_table",
+    "as_table",
 ]
 
 _STEP_HINTS = {
@@ -104,14 +121,12 @@ def read_records(run_dir: str | os.PathLike[str], notebook: str) -> dict[str, An
 
 def sample_prompts(recipe: Recipe, n: int = 5) -> list[str]:
     """The first ``n`` evaluation prompts of the recipe (the same ones notebook 2 used)."""
-    from detox_sft.data import load_eval_prompts
 
     return load_eval_prompts(recipe.data, recipe.seed)[:n]
 
 
 def _served_input(prompt: str) -> str:
-    # The served model was tuned on "Prompt: ...\nContinuation: ..."; it is queried in the same format.
-    from detox_sft.training import generation_prompt
+    # The served model is queried with the prompt it was tuned on.
 
     return generation_prompt(prompt)
 
@@ -142,7 +157,6 @@ def ask_grpc(recipe: Recipe, model_id: str, prompts: list[str], max_new_tokens: 
     if not recipe.serving.grpc_target:
         print("No gRPC endpoint configured (serving.grpc_target / the grpc_target parameter): skipped.")
         return None
-    from detox_sft.clients import connect
 
     client = connect(recipe, url=recipe.serving.url, grpc_target=recipe.serving.grpc_target)
     return ask(client, model_id, prompts, max_new_tokens=max_new_tokens)
@@ -157,10 +171,7 @@ def compare_arms(recipe: Recipe, answers: Any, max_new_tokens: int = 20) -> Any:
 
     import pandas as pd
 
-    from detox_sft import evaluation
-    from detox_sft.toxicity import load_scorer
-
-    require(recipe.run_path / "adapters" / "raw" / "adapter_config.json", "1-sft")
+    require(recipe.paths.adapter_config("raw"), "1-sft")
     prompts = list(answers["prompt"])
     model, tokenizer = evaluation.load_arm_model(recipe, recipe.run_path, "raw")
     cfg = dataclasses.replace(recipe.evaluation, max_new_tokens=max_new_tokens)
@@ -170,7 +181,8 @@ def compare_arms(recipe: Recipe, answers: Any, max_new_tokens: int = 20) -> Any:
             model, tokenizer, [_served_input(p) for p in prompts], cfg, recipe.seed, greedy=True, progress=False
         )
     ]
-    scorer = load_scorer(recipe.evaluation.scorers[0])
+    name = recipe.evaluation.scorers[0]
+    scorer = load_scorer(name, revision=recipe.evaluation.scorer_revisions.get(name))
     detox = list(answers["answer"])
     return pd.DataFrame(
         {
@@ -181,3 +193,230 @@ def compare_arms(recipe: Recipe, answers: Any, max_new_tokens: int = 20) -> Any:
             "detox toxicity": scorer(detox).round(3),
         }
     )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What the notebooks show of a step before the package runs it
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class ConfigView:
+    """A library config shown as the call that builds it: ``LoraConfig(r=16, ...)`` with the fields that differ from
+    the class's defaults (Python syntax, highlighted in Jupyter). ``text`` is the call; ``fields`` its arguments."""
+
+    def __init__(self, name: str, fields: dict[str, Any]) -> None:
+        self.name = name
+        self.fields = fields
+        lines = [f"    {key}={_literal(value)}," for key, value in fields.items()]
+        self.text = f"{name}(\n" + "\n".join(lines) + "\n)" if lines else name if name == "None" else f"{name}()"
+
+    def __repr__(self) -> str:
+        return self.text
+
+    def _repr_html_(self) -> str:
+        from pygments import highlight
+        from pygments.formatters import HtmlFormatter
+        from pygments.lexers import PythonLexer
+
+        formatter = HtmlFormatter(noclasses=True, nobackground=True, prestyles="font-family: monospace")
+        return highlight(self.text, PythonLexer(), formatter)
+
+
+def _literal(value: Any) -> str:
+    """``repr`` a config value as it would be written in the call: enums by value, sets sorted, a nested config
+    (``SFTConfig.accelerator_config``) by its own non-default fields, on one line."""
+    import dataclasses
+    import enum
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        inner = show_config(value)
+        return f"{inner.name}(" + ", ".join(f"{k}={_literal(v)}" for k, v in inner.fields.items()) + ")"
+    if isinstance(value, enum.Enum):
+        return repr(value.value)
+    if isinstance(value, set | frozenset):
+        return repr(sorted(value))
+    return repr(value)
+
+
+def show_config(config: Any, always: Any = ()) -> ConfigView:
+    """``config`` (a ``BitsAndBytesConfig``, ``LoraConfig``, ``SFTConfig`` or any dataclass) as the call that builds
+    it, with the fields that differ from the class's defaults: what the recipe changed, and what the library derived
+    from it (``SFTConfig`` fills some fields in ``__post_init__``).
+
+    Args:
+        config: the object a mapper returned (e.g. :func:`detox_sft.training.get_peft_config`).
+        always: names of fields to show even at their default (e.g. the recipe's ``training.sft`` keys).
+    """
+    import dataclasses
+
+    if config is None:  # a mapper's "feature off" (e.g. training.load_in_4bit: false gives no quantisation config)
+        return ConfigView("None", {})
+    always = set(always)
+    name = type(config).__name__
+    if hasattr(config, "to_diff_dict"):  # a transformers config: compared with a default instance, as it diffs itself
+        values, defaults = config.to_dict(), type(config)().to_dict()
+        fields = {k: v for k, v in values.items() if not k.startswith("_") and (k in always or defaults.get(k, v) != v)}
+        return ConfigView(name, fields)
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"show_config: {name} is neither a dataclass nor a transformers config")
+    fields = {}
+    for f in dataclasses.fields(config):
+        if not f.init or f.name.startswith("_") or f.name.endswith("_version"):
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        value = getattr(config, f.name)
+        if f.name in always or default is dataclasses.MISSING or value != default:
+            fields[f.name] = value
+    return ConfigView(name, fields)
+
+
+def plot_token_scores(tokenizer: Any, sentence: str, scores: Any, threshold: float) -> Any:
+    """TMaRCo's score of each token of ``sentence`` as bars, the mask threshold as a line; masked tokens in red.
+
+    Args:
+        tokenizer: TMaRCo's tokenizer (``tmarco.tokenizer``): the tokens are its ``tokenize(sentence)``, as in
+            ``TMaRCo.score`` and ``TMaRCo.mask``.
+        sentence: the sentence that was scored.
+        scores: ``tmarco.score([sentence])[0]``: one score per token (the experts' disagreement over its mean).
+        threshold: the mask threshold (``rephrase.mask_threshold``): TMaRCo masks the tokens scoring above it.
+
+    Returns:
+        The figure.
+    """
+    from matplotlib.figure import Figure
+
+    tokens = tokenizer.tokenize(sentence)
+    labels = [tokenizer.convert_tokens_to_string([t]).strip() or repr(t) for t in tokens]
+    values = [float(v) for v in scores]
+    masked = [v > threshold for v in values]
+    fig = Figure(figsize=(min(14.0, max(6.0, 0.42 * len(tokens))), 3.4))
+    ax = fig.subplots()
+    ax.bar(range(len(values)), values, color=["#d62728" if m else "#9e9e9e" for m in masked])
+    ax.axhline(threshold, color="black", linestyle="--", linewidth=1, label=f"mask threshold {threshold:g}")
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=9)
+    ax.set_ylabel("disagreement / sentence mean")
+    ax.set_title(f"TMaRCo token scores: {sum(masked)} of {len(tokens)} tokens above the threshold (red) are masked")
+    ax.legend(loc="upper left", frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def training_table(train_results: dict[str, Any]) -> Any:
+    """One row per arm of :func:`detox_sft.training.train_arms`' results: path, losses, steps, speed, memory, parameters."""
+    import pandas as pd
+
+    rows = {}
+    for arm, result in train_results.items():
+        m = result.metrics
+        trainable, total = m.get("trainable_parameters"), m.get("total_parameters")
+        rows[arm] = {
+            "path": m.get("path"),
+            "train loss": _round(m.get("train_loss"), 4),
+            "eval loss": _round(m.get("final_eval_loss"), 4),
+            "steps": m.get("global_step"),
+            "wall time (s)": _round(m.get("wall_time_s"), 1),
+            "samples/s": _round(m.get("samples_per_s"), 1),
+            "peak memory (MiB)": round(m["peak_memory_bytes"] / 2**20) if m.get("peak_memory_bytes") else None,
+            "trainable parameters": f"{trainable:,} of {total:,}" if trainable and total else None,
+            "trained now": not result.skipped,
+        }
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def _round(value: Any, digits: int) -> Any:
+    return round(value, digits) if isinstance(value, int | float) else value
+
+
+def scored_continuations(continuations: list[str], scorers: dict[str, Any], threshold: float = 0.5) -> Any:
+    """The ``k`` continuations of one prompt and each one's toxicity under every scorer (the first is the headline).
+
+    The last row is what the metrics take from this prompt: the worst continuation (what EMT averages over prompts)
+    and whether any reaches ``threshold`` (what TP counts).
+
+    Args:
+        continuations: one prompt's sampled continuations.
+        scorers: scorer name -> scorer (:func:`detox_sft.toxicity.load_scorers`).
+        threshold: the toxic threshold (``evaluation.toxic_threshold``).
+    """
+    import pandas as pd
+
+    table = pd.DataFrame({"continuation": continuations})
+    for name, scorer in scorers.items():
+        table[name] = scorer(continuations).round(3)
+    worst = {"continuation": f"max over the {len(continuations)} (EMT) / any >= {threshold:g} (TP)"}
+    for name in scorers:
+        worst[name] = f"{table[name].max():.3f} / {'yes' if (table[name] >= threshold).any() else 'no'}"
+    table.index = [f"sample {i}" for i in range(len(table))]
+    return pd.concat([table, pd.DataFrame([worst], index=["this prompt"])])
+
+
+def agreement(results: Any) -> Any:
+    """How the scorers agree on the same continuations (:func:`detox_sft.evaluation.agreement_table`, rounded), or a
+    note when the evaluation had one scorer."""
+    from IPython.display import Markdown
+
+    table = evaluation.agreement_table(results)
+    if table.empty:
+        return Markdown("One scorer in this evaluation: there is no agreement to report.")
+    models = list(dict.fromkeys(table["models"]))  # all, then each model, as the table lists them
+    table["scorers"] = table["scorer_a"] + " vs " + table["scorer_b"]
+    wide = table.pivot(index="scorers", columns="models", values=["spearman", "agreement"])
+    wide = wide.reindex(columns=[(m, model) for m in ("spearman", "agreement") for model in models])
+    wide = wide.reindex(list(dict.fromkeys(table["scorers"])))
+    return wide.round(3).astype(object).where(wide.notna(), "n/a")  # n/a: a scorer gave one constant score
+
+
+def bucket_table(objects: list[Any], prefix: str = "") -> Any:
+    """The objects of a :func:`detox_sft.storage.list_prefix` listing as a table: key (under ``prefix``), size, ETag."""
+    import pandas as pd
+
+    start = len(prefix.rstrip("/")) + 1 if prefix else 0
+    return pd.DataFrame(
+        {
+            "key": [o.key[start:] for o in objects],
+            "size (KiB)": [round(o.size / 1024, 1) for o in objects],
+            "ETag": [o.etag for o in objects],
+        }
+    )
+
+
+def nontoxic_table(results: Any) -> Any:
+    """What detoxifying costs where there is nothing to detoxify: :func:`detox_sft.evaluation.metrics_table` of the
+    non-toxic prompts (``evaluation.nontoxic_prompts``), or a note when the evaluation had none."""
+    from IPython.display import Markdown
+
+    nontoxic = (results.summary if hasattr(results, "summary") else results).get("nontoxic")
+    if not nontoxic:
+        return Markdown(
+            "No non-toxic prompts in this evaluation (set `evaluation.nontoxic_prompts` in the recipe to see what the "
+            "detox arm gives up on them)."
+        )
+    return evaluation.metrics_table(nontoxic)
+
+
+def as_table(value: Any) -> Any:
+    """A dataclass (or a dict of them, one column each) as a two-column table a person reads: lists show as their
+    length, paths as text. For the step summaries that have no table of their own (``ExportResult``, upload reports).
+    """
+    import dataclasses
+
+    import pandas as pd
+
+    def cells(obj: Any) -> dict[str, Any]:
+        out = {}
+        for key, item in (dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)).items():
+            if isinstance(item, list | tuple | set):
+                item = f"{len(item)} item(s)"
+            elif isinstance(item, Path):
+                item = str(item)
+            out[key.replace("_", " ")] = item
+        return out
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return pd.DataFrame({"value": cells(value)})
+    return pd.DataFrame({str(k): cells(v) for k, v in value.items()})

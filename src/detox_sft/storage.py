@@ -11,48 +11,60 @@ What an upload guarantees:
   the object under its key has the same size and the same SHA-256, so an interrupted upload resumes and an
   unchanged directory transfers nothing. Local checksums are cached per (path, size, mtime, ctime, inode), so a
   rerun does not re-read the files either.
-* After the transfers, every uploaded object is checked with a HEAD request: size, the SHA-256 metadata, and a
-  checksum the *server* holds for the bytes it received: the CRC32 that botocore sends with every PUT and part,
-  which the server validates on receipt (a wrong one is refused with BadDigest; composite "CRC of part CRCs" for a
-  multipart upload). We compute the same CRC32 locally in the hashing pass, with the same part split, so a match
-  shows the server holds the bytes we hashed, without downloading them. A server that keeps no CRC32 is checked
-  with its MD5 ETag instead (the file is read again for the MD5). CRC32 detects accidental change (a file
-  rewritten during the upload, corruption), not tampering; the SHA-256 is what downloads verify.
-  An unchanged object skipped on a rerun is checked through the manifest instead: the listing shows the ETag it had
-  when the last completed upload verified it, and the manifest the SHA-256 the file still has.
+* Every upload sends the full-object CRC32 of each file, computed locally in the hashing pass, as the object's
+  checksum (botocore's ``ChecksumCRC32``; for a multipart upload s3transfer makes it a ``FULL_OBJECT`` checksum and
+  botocore adds each part's CRC32). The server computes the CRC32 of the bytes it received and refuses the object
+  (BadDigest) when they differ, so a file rewritten during its upload is never stored under its old SHA-256.
+* After the transfers, every uploaded object is checked with a HEAD request: size, the SHA-256 metadata, and the
+  CRC32 the server stored for it (``ChecksumMode="ENABLED"``). A server that keeps no checksum is checked with its
+  MD5 ETag instead (the file is read again for the MD5). CRC32 detects accidental change (corruption, a rewritten
+  file), not tampering; the SHA-256 is what downloads verify.
+  An unchanged object skipped on a rerun is not checked again: the listing shows the size and ETag it had when the
+  last completed upload verified it, and that upload's manifest the SHA-256 the file still has. The report counts
+  those apart (``skipped_unchanged``) from the objects checked on the server in this run (``verified``).
 * A completion marker ``<prefix>/.detox-sft-upload.json`` (the manifest: every file's size, SHA-256, ETag) is written
   LAST, after the checks, and deleted FIRST when an upload starts. A failed or interrupted upload therefore never
-  looks done, and :func:`download_prefix` refuses a prefix without it unless told otherwise.
-* The multipart uploads a killed run left open under the prefix (their parts stay stored, and billed, until they are
-  aborted) are aborted when the next upload to that prefix starts: one writer per prefix.
+  looks done, and :func:`download_prefix` refuses a prefix without it unless told otherwise. A marker that is not a
+  valid manifest counts as absent: the next upload checks every object again (with a warning) and rewrites it.
+* One writer per prefix: an upload first creates a lock object ``<prefix>/.detox-sft-upload.lock.<n>`` with a
+  conditional PUT (``If-None-Match: *``), renews it while it runs and deletes it at the end; a second upload to the
+  prefix is refused with :class:`PrefixLockedError`. A lock left by a killed run is taken over once it has not been
+  renewed for ``storage.lock_ttl`` seconds (on the server's clock), at once when its process is known to have exited
+  (same machine), or with ``force_lock``. The lock holder then aborts the multipart uploads a dead run left open
+  under the prefix (their parts stay stored, and billed, until they are aborted).
 
 A download writes each file to a temporary name beside it, checks its SHA-256 against the manifest (or the object's
-metadata), then renames it into place, so a file is either complete and verified or absent.
+metadata), then renames it into place, so a file is either complete and verified or absent. A full disk (or a
+file-size limit) stops it with :class:`DiskFullError`; a rerun with room fetches only what is missing.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import re
-import sys
+import secrets
+import socket
 import threading
 import time
+import uuid
+import warnings
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from detox_sft.config import Recipe
+from detox_sft.config import Recipe, StorageConfig
+from detox_sft.files import atomic_write_text, read_json_or_none
 
 __all__ = [
     "StorageError",
@@ -62,11 +74,14 @@ __all__ = [
     "BucketNotFoundError",
     "IncompleteUploadError",
     "ChecksumMismatchError",
+    "PrefixLockedError",
+    "DiskFullError",
     "S3Settings",
     "S3Object",
     "UploadReport",
     "DownloadReport",
     "MARKER_NAME",
+    "LOCK_NAME",
     "DEFAULT_PREFIX",
     "model_prefixes",
     "ensure_bucket",
@@ -74,19 +89,26 @@ __all__ = [
     "upload_dir",
     "download_prefix",
     "upload_export",
-    "add_upload_arguments",
-    "upload_main",
-    "add_download_arguments",
-    "download_main",
+    "upload_prefix",
 ]
 
 MARKER_NAME = ".detox-sft-upload.json"
+LOCK_NAME = ".detox-sft-upload.lock"  # the upload lock's objects are <prefix>/.detox-sft-upload.lock.<n>
 DEFAULT_PREFIX = "models/opt-350m-detox"  # = StorageConfig.prefix; the manifests reference it
 _SHA_META = "sha256"  # object metadata key (sent as x-amz-meta-sha256)
 _MULTIPART_THRESHOLD = 8 * 1024 * 1024
 _MULTIPART_CHUNKSIZE = 8 * 1024 * 1024
 _READ_SIZE = 4 * 1024 * 1024
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}(-\d+)?$")
+_CACHE_FORMAT = "sha256+crc32-full"  # what a hash-cache entry holds; entries of another format are recomputed
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # disk full, quota, file-size limit
+_ERRNO_HINT = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file would exceed the file-size limit (ulimit -f) or the filesystem's maximum",
+}
+_PRECONDITION = {"PreconditionFailed", "412"}  # a conditional write refused: the object is not as expected
+_CONDITIONAL_CONFLICT = {"ConditionalRequestConflict", "409"}  # AWS: another conditional write to it in flight
 _SESSION_LOCK = threading.Lock()
 _SESSION = None  # a boto3 Session, made on first use (never at import)
 
@@ -118,6 +140,14 @@ class IncompleteUploadError(StorageError):
 
 class ChecksumMismatchError(StorageError):
     """An object's content does not match its recorded checksum."""
+
+
+class PrefixLockedError(StorageError):
+    """Another upload holds the prefix's lock, or took it over from this one."""
+
+
+class DiskFullError(StorageError):
+    """The local disk (or a file-size limit) has no room for a downloaded file."""
 
 
 # ---------------------------------------------------------------------------------------------------- settings
@@ -294,10 +324,7 @@ def _translate(exc: BaseException, settings: S3Settings, what: str) -> StorageEr
             f"{what}: no S3 credentials found. Fix: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             "(the data connection) or pass them to S3Settings."
         )
-    unreachable = (
-        bexc.EndpointConnectionError | bexc.ConnectTimeoutError | bexc.ReadTimeoutError | bexc.ConnectionClosedError
-    )
-    if isinstance(exc, unreachable | ConnectionError):
+    if isinstance(exc, _unreachable()):
         return S3UnavailableError(
             f"{what}: cannot reach the {where} ({type(exc).__name__}). Fix: check AWS_S3_ENDPOINT of the data "
             "connection and that the server is running; rerun the same command to resume."
@@ -313,6 +340,11 @@ def _translate(exc: BaseException, settings: S3Settings, what: str) -> StorageEr
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         message = _scrub(str(error.get("Message", "")), settings)
         detail = f"{code or status}{': ' + message if message else ''}"
+        if code == "BadDigest":
+            return ChecksumMismatchError(
+                f"{what}: the server refused an object whose bytes do not match the checksum computed from the local "
+                f"file ({detail}): was a file changed during the upload? Fix: rerun the upload."
+            )
         if code in _AUTH_CODES:
             return S3AuthError(f"{what}: the {where} refused the credentials ({detail}). Fix: {_CREDS_FIX}.")
         if code == "NoSuchBucket" or (code in ("404", "NotFound") and what == _BUCKET_CHECK):
@@ -336,6 +368,24 @@ def _translate(exc: BaseException, settings: S3Settings, what: str) -> StorageEr
     if cause is not None and cause is not exc:
         return _translate(cause, settings, what)
     return None
+
+
+def _code(exc) -> str:
+    """The error code of a botocore ClientError ("PreconditionFailed", "NoSuchKey", or the HTTP status)."""
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _unreachable():
+    """The botocore exceptions that mean "no answer from the endpoint" (imported when needed, not at import)."""
+    from botocore import exceptions as bexc
+
+    return (
+        bexc.EndpointConnectionError,
+        bexc.ConnectTimeoutError,
+        bexc.ReadTimeoutError,
+        bexc.ConnectionClosedError,
+        ConnectionError,
+    )
 
 
 @contextlib.contextmanager
@@ -368,6 +418,17 @@ def _marker_key(prefix: str) -> str:
     return _join(prefix, MARKER_NAME)
 
 
+def _is_lock_name(name: str) -> bool:
+    """Whether a file or key name is one of the upload lock's objects (``.detox-sft-upload.lock.<n>``)."""
+    return name.startswith(f"{LOCK_NAME}.") and name[len(LOCK_NAME) + 1 :].isdigit()
+
+
+def _is_own_lock(key: str, prefix: str) -> bool:
+    """Whether ``key`` is a lock object of ``prefix`` itself (not of a sub-prefix)."""
+    parent, _, name = key.rpartition("/")
+    return parent == prefix and _is_lock_name(name)
+
+
 def _transfer_config(max_concurrency: int, max_bandwidth: int | None = None):
     from s3transfer.manager import TransferConfig
 
@@ -392,8 +453,8 @@ def _part_size(size: int) -> int | None:
 class _Digest:
     size: int
     sha256: str
-    crc32: str  # the CRC32 an S3 server stores for our upload: base64, "-<parts>" appended for multipart
-    etag: str | None = None  # the MD5 ETag it computes (plain or MD5 of part MD5s); only when asked (costly)
+    crc32: str  # full-object CRC32, base64: sent with the upload, validated and stored by the server
+    etag: str | None = None  # the MD5 ETag an S3 server computes (plain or MD5 of part MD5s); only when asked
 
 
 def _b64_crc(value: int) -> str:
@@ -401,39 +462,32 @@ def _b64_crc(value: int) -> str:
 
 
 def _hash_file(path: Path, size: int, md5: bool = False) -> _Digest:
-    """SHA-256, the expected CRC32 checksum and (if ``md5``) the expected ETag, in one read, part by part.
+    """SHA-256 and full-object CRC32 in one read, plus (if ``md5``) the ETag an S3 server computes without checksums.
 
-    Parts follow s3transfer's split (8 MiB from 8 MiB on), so the composite values match what the server computes.
+    The ETag of a multipart object is the MD5 of its part MD5s, so that one follows s3transfer's part split.
     """
-    sha = hashlib.sha256()
-    part = _part_size(size) or max(size, 1)
-    crcs, md5s = [], []
+    sha, crc = hashlib.sha256(), 0
+    part = _part_size(size) if md5 else None
+    whole = hashlib.md5(usedforsecurity=False) if md5 and part is None else None
+    current, left, part_md5s = hashlib.md5(usedforsecurity=False), part or 0, []
     with open(path, "rb") as handle:
-        while True:
-            crc, part_md5 = 0, hashlib.md5(usedforsecurity=False) if md5 else None
-            remaining, got = part, 0
-            while remaining and (chunk := handle.read(min(_READ_SIZE, remaining))):
-                sha.update(chunk)
-                crc = zlib.crc32(chunk, crc)
-                if part_md5 is not None:
-                    part_md5.update(chunk)
-                remaining -= len(chunk)
-                got += len(chunk)
-            if not got and crcs:
-                break
-            crcs.append(crc)
-            md5s.append(part_md5)
-            if not got:
-                break
-    if _part_size(size) is None:
-        crc32, etag = _b64_crc(crcs[0]), (md5s[0].hexdigest() if md5 else None)
-    else:
-        joined = b"".join(c.to_bytes(4, "big") for c in crcs)
-        crc32 = f"{_b64_crc(zlib.crc32(joined))}-{len(crcs)}"
-        etag = None
-        if md5:
-            etag = f"{hashlib.md5(b''.join(m.digest() for m in md5s), usedforsecurity=False).hexdigest()}-{len(md5s)}"
-    return _Digest(size, sha.hexdigest(), crc32, etag)
+        while chunk := handle.read(min(_READ_SIZE, left) if part else _READ_SIZE):
+            sha.update(chunk)
+            crc = zlib.crc32(chunk, crc)
+            if whole is not None:
+                whole.update(chunk)
+            if part:
+                current.update(chunk)
+                left -= len(chunk)
+                if not left:
+                    part_md5s.append(current.digest())
+                    current, left = hashlib.md5(usedforsecurity=False), part
+    etag = whole.hexdigest() if whole is not None else None
+    if part:
+        if left != part:
+            part_md5s.append(current.digest())
+        etag = f"{hashlib.md5(b''.join(part_md5s), usedforsecurity=False).hexdigest()}-{len(part_md5s)}"
+    return _Digest(size, sha.hexdigest(), _b64_crc(crc), etag)
 
 
 def _cache_root() -> Path:
@@ -444,7 +498,8 @@ def _cache_root() -> Path:
 class _HashCache:
     """Local checksums of one directory, keyed by (size, mtime, ctime, inode): a rerun does not re-read files.
 
-    ctime cannot be set by a program, so any write to a file invalidates its entry.
+    ctime cannot be set by a program, so any write to a file invalidates its entry. The cache file is written
+    atomically; a damaged one is ignored with a warning (every file is hashed again).
     """
 
     def __init__(self, directory: Path, enabled: bool = True) -> None:
@@ -453,9 +508,16 @@ class _HashCache:
         self.path = _cache_root() / "checksums" / f"{key}.json"
         self._lock = threading.Lock()
         self._entries: dict[str, list] = {}
-        if enabled:
-            with contextlib.suppress(OSError, ValueError):
-                self._entries = json.loads(self.path.read_text())
+        if enabled and self.path.exists():
+            entries = read_json_or_none(self.path)
+            if isinstance(entries, dict):
+                self._entries = entries
+            else:
+                warnings.warn(
+                    f"The checksum cache {self.path} is damaged; the files of {directory} are hashed again.",
+                    UserWarning,
+                    stacklevel=3,
+                )
 
     @staticmethod
     def _stamp(stat: os.stat_result) -> list:
@@ -466,7 +528,13 @@ class _HashCache:
         stamp = self._stamp(stat)
         with self._lock:
             entry = self._entries.get(rel)
-        if self.enabled and entry and len(entry) == 7 and entry[:4] == stamp and entry[6] == _MULTIPART_CHUNKSIZE:
+        if (
+            self.enabled
+            and isinstance(entry, list)
+            and len(entry) == 7
+            and entry[:4] == stamp
+            and entry[6] == _CACHE_FORMAT
+        ):
             return _Digest(stat.st_size, entry[4], entry[5])  # the ETag is not cached: computed when needed
         digest = _hash_file(path, stat.st_size)
         self.record(path, rel, digest)
@@ -475,22 +543,22 @@ class _HashCache:
     def record(self, path: Path, rel: str, digest: _Digest) -> None:
         stamp = self._stamp(path.stat())
         with self._lock:
-            self._entries[rel] = [*stamp, digest.sha256, digest.crc32, _MULTIPART_CHUNKSIZE]
+            self._entries[rel] = [*stamp, digest.sha256, digest.crc32, _CACHE_FORMAT]
 
     def save(self) -> None:
         if not self.enabled:
             return
-        with contextlib.suppress(OSError):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(self._entries))
-            os.replace(tmp, self.path)
+        with self._lock:
+            text = json.dumps(self._entries)
+        with contextlib.suppress(OSError):  # a cache that cannot be written only costs the next run a re-read
+            atomic_write_text(self.path, text)
 
 
 def _local_files(local_dir: Path) -> list[tuple[str, Path]]:
     files = []
     for path in sorted(local_dir.rglob("*")):
-        if path.is_file() and path.name != MARKER_NAME:  # is_file follows symlinks (HF cache snapshots use them)
+        # is_file follows symlinks (HF cache snapshots use them)
+        if path.is_file() and path.name != MARKER_NAME and not _is_lock_name(path.name):
             files.append((path.relative_to(local_dir).as_posix(), path))
     return files
 
@@ -549,13 +617,17 @@ class UploadReport:
         files: number of local files.
         uploaded / skipped: keys transferred / left as they were (same size and SHA-256 already there).
         bytes_uploaded / bytes_skipped: their sizes.
-        verified: objects whose size and SHA-256 metadata were checked by HEAD after the upload (all of them).
-        server_verified: of those, objects whose server-side checksum matched the one computed locally: the CRC32
-            the server validated on receipt (or its MD5 ETag where it keeps no CRC32); for an unchanged object,
-            its ETag is the one recorded when the last completed upload verified it.
+        verified: objects checked on the server in this run, by a HEAD request: size and SHA-256 metadata. Every
+            uploaded object, and every unchanged one the last manifest could not vouch for.
+        server_verified: of those, objects whose server-side checksum matched the one computed locally: the
+            full-object CRC32 the server validated on receipt (or its MD5 ETag where it keeps no checksum).
+        skipped_unchanged: objects skipped without any request: the listing shows the size and ETag recorded in the
+            last completed upload's manifest, and the manifest the SHA-256 the file still has. Not checked again in
+            this run; ``verified + skipped_unchanged == files``.
         extra_keys: objects under the prefix that are not in the directory (left alone unless ``delete_extra``).
         aborted_uploads: keys of unfinished multipart uploads under the prefix (a killed earlier run's parts, which
             the server keeps, and bills, until they are aborted) that this run aborted before starting.
+        lock_taken_over: why this run took over a lock another upload had left on the prefix ("" if none was there).
         marker_key: the completion marker, written last.
         seconds: wall time.
     """
@@ -569,17 +641,23 @@ class UploadReport:
     bytes_skipped: int = 0
     verified: int = 0
     server_verified: int = 0
+    skipped_unchanged: int = 0
     extra_keys: list[str] = field(default_factory=list)
     aborted_uploads: list[str] = field(default_factory=list)
+    lock_taken_over: str = ""
     marker_key: str = ""
     seconds: float = 0.0
 
     def __str__(self) -> str:
         aborted = f", {len(self.aborted_uploads)} unfinished earlier upload(s) aborted" if self.aborted_uploads else ""
+        if self.lock_taken_over:
+            aborted += f", lock taken over ({self.lock_taken_over})"
         return (
             f"s3://{self.bucket}/{self.prefix}: {len(self.uploaded)} uploaded ({self.bytes_uploaded / 2**20:.1f} MiB), "
-            f"{len(self.skipped)} unchanged ({self.bytes_skipped / 2**20:.1f} MiB), {self.verified}/{self.files} "
-            f"verified (size + SHA-256; server-side checksum: {self.server_verified}){aborted}, {self.seconds:.1f} s"
+            f"{len(self.skipped)} unchanged ({self.bytes_skipped / 2**20:.1f} MiB); {self.verified}/{self.files} "
+            f"checked on the server (size + SHA-256; server-side checksum: {self.server_verified}), "
+            f"{self.skipped_unchanged} unchanged since the last verified upload (not checked again){aborted}, "
+            f"{self.seconds:.1f} s"
         )
 
 
@@ -675,11 +753,14 @@ def _list(client, bucket: str, prefix: str) -> list[S3Object]:
     return objects
 
 
-def _abort_unfinished_uploads(client, bucket: str, prefix: str) -> list[str]:
+def _abort_unfinished_uploads(client, bucket: str, prefix: str, other_writers: tuple[str, ...] = ()) -> list[str]:
     """Abort the multipart uploads left open under ``prefix/`` (a run killed mid-transfer leaves its parts stored).
 
-    Best effort: a server or a policy that does not allow listing them leaves them as they are. At the bucket's root
-    (no prefix) nothing is aborted: every other prefix's uploads, live ones included, would be under it.
+    Only for the holder of the prefix's lock: any upload still open there is a dead (or expired) writer's. Uploads
+    under ``other_writers`` (sub-prefixes with a lock of their own) are left alone, and so is everything at the
+    bucket's root (no prefix): every other prefix's uploads, live ones included, would be under it. A server or a
+    policy that does not allow listing or aborting them leaves them as they are (the parts stay, nothing else
+    changes).
     """
     from botocore.exceptions import ClientError
 
@@ -689,10 +770,18 @@ def _abort_unfinished_uploads(client, bucket: str, prefix: str) -> list[str]:
     try:
         for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
             for upload in page.get("Uploads", []):
-                client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                if any(upload["Key"].startswith(f"{other}/") for other in other_writers):
+                    continue
+                try:
+                    client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                except ClientError as exc:
+                    if _code(exc) != "NoSuchUpload":  # completed or aborted meanwhile: nothing left to abort
+                        raise
+                    continue
                 aborted.append(upload["Key"])
-    except ClientError:
-        pass  # not allowed or not implemented there: the parts stay, nothing else changes
+    except ClientError as exc:
+        if _code(exc) not in ("NotImplemented", "AccessDenied", "MethodNotAllowed"):
+            raise
     return sorted(aborted)
 
 
@@ -711,16 +800,16 @@ def list_prefix(
 
 
 def _head(client, bucket: str, key: str) -> dict:
-    # ChecksumMode makes the server return the CRC32 it validated when it received the object
+    # ChecksumMode makes the server return the checksum it validated when it received the object
     return client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
 
 
 def _check_object(head: dict, digest: _Digest, key: str, path: Path, server_check: bool) -> bool:
     """Raise ChecksumMismatchError unless ``head`` describes the local file; return whether a server checksum matched.
 
-    Size and the SHA-256 metadata always; then, with ``server_check``, the CRC32 the server validated on receipt
-    (cheap to compute locally), or, for servers that keep no CRC32, the MD5 ETag it computed (the file is read
-    again for the MD5).
+    Size and the SHA-256 metadata always; then, with ``server_check``, the full-object CRC32 the server validated
+    on receipt, or, for objects without one (servers that keep no checksums, objects another tool uploaded with a
+    composite "CRC of part CRCs"), the MD5 ETag the server computed (the file is read again for the MD5).
     """
     size = int(head.get("ContentLength", -1))
     sha = head.get("Metadata", {}).get(_SHA_META)
@@ -731,9 +820,7 @@ def _check_object(head: dict, digest: _Digest, key: str, path: Path, server_chec
     if not server_check:
         return False
     crc = head.get("ChecksumCRC32")
-    if crc:
-        if crc.partition("-")[2] != digest.crc32.partition("-")[2]:
-            return False  # uploaded with another part size (another tool): the composite cannot be recomputed
+    if crc and head.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT" and "-" not in crc:
         if crc != digest.crc32:
             raise ChecksumMismatchError(
                 f"{key}: the server's CRC32 {crc} differs from the local file's ({digest.crc32}): the stored bytes "
@@ -755,6 +842,262 @@ def _check_object(head: dict, digest: _Digest, key: str, path: Path, server_chec
     return True
 
 
+# the locks this process's finished uploads could not delete (the server was down): (endpoint, bucket, stem) ->
+# (key, ETag). The next upload from this process to that prefix may take such a lock over at once.
+_ABANDONED_LOCKS: dict[tuple[str | None, str, str], tuple[str, str]] = {}
+_ABANDONED_GUARD = threading.Lock()
+
+
+def _process_identity() -> dict[str, Any]:
+    """Who holds a lock: host and pid, and on Linux the boot and pid namespace (to tell whether it still runs)."""
+    identity: dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid()}
+    with contextlib.suppress(OSError):
+        identity["boot"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        identity["pidns"] = os.readlink("/proc/self/ns/pid")
+    return identity
+
+
+def _holder_exited(holder: dict) -> bool:
+    """Whether a lock's holder is another process of this machine (same boot and pid namespace) that has exited."""
+    mine = _process_identity()
+    pid = holder.get("pid")
+    if "pidns" not in mine or any(holder.get(k) != mine[k] for k in ("host", "boot", "pidns")):
+        return False  # another machine or container: its processes cannot be seen from here
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or pid == mine["pid"]:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+class _PrefixLock:
+    """One writer per prefix: numbered lock objects created with a conditional PUT, renewed while the upload runs.
+
+    The lock is the highest of ``<prefix>/.detox-sft-upload.lock.<n>``. A writer creates the next number with
+    ``If-None-Match: *``, so of two writers only one can create it; it then renews its own object (nobody else writes
+    it) and checks that no higher one exists. A stale lock is taken over by creating the next number, never by
+    overwriting it: the pinned SeaweedFS 4.48 honours ``If-None-Match: *`` atomically (8 racing writers, one wins,
+    in 100 of 100 rounds) but not ``If-Match`` (two writers won in 11 of 100 rounds), so nothing here depends on
+    ``If-Match`` being atomic (tests/test_local_s3.py). Whether a lock expired is judged on the server's clock (its
+    LastModified against the Date of the response), so skewed clocks on the writers' machines do not matter.
+
+    Args:
+        client, bucket, prefix: where.
+        ttl: seconds the lock stays valid without renewal; renewed every third of that.
+        force: take over a lock that has not expired.
+        endpoint: the endpoint, to recognise a lock this process left behind.
+    """
+
+    def __init__(self, client, bucket: str, prefix: str, ttl: float, force: bool, endpoint: str | None) -> None:
+        self.client, self.bucket, self.prefix, self.ttl, self.force = client, bucket, prefix, float(ttl), force
+        self.stem = _join(prefix, LOCK_NAME)
+        self._registry_key = (endpoint, bucket, self.stem)
+        self._body = {"tool": "detox-sft", "owner": uuid.uuid4().hex, "ttl": self.ttl, **_process_identity()}
+        self.key: str | None = None  # our lock object, once created
+        self.etag: str | None = None
+        self.lost: str | None = None  # why the lock is no longer ours, found by a renewal
+        self._mutex = threading.Lock()  # renewals from the heartbeat and from confirm() must not overlap
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    def _locks(self) -> list[tuple[int, str]]:
+        """(number, key) of the lock objects of this prefix, lowest first."""
+        found = []
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{self.stem}.")
+        for page in pages:
+            for item in page.get("Contents", []):
+                number = item["Key"][len(self.stem) + 1 :]
+                if number.isdigit():
+                    found.append((int(number), item["Key"]))
+        return sorted(found)
+
+    def _top(self) -> str | None:
+        """The key of the lock object that holds the lock now (the highest number), or None."""
+        locks = self._locks()
+        return locks[-1][1] if locks else None
+
+    def _put(self, key: str, **condition: str) -> None:
+        body = {**self._body, "written_at": datetime.now(UTC).isoformat(timespec="seconds")}
+        response = self.client.put_object(
+            Bucket=self.bucket,
+            Key=key,
+            Body=json.dumps(body).encode(),
+            ContentType="application/json",
+            **condition,
+        )
+        self.key, self.etag = key, response["ETag"]
+
+    def acquire(self) -> str:
+        """Take the lock, or raise PrefixLockedError; return why a lock left there was taken over ("" if none)."""
+        from botocore.exceptions import ClientError
+
+        for _ in range(5):  # a lock can be released or taken over by a third writer between our requests
+            locks = self._locks()
+            reason, number = "", 0
+            if locks:
+                found = self._read(locks[-1][1])
+                if found is None:
+                    continue
+                holder, etag, age, ttl = found
+                reason = self._takeover_reason(holder, locks[-1][1], etag, age, ttl)
+                if not reason:
+                    raise PrefixLockedError(self._held_message(holder, locks[-1][1], age, ttl))
+                number = locks[-1][0] + 1
+            key = f"{self.stem}.{number:06d}"
+            try:
+                self._put(key, IfNoneMatch="*")
+            except ClientError as exc:
+                if _code(exc) == "NotImplemented":
+                    raise StorageError(
+                        f"The S3 server refuses conditional writes (If-None-Match), which the upload's lock on "
+                        f"s3://{self.bucket}/{self.prefix} needs (one writer per prefix). Fix: use a server that "
+                        "supports them (AWS S3 and the SeaweedFS of the tests do)."
+                    ) from None
+                if _code(exc) not in _PRECONDITION | _CONDITIONAL_CONFLICT:
+                    raise
+                continue  # another writer created that number first: look again
+            if self._top() != key:  # a writer with an older listing made a higher one meanwhile
+                self.client.delete_object(Bucket=self.bucket, Key=key)
+                self.key = self.etag = None
+                continue
+            return self._start(reason)
+        raise PrefixLockedError(
+            f"s3://{self.bucket}/{self.stem}: other uploads keep taking the lock on this prefix. Fix: run one upload "
+            "to a prefix at a time."
+        )
+
+    def _read(self, key: str) -> tuple[dict, str, float, float] | None:
+        """(holder, ETag, seconds since its last renewal, its ttl) of a lock object, or None if it is gone."""
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _code(exc) in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+        try:
+            holder = json.loads(response["Body"].read())
+        except ValueError:
+            holder = None
+        holder = holder if isinstance(holder, dict) else {}  # an unreadable lock still locks, for its ttl
+        date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        now = parsedate_to_datetime(date) if date else datetime.now(UTC)
+        age = (now - response["LastModified"]).total_seconds()
+        ttl = holder.get("ttl")
+        ttl = float(ttl) if isinstance(ttl, int | float) and not isinstance(ttl, bool) and ttl > 0 else self.ttl
+        return holder, response["ETag"], age, ttl
+
+    def _takeover_reason(self, holder: dict, key: str, etag: str, age: float, ttl: float) -> str:
+        who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
+        with _ABANDONED_GUARD:
+            abandoned = _ABANDONED_LOCKS.get(self._registry_key) == (key, etag)
+        if abandoned:
+            return "left by an earlier upload of this process that could not delete it"
+        if age > ttl:
+            return f"{who}, not renewed for {age:.0f} s (lock_ttl {ttl:.0f} s)"
+        if _holder_exited(holder):
+            return f"{who}, which has exited"
+        if self.force:
+            return f"{who}, renewed {age:.0f} s ago, taken over with force_lock"
+        return ""
+
+    def _held_message(self, holder: dict, key: str, age: float, ttl: float) -> str:
+        who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}" if holder else "an unreadable lock"
+        return (
+            f"s3://{self.bucket}/{self.prefix} is being uploaded by another run ({who}; lock {key} renewed "
+            f"{max(age, 0):.0f} s ago, expires in {max(ttl - age, 0):.0f} s): two writers on one prefix would mix "
+            "their files. Fix: wait for that upload to finish. If it is dead (a killed pod), rerun once the lock has "
+            "expired, or now with force_lock=True (recipe storage.force_lock)."
+        )
+
+    def _start(self, reason: str) -> str:
+        with _ABANDONED_GUARD:
+            _ABANDONED_LOCKS.pop(self._registry_key, None)
+        self._heartbeat = threading.Thread(target=self._beat, name=f"detox-sft lock {self.stem}", daemon=True)
+        self._heartbeat.start()
+        return reason
+
+    def _renew(self) -> None:
+        """Rewrite our lock object (a new LastModified) and check that no upload has created a higher one."""
+        from botocore.exceptions import ClientError
+
+        with self._mutex:
+            if self.lost or self.key is None:
+                return
+            try:
+                # If-Match: a lock object that a newer holder has deleted must not come back
+                self._put(self.key, IfMatch=str(self.etag))
+            except ClientError as exc:
+                if _code(exc) not in _PRECONDITION | {"NoSuchKey"}:
+                    raise
+                self.lost = "another upload took the lock over and removed this one's (it had not renewed in time)"
+                return
+            if self._top() != self.key:
+                self.lost = "another upload took the lock over (this one had not renewed it within lock_ttl)"
+
+    def _beat(self) -> None:
+        from botocore.exceptions import ClientError
+
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                self._renew()
+            except _unreachable():
+                continue  # botocore has retried already; the next beat tries again, confirm() decides
+            except ClientError as exc:
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+                if _code(exc) in _CONDITIONAL_CONFLICT or status >= 500:  # busy or failing server: try again later
+                    continue
+                with self._mutex:
+                    self.lost = f"renewing it failed ({_code(exc)})"
+            if self.lost:
+                return
+
+    def confirm(self) -> None:
+        """Renew the lock now; raise PrefixLockedError if it is no longer ours (called before the marker)."""
+        self._renew()
+        if self.lost:
+            raise PrefixLockedError(
+                f"s3://{self.bucket}/{self.prefix}: lost the upload lock: {self.lost}. The completion marker was not "
+                "written. Fix: rerun the upload once the other one has finished."
+            )
+
+    def release(self) -> None:
+        """Stop renewing; delete our lock object and the stale ones below it. Never raises: a lock left expires."""
+        from botocore.exceptions import ClientError
+
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        if self.key is None:
+            return
+        try:
+            mine = int(self.key[len(self.stem) + 1 :])
+            for number, key in self._locks():
+                if number <= mine:  # ours, and those it superseded; a higher one is a newer holder's
+                    self.client.delete_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            # any refusal (5xx, a policy without DeleteObject): this runs in upload_dir's `finally`, where raising
+            # would hide the upload's own outcome; the lock is left to expire, and the user is told
+            self._abandon(_code(exc))
+        except _unreachable() as exc:
+            self._abandon(type(exc).__name__)
+
+    def _abandon(self, why: str) -> None:
+        with _ABANDONED_GUARD:
+            _ABANDONED_LOCKS[self._registry_key] = (str(self.key), str(self.etag))
+        warnings.warn(
+            f"Could not delete the upload lock s3://{self.bucket}/{self.key} ({why}). The next upload from this "
+            f"process takes it over; others wait until it expires ({self.ttl:.0f} s) or pass force_lock=True.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def upload_dir(
     local_dir: str | os.PathLike[str],
     prefix: str | None = None,
@@ -770,6 +1113,8 @@ def upload_dir(
     delete_extra: bool = False,
     max_bandwidth: int | None = None,
     use_hash_cache: bool = True,
+    lock_ttl: float | None = None,
+    force_lock: bool | None = None,
 ) -> UploadReport:
     """Upload a directory under a prefix: parallel multipart transfers, unchanged files skipped, all verified.
 
@@ -780,7 +1125,7 @@ def upload_dir(
         settings: connection; default :meth:`S3Settings.from_env` (the data connection).
         bucket: overrides ``settings.bucket``.
         client: a boto3 client to reuse (its pool should hold ``max_concurrency`` connections).
-        recipe: supplies the default prefix and ``max_concurrency``.
+        recipe: supplies the defaults of ``prefix``, ``max_concurrency``, ``lock_ttl`` and ``force_lock``.
         max_concurrency: parallel requests (files and parts); default ``recipe.storage.max_concurrency`` or 8.
         create_bucket: create the bucket if it is missing (otherwise that is an error).
         progress: show a tqdm bar (bytes; unchanged files count as done).
@@ -788,20 +1133,62 @@ def upload_dir(
         delete_extra: delete objects under the prefix that are not in the directory (a stale shard, say).
         max_bandwidth: cap in bytes per second (s3transfer's limiter), for shared links.
         use_hash_cache: reuse local SHA-256s of files unchanged since the last run (size, mtime, ctime, inode).
+        lock_ttl: seconds the prefix's lock stays valid without renewal; default ``recipe.storage.lock_ttl`` (300).
+        force_lock: take over another upload's lock on the prefix before it expires, for a writer known to be dead;
+            default ``recipe.storage.force_lock`` (False).
 
     Returns:
         An :class:`UploadReport`.
 
     Raises:
         FileNotFoundError: ``local_dir`` is missing or empty.
+        PrefixLockedError: another upload to the prefix is running (or took the lock over from this one).
         BucketNotFoundError, S3AuthError, S3UnavailableError: the bucket, the credentials, the endpoint.
-        ChecksumMismatchError: an object does not match its file after the upload.
+        ChecksumMismatchError: an object does not match its file (the server refused it, or the check after it).
         In every failure case the completion marker is absent: rerun to resume.
     """
-    from s3transfer.manager import TransferManager
-
     start = time.perf_counter()
     local = Path(local_dir)
+    files = _files_to_upload(local)
+    storage = recipe.storage if recipe is not None else StorageConfig()
+    prefix = _norm_prefix(prefix if prefix is not None else storage.prefix)
+    concurrency = max_concurrency or storage.max_concurrency
+    settings = _settings(settings, bucket)
+    name = settings.require_bucket()
+    client = client or settings.client(max_pool_connections=2 * concurrency + 2)
+    ensure_bucket(create_bucket, settings=settings, client=client)
+    lock = _PrefixLock(
+        client,
+        name,
+        prefix,
+        storage.lock_ttl if lock_ttl is None else lock_ttl,
+        storage.force_lock if force_lock is None else force_lock,
+        settings.endpoint,
+    )
+    run = _Upload(client, name, prefix, files, _HashCache(local, use_hash_cache), concurrency, verify_server_checksum)
+    bar = _Bar(sum(p.stat().st_size for _, p in files), f"upload s3://{name}/{prefix}", progress)
+    try:
+        with _s3_errors(settings, f"upload {local} to s3://{name}/{prefix}"):
+            run.report.lock_taken_over = lock.acquire()
+            run.open_prefix()
+            run.transfer(bar, max_bandwidth)
+            run.verify_uploaded()
+            if delete_extra:
+                run.delete_extra()
+            lock.confirm()
+            run.write_marker()
+    finally:
+        bar.close()
+        lock.release()
+        run.cache.save()
+    report = run.report
+    report.uploaded.sort()
+    report.skipped.sort()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _files_to_upload(local: Path) -> list[tuple[str, Path]]:
     if not local.is_dir():
         raise FileNotFoundError(
             f"Nothing to upload: {local} is not a directory. Fix: run `detox-sft export` first "
@@ -810,125 +1197,163 @@ def upload_dir(
     files = _local_files(local)
     if not files:
         raise FileNotFoundError(f"Nothing to upload: {local} has no files.")
-    storage = recipe.storage if recipe is not None else None
-    prefix = _norm_prefix(prefix if prefix is not None else (storage.prefix if storage else DEFAULT_PREFIX))
-    concurrency = max_concurrency or (storage.max_concurrency if storage else 8)
-    settings = _settings(settings, bucket)
-    name = settings.require_bucket()
-    client = client or settings.client(max_pool_connections=2 * concurrency + 2)
-    ensure_bucket(create_bucket, settings=settings, client=client)
-    report = UploadReport(bucket=name, prefix=prefix, files=len(files), marker_key=_marker_key(prefix))
-    cache = _HashCache(local, use_hash_cache)
-    what = f"upload {local} to s3://{name}/{prefix}"
-    bar = _Bar(sum(p.stat().st_size for _, p in files), f"upload s3://{name}/{prefix}", progress)
-    try:
-        with _s3_errors(settings, what):
-            existing = {o.key: o for o in _list(client, name, prefix)}
-            # one writer per prefix (the marker protocol): anything still open here is a dead run's
-            report.aborted_uploads = _abort_unfinished_uploads(client, name, prefix)
-            previous: dict[str, dict] = {}  # path -> entry of the last completed upload's manifest
-            if report.marker_key in existing:
-                with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
-                    old = _read_manifest(client, name, report.marker_key) or {}
-                    previous = {f["path"]: f for f in old.get("files", [])}
-                # the old marker goes first: from now until the new one is written, the prefix is "in progress"
-                client.delete_object(Bucket=name, Key=report.marker_key)
-            keys = {_join(prefix, rel) for rel, _ in files}
-            report.extra_keys = sorted(k for k in existing if k not in keys and k != report.marker_key)
+    return files
 
-            def plan(rel: str, path: Path) -> tuple[str, Path, _Digest, dict | bool]:
-                """(key, path, digest, how to skip): True = listing + manifest, a HEAD dict = metadata, False = upload."""
-                key = _join(prefix, rel)
-                digest = cache.digest(path, rel)
-                remote = existing.get(key)
-                if remote is None or remote.size != digest.size:
-                    return key, path, digest, False
-                last = previous.get(rel, {})
-                if remote.etag and last.get("etag") == remote.etag and last.get("sha256") == digest.sha256:
-                    # the object has the ETag it had when the last upload verified it, and that upload recorded the
-                    # SHA-256 the file still has: same content, no request needed
-                    return key, path, digest, True
-                head = _head(client, name, key)
-                if head.get("Metadata", {}).get(_SHA_META) == digest.sha256:
-                    return key, path, digest, head
-                return key, path, digest, False
 
-            digests: dict[str, _Digest] = {}
-            etags: dict[str, str] = {}  # the ETag each verified object has, recorded in the manifest
-            transfers: dict[Future, str] = {}
-            config = _transfer_config(concurrency, max_bandwidth)
-            with ThreadPoolExecutor(max_workers=min(concurrency, 4)) as planner, TransferManager(client, config) as tm:
-                # plans (hash + HEAD) and transfers overlap: an upload starts as soon as its file is hashed
-                pending = {planner.submit(plan, rel, path) for rel, path in files}
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        key, path, digest, skip = fut.result()
-                        digests[key] = digest
-                        if skip is not False:
-                            report.verified += 1
-                            report.server_verified += skip is True or _check_object(
-                                skip, digest, key, path, verify_server_checksum
-                            )
-                            etags[key] = existing[key].etag
-                            report.skipped.append(key)
-                            report.bytes_skipped += digest.size
-                            bar.update(digest.size)
-                            continue
-                        extra = {"Metadata": {_SHA_META: digest.sha256}}
-                        future = tm.upload(str(path), name, key, extra_args=extra, subscribers=[_subscriber(bar)])
-                        transfers[future] = key
-                for future, key in transfers.items():
-                    future.result()
-                    report.uploaded.append(key)
-                    report.bytes_uploaded += digests[key].size
+class _Upload:
+    """The steps of one :func:`upload_dir` run, in order; they share the listing, the digests and the report."""
 
-            # the check after the transfers: one HEAD per uploaded object, compared with the local file
-            paths = {_join(prefix, rel): path for rel, path in files}
+    def __init__(
+        self,
+        client,
+        bucket: str,
+        prefix: str,
+        files: list[tuple[str, Path]],
+        cache: _HashCache,
+        concurrency: int,
+        verify_server: bool,
+    ) -> None:
+        self.client, self.bucket, self.prefix, self.files = client, bucket, prefix, files
+        self.cache, self.concurrency, self.verify_server = cache, concurrency, verify_server
+        self.report = UploadReport(bucket=bucket, prefix=prefix, files=len(files), marker_key=_marker_key(prefix))
+        self.existing: dict[str, S3Object] = {}
+        self.previous: dict[str, dict] = {}  # path -> entry of the last completed upload's manifest
+        self.digests: dict[str, _Digest] = {}
+        self.etags: dict[str, str] = {}  # the ETag each verified object has, recorded in the manifest
 
-            def check(key: str) -> tuple[str, bool, str]:
-                head = _head(client, name, key)
-                return key, _check_object(head, digests[key], key, paths[key], verify_server_checksum), _etag_of(head)
+    def open_prefix(self) -> None:
+        """List the prefix, abort a dead run's multipart uploads, read the last manifest, delete the marker.
 
-            with ThreadPoolExecutor(max_workers=concurrency) as pool:
-                for key, server_ok, etag in pool.map(check, report.uploaded):
-                    report.verified += 1
-                    report.server_verified += server_ok
-                    etags[key] = etag
+        Called with the prefix's lock held: an upload still open under the prefix is a dead (or expired) writer's.
+        """
+        client, name, report = self.client, self.bucket, self.report
+        self.existing = {o.key: o for o in _list(client, name, self.prefix)}
+        # a sub-prefix with a lock of its own is another writer's ground (e.g. <prefix>/hf while this is <prefix>)
+        others = tuple(
+            {k.rpartition("/")[0] for k in self.existing if _is_lock_name(k.rpartition("/")[2])} - {self.prefix}
+        )
+        report.aborted_uploads = _abort_unfinished_uploads(client, name, self.prefix, others)
+        if report.marker_key in self.existing:
+            try:
+                old = _read_manifest(client, name, report.marker_key) or {"files": []}
+                self.previous = {f["path"]: f for f in old["files"]}
+            except ValueError as exc:
+                warnings.warn(
+                    f"The completion marker s3://{name}/{report.marker_key} is damaged ({exc}); every object is "
+                    "checked again on the server and the marker rewritten.",
+                    UserWarning,
+                    stacklevel=4,
+                )
+            # the old marker goes first: from now until the new one is written, the prefix is "in progress"
+            client.delete_object(Bucket=name, Key=report.marker_key)
+        keys = {_join(self.prefix, rel) for rel, _ in self.files}
+        report.extra_keys = sorted(
+            k for k in self.existing if k not in keys and k != report.marker_key and not _is_own_lock(k, self.prefix)
+        )
 
-            if delete_extra and report.extra_keys:
-                for i in range(0, len(report.extra_keys), 1000):
-                    batch = [{"Key": k} for k in report.extra_keys[i : i + 1000]]
-                    client.delete_objects(Bucket=name, Delete={"Objects": batch, "Quiet": True})
+    def plan(self, rel: str, path: Path) -> tuple[str, Path, _Digest, dict | bool]:
+        """(key, path, digest, how to skip): True = listing + manifest, a HEAD dict = metadata, False = upload."""
+        key = _join(self.prefix, rel)
+        digest = self.cache.digest(path, rel)
+        remote = self.existing.get(key)
+        if remote is None or remote.size != digest.size:
+            return key, path, digest, False
+        last = self.previous.get(rel, {})
+        if remote.etag and last.get("etag") == remote.etag and last.get("sha256") == digest.sha256:
+            # the object has the ETag it had when the last upload verified it, and that upload recorded the
+            # SHA-256 the file still has: same content, no request needed
+            return key, path, digest, True
+        head = _head(self.client, self.bucket, key)
+        if head.get("Metadata", {}).get(_SHA_META) == digest.sha256:
+            return key, path, digest, head
+        return key, path, digest, False
 
-            manifest = {
-                "tool": "detox-sft",
-                "version": 1,
-                "completed_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "prefix": prefix,
-                "files": [
-                    {
-                        "path": rel,
-                        "size": digests[_join(prefix, rel)].size,
-                        "sha256": digests[_join(prefix, rel)].sha256,
-                        "etag": etags[_join(prefix, rel)],
-                    }
-                    for rel, _ in files
-                ],
-            }
-            client.put_object(
-                Bucket=name,
-                Key=report.marker_key,
-                Body=json.dumps(manifest, indent=1).encode(),
-                ContentType="application/json",
-            )
-    finally:
-        bar.close()
-        cache.save()
-    report.uploaded.sort()
-    report.skipped.sort()
-    report.seconds = time.perf_counter() - start
-    return report
+    def transfer(self, bar: _Bar, max_bandwidth: int | None) -> None:
+        """Plan every file and upload the changed ones; an upload starts as soon as its file is hashed."""
+        from s3transfer.manager import TransferManager
+
+        transfers: dict[Future, str] = {}
+        config = _transfer_config(self.concurrency, max_bandwidth)
+        with (
+            ThreadPoolExecutor(max_workers=min(self.concurrency, 4)) as planner,
+            TransferManager(self.client, config) as tm,
+        ):
+            pending = {planner.submit(self.plan, rel, path) for rel, path in self.files}
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    key, path, digest, skip = fut.result()
+                    self.digests[key] = digest
+                    if skip is not False:
+                        self._keep(key, path, digest, skip, bar)
+                        continue
+                    # our full-object CRC32: the server refuses the object (BadDigest) if the bytes it got differ
+                    extra = {"Metadata": {_SHA_META: digest.sha256}, "ChecksumCRC32": digest.crc32}
+                    future = tm.upload(str(path), self.bucket, key, extra_args=extra, subscribers=[_subscriber(bar)])
+                    transfers[future] = key
+            for future, key in transfers.items():
+                future.result()
+                self.report.uploaded.append(key)
+                self.report.bytes_uploaded += self.digests[key].size
+
+    def _keep(self, key: str, path: Path, digest: _Digest, skip: dict | bool, bar: _Bar) -> None:
+        """Skip an unchanged object: checked on the server by the HEAD its plan made, or vouched for by the manifest."""
+        report = self.report
+        if skip is True:
+            report.skipped_unchanged += 1  # no request made: the listing and the last manifest agree
+        else:
+            report.verified += 1
+            report.server_verified += _check_object(skip, digest, key, path, self.verify_server)
+        self.etags[key] = self.existing[key].etag
+        report.skipped.append(key)
+        report.bytes_skipped += digest.size
+        bar.update(digest.size)
+
+    def verify_uploaded(self) -> None:
+        """The check after the transfers: one HEAD per uploaded object, compared with the local file."""
+        paths = {_join(self.prefix, rel): path for rel, path in self.files}
+
+        def check(key: str) -> tuple[str, bool, str]:
+            head = _head(self.client, self.bucket, key)
+            return key, _check_object(head, self.digests[key], key, paths[key], self.verify_server), _etag_of(head)
+
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            for key, server_ok, etag in pool.map(check, self.report.uploaded):
+                self.report.verified += 1
+                self.report.server_verified += server_ok
+                self.etags[key] = etag
+
+    def delete_extra(self) -> None:
+        """Delete the objects under the prefix that are not in the directory, 1000 per request."""
+        extra = self.report.extra_keys
+        for i in range(0, len(extra), 1000):
+            batch = [{"Key": k} for k in extra[i : i + 1000]]
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+
+    def write_marker(self) -> None:
+        """Write the completion marker (the manifest: every file's size, SHA-256 and ETag), last."""
+        manifest = {
+            "tool": "detox-sft",
+            "version": 1,
+            "completed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "prefix": self.prefix,
+            "files": [
+                {
+                    "path": rel,
+                    "size": self.digests[_join(self.prefix, rel)].size,
+                    "sha256": self.digests[_join(self.prefix, rel)].sha256,
+                    "etag": self.etags[_join(self.prefix, rel)],
+                }
+                for rel, _ in self.files
+            ],
+        }
+        # one PutObject: S3 makes the object visible whole or not at all, so the marker is never half-written
+        self.client.put_object(
+            Bucket=self.bucket,
+            Key=self.report.marker_key,
+            Body=json.dumps(manifest, indent=1).encode(),
+            ContentType="application/json",
+        )
 
 
 def _safe_dest(root: Path, rel: str) -> Path:
@@ -939,15 +1364,27 @@ def _safe_dest(root: Path, rel: str) -> Path:
 
 
 def _read_manifest(client, bucket: str, key: str) -> dict | None:
+    """The manifest in the completion marker ``key``; None if there is none.
+
+    Raises:
+        ValueError: the marker is not a detox-sft manifest (truncated, edited by hand, another tool's).
+    """
     from botocore.exceptions import ClientError
 
     try:
         body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+        if _code(exc) in ("NoSuchKey", "404", "NotFound"):
             return None
         raise
-    return json.loads(body)
+    manifest = json.loads(body)  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    entry_types = {"path": str, "size": int, "sha256": str, "etag": str}
+    if not isinstance(files, list) or not all(
+        isinstance(f, dict) and all(isinstance(f.get(k), t) for k, t in entry_types.items()) for f in files
+    ):
+        raise ValueError("not a list of files with path, size, sha256 and etag")
+    return manifest
 
 
 def download_prefix(
@@ -981,10 +1418,9 @@ def download_prefix(
     Raises:
         IncompleteUploadError: no marker (with ``require_complete``), or an object listed in it is missing.
         ChecksumMismatchError: a downloaded file does not match its recorded SHA-256 (it is not kept).
+        DiskFullError: no room for a file (disk full, quota, file-size limit); the verified files are kept.
         BucketNotFoundError, S3AuthError, S3UnavailableError: as :func:`ensure_bucket`.
     """
-    from s3transfer.manager import TransferManager
-
     start = time.perf_counter()
     prefix = _norm_prefix(prefix)
     settings = _settings(settings, bucket)
@@ -994,117 +1430,164 @@ def download_prefix(
     report = DownloadReport(bucket=name, prefix=prefix, local_dir=str(root))
     what = f"download s3://{name}/{prefix}"
     with _s3_errors(settings, what):
-        listing = {o.key: o for o in _list(client, name, prefix)}
-        marker = _marker_key(prefix)
-        manifest = _read_manifest(client, name, marker) if marker in listing else None
-        if manifest is None and require_complete:
-            hint = "it is empty" if not listing else f"{len(listing)} objects but no {MARKER_NAME}"
-            raise IncompleteUploadError(
-                f"{what}: not a finished detox-sft upload ({hint}). Fix: rerun `detox-sft upload` for this prefix "
-                "until it completes, or pass require_complete=False / --allow-incomplete for objects uploaded by "
-                "another tool."
-            )
-        # (relative path, key, size, expected sha256 or None)
-        wanted: list[tuple[str, str, int, str | None]] = []
-        if manifest is not None:
-            report.complete = True
-            for entry in manifest["files"]:
-                key = _join(prefix, entry["path"])
-                obj = listing.get(key)
-                if obj is None or obj.size != entry["size"]:
-                    raise IncompleteUploadError(
-                        f"{what}: {key} is {'missing' if obj is None else 'of another size'} although the marker "
-                        "lists it: the prefix changed after the upload. Fix: rerun the upload."
-                    )
-                wanted.append((entry["path"], key, entry["size"], entry["sha256"]))
-        else:
-            for key, obj in sorted(listing.items()):
-                if key != marker:
-                    wanted.append((key[len(prefix) + 1 :] if prefix else key, key, obj.size, None))
-        if not wanted:
-            raise IncompleteUploadError(f"{what}: no objects under this prefix. Fix: check the prefix (and bucket).")
+        wanted = _wanted_objects(client, name, prefix, what, require_complete, report)
         report.files = len(wanted)
         root.mkdir(parents=True, exist_ok=True)
-        cache = _HashCache(root, use_hash_cache)
-
-        def expected_sha(key: str, known: str | None) -> tuple[str | None, str]:
-            if known is not None:
-                return known, ""
-            head = client.head_object(Bucket=name, Key=key)
-            return head.get("Metadata", {}).get(_SHA_META), _etag_of(head)
-
-        todo = []
-        with ThreadPoolExecutor(max_workers=max_concurrency) as pool:
-            shas = list(pool.map(lambda w: expected_sha(w[1], w[3]), wanted))
-        for (rel, key, size, _), (sha, etag) in zip(wanted, shas, strict=True):
-            dest = _safe_dest(root, rel)
-            if sha and dest.is_file() and dest.stat().st_size == size and cache.digest(dest, rel).sha256 == sha:
-                report.skipped.append(rel)
-                report.verified += 1
-                continue
-            todo.append((rel, key, size, sha, etag, dest))
-
-        bar = _Bar(sum(t[2] for t in todo), f"download s3://{name}/{prefix}", progress)
-        tmp_files: list[Path] = []
-        lock = threading.Lock()
-        try:
-            config = _transfer_config(max_concurrency)
-            with TransferManager(client, config) as tm, ThreadPoolExecutor(max_workers=2) as hasher:
-                futures = {}
-                for rel, key, size, sha, etag, dest in todo:
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = dest.with_name(f".{dest.name}.detox-sft-part")
-                    tmp_files.append(tmp)
-                    futures[tm.download(name, key, str(tmp), subscribers=[_subscriber(bar)])] = (
-                        rel,
-                        key,
-                        size,
-                        sha,
-                        etag,
-                        dest,
-                        tmp,
-                    )
-
-                def finish(item) -> None:
-                    rel, key, size, sha, etag, dest, tmp = item
-                    # the MD5 only for objects without a recorded SHA-256 whose ETag is a plain MD5
-                    plain_md5 = sha is None and "-" not in etag and bool(_MD5_ETAG.match(etag))
-                    digest = _hash_file(tmp, tmp.stat().st_size, md5=plain_md5)
-                    if digest.size != size:
-                        raise ChecksumMismatchError(f"{key}: got {digest.size} bytes, expected {size}. Fix: rerun.")
-                    if sha is not None:
-                        if digest.sha256 != sha:
-                            raise ChecksumMismatchError(
-                                f"{key}: downloaded content has SHA-256 {digest.sha256[:12]}..., the upload recorded "
-                                f"{sha[:12]}...: the object changed or was corrupted. Fix: rerun the upload."
-                            )
-                    elif plain_md5 and etag != digest.etag:
-                        raise ChecksumMismatchError(f"{key}: MD5 differs from the object's ETag. Fix: rerun.")
-                    os.replace(tmp, dest)
-                    cache.record(dest, rel, digest)
-                    with lock:
-                        report.verified += sha is not None
-                        if sha is None:
-                            report.unverified.append(rel)
-                        report.downloaded.append(rel)
-                        report.bytes_downloaded += size
-
-                checks = []
-                for future, item in futures.items():
-                    future.result()
-                    checks.append(hasher.submit(finish, item))
-                for check in checks:
-                    check.result()
-        finally:
-            bar.close()
-            cache.save()
-            for tmp in tmp_files:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
+        run = _Download(client, name, root, report, _HashCache(root, use_hash_cache), max_concurrency)
+        todo = run.plan(wanted)
+        run.fetch(todo, _Bar(sum(t[2] for t in todo), f"download s3://{name}/{prefix}", progress))
     report.downloaded.sort()
     report.skipped.sort()
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _wanted_objects(
+    client, bucket: str, prefix: str, what: str, require_complete: bool, report: DownloadReport
+) -> list[tuple[str, str, int, str | None]]:
+    """What to fetch: (relative path, key, size, expected SHA-256 or None) per object.
+
+    The manifest's files, or every listed object when there is no manifest and ``require_complete`` is false.
+    """
+    listing = {o.key: o for o in _list(client, bucket, prefix)}
+    marker = _marker_key(prefix)
+    try:
+        manifest = _read_manifest(client, bucket, marker) if marker in listing else None
+    except ValueError as exc:
+        if require_complete:
+            raise IncompleteUploadError(
+                f"{what}: the completion marker {marker} is damaged ({exc}), so the upload cannot be trusted. Fix: "
+                "rerun `detox-sft upload` for this prefix (it checks every object and rewrites the marker), or pass "
+                "require_complete=False / --allow-incomplete to fetch the objects checked by their SHA-256 metadata."
+            ) from None
+        warnings.warn(
+            f"{what}: the completion marker {marker} is damaged ({exc}); every object is fetched and checked by "
+            "its SHA-256 metadata instead.",
+            UserWarning,
+            stacklevel=3,
+        )
+        manifest = None
+    if manifest is None and require_complete:
+        hint = "it is empty" if not listing else f"{len(listing)} objects but no {MARKER_NAME}"
+        raise IncompleteUploadError(
+            f"{what}: not a finished detox-sft upload ({hint}). Fix: rerun `detox-sft upload` for this prefix "
+            "until it completes, or pass require_complete=False / --allow-incomplete for objects uploaded by "
+            "another tool."
+        )
+    wanted: list[tuple[str, str, int, str | None]] = []
+    if manifest is not None:
+        report.complete = True
+        for entry in manifest["files"]:
+            key = _join(prefix, entry["path"])
+            obj = listing.get(key)
+            if obj is None or obj.size != entry["size"]:
+                raise IncompleteUploadError(
+                    f"{what}: {key} is {'missing' if obj is None else 'of another size'} although the marker "
+                    "lists it: the prefix changed after the upload. Fix: rerun the upload."
+                )
+            wanted.append((entry["path"], key, entry["size"], entry["sha256"]))
+    else:
+        for key, obj in sorted(listing.items()):
+            if key != marker and not _is_own_lock(key, prefix):
+                wanted.append((key[len(prefix) + 1 :] if prefix else key, key, obj.size, None))
+    if not wanted:
+        raise IncompleteUploadError(f"{what}: no objects under this prefix. Fix: check the prefix (and bucket).")
+    return wanted
+
+
+class _Download:
+    """The steps of one :func:`download_prefix` run after the listing: what to fetch, then fetch and verify."""
+
+    def __init__(
+        self, client, bucket: str, root: Path, report: DownloadReport, cache: _HashCache, concurrency: int
+    ) -> None:
+        self.client, self.bucket, self.root, self.report = client, bucket, root, report
+        self.cache, self.concurrency = cache, concurrency
+        self._lock = threading.Lock()
+
+    def _expected_sha(self, key: str, known: str | None) -> tuple[str | None, str]:
+        if known is not None:
+            return known, ""
+        head = self.client.head_object(Bucket=self.bucket, Key=key)
+        return head.get("Metadata", {}).get(_SHA_META), _etag_of(head)
+
+    def plan(self, wanted: list[tuple[str, str, int, str | None]]) -> list[tuple]:
+        """(rel, key, size, sha, etag, dest) of each object to fetch; a file already there with its SHA-256 is kept."""
+        todo = []
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            shas = list(pool.map(lambda w: self._expected_sha(w[1], w[3]), wanted))
+        for (rel, key, size, _), (sha, etag) in zip(wanted, shas, strict=True):
+            dest = _safe_dest(self.root, rel)
+            if sha and dest.is_file() and dest.stat().st_size == size and self.cache.digest(dest, rel).sha256 == sha:
+                self.report.skipped.append(rel)
+                self.report.verified += 1
+                continue
+            todo.append((rel, key, size, sha, etag, dest))
+        return todo
+
+    def fetch(self, todo: list[tuple], bar: _Bar) -> None:
+        """Download each object to a temporary file beside its destination, verify it, rename it into place."""
+        from s3transfer.manager import TransferManager
+
+        tmp_files: list[Path] = []
+        try:
+            config = _transfer_config(self.concurrency)
+            with TransferManager(self.client, config) as tm, ThreadPoolExecutor(max_workers=2) as hasher:
+                futures = {}
+                for rel, key, size, sha, etag, dest in todo:
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    # a name of its own: two downloads into one directory must not share a temporary file
+                    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.detox-sft-part")
+                    tmp_files.append(tmp)
+                    future = tm.download(self.bucket, key, str(tmp), subscribers=[_subscriber(bar)])
+                    futures[future] = (rel, key, size, sha, etag, dest, tmp)
+                checks = []
+                for future, item in futures.items():
+                    try:
+                        future.result()
+                    except OSError as exc:
+                        if exc.errno not in _NO_ROOM:
+                            raise
+                        raise DiskFullError(
+                            f"No room to write {item[5]} ({exc.strerror}: {_ERRNO_HINT.get(exc.errno, '')}). The "
+                            f"files already downloaded to {self.root} are complete and verified; nothing partial "
+                            "was kept. Fix: free disk space (or raise the limit, or pick a bigger directory), then "
+                            "rerun: only the missing files are fetched."
+                        ) from exc
+                    checks.append(hasher.submit(self._finish, item))
+                for check in checks:
+                    check.result()
+        finally:
+            bar.close()
+            self.cache.save()
+            for tmp in tmp_files:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+
+    def _finish(self, item: tuple) -> None:
+        """Check a downloaded file against its SHA-256 (or plain MD5 ETag), then move it into place."""
+        rel, key, size, sha, etag, dest, tmp = item
+        # the MD5 only for objects without a recorded SHA-256 whose ETag is a plain MD5
+        plain_md5 = sha is None and "-" not in etag and bool(_MD5_ETAG.match(etag))
+        digest = _hash_file(tmp, tmp.stat().st_size, md5=plain_md5)
+        if digest.size != size:
+            raise ChecksumMismatchError(f"{key}: got {digest.size} bytes, expected {size}. Fix: rerun.")
+        if sha is not None:
+            if digest.sha256 != sha:
+                raise ChecksumMismatchError(
+                    f"{key}: downloaded content has SHA-256 {digest.sha256[:12]}..., the upload recorded "
+                    f"{sha[:12]}...: the object changed or was corrupted. Fix: rerun the upload."
+                )
+        elif plain_md5 and etag != digest.etag:
+            raise ChecksumMismatchError(f"{key}: MD5 differs from the object's ETag. Fix: rerun.")
+        os.replace(tmp, dest)
+        self.cache.record(dest, rel, digest)
+        with self._lock:
+            self.report.verified += sha is not None
+            if sha is None:
+                self.report.unverified.append(rel)
+            self.report.downloaded.append(rel)
+            self.report.bytes_downloaded += size
 
 
 def upload_export(
@@ -1122,8 +1605,8 @@ def upload_export(
     Raises:
         FileNotFoundError: neither export exists (run the export step first).
     """
-    export = recipe.run_path / "export"
-    sources = {"caikit": export / "caikit" / recipe.export.model_id, "hf": export / "hf"}
+    export = recipe.paths.export
+    sources = {"caikit": recipe.paths.caikit_export(recipe.export.model_id), "hf": recipe.paths.hf_export}
     present = {kind: path for kind, path in sources.items() if path.is_dir()}
     if not present:
         raise FileNotFoundError(
@@ -1138,131 +1621,12 @@ def upload_export(
     }
 
 
-# --------------------------------------------------------------------------------------------------------- CLI
-def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "connection",
-        "default: the data-connection variables AWS_S3_ENDPOINT, AWS_S3_BUCKET, AWS_DEFAULT_REGION; "
-        "the keys are read from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY only (never from the command line)",
-    )
-    group.add_argument("--endpoint", help="S3 endpoint URL (default $AWS_S3_ENDPOINT)")
-    group.add_argument("--bucket", help="bucket (default $AWS_S3_BUCKET)")
-    group.add_argument("--region", help="region (default $AWS_DEFAULT_REGION or us-east-1)")
-    group.add_argument("--ca-bundle", help="CA bundle to verify the endpoint's TLS certificate")
-    parser.add_argument("--recipe", help="recipe name or path: default prefix and concurrency (storage section)")
-    parser.add_argument("--max-concurrency", type=int, help="parallel requests (default: recipe, else 8)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _cli_settings(args: argparse.Namespace) -> S3Settings:
-    return S3Settings.from_env(
-        endpoint=args.endpoint,
-        bucket=args.bucket,
-        region=args.region,
-        **({"verify_tls": args.ca_bundle} if args.ca_bundle else {}),
-    )
-
-
-def _cli_recipe(args: argparse.Namespace):
-    if not args.recipe:
-        return None
-    from detox_sft.config import load_recipe
-
-    return load_recipe(args.recipe)
-
-
-def add_upload_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `detox-sft upload`."""
-    parser.add_argument("dir", nargs="?", help="directory to upload; omitted: the recipe's export (caikit and hf)")
-    parser.add_argument(
-        "--prefix", help="key prefix (default: <recipe prefix>/caikit for a Caikit dir, /hf for a Hugging Face dir)"
-    )
-    parser.add_argument("--create-bucket", action="store_true", help="create the bucket if it does not exist")
-    parser.add_argument("--delete-extra", action="store_true", help="delete objects under the prefix not in DIR")
-    parser.add_argument(
-        "--no-server-checksum",
-        action="store_true",
-        help="check size and SHA-256 metadata only, not the server's CRC32/MD5",
-    )
-    _add_connection_arguments(parser)
-
-
-def _default_upload_prefix(local: Path, base: str) -> str:
-    prefixes = model_prefixes(base)
+def upload_prefix(local_dir: str | os.PathLike[str], base: str = DEFAULT_PREFIX) -> str:
+    """The key prefix a directory goes under: ``<base>/caikit`` for a Caikit directory, ``<base>/hf`` for a
+    Hugging Face one (see :func:`model_prefixes`), ``<base>`` for anything else."""
+    local, prefixes = Path(local_dir), model_prefixes(base)
     if (local / "config.yml").is_file():  # caikit-nlp's saved module
         return prefixes["caikit"]
     if (local / "config.json").is_file():  # a Hugging Face model directory
         return prefixes["hf"]
     return _norm_prefix(base)
-
-
-def upload_main(args: argparse.Namespace) -> int:
-    """Run `detox-sft upload`."""
-    try:
-        recipe = _cli_recipe(args)
-        settings = _cli_settings(args)
-        if args.dir is None:
-            if recipe is None:
-                print("detox-sft upload: give a DIR, or --recipe to upload that run's export.", file=sys.stderr)
-                return 2
-            for report in upload_export(
-                recipe, settings=settings, create_bucket=args.create_bucket, progress=not args.no_progress
-            ).values():
-                print(report)
-            return 0
-        base = recipe.storage.prefix if recipe else DEFAULT_PREFIX
-        prefix = args.prefix if args.prefix is not None else _default_upload_prefix(Path(args.dir), base)
-        report = upload_dir(
-            args.dir,
-            prefix,
-            settings=settings,
-            recipe=recipe,
-            max_concurrency=args.max_concurrency,
-            create_bucket=args.create_bucket,
-            progress=not args.no_progress,
-            verify_server_checksum=not args.no_server_checksum,
-            delete_extra=args.delete_extra,
-        )
-        print(report)
-        if report.extra_keys and not args.delete_extra:
-            print(
-                f"note: {len(report.extra_keys)} objects under the prefix are not in {args.dir} "
-                "(--delete-extra removes them).",
-                file=sys.stderr,
-            )
-        return 0
-    except (StorageError, FileNotFoundError) as exc:
-        print(f"detox-sft upload: {exc}", file=sys.stderr)
-        return 1
-
-
-def add_download_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `detox-sft download`."""
-    parser.add_argument("prefix", help="key prefix, e.g. models/opt-350m-detox/caikit")
-    parser.add_argument("dir", help="destination directory")
-    parser.add_argument(
-        "--allow-incomplete",
-        action="store_true",
-        help="download even without a completion marker (objects uploaded by another tool)",
-    )
-    _add_connection_arguments(parser)
-
-
-def download_main(args: argparse.Namespace) -> int:
-    """Run `detox-sft download`."""
-    try:
-        recipe = _cli_recipe(args)
-        concurrency = args.max_concurrency or (recipe.storage.max_concurrency if recipe else 8)
-        report = download_prefix(
-            args.prefix,
-            args.dir,
-            settings=_cli_settings(args),
-            max_concurrency=concurrency,
-            require_complete=not args.allow_incomplete,
-            progress=not args.no_progress,
-        )
-        print(report)
-        return 0
-    except StorageError as exc:
-        print(f"detox-sft download: {exc}", file=sys.stderr)
-        return 1

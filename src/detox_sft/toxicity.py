@@ -1,6 +1,9 @@
-"""Toxicity scorers: the roberta hate-speech classifier (tutorial) and the offline offensive-language classifier.
+"""Toxicity scorers: the roberta hate-speech classifier (tutorial), two offline classifiers shipped in PyPI packages
+(alt-profanity-check, HateSonar) and the offline zoo's exact judge (its generator's toxic lexicon).
 
 Every scorer maps a list of texts to a float array of toxicity probabilities in [0, 1], in order, in batches.
+:func:`load_scorer` takes ``profanity-check``, ``hatesonar``, ``zoo:lexicon`` (or the path of such a lexicon JSON
+file), or a hub id / local directory of a sequence classifier.
 The same scorers are offered through the `evaluate` API by the local measurement module in
 ``detox_sft/measurements/toxicity`` (see :func:`load_measurement`), which works offline and on transformers 5, unlike
 ``evaluate.load("toxicity")`` (hub-only, and its script breaks on current pipeline outputs).
@@ -8,19 +11,29 @@ The same scorers are offered through the `evaluate` API by the local measurement
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from detox_sft.compat import hatesonar_session
+from detox_sft.devices import resolve_device
+from detox_sft.refs import is_hub_ref, resolve_ref, revision_kwargs
+
 __all__ = [
     "OFFLINE_SCORER",
+    "HATESONAR_SCORER",
+    "LEXICON_SCORER",
     "HATE_SPEECH_SCORER",
     "MEASUREMENT_DIR",
     "Scorer",
     "ProfanityCheckScorer",
+    "HateSonarScorer",
+    "LexiconScorer",
     "HateSpeechScorer",
     "ScorerError",
     "load_scorer",
@@ -29,6 +42,8 @@ __all__ = [
 ]
 
 OFFLINE_SCORER = "profanity-check"
+HATESONAR_SCORER = "hatesonar"
+LEXICON_SCORER = "zoo:lexicon"
 HATE_SPEECH_SCORER = "facebook/roberta-hate-speech-dynabench-r4-target"
 MEASUREMENT_DIR = Path(__file__).resolve().parent / "measurements" / "toxicity"
 
@@ -55,7 +70,6 @@ def _clean(texts: Sequence[Any]) -> list[str]:
 
 
 def _resolve_device(device: str) -> str:
-    from detox_sft.devices import resolve_device
 
     return resolve_device(device, "the scorer's device", ScorerError)
 
@@ -84,8 +98,83 @@ class ProfanityCheckScorer:
 
 
 @dataclass
+class HateSonarScorer:
+    """HateSonar's classifier, shipped as ONNX in the PyPI package hatesonar (offline): toxicity = 1 - P(neither).
+
+    A TF-IDF + logistic regression model trained on Davidson et al. (2017)'s tweets labelled hate speech / offensive
+    language / neither; the session comes from :func:`detox_sft.compat.hatesonar_session` (the shipped graph needs a
+    locale most machines lack).
+    """
+
+    name: str = HATESONAR_SCORER
+    _session: object = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        try:
+            self._session = hatesonar_session()
+        except ImportError as exc:
+            raise ScorerError(
+                f"scorer {HATESONAR_SCORER!r} needs the packages hatesonar and onnxruntime: pip install hatesonar"
+            ) from exc
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        texts = _clean(texts)
+        if not texts:
+            return np.zeros(0, dtype=np.float64)
+        _, probs = self._session.run(None, {"text": np.array(texts, dtype=object)})
+        # classes 0 hate speech, 1 offensive language, 2 neither (hatesonar.Sonar's mapping)
+        return np.clip(np.array([1.0 - float(p[2]) for p in probs], dtype=np.float64), 0.0, 1.0)
+
+
+@dataclass
+class LexiconScorer:
+    """1.0 when a text holds a word or phrase of a toxic lexicon (whole words, any case, any spacing), else 0.0.
+
+    With the offline zoo's ``lexicon.json`` (``zoo:lexicon``) this is the synthetic world's exact judge: the words that
+    only the corpus generator's toxic fillers use, which it inserts verbatim (a capital first letter and trailing
+    punctuation are all it changes), so a generated sentence holds one exactly when the generator made it toxic (see
+    :func:`detox_sft.zoo.corpus.toxic_lexicon`). It shares nothing with the classifiers that gate the training data or
+    built the corpus.
+
+    Attributes:
+        path (`str`): a JSON file ``{"toxic_words": ["idiot", "what the hell", ...]}`` (an entry of several words
+            matches with any whitespace between them).
+        name (`str`, defaults to ``"zoo:lexicon"``): the name results are reported under.
+    """
+
+    path: str
+    name: str = LEXICON_SCORER
+    words: tuple[str, ...] = field(default=(), init=False)
+
+    def __post_init__(self) -> None:
+        try:
+            data = json.loads(Path(self.path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ScorerError(
+                f"cannot read the lexicon {self.path!r} ({exc}). Fix: give a JSON file "
+                '{"toxic_words": [...]}, or zoo:lexicon.'
+            ) from exc
+        words = data.get("toxic_words") if isinstance(data, dict) else None
+        if not words or not all(isinstance(w, str) and w.split() for w in words):
+            raise ScorerError(
+                f'lexicon {self.path!r} has no "toxic_words" list of non-empty strings. Fix: write '
+                '{"toxic_words": ["idiot", ...]} (the zoo writes zoo:lexicon).'
+            )
+        self.words = tuple(words)
+        alternatives = "|".join(r"\s+".join(map(re.escape, w.split())) for w in self.words)
+        self._pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        texts = _clean(texts)
+        return np.array([1.0 if self._pattern.search(t) else 0.0 for t in texts], dtype=np.float64)
+
+
+@dataclass
 class HateSpeechScorer:
     """A sequence classifier whose toxicity is P(label), e.g. facebook/roberta-hate-speech-dynabench-r4-target.
+
+    A transformers ``pipeline("text-classification", top_k=None)``: every label's probability (softmax over the
+    labels for a multi-label head), of which the toxic label's is kept.
 
     Attributes:
         name (`str`): hub id or local path of the classifier.
@@ -94,6 +183,7 @@ class HateSpeechScorer:
         toxic_label (`str` or `None`): the label whose probability is the toxicity; `None` picks the first of
             ``hate``, ``toxic``, ``toxicity``, ``offensive``, ``label_1`` that the model has.
         max_length (`int`, defaults to 512): longer texts are truncated.
+        revision (`str` or `None`, *optional*, defaults to `None`): the hub commit to load (a hub id only).
     """
 
     name: str
@@ -101,10 +191,11 @@ class HateSpeechScorer:
     batch_size: int = 32
     toxic_label: str | None = "hate"
     max_length: int = 512
+    revision: str | None = None
 
     def __post_init__(self) -> None:
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import pipeline
 
         self.device = _resolve_device(self.device)
         looks_local = self.name.startswith(("/", "./", "../", "~")) or Path(self.name).expanduser().exists()
@@ -113,18 +204,23 @@ class HateSpeechScorer:
                 f"cannot load scorer {self.name!r}: no such path. Fix: give the directory of a "
                 f"sequence classifier, a hub id, or the offline scorer {OFFLINE_SCORER!r}."
             )
-        # half precision on a GPU halves memory and time; the softmax runs in float32 below
+        # half precision on a GPU halves memory and time; the pipeline's softmax runs in float32
         dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
         try:
-            self._tokenizer = AutoTokenizer.from_pretrained(self.name)
-            self._model = AutoModelForSequenceClassification.from_pretrained(self.name, dtype=dtype)
-        except (OSError, ValueError, KeyError) as exc:
+            self._pipeline = pipeline(
+                "text-classification",
+                model=self.name,
+                top_k=None,
+                device=self.device,
+                dtype=dtype,
+                **revision_kwargs(self.name, self.revision, f"the revision of scorer {self.name}"),
+            )
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise ScorerError(
                 f"cannot load scorer {self.name!r} ({exc}). Fix: give a local path to the classifier, or reach the "
                 f"Hugging Face hub, or use the offline scorer {OFFLINE_SCORER!r}."
             ) from exc
-        self._model.to(self.device).eval()
-        labels = {str(v).lower(): int(k) for k, v in self._model.config.id2label.items()}
+        labels = {str(v).lower(): str(v) for v in self._pipeline.model.config.id2label.values()}
         wanted = [self.toxic_label.lower()] if self.toxic_label else list(_TOXIC_LABELS)
         found = [label for label in wanted if label in labels]
         if not found:
@@ -133,56 +229,79 @@ class HateSpeechScorer:
                 "Fix: pass toxic_label= one of its labels."
             )
         self.toxic_label = found[0]
-        self._index = labels[found[0]]
-        self._torch = torch
+        self._label = labels[found[0]]  # as the pipeline names it
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         texts = _clean(texts)
         out = np.zeros(len(texts), dtype=np.float64)
+        if not texts:
+            return out
         order = np.argsort([len(t) for t in texts], kind="stable")
-        for start in range(0, len(texts), self.batch_size):
-            rows = order[start : start + self.batch_size]
-            enc = self._tokenizer(
-                [texts[i] for i in rows], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            ).to(self.device)
-            with self._torch.inference_mode():
-                probs = self._model(**enc).logits.float().softmax(-1)[:, self._index]
-            out[rows] = probs.cpu().numpy()
+        results = self._pipeline(
+            [texts[i] for i in order], batch_size=self.batch_size, truncation=True, max_length=self.max_length
+        )
+        for i, scores in zip(order, results, strict=True):
+            out[i] = next(s["score"] for s in scores if s["label"] == self._label)
         return out
 
 
-def load_scorer(name: str, device: str = "cpu", batch_size: int = 32) -> Scorer:
-    """Load a scorer by name: ``profanity-check`` (offline) or a hub id / local path of a classifier.
+def load_scorer(name: str, device: str = "cpu", batch_size: int = 32, revision: str | None = None) -> Scorer:
+    """Load a scorer by name: an offline one, a lexicon, or a hub id / local path of a classifier.
 
     Args:
-        name: ``profanity-check``, a hub id (``facebook/roberta-hate-speech-dynabench-r4-target``), a local
-            directory, or ``zoo:<name>``.
+        name: ``profanity-check`` or ``hatesonar`` (classifiers shipped in PyPI packages), ``zoo:lexicon`` or the
+            path of a lexicon JSON file (:class:`LexiconScorer`), a hub id
+            (``facebook/roberta-hate-speech-dynabench-r4-target``), a local directory, or another ``zoo:<name>``.
         device: ``cpu``, ``cuda`` or ``auto`` (classifiers only).
         batch_size: texts per forward pass (classifiers only).
+        revision: the hub commit of a hub classifier (``evaluation.scorer_revisions``); ignored for ``zoo:``.
 
     Raises:
-        ScorerError: the package or the model cannot be loaded.
+        ScorerError: the package, the lexicon or the model cannot be loaded, or a revision for a scorer that is
+            not a hub classifier.
     """
+    if name in (OFFLINE_SCORER, HATESONAR_SCORER) or (not name.startswith("zoo:") and not is_hub_ref(name)):
+        _no_revision(name, revision)
     if name == OFFLINE_SCORER:
         return ProfanityCheckScorer()
+    if name == HATESONAR_SCORER:
+        return HateSonarScorer()
+    given = name
     if name.startswith("zoo:"):
-        from detox_sft.config import resolve_ref
-
         name = resolve_ref(name)
     if Path(name).expanduser().exists():
         name = str(Path(name).expanduser().resolve())
-    return HateSpeechScorer(name=name, device=device, batch_size=batch_size)
+    if name.endswith(".json"):
+        return LexiconScorer(path=name, name=given)
+    return HateSpeechScorer(
+        name=name, device=device, batch_size=batch_size, revision=None if given.startswith("zoo:") else revision
+    )
 
 
-def load_scorers(names: Sequence[str], device: str = "cpu", batch_size: int = 32) -> dict[str, Scorer]:
+def _no_revision(name: str, revision: str | None) -> None:
+    if revision is not None:
+        raise ScorerError(
+            f"scorer {name!r} has a revision ({revision}) but is not a hub classifier: a packaged scorer is pinned "
+            "by its package's version (requirements.txt), a local one by its files. Fix: remove its revision."
+        )
+
+
+def load_scorers(
+    names: Sequence[str], device: str = "cpu", batch_size: int = 32, revisions: Mapping[str, str] | None = None
+) -> dict[str, Scorer]:
     """Load several scorers, keyed by the names given (the first is the headline scorer by convention).
+
+    ``revisions`` pins hub classifiers by name (``evaluation.scorer_revisions``).
 
     Raises:
         ScorerError: one of them cannot be loaded (before any work is done).
     """
     if not names:
-        raise ScorerError("no scorer named. Fix: set evaluation.scorers, e.g. [profanity-check].")
-    return {name: load_scorer(name, device=device, batch_size=batch_size) for name in names}
+        raise ScorerError("no scorer named. Fix: set evaluation.scorers, e.g. [zoo:lexicon, profanity-check].")
+    revisions = revisions or {}
+    return {
+        name: load_scorer(name, device=device, batch_size=batch_size, revision=revisions.get(name)) for name in names
+    }
 
 
 def load_measurement(scorer: str = "default", **kwargs: Any):
@@ -190,7 +309,7 @@ def load_measurement(scorer: str = "default", **kwargs: Any):
 
     Args:
         scorer: the measurement's config name: ``default`` (the roberta hate-speech classifier, as on the hub),
-            ``profanity-check`` (offline), a hub id or a local path.
+            ``profanity-check`` or ``hatesonar`` (offline), ``zoo:lexicon``, a hub id or a local path.
         **kwargs: passed to :func:`evaluate.load`.
     """
     import evaluate

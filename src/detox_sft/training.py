@@ -1,8 +1,6 @@
 """QLoRA supervised fine-tuning of the base model: two arms (``raw``, ``detox``), one recipe.
 
-The 2024 original fully fine-tuned the raw arm but QLoRA-tuned the detoxified arm, and pointed LoRA at ``o_proj``,
-which OPT does not have. Here both arms go through :func:`train_arm` with the same recipe, seed and sample order;
-only the training text differs.
+Both arms go through :func:`train_arm` with the same recipe, seed and sample order; only the training text differs.
 
 Pieces:
 
@@ -11,9 +9,10 @@ Pieces:
 * :func:`train_arm` / :func:`train_arms`: checks the inputs before anything heavy happens, trains with TRL's
   ``SFTTrainer`` (4-bit NF4 with bitsandbytes on CUDA *and* on CPU), resumes from the last checkpoint, and writes
   ``<run_dir>/adapters/<arm>/`` (adapter, tokenizer, ``log_history.json``, ``metrics.json``);
-* :func:`plot_loss_curves`, :func:`load_adapter_model` for the later steps, and the ``detox-sft train`` CLI.
+* :func:`plot_loss_curves`, :func:`load_adapter_model` for the later steps (``detox-sft train`` is in
+  :mod:`detox_sft.cli`).
 
-Loss on the continuation only uses TRL's prompt-completion format: ``prompt = "Prompt: {prompt}\\nContinuation:"``
+Loss on the continuation only uses TRL's prompt-completion format: ``prompt`` = :func:`detox_sft.prompts.generation_prompt`
 and ``completion = " {continuation}"``. The space goes with the completion because byte-level BPE merges it into
 the next word; a prompt ending in a space would not be a token prefix of the full text (TRL then warns and trains on
 a context the model never sees at inference). ``prompt + completion`` is exactly the ``text`` column.
@@ -21,26 +20,35 @@ a context the model never sees at inference). ``prompt + completion`` is exactly
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import resource
 import shutil
-import sys
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from detox_sft.compat import sft_checkpointing_kwargs
-from detox_sft.config import Recipe, TrainingConfig, load_recipe, resolve_ref
+from detox_sft.compat import (
+    PEFT_READS_IS_GRADIENT_CHECKPOINTING,
+    ignore_warnings,
+    keep_bnb_4bit_trainable_on_cpu,
+    library_progress_bars_off,
+    sft_checkpointing_kwargs,
+)
+from detox_sft.config import ARMS, Recipe, RunPaths, TrainingConfig
+from detox_sft.data import load_train_dataset
+from detox_sft.devices import compute_dtype, gpu_dtype
+from detox_sft.devices import resolve_device as _resolve
+from detox_sft.files import atomic_write_json, read_json_or_none
+from detox_sft.prompts import RESPONSE_MARKER, generation_prompt, split_sample
+from detox_sft.refs import resolve_ref, revision_kwargs
 
 if TYPE_CHECKING:  # heavy imports stay inside the functions
-    import torch
     from datasets import Dataset, DatasetDict
     from matplotlib.figure import Figure
     from peft import LoraConfig
@@ -50,7 +58,8 @@ if TYPE_CHECKING:  # heavy imports stay inside the functions
 __all__ = [
     "ARMS",
     "OPT_TARGET_MODULES",
-    "RESPONSE_MARKER",
+    "LORA_TARGET_MODULES",
+    "default_target_modules",
     "TrainingError",
     "TrainResult",
     "resolve_device",
@@ -61,28 +70,29 @@ __all__ = [
     "get_peft_config",
     "get_sft_config",
     "sft_config_kwargs",
-    "generation_prompt",
     "to_prompt_completion",
     "check_training_inputs",
     "train_arm",
     "train_arms",
+    "is_main_process",
     "load_detox_dataset",
     "load_arm_datasets",
     "plot_loss_curves",
     "load_adapter_model",
-    "adapter_dir",
-    "add_arguments",
-    "main",
 ]
 
 logger = logging.getLogger(__name__)
 
-ARMS: tuple[str, ...] = ("raw", "detox")
 # OPT's linear layers per decoder block; the attention output is `out_proj` (the 2024 original's `o_proj` is LLaMA's).
 OPT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-# The template's separator without its trailing space (see the module docstring for why).
-RESPONSE_MARKER = "\nContinuation:"
-_TEMPLATE_PROMPT = "Prompt: {prompt}" + RESPONSE_MARKER
+# LoRA targets by model type (``config.model_type``) where training.lora.target_modules is absent or null: every linear
+# layer of the decoder blocks. GPT-2's are Conv1D layers (c_attn holds q, k and v; c_proj is in attention and MLP).
+# Any other model type gets PEFT's "all-linear" (every linear layer but the output head).
+LORA_TARGET_MODULES: dict[str, tuple[str, ...]] = {
+    "opt": OPT_TARGET_MODULES,
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+}
 _DEFAULT_SAVE_STEPS = 50
 
 
@@ -118,22 +128,8 @@ def resolve_device(device: str = "auto") -> str:
     Raises:
         TrainingError: ``cuda`` was asked for but CUDA is not available.
     """
-    from detox_sft.devices import resolve_device as _resolve
 
     return _resolve(device, "training.device", TrainingError)
-
-
-def _gpu_dtype() -> torch.dtype:
-    import torch
-
-    # bf16 needs Ampere or newer; older GPUs (T4, V100) fall back to fp16.
-    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
-
-
-def _compute_dtype(device: str) -> torch.dtype:
-    import torch
-
-    return _gpu_dtype() if device == "cuda" else torch.float32
 
 
 def training_path(cfg: TrainingConfig, device: str) -> str:
@@ -158,7 +154,7 @@ def get_quantization_config(cfg: TrainingConfig, device: str) -> BitsAndBytesCon
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=_compute_dtype(device),
+        bnb_4bit_compute_dtype=compute_dtype(device),
     )
 
 
@@ -172,20 +168,33 @@ def linear_module_names(model_or_module_names: Any) -> list[str]:
     import torch
 
     if isinstance(model_or_module_names, torch.nn.Module):
+        from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers; PEFT's LoRA takes them too
+
         # bitsandbytes' Linear4bit subclasses nn.Linear, so quantised models count too.
-        names = [n for n, m in model_or_module_names.named_modules() if isinstance(m, torch.nn.Linear)]
+        linear = (torch.nn.Linear, Conv1D)
+        names = [n for n, m in model_or_module_names.named_modules() if isinstance(m, linear)]
     else:
         names = list(model_or_module_names)
     # TRL computes log-probs from lm_head.weight directly: an adapter there would never train.
     return sorted({n.rsplit(".", 1)[-1] for n in names if n} - {"lm_head"})
 
 
-def get_peft_config(cfg: TrainingConfig, model_or_module_names: Any) -> LoraConfig:
+def default_target_modules(model_type: str | None) -> list[str] | str:
+    """The LoRA targets of a model type: its :data:`LORA_TARGET_MODULES` entry, else PEFT's ``"all-linear"``."""
+    targets = LORA_TARGET_MODULES.get(model_type or "")
+    return list(targets) if targets else "all-linear"
+
+
+def get_peft_config(cfg: TrainingConfig, model_or_module_names: Any, model_type: str | None = None) -> LoraConfig:
     """The LoRA config from ``training.lora``, its target modules checked against the model.
+
+    ``target_modules`` absent or null in the recipe: :func:`default_target_modules` of the model's type.
 
     Args:
         cfg: the recipe's training section (``lora`` holds :class:`peft.LoraConfig` keyword arguments).
         model_or_module_names: the model (or its module names) the adapter goes on.
+        model_type: the model's ``config.model_type``; `None` reads it from the model (module names alone have
+            none: the default is then ``all-linear``).
 
     Raises:
         TrainingError: a target module does not exist in the model (the message lists the real ones), or a
@@ -195,7 +204,11 @@ def get_peft_config(cfg: TrainingConfig, model_or_module_names: Any) -> LoraConf
 
     kwargs = dict(cfg.lora)
     kwargs.setdefault("task_type", "CAUSAL_LM")
-    targets = kwargs.get("target_modules", list(OPT_TARGET_MODULES))
+    if model_type is None:
+        model_type = getattr(getattr(model_or_module_names, "config", None), "model_type", None)
+    targets = kwargs.get("target_modules")
+    if targets is None:
+        targets = default_target_modules(model_type)
     real = linear_module_names(model_or_module_names)
     if isinstance(targets, str) and targets != "all-linear":
         targets = [targets]
@@ -203,9 +216,13 @@ def get_peft_config(cfg: TrainingConfig, model_or_module_names: Any) -> LoraConf
         targets = list(targets)
         unknown = [t for t in targets if t not in real]
         if unknown:
+            default = default_target_modules(model_type)
+            kind = f" ({model_type})" if model_type else ""
             raise TrainingError(
-                f"training.lora.target_modules: {', '.join(unknown)} not in the model; its linear layers are "
-                f"{', '.join(real)}. Fix: use those names (OPT's attention output is out_proj, not o_proj)."
+                f"training.lora.target_modules: {', '.join(unknown)} not in the model{kind}; its linear layers are "
+                f"{', '.join(real)}. Fix: use those names (OPT's attention output is out_proj, not o_proj), or set "
+                "training.lora.target_modules to null for the model type's default"
+                + (f" ({', '.join(default) if isinstance(default, list) else default})." if model_type else ".")
             )
         if not targets:
             raise TrainingError(f"training.lora.target_modules is empty. Fix: name some of {', '.join(real)}.")
@@ -243,8 +260,9 @@ def sft_config_kwargs(
 
     Defaults (the recipe may override): ``eval_strategy="epoch"``, ``save_strategy="steps"`` every 50 steps with
     the last 2 checkpoints kept (so an interrupted run resumes), ``logging_first_step``, ``report_to="none"``, token
-    counting for tokens/s. Fixed: ``output_dir``, ``seed`` and ``data_seed`` (identical sample order in both arms),
-    ``completion_only_loss`` from the recipe, ``model_init_kwargs={"dtype": ...}``, and the precision: bf16 (fp16 on
+    counting for tokens/s, ``ddp_find_unused_parameters=False`` (under torchrun). Fixed: ``output_dir``, ``seed`` and ``data_seed`` (identical sample order in both arms),
+    ``completion_only_loss`` from the recipe, ``model_init_kwargs={"dtype": ...}`` (with ``"revision"``:
+    ``training.base_model_revision`` for a hub base model), and the precision: bf16 (fp16 on
     pre-Ampere GPUs) only on CUDA; on CPU ``use_cpu=True`` and fp32.
 
     Args:
@@ -262,18 +280,24 @@ def sft_config_kwargs(
     kwargs.setdefault("report_to", "none")
     kwargs.setdefault("include_num_input_tokens_seen", "non_padding")
     kwargs.setdefault("disable_tqdm", False)
+    # under torchrun: every LoRA weight is used in each forward pass, so DDP need not search the graph for unused ones
+    kwargs.setdefault("ddp_find_unused_parameters", False)
     kwargs.update(output_dir=str(output_dir), seed=seed, data_seed=seed, completion_only_loss=cfg.completion_only_loss)
     if device == "cuda":
         import torch
 
-        gpu_bf16 = _gpu_dtype() == torch.bfloat16
+        gpu_bf16 = gpu_dtype() == torch.bfloat16
         kwargs.update(use_cpu=False, bf16=gpu_bf16, fp16=not gpu_bf16)
         dtype = "bfloat16" if gpu_bf16 else "float16"
     else:
         # SFTConfig turns bf16 on by default; on CPU we train in fp32 (compute dtype of the 4-bit layers too).
         kwargs.update(use_cpu=True, bf16=False, fp16=False)
         dtype = "float32"
-    kwargs["model_init_kwargs"] = {**(kwargs.get("model_init_kwargs") or {}), "dtype": dtype}
+    kwargs["model_init_kwargs"] = {
+        **(kwargs.get("model_init_kwargs") or {}),
+        "dtype": dtype,
+        **_base_revision(cfg),  # SFTTrainer loads the base from its path with these
+    }
     return sft_checkpointing_kwargs(kwargs)
 
 
@@ -282,22 +306,13 @@ def sft_config_kwargs(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def generation_prompt(prompt: str) -> str:
-    """The prompt as the model saw it in training: ``"Prompt: {prompt}\nContinuation:"`` (no trailing space).
-
-    Ending on ``":"`` keeps the token boundary of training; a trailing space becomes a lone space token the
-    fine-tuned model never saw before a word.
-    """
-    return _TEMPLATE_PROMPT.format(prompt=prompt.strip())
-
-
 def to_prompt_completion(dataset: Dataset) -> Dataset:
     """Split the ``text`` column at the template's marker into TRL's ``prompt`` / ``completion`` columns.
 
     ``prompt + completion == text``; the other columns are dropped.
 
     Raises:
-        TrainingError: the text column is missing, or some texts lack the ``"\\nContinuation:"`` marker.
+        TrainingError: the text column is missing, or some texts lack :data:`~detox_sft.prompts.RESPONSE_MARKER`.
     """
     _require_text(dataset, "dataset")
     texts = dataset["text"]
@@ -310,10 +325,11 @@ def to_prompt_completion(dataset: Dataset) -> Dataset:
         )
 
     def split(example: dict[str, Any]) -> dict[str, str]:
-        cut = example["text"].index(RESPONSE_MARKER) + len(RESPONSE_MARKER)
-        return {"prompt": example["text"][:cut], "completion": example["text"][cut:]}
+        prompt, completion = split_sample(example["text"])
+        return {"prompt": prompt, "completion": completion}
 
-    return dataset.map(split, remove_columns=dataset.column_names)
+    with library_progress_bars_off():  # datasets' 'Map' bar, for a split that takes a blink
+        return dataset.map(split, remove_columns=dataset.column_names)
 
 
 def _require_text(dataset: Any, name: str) -> None:
@@ -321,12 +337,12 @@ def _require_text(dataset: Any, name: str) -> None:
     if "text" not in columns:
         raise TrainingError(
             f"{name} has no 'text' column (columns: {', '.join(columns) or 'none'}). Fix: build it with "
-            "detox_sft.data.load_train_dataset (text = 'Prompt: {prompt}\\nContinuation: {continuation}')."
+            "detox_sft.data.load_train_dataset (text = detox_sft.prompts.format_sample(prompt, continuation))."
         )
 
 
 def _prompt_lengths(tokenizer: Any, texts: list[str]) -> list[int]:
-    prompts = [t[: t.index(RESPONSE_MARKER) + len(RESPONSE_MARKER)] if RESPONSE_MARKER in t else t for t in texts]
+    prompts = [(split_sample(t) or (t, ""))[0] for t in texts]
     return [len(ids) for ids in tokenizer(prompts)["input_ids"]]
 
 
@@ -383,11 +399,11 @@ def check_training_inputs(recipe: Recipe, dataset: DatasetDict, tokenizer: Any, 
     _require_text(test, "the test set")
     max_length = cfg.sft.get("max_length", 1024)
     if max_length is not None:
-        template_tokens = len(tokenizer(_TEMPLATE_PROMPT.format(prompt=""))["input_ids"])
+        template_tokens = len(tokenizer(generation_prompt(""))["input_ids"])
         if max_length <= template_tokens:
             raise TrainingError(
                 f"training.sft.max_length={max_length} is not longer than the prompt template alone "
-                f"({template_tokens} tokens for {_TEMPLATE_PROMPT.format(prompt='')!r}): no continuation token would "
+                f"({template_tokens} tokens for {generation_prompt('')!r}): no continuation token would "
                 f"be trained. Fix: raise training.sft.max_length (the recipes use 64 offline, 256 on the hub model)."
             )
         if cfg.completion_only_loss:
@@ -424,9 +440,9 @@ def check_training_inputs(recipe: Recipe, dataset: DatasetDict, tokenizer: Any, 
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def adapter_dir(run_dir: str | os.PathLike[str], arm: str) -> Path:
-    """``<run_dir>/adapters/<arm>``."""
-    return Path(run_dir) / "adapters" / arm
+def is_main_process() -> bool:
+    """Whether this process writes the run's files: always in one process; rank 0 under torchrun (``RANK``)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _check_arm(arm: str) -> None:
@@ -434,12 +450,17 @@ def _check_arm(arm: str) -> None:
         raise TrainingError(f"unknown arm {arm!r}. Fix: use one of {', '.join(ARMS)}.")
 
 
-def _meta_model(model_path: str) -> Any:
+def _base_revision(cfg: TrainingConfig) -> dict[str, str]:
+    """``{"revision": training.base_model_revision}`` for a hub base model, else ``{}``."""
+    return revision_kwargs(cfg.base_model, cfg.base_model_revision, "training.base_model_revision")
+
+
+def _meta_model(model_path: str, **hub_kwargs: Any) -> Any:
     """The model's module tree on the meta device: its layer names without loading any weights."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_path)
+    config = AutoConfig.from_pretrained(model_path, **hub_kwargs)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
@@ -529,111 +550,240 @@ def train_arm(
         TrainingError: bad input or configuration, raised before any training starts.
     """
     _check_arm(arm)
-    cfg = recipe.training
-    out = adapter_dir(run_dir if run_dir is not None else recipe.run_path, arm)
+    out = RunPaths(run_dir).adapter(arm) if run_dir is not None else recipe.paths.adapter(arm)
     metrics_path = out / "metrics.json"
-    if metrics_path.exists() and not overwrite:
-        metrics = json.loads(metrics_path.read_text())
+    metrics = _finished_metrics(out) if not overwrite else None
+    if metrics is not None:
         print(
             f"[train {arm}] already trained ({metrics_path}); skipping. Pass overwrite=True (--overwrite) to retrain."
         )
+        if is_main_process():  # a run killed while it removed its checkpoints leaves some
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
         return TrainResult(arm=arm, adapter_dir=out, metrics=metrics, skipped=True)
-    if overwrite and out.exists():
+    if overwrite and out.exists() and is_main_process():
         shutil.rmtree(out)
+    run = _ArmRun(recipe, arm, out, dataset)
+    run.announce()
+    run.train(callbacks)
+    return TrainResult(arm=arm, adapter_dir=out, metrics=run.save())
 
-    from transformers import AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
 
-    device = resolve_device(cfg.device)
-    model_path = resolve_ref(cfg.base_model)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token is None:  # OPT has <pad>; other bases may not
-        tokenizer.pad_token = tokenizer.eos_token
-    check_training_inputs(recipe, dataset, tokenizer, device)
-    peft_config = get_peft_config(cfg, _meta_model(model_path))
-    ckpt_dir = out / "checkpoints"
-    sft_config = get_sft_config(cfg, ckpt_dir, recipe.seed, device)
-    quant = get_quantization_config(cfg, device)
-    path = training_path(cfg, device)
+# what a finished arm's directory holds besides metrics.json, which is written last (the completion marker)
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "log_history.json")
 
+
+def _finished_metrics(out: Path) -> dict[str, Any] | None:
+    """The arm's ``metrics.json`` when the arm has finished, else `None`.
+
+    A marker that is truncated or unreadable, or whose adapter files are missing, means the arm is not finished: it is
+    removed (with a warning) and the arm is trained again.
+    """
+    marker = out / "metrics.json"
+    if not marker.exists():
+        return None
+    metrics = read_json_or_none(marker)
+    missing = [name for name in _ADAPTER_FILES if not (out / name).is_file()]
+    if isinstance(metrics, dict) and not missing:
+        return metrics
+    problem = (
+        "is unreadable (truncated?)" if not isinstance(metrics, dict) else f"has no {', '.join(missing)} beside it"
+    )
+    warnings.warn(f"{marker} {problem}: the arm is not finished; training it again.", UserWarning, stacklevel=3)
+    if is_main_process():
+        marker.unlink(missing_ok=True)
+    return None
+
+
+def _last_complete_checkpoint(ckpt_dir: Path) -> str | None:
+    """The newest checkpoint the Trainer finished writing, or `None`; incomplete newer ones are removed.
+
+    The Trainer writes a checkpoint's files in place and ``trainer_state.json`` last, so a checkpoint whose state file
+    is missing or unreadable was cut short (a kill while saving); resuming from it would crash.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if not ckpt_dir.is_dir():
+        return None
+    steps = {}
+    for path in ckpt_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = path.name.rpartition("-")[2]
+        if path.is_dir() and step.isdigit():
+            steps[int(step)] = path
+    for step in sorted(steps, reverse=True):
+        path = steps[step]
+        if isinstance(read_json_or_none(path / "trainer_state.json"), dict):
+            return str(path)
+        warnings.warn(f"{path} is incomplete (interrupted while saving); removing it.", UserWarning, stacklevel=3)
+        if is_main_process():
+            shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
+def _sft_splits(cfg: TrainingConfig, dataset: DatasetDict) -> tuple[Dataset, Dataset]:
+    """The train and eval splits as SFTTrainer gets them: prompt-completion pairs, or the text alone."""
     if cfg.completion_only_loss:
-        train_ds, eval_ds = to_prompt_completion(dataset["train"]), to_prompt_completion(dataset["test"])
-    else:
-        train_ds, eval_ds = dataset["train"].select_columns(["text"]), dataset["test"].select_columns(["text"])
+        return to_prompt_completion(dataset["train"]), to_prompt_completion(dataset["test"])
+    return dataset["train"].select_columns(["text"]), dataset["test"].select_columns(["text"])
 
-    resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-    print(
-        f"[train {arm}] path: {path} ({'4-bit NF4 base, ' if quant else ''}LoRA r={peft_config.r} on "
-        f"{', '.join(sorted(peft_config.target_modules)) if not isinstance(peft_config.target_modules, str) else peft_config.target_modules}); "
-        f"{len(train_ds)} train / {len(eval_ds)} eval samples; "
-        + (f"resuming from {Path(resume).name}" if resume else "from scratch"),
-        flush=True,
-    )
-    logger.info("train %s: path %s, device %s, resume %s", arm, path, device, resume)
 
-    session = _session_counter()
-    with _PeakMemory(device) as peak:
-        trainer = _build_trainer(
-            model_path,
-            sft_config,
-            train_ds,
-            eval_ds,
-            tokenizer,
-            quant,
-            peft_config,
-            device,
-            [session, *(callbacks or [])],
+class _ArmRun:
+    """The steps of one :func:`train_arm` run, in order: set up, announce, train, save."""
+
+    def __init__(self, recipe: Recipe, arm: str, out: Path, dataset: DatasetDict) -> None:
+        """Load the tokenizer, check the inputs, build the configs: everything before anything heavy happens."""
+        from transformers import AutoTokenizer
+
+        cfg = recipe.training
+        self.recipe, self.cfg, self.arm, self.out = recipe, cfg, arm, out
+        self.device = resolve_device(cfg.device)
+        self.model_path = resolve_ref(cfg.base_model)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, **_base_revision(cfg))
+        if self.tokenizer.pad_token is None:  # OPT has <pad>; other bases may not
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        check_training_inputs(recipe, dataset, self.tokenizer, self.device)
+        self.peft_config = get_peft_config(cfg, _meta_model(self.model_path, **_base_revision(cfg)))
+        self.ckpt_dir = out / "checkpoints"
+        self.sft_config = get_sft_config(cfg, self.ckpt_dir, recipe.seed, self.device)
+        self.quant = get_quantization_config(cfg, self.device)
+        self.path = training_path(cfg, self.device)
+        self.train_ds, self.eval_ds = _sft_splits(cfg, dataset)
+        self.resume = _last_complete_checkpoint(self.ckpt_dir)
+
+    def announce(self) -> None:
+        """Print the path taken, the LoRA targets, the sample counts and where training starts from."""
+        targets, resume = self.peft_config.target_modules, self.resume
+        if not is_main_process():
+            return
+        print(
+            f"[train {self.arm}] path: {self.path} ({'4-bit NF4 base, ' if self.quant else ''}LoRA "
+            f"r={self.peft_config.r} on {', '.join(sorted(targets)) if not isinstance(targets, str) else targets}); "
+            f"{len(self.train_ds)} train / {len(self.eval_ds)} eval samples; "
+            + (f"resuming from {Path(resume).name}" if resume else "from scratch"),
+            flush=True,
         )
-        start = time.perf_counter()
-        train_output = trainer.train(resume_from_checkpoint=resume)
-        wall = time.perf_counter() - start
+        logger.info("train %s: path %s, device %s, resume %s", self.arm, self.path, self.device, resume)
 
-    out.mkdir(parents=True, exist_ok=True)
-    trainer.save_model(str(out))
-    tokenizer.save_pretrained(str(out))
-    log_history = trainer.state.log_history
-    (out / "log_history.json").write_text(json.dumps(log_history, indent=1))
-    trainable, total = _count_parameters(trainer.model)
-    m = train_output.metrics
-    metrics = {
-        "arm": arm,
-        "path": path,
-        "device": device,
-        "base_model": cfg.base_model,
-        "base_model_path": model_path,
-        "load_in_4bit": cfg.load_in_4bit,
-        "completion_only_loss": cfg.completion_only_loss,
-        "seed": recipe.seed,
-        "num_train_samples": len(train_ds),
-        "num_eval_samples": len(eval_ds),
-        "global_step": trainer.state.global_step,
-        "epochs": trainer.state.epoch,
-        "resumed_from": Path(resume).name if resume else None,
-        "train_loss": m.get("train_loss"),
-        "final_eval_loss": next((e["eval_loss"] for e in reversed(log_history) if "eval_loss" in e), None),
-        "loss_curve": _loss_curve(log_history),
-        "wall_time_s": wall,
-        "train_runtime_s": m.get("train_runtime"),
-        # this session only (a resumed run counts the steps it ran itself)
-        "samples_per_s": session.samples(sft_config) / m["train_runtime"] if m.get("train_runtime") else None,
-        "tokens_per_s": session.tokens(trainer.state) / m["train_runtime"] if m.get("train_runtime") else None,
-        "num_input_tokens_seen": trainer.state.num_input_tokens_seen,
-        "peak_memory_bytes": peak.peak_bytes,
-        "peak_memory_kind": peak.kind,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "training": dataclasses.asdict(cfg),
-    }
-    metrics_path.write_text(json.dumps(metrics, indent=1, default=str))
-    # The adapter is saved; checkpoints only matter for an interrupted run.
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    print(
-        f"[train {arm}] done in {wall:.1f} s: train loss {metrics['train_loss']:.4f}, eval loss "
-        f"{metrics['final_eval_loss'] if metrics['final_eval_loss'] is None else round(metrics['final_eval_loss'], 4)}, "
-        f"peak memory {peak.peak_bytes / 2**20:.0f} MiB -> {out}",
-        flush=True,
-    )
-    return TrainResult(arm=arm, adapter_dir=out, metrics=metrics)
+    def train(self, callbacks: list[Any] | None) -> None:
+        """Train with SFTTrainer (from the last checkpoint, if any), measuring wall time and peak memory."""
+        self.session = _session_counter()
+        with _PeakMemory(self.device) as peak:
+            self.trainer = _build_trainer(
+                self.model_path,
+                self.sft_config,
+                self.train_ds,
+                self.eval_ds,
+                self.tokenizer,
+                self.quant,
+                self.peft_config,
+                self.device,
+                [self.session, *(callbacks or [])],
+            )
+            start = time.perf_counter()
+            self.train_output = self.trainer.train(resume_from_checkpoint=self.resume)
+            self.wall = time.perf_counter() - start
+        self.peak = peak
+
+    def save(self) -> dict[str, Any]:
+        """Write the adapter, the tokenizer, ``log_history.json`` and ``metrics.json``; remove the checkpoints.
+
+        Under torchrun every rank returns the metrics, and rank 0 alone writes (the Trainer saves the model on its
+        main process only, and the other ranks wait until the files are there).
+        """
+        out, trainer = self.out, self.trainer
+        trainer.save_model(str(out))  # every rank calls it: the Trainer itself saves on the main process only
+        log_history = trainer.state.log_history
+        metrics = self.metrics(log_history)
+        main = trainer.is_world_process_zero()
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            self.tokenizer.save_pretrained(str(out))
+            atomic_write_json(out / "log_history.json", log_history, indent=1)
+            atomic_write_json(out / "metrics.json", metrics, indent=1, default=str)  # the completion marker: last
+        trainer.accelerator.wait_for_everyone()  # no rank leaves before the arm is written, nor reads checkpoints
+        if main:
+            # The adapter is saved; checkpoints only matter for an interrupted run.
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        if not main:
+            return metrics
+        eval_loss = metrics["final_eval_loss"]
+        print(
+            f"[train {self.arm}] done in {self.wall:.1f} s: train loss {metrics['train_loss']:.4f}, eval loss "
+            f"{eval_loss if eval_loss is None else round(eval_loss, 4)}, "
+            f"peak memory {self.peak.peak_bytes / 2**20:.0f} MiB -> {out}",
+            flush=True,
+        )
+        return metrics
+
+    def metrics(self, log_history: list[dict[str, Any]]) -> dict[str, Any]:
+        """What ``metrics.json`` holds: the run's settings, losses, speed, memory and parameter counts."""
+        cfg, trainer, resume, state = self.cfg, self.trainer, self.resume, self.trainer.state
+        trainable, total = _count_parameters(trainer.model)
+        m = self.train_output.metrics
+        return {
+            "arm": self.arm,
+            "path": self.path,
+            "device": self.device,
+            "base_model": cfg.base_model,
+            "base_model_revision": cfg.base_model_revision,
+            "base_model_path": self.model_path,
+            "load_in_4bit": cfg.load_in_4bit,
+            "completion_only_loss": cfg.completion_only_loss,
+            "seed": self.recipe.seed,
+            "num_train_samples": len(self.train_ds),
+            "num_eval_samples": len(self.eval_ds),
+            # under torchrun each of world_size processes takes per_device_train_batch_size samples per micro-step
+            "world_size": trainer.args.world_size,
+            "per_device_train_batch_size": trainer.args.per_device_train_batch_size,
+            "global_batch_size": trainer.args.per_device_train_batch_size
+            * trainer.args.gradient_accumulation_steps
+            * trainer.args.world_size,
+            "global_step": state.global_step,
+            "epochs": state.epoch,
+            "resumed_from": Path(resume).name if resume else None,
+            "train_loss": _whole_run_train_loss(
+                m.get("train_loss"), log_history, self.session.start_step, state.global_step
+            ),
+            "final_eval_loss": next((e["eval_loss"] for e in reversed(log_history) if "eval_loss" in e), None),
+            "loss_curve": _loss_curve(log_history),
+            "wall_time_s": self.wall,
+            "train_runtime_s": m.get("train_runtime"),
+            # this session only (a resumed run counts the steps it ran itself)
+            "samples_per_s": self.session.samples(self.sft_config) / m["train_runtime"]
+            if m.get("train_runtime")
+            else None,
+            "tokens_per_s": self.session.tokens(state) / m["train_runtime"] if m.get("train_runtime") else None,
+            "num_input_tokens_seen": state.num_input_tokens_seen,
+            "peak_memory_bytes": self.peak.peak_bytes,
+            "peak_memory_kind": self.peak.kind,
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "training": dataclasses.asdict(cfg),
+        }
+
+
+def _whole_run_train_loss(
+    session_loss: float | None, log_history: list[dict[str, Any]], start_step: int, end_step: int
+) -> float | None:
+    """The mean training loss over all the run's steps, for a resumed run too.
+
+    The Trainer reports the mean over the steps this session ran, which for a resumed run leaves out the steps before
+    its checkpoint (the early, high losses). Those are in the log history: each logged ``loss`` is the mean over the
+    steps since the previous log (rounded to 4 digits), so they are added back, weighted by their number of steps.
+    Steps between the last log and the checkpoint (a checkpoint off the logging grid) have no recorded loss and are
+    left out.
+    """
+    if session_loss is None or not start_step:
+        return session_loss
+    total, steps, last = 0.0, 0, 0
+    for entry in log_history:
+        if "loss" in entry and last < entry["step"] <= start_step:
+            total += entry["loss"] * (entry["step"] - last)
+            steps += entry["step"] - last
+            last = entry["step"]
+    session_steps = end_step - start_step
+    if steps + session_steps == 0:
+        return session_loss
+    return (total + session_loss * session_steps) / (steps + session_steps)
 
 
 def _build_trainer(model_path, sft_config, train_ds, eval_ds, tokenizer, quant, peft_config, device, callbacks):
@@ -643,19 +793,20 @@ def _build_trainer(model_path, sft_config, train_ds, eval_ds, tokenizer, quant, 
     if device == "cpu":
         # On a CPU-only torch TRL's default is device_map=None; a 4-bit model must still sit on the CPU explicitly.
         sft_config.model_init_kwargs = {**sft_config.model_init_kwargs, "device_map": {"": "cpu"}}
-    trainer = SFTTrainer(
-        model=model_path,
-        args=sft_config,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        quantization_config=quant,
-        peft_config=peft_config,
-        callbacks=callbacks,
-    )
+    # SFTTrainer loads the model ('Loading weights' bar) and maps each split several times (tokenizing, truncating,
+    # adding EOS: one datasets bar each); the Trainer's own bar over the steps stays
+    with library_progress_bars_off(), ignore_warnings(PEFT_READS_IS_GRADIENT_CHECKPOINTING):
+        trainer = SFTTrainer(
+            model=model_path,
+            args=sft_config,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            quantization_config=quant,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
     if device == "cpu" and quant is not None:
-        from detox_sft.compat import keep_bnb_4bit_trainable_on_cpu
-
         keep_bnb_4bit_trainable_on_cpu(trainer.model)
     if not (sft_config.bf16 or sft_config.fp16):
         # TRL casts QLoRA adapter weights to bf16 (the paper's recipe for bf16 compute); in an fp32 CPU run that only
@@ -739,13 +890,14 @@ def load_detox_dataset(run_dir: str | os.PathLike[str], test: Dataset | None = N
     """
     from datasets import DatasetDict, load_dataset
 
-    path = Path(run_dir) / "data" / "train_detox.jsonl"
+    path = RunPaths(Path(run_dir)).train_set("detox")
     if not path.is_file():
         raise TrainingError(
             f"No detoxified training set at {path} — run `detox-sft rephrase` (or notebooks/1-sft.ipynb "
             "up to the rephrase step) first."
         )
-    train = load_dataset("json", data_files=str(path), split="train")
+    with library_progress_bars_off():  # datasets' 'Generating train split' bar
+        train = load_dataset("json", data_files=str(path), split="train")
     _require_text(train, str(path))
     keep = [c for c in ("prompt", "continuation", "toxicity", "text") if c in train.column_names]
     splits = {"train": train.select_columns(keep)}
@@ -761,13 +913,12 @@ def load_arm_datasets(
 
     Both arms are evaluated on the raw held-out split, and trained on sets of the same size in the same order.
     """
-    from detox_sft.data import load_train_dataset
 
     arms = list(arms)
     for arm in arms:
         _check_arm(arm)
     run_dir = Path(run_dir if run_dir is not None else recipe.run_path)
-    if "detox" in arms and not (run_dir / "data" / "train_detox.jsonl").is_file():
+    if "detox" in arms and not RunPaths(run_dir).train_set("detox").is_file():
         load_detox_dataset(run_dir)  # raises the "run the rephrase step first" error before any loading
     raw = load_train_dataset(recipe.data, recipe.seed)
     out: dict[str, DatasetDict] = {}
@@ -796,17 +947,14 @@ def plot_loss_curves(run_dir: str | os.PathLike[str]) -> Figure:
     Raises:
         TrainingError: no arm has a training log yet.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
     run_dir = Path(run_dir)
-    logs = {arm: adapter_dir(run_dir, arm) / "log_history.json" for arm in ARMS}
+    logs = {arm: RunPaths(Path(run_dir)).adapter(arm) / "log_history.json" for arm in ARMS}
     logs = {arm: json.loads(p.read_text()) for arm, p in logs.items() if p.is_file()}
     if not logs:
         raise TrainingError(
-            f"No training log in {run_dir / 'adapters'} — run notebooks/1-sft.ipynb first (or `detox-sft train`)."
+            f"No training log in {RunPaths(run_dir).adapters} — run notebooks/1-sft.ipynb first (or `detox-sft train`)."
         )
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
@@ -836,7 +984,7 @@ def plot_loss_curves(run_dir: str | os.PathLike[str]) -> Figure:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = run_dir / "figures" / "loss_curves.png"
+    out = RunPaths(run_dir).figures / "loss_curves.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     return fig
@@ -852,69 +1000,30 @@ def load_adapter_model(run_dir: str | os.PathLike[str], arm: str, device: str = 
         TrainingError: the arm has no adapter yet.
     """
     _check_arm(arm)
-    out = adapter_dir(run_dir, arm)
-    if not (out / "adapter_config.json").is_file():
+    out = RunPaths(Path(run_dir)).adapter(arm)
+    if not RunPaths(Path(run_dir)).adapter_config(arm).is_file():
         raise TrainingError(f"No adapter in {out} — run notebooks/1-sft.ipynb first (or `detox-sft train`).")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(device)
     metrics_path = out / "metrics.json"
-    base = None
+    base, pinned = None, {}
     if metrics_path.is_file():
-        ref = json.loads(metrics_path.read_text()).get("base_model")
+        metrics = read_json_or_none(metrics_path) or {}
+        ref = metrics.get("base_model")
         # resolve again: a zoo path may have moved (rebuilt cache); the ref is stable
         base = resolve_ref(ref) if ref else None
+        if ref:  # the commit the arm was trained on
+            pinned = revision_kwargs(ref, metrics.get("base_model_revision"), "training.base_model_revision")
     if base is None:
-        base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=_compute_dtype(device)).to(device)
-    model = PeftModel.from_pretrained(model, str(out)).to(device)
+        base = json.loads(RunPaths(Path(run_dir)).adapter_config(arm).read_text())["base_model_name_or_path"]
+    with library_progress_bars_off(), ignore_warnings(PEFT_READS_IS_GRADIENT_CHECKPOINTING):
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=compute_dtype(device), **pinned).to(device)
+        model = PeftModel.from_pretrained(model, str(out)).to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``detox-sft train``."""
-    parser.add_argument("--recipe", default="offline", help="recipe name (offline, tutorial) or YAML path")
-    parser.add_argument("--arm", choices=[*ARMS, "both"], default="both", help="which arm(s) to train")
-    parser.add_argument("--run-dir", default=None, help="run directory (default: runs/<recipe name>)")
-    parser.add_argument("--overwrite", action="store_true", help="retrain arms that have finished before")
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run ``detox-sft train``: train the arm(s), write the loss figure, print a summary."""
-    from detox_sft.config import RecipeError
-
-    try:
-        recipe = load_recipe(args.recipe, run_dir=args.run_dir)
-        arms = list(ARMS) if args.arm == "both" else [args.arm]
-        datasets = load_arm_datasets(recipe, arms)
-        results = train_arms(recipe, datasets, overwrite=args.overwrite)
-    except (TrainingError, RecipeError) as exc:
-        print(f"detox-sft train: {exc}", file=sys.stderr)
-        return 2
-    with contextlib.suppress(TrainingError):
-        plot_loss_curves(recipe.run_path)
-    print("| arm | path | train loss | eval loss | wall s | samples/s | peak MiB |")
-    print("|---|---|---|---|---|---|---|")
-    for arm, r in results.items():
-        m = r.metrics
-        print(
-            f"| {arm} | {m.get('path')} | {_fmt(m.get('train_loss'))} | {_fmt(m.get('final_eval_loss'))} | "
-            f"{_fmt(m.get('wall_time_s'), 1)} | {_fmt(m.get('samples_per_s'), 2)} | "
-            f"{_fmt((m.get('peak_memory_bytes') or 0) / 2**20, 0)} |"
-        )
-    return 0
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"

@@ -7,7 +7,6 @@ scoring itself is :mod:`detox_sft.toxicity`.
 Usage::
 
     import evaluate
-    from detox_sft.toxicity import MEASUREMENT_DIR
 
     toxicity = evaluate.load(str(MEASUREMENT_DIR), "profanity-check", module_type="measurement")
     toxicity.compute(predictions=["you are great", "shut up, idiot"])   # {"toxicity": [0.03, 0.97]}
@@ -18,6 +17,8 @@ from __future__ import annotations
 import datasets
 import evaluate
 
+from detox_sft.toxicity import HateSpeechScorer, load_scorer
+
 __all__ = ["Toxicity"]
 
 _DEFAULT_MODEL = "facebook/roberta-hate-speech-dynabench-r4-target"
@@ -25,7 +26,8 @@ _DEFAULT_MODEL = "facebook/roberta-hate-speech-dynabench-r4-target"
 _DESCRIPTION = """\
 The toxicity measurement scores each input text with a toxicity classifier and returns P(toxic). The config name
 selects the classifier: "default" (facebook/roberta-hate-speech-dynabench-r4-target, P(hate), as on the hub),
-"profanity-check" (the offline offensive-language classifier of alt-profanity-check), a hub id or a local path.
+"profanity-check" (the offline offensive-language classifier of alt-profanity-check), "hatesonar" (HateSonar's offline
+classifier), "zoo:lexicon" (the offline zoo's exact judge) or the path of a lexicon JSON file, a hub id or a local path.
 """
 
 _KWARGS_DESCRIPTION = """
@@ -76,7 +78,6 @@ class Toxicity(evaluate.Measurement):
         self._scorers = {}
 
     def _scorer(self, name, toxic_label):
-        from detox_sft.toxicity import HateSpeechScorer, load_scorer
 
         key = (name, toxic_label)
         if key not in self._scorers:

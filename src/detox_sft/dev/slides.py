@@ -8,12 +8,15 @@ the project's own outputs at render time, never from the text:
   producing step, when none of the files exists.
 * ``{{eval:<dotted.path>}}``: a number from ``<run>/eval/results.json``; ``@`` stands for the headline scorer;
   an estimate ``{value, low, high}`` prints as ``0.412 [0.380, 0.445]``.
-* ``{{eval_table}}``: the toxicity table of that file (headline scorer, every model, the paired differences).
-* ``{{bench:<section>}}``: the section of BENCHMARKS.md whose heading contains ``<section>``.
+* ``{{eval_table}}``: the toxicity table of that file (headline scorer, one row per model).
+* ``{{bench:<section>|<row>|<column>|<where>}}``: one figure of BENCHMARKS.md, quoted: in the section whose
+  heading contains ``<section>``, the cell of column ``<column>`` in the first row whose first cell holds ``<row>``, in the
+  first table where ``<where>`` (optional: ``H200``, ``EPYC``) appears in that row, its header or the text since
+  the table before (whole benchmark tables do not fit a slide).
 * ``{{memory_table}}``: opt-350m weight / optimizer-state memory computed from its config and the tutorial
   recipe's LoRA settings (arithmetic, labelled as such; measured peaks belong in BENCHMARKS.md).
-* ``{{rephrase_example}}``: the first training sample the rephrase step changed (``data/train_raw.jsonl`` vs
-  ``data/train_detox.jsonl``).
+* ``{{rephrase_example}}``: the shortest training sample the rephrase step changed (``data/train_raw.jsonl`` vs
+  ``data/train_detox.jsonl``), each text clipped to fit.
 * ``{{run}}``, ``{{run_note}}`` (which profile made the run, from its recipe.json), ``{{recipe:<dotted.path>}}``
   (from ``recipe.json`` in or beside the run) and ``{{tutorial:<dotted.path>}}`` (a setting of recipes/tutorial.yaml).
 
@@ -22,7 +25,7 @@ is listed on the terminal; ``--strict`` turns that into an error. Every slide ge
 The PDF is printed by headless Chromium (Debian package ``chromium``), which also checks the rendered deck: every
 image decoded, no empty slide, no overflowing slide.
 
-Usage: ``python -m detox_sft.slides slides/ [--run-dir runs/x] [--strict] [--no-pdf]`` (``make slides``).
+Usage: ``python -m detox_sft.dev.slides slides/ [--run-dir runs/x] [--strict] [--no-pdf]`` (``make slides``).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from detox_sft.config import RunPaths, load_recipe
+
 __all__ = [
     "SlidesError",
     "RenderedDeck",
@@ -50,6 +55,7 @@ __all__ = [
     "find_chromium",
     "print_pdf",
     "check_deck",
+    "check_widths",
     "screenshot_deck",
     "main",
 ]
@@ -118,7 +124,7 @@ def find_run_dir(runs_root: str | Path) -> Path:
             f"No run with figures under {root}/ — run `make demo` (or the notebooks) first, or pass "
             "--run-dir <a run directory holding figures/>."
         )
-    return max(runs, key=lambda p: max(f.stat().st_mtime for f in (p / "figures").glob("*.png")))
+    return max(runs, key=lambda p: max(f.stat().st_mtime for f in RunPaths(p).figures.glob("*.png")))
 
 
 def _recipe_json(run_dir: Path) -> Path | None:
@@ -179,26 +185,20 @@ def _lookup(data: dict[str, Any], path: str, where: str, fix: str) -> Any:
 
 
 def _eval_table(results: dict[str, Any]) -> str:
+    """The headline scorer's table: one row per model (a few short rows, so it fits any run's slide)."""
     scorer = results["headline_scorer"]
-    lines = ["| model | EMT | TP | mean toxicity | perplexity | distinct-2 |", "|---|---|---|---|---|---|"]
+    lines = ["| model | EMT | TP | mean toxicity | perplexity |", "|---|---|---|---|---|"]
     for model in results["models"]:
         entry = results["metrics"][model]
         tox = entry["toxicity"][scorer]
         lines.append(
             f"| {model} | {_fmt_number(tox['expected_max_toxicity'])} | "
             f"{_fmt_number(tox['toxicity_probability'])} | {_fmt_number(tox['mean_toxicity'])} | "
-            f"{_fmt_number(entry.get('perplexity') or {'value': None})} | "
-            f"{_fmt_number(entry.get('distinct_2'))} |"
-        )
-    for key, by_scorer in (results.get("comparisons") or {}).items():
-        d = by_scorer[scorer]
-        lines.append(
-            f"| {key.replace('_vs_', ' − ')} (paired) | {_fmt_number(d['expected_max_toxicity'])} | "
-            f"{_fmt_number(d['toxicity_probability'])} | {_fmt_number(d['mean_toxicity'])} | | |"
+            f"{_fmt_number(entry.get('perplexity') or {'value': None})} |"
         )
     return "\n".join(lines) + (
-        f"\n\nScorer: `{scorer}`; {results['num_prompts']} prompts × "
-        f"{results['num_samples']} samples; value [95% bootstrap interval]."
+        f"\n\nScorer `{scorer}`; {results['num_prompts']} prompts × {results['num_samples']} samples; "
+        "value [95% bootstrap interval]."
     )
 
 
@@ -237,7 +237,6 @@ def memory_rows(lora: dict[str, Any], config: dict[str, int] | None = None) -> l
 
 
 def _memory_table() -> str:
-    from detox_sft.config import load_recipe
 
     lora = load_recipe("tutorial").training.lora
     rows = memory_rows(lora)
@@ -256,35 +255,48 @@ def _tox(value: Any) -> str:
     return f" (toxicity {value:.2f})" if isinstance(value, int | float) and not isinstance(value, bool) else ""
 
 
+_EXAMPLE_CHARS = 160  # each text of the worked example, at most: a slide holds four of them at any run's length
+
+
+def _clip(text: Any) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= _EXAMPLE_CHARS else text[: _EXAMPLE_CHARS - 1].rstrip() + "…"
+
+
 def _rephrase_example(run_dir: Path) -> str:
-    """The first sample the rephrase step changed: before, masked (when recorded), after, with toxicity scores."""
-    raw_path, detox_path = run_dir / "data" / "train_raw.jsonl", run_dir / "data" / "train_detox.jsonl"
+    """The shortest sample the rephrase step changed: before, masked (when recorded), after, with toxicity scores;
+    each text clipped to :data:`_EXAMPLE_CHARS`."""
+    raw_path, detox_path = RunPaths(run_dir).train_set("raw"), RunPaths(run_dir).train_set("detox")
     for path in (raw_path, detox_path):
         if not path.is_file():
             raise SlidesError(f"{path} is missing — run `detox-sft rephrase` (notebooks/1-sft.ipynb) for this run.")
+    changed = []
     with raw_path.open() as raw_f, detox_path.open() as detox_f:
         for raw_line, detox_line in zip(raw_f, detox_f, strict=False):
             raw, detox = json.loads(raw_line), json.loads(detox_line)
             before = detox.get("original_continuation", raw.get("continuation", raw.get("text")))
             after = detox.get("continuation", detox.get("text"))
-            if before == after or detox.get("rephrased") is False:
-                continue
-            esc = lambda v: html.escape(str(v))  # noqa: E731 - model text may hold <mask> and other markup
-            lines = [
-                f"**Prompt:** {esc(raw.get('prompt', ''))}",
-                f"**Before{_tox(detox.get('toxicity_before', raw.get('toxicity')))}:** {esc(before)}",
-            ]
-            if detox.get("masked_text"):
-                lines.append(f"**Masked:** {esc(detox['masked_text'])}")
-            lines.append(f"**After TMaRCo{_tox(detox.get('toxicity_after'))}:** {esc(after)}")
-            return "\n\n".join(lines)
-    raise SlidesError(
-        f"No sample differs between {raw_path.name} and {detox_path.name}: the rephrase step changed "
-        "nothing — check rephrase.gate_threshold and the scorer."
-    )
+            if before != after and detox.get("rephrased") is not False:
+                changed.append((len(str(raw.get("prompt", ""))) + len(str(before)), raw, detox, before, after))
+    if not changed:
+        raise SlidesError(
+            f"No sample differs between {raw_path.name} and {detox_path.name}: the rephrase step changed "
+            "nothing — check rephrase.gate_threshold and the scorer."
+        )
+    _, raw, detox, before, after = min(changed, key=lambda item: item[0])
+    esc = lambda v: html.escape(_clip(v))  # noqa: E731 - model text may hold <mask> and other markup
+    lines = [
+        f"**Prompt:** {esc(raw.get('prompt', ''))}",
+        f"**Before{_tox(detox.get('toxicity_before', raw.get('toxicity')))}:** {esc(before)}",
+    ]
+    if detox.get("masked_text"):
+        lines.append(f"**Masked:** {esc(detox['masked_text'])}")
+    lines.append(f"**After TMaRCo{_tox(detox.get('toxicity_after'))}:** {esc(after)}")
+    return "\n\n".join(lines)
 
 
 def _bench_section(benchmarks: Path, name: str) -> str | None:
+    """The text of the BENCHMARKS.md section whose heading contains ``name`` (up to the next heading of its level)."""
     if not benchmarks.is_file():
         return None
     text = benchmarks.read_text()
@@ -292,28 +304,44 @@ def _bench_section(benchmarks: Path, name: str) -> str | None:
     for i, m in enumerate(heads):
         if name.lower() in m.group(2).lower():
             end = next((h.start() for h in heads[i + 1 :] if len(h.group(1)) <= len(m.group(1))), len(text))
-            return _bench_digest(text[m.end() : end])
+            return text[m.end() : end]
     return None
 
 
-def _bench_digest(section: str) -> str | None:
-    """The tables of a BENCHMARKS.md section, its machine line and reproduce command: what fits on a slide."""
-    keep, in_table, machine = [], False, False
-    for line in section.splitlines():
-        is_row = line.lstrip().startswith("|")
-        if is_row:
-            keep.append(line.strip())
-        elif in_table:
-            keep.append("")
-        elif not machine and line.lstrip().lower().startswith("machine:"):
-            # the first line only: the machine named, not the whole paragraph (it would overflow the slide)
-            keep.append(line.strip().rstrip(",;") + "\n")
-            machine = True
-        elif re.search(r"benchmarks/\S+\.py", line) and len(line) < 240:
-            keep.append(line.strip() + "\n")
-        in_table = is_row
-    body = "\n".join(keep).strip()
-    return f'<div class="bench">\n\n{body}\n\n</div>' if "|" in body else None
+def _cells(line: str) -> list[str]:
+    return [c.strip().replace("**", "").strip() for c in line.strip().strip("|").split("|")]
+
+
+def _bench_tables(section: str) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Each Markdown table of a section: (the text between the previous table and it, its header, its rows' cells)."""
+    tables, before = [], []
+    for block in re.split(r"\n\s*\n", section):
+        lines = [line for line in block.strip().splitlines() if line.strip()]
+        if lines and lines[0].lstrip().startswith("|"):
+            rows = [_cells(line) for line in lines[2:] if line.lstrip().startswith("|")]
+            tables.append((" ".join(before), _cells(lines[0]), rows))
+            before = []
+        elif lines:
+            before += lines
+    return tables
+
+
+def _bench_figure(section: str, row: str, column: str, where: str = "") -> str | None:
+    """One figure of a section's tables: the cell in column ``column`` (its header, exactly) of the first row whose
+    first cell contains ``row``, in the first table where ``where`` (if given) appears in that row, the header or the
+    text between the previous table and this one (``H200`` picks the GPU runs, ``EPYC`` the CPU ones). Case is
+    ignored."""
+    row, column, where = row.strip().lower(), column.strip().lower(), where.strip().lower()
+    for before, header, rows in _bench_tables(section):
+        names = [h.lower() for h in header]
+        if column not in names:
+            continue
+        for cells in rows:
+            context = " ".join([before, *header, *cells]).lower()
+            if cells and row in cells[0].lower() and (not where or where in context):
+                index = names.index(column)
+                return cells[index] if index < len(cells) else None
+    return None
 
 
 # ------------------------------------------------------------------------------------------------- render
@@ -342,7 +370,7 @@ class _Context:
 
     def eval_results(self) -> dict[str, Any]:
         if self.results is None:
-            path = self.run_dir / "eval" / "results.json"
+            path = RunPaths(self.run_dir).results
             if not path.is_file():
                 raise SlidesError(
                     f"{path} is missing — run `detox-sft evaluate` (notebooks/2-eval.ipynb) for this "
@@ -389,22 +417,27 @@ def _fill(ctx: _Context, kind: str, arg: str | None, sources: list[str]) -> str:
         value = _lookup(json.loads(path.read_text()), arg, str(path), "use a field of the recipe")
         return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
     if kind == "tutorial":
-        from detox_sft.config import load_recipe
-
         sources.append("recipes/tutorial.yaml")
         value = _lookup(load_recipe("tutorial").to_dict(), arg, "recipes/tutorial.yaml", "use a field of it")
         return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
     if kind == "bench":
-        body = _bench_section(ctx.benchmarks, arg)
-        if body is None:
+        section_name, *query = [part.strip() for part in arg.split("|")]
+        if len(query) not in (2, 3):
+            raise SlidesError(
+                f"{{{{bench:{arg}}}}}: quote one figure, {{{{bench:<section>|<row>|<column>[|<where>]}}}} "
+                "(whole benchmark tables do not fit a slide)."
+            )
+        section = _bench_section(ctx.benchmarks, section_name)
+        figure = _bench_figure(section, *query) if section is not None else None
+        if figure is None:
             return _pending(
                 ctx,
                 f"benchmark '{arg}'",
-                f"no such section in {ctx.benchmarks.name} yet — run "
-                "`make bench` (benchmarks/*.py) and record it there",
+                f"no such figure in {ctx.benchmarks.name} yet — run `make bench` (benchmarks/*.py) and record it "
+                "there, or fix the row / column names",
             )
-        sources.append(f"{ctx.benchmarks.name} § {arg}")
-        return "\n\n" + body + "\n\n"
+        sources.append(f"{ctx.benchmarks.name} § {section_name}")
+        return figure
     if kind == "memory_table":
         sources.append("opt-350m config.json + recipes/tutorial.yaml (computed)")
         return "\n\n" + _memory_table() + "\n\n"
@@ -471,8 +504,8 @@ li {{ margin: 4px 0; }}
 code {{ font-family: "DejaVu Sans Mono", monospace; font-size: 0.9em; background: #f2f2f2; padding: 0 4px; }}
 pre {{ background: #f2f2f2; padding: 10px 14px; font-size: 17px; overflow: hidden; }}
 pre code {{ background: none; padding: 0; }}
-table {{ border-collapse: collapse; font-size: 16px; margin: 8px 0; }}
-th, td {{ border-bottom: 1px solid #ccd; padding: 4px 12px; text-align: left; }}
+table {{ border-collapse: collapse; font-size: 20px; margin: 12px 0; }}
+th, td {{ border-bottom: 1px solid #ccd; padding: 6px 14px; text-align: left; }}
 /* A figure takes the room the text leaves: it shrinks instead of overflowing the slide. */
 .content > figure, .content > .cols {{ flex: 1 1 0; min-height: 120px; }}
 figure {{ margin: 0; display: flex; flex-direction: column; align-items: center; min-height: 0; }}
@@ -480,8 +513,6 @@ figure img {{ flex: 1 1 0; min-height: 0; max-width: 100%; object-fit: contain; 
 figcaption {{ flex: 0 0 auto; font-size: 16px; color: #555; text-align: center; }}
 .cols {{ display: flex; gap: 24px; }}
 .cols > * {{ flex: 1 1 0; min-width: 0; }}
-.bench table {{ font-size: 14px; }}
-.bench p {{ font-size: 13px; color: #444; }}
 .pending {{ border: 3px dashed #d08000; color: #8a5300; background: #fff6e5; padding: 10px 14px; font-size: 18px; }}
 .sources {{ position: absolute; left: 64px; right: 120px; bottom: 14px; font-size: 13px; color: #777; }}
 .pageno {{ position: absolute; right: 40px; bottom: 14px; font-size: 13px; color: #777; }}
@@ -647,6 +678,44 @@ def check_deck(html_path: str | Path, chromium: str | None = None) -> list[str]:
     return json.loads(html.unescape(match.group(1)))
 
 
+# Runs in the browser on a copy of a page: records the tables, code blocks, figures and images that reach past the
+# page's content box, and a page that scrolls sideways, on <body data-widths>.
+_WIDTH_JS = """
+window.addEventListener('load', () => {
+  const body = document.body, style = getComputedStyle(body);
+  const right = body.getBoundingClientRect().right - parseFloat(style.paddingRight) + 1;
+  const problems = [];
+  document.querySelectorAll('table, pre, figure, img').forEach((e, i) => {
+    const box = e.getBoundingClientRect();
+    if (box.right > right) problems.push(`${e.tagName.toLowerCase()} #${i + 1} reaches ${Math.round(box.right)}px, the page ends at ${Math.round(right)}px`);
+  });
+  if (document.documentElement.scrollWidth > window.innerWidth + 1)
+    problems.push(`the page scrolls sideways (${document.documentElement.scrollWidth}px wide)`);
+  body.dataset.widths = JSON.stringify(problems);
+});
+"""
+
+
+def check_widths(html_path: str | Path, chromium: str | None = None, width: int = SLIDE_W) -> list[str]:
+    """Load an HTML page (``make demo``'s report.html) in headless Chromium, ``width`` pixels wide, and list what is
+    wider than the page: a table, code block or image reaching past the page's content, or a sideways scroll.
+
+    Returns:
+        The problems; empty when everything fits.
+    """
+    source = Path(html_path)
+    with tempfile.TemporaryDirectory(prefix="detox-sft-widths-") as tmp:
+        copy = Path(tmp) / source.name
+        copy.write_text(source.read_text().replace("</body>", f"<script>{_WIDTH_JS}</script></body>"))
+        proc = _chromium(
+            ["--dump-dom", f"--window-size={width},900", "--virtual-time-budget=1000", copy.as_uri()], chromium
+        )
+    match = re.search(r'<body[^>]*\sdata-widths="([^"]*)"', proc.stdout)
+    if not match:
+        return [f"the width check did not run in Chromium: {proc.stderr.strip()[-300:]}"]
+    return json.loads(html.unescape(match.group(1)))
+
+
 def screenshot_deck(html_path: str | Path, png_path: str | Path, num_slides: int, chromium: str | None = None) -> Path:
     """One PNG of the whole deck, slides stacked (slide i at y = i * 720)."""
     png = Path(png_path).resolve()
@@ -669,8 +738,8 @@ def screenshot_deck(html_path: str | Path, png_path: str | Path, num_slides: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m detox_sft.slides slides/``: render HTML, check it in Chromium, print the PDF."""
-    parser = argparse.ArgumentParser(prog="python -m detox_sft.slides", description=__doc__.split("\n\n")[0])
+    """``python -m detox_sft.dev.slides slides/``: render HTML, check it in Chromium, print the PDF."""
+    parser = argparse.ArgumentParser(prog="python -m detox_sft.dev.slides", description=__doc__.split("\n\n")[0])
     parser.add_argument("deck_dir", nargs="?", default="slides", help="folder holding deck.md (default: slides)")
     parser.add_argument("--run-dir", help="run whose figures and results to use (default: newest runs/* with figures)")
     parser.add_argument("--out", help="output folder (default: <deck_dir>/build)")

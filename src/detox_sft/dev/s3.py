@@ -29,10 +29,9 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-if TYPE_CHECKING:
-    from detox_sft.storage import S3Settings
+from detox_sft.storage import S3Settings
 
 __all__ = ["LocalS3", "free_port", "port_in_use", "wait_until", "find_weed", "start_local_s3"]
 
@@ -256,7 +255,6 @@ class LocalS3:
 
     def settings(self, **overrides: Any) -> S3Settings:
         """:class:`detox_sft.storage.S3Settings` for this server (``overrides`` replace fields, e.g. ``bucket``)."""
-        from detox_sft.storage import S3Settings
 
         values: dict[str, Any] = {
             "endpoint": self.endpoint,
@@ -392,7 +390,7 @@ class LocalS3:
                     process=self._process,
                     log_path=self.log_path,
                 )
-        except BaseException:
+        except BaseException:  # any failure, Ctrl-C included: stop the server we started, then re-raise
             self._terminate()
             raise
         return self
@@ -402,7 +400,9 @@ class LocalS3:
 
         try:
             client.head_bucket(Bucket=self.bucket)
-        except ClientError:
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+                raise
             client.create_bucket(Bucket=self.bucket)
 
     def _probe(self, client) -> bool:
@@ -433,7 +433,7 @@ class LocalS3:
             for sock in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
                 with contextlib.suppress(OSError):
                     sock.unlink()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # best effort: stopping must not fail because of the atexit hook
             atexit.unregister(self._stop_at_exit)
         return code
 
@@ -464,7 +464,7 @@ class LocalS3:
         return self.start()
 
     def _stop_at_exit(self) -> None:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # at interpreter exit: nothing left to report an error to
             self.stop(grace=1.0)
 
     def __enter__(self) -> LocalS3:

@@ -31,7 +31,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from detox_sft.local import free_port, port_in_use
+from detox_sft import compat
+from detox_sft.config import ExportConfig
+from detox_sft.dev.s3 import free_port, port_in_use
+from detox_sft.storage import download_prefix
 
 __all__ = [
     "ServingError",
@@ -39,8 +42,6 @@ __all__ = [
     "LocalModelServer",
     "model_ids",
     "download_model",
-    "add_arguments",
-    "main",
 ]
 
 DEFAULT_HTTP_PORT = 8080
@@ -77,7 +78,6 @@ def download_model(prefix: str, models_dir: str | os.PathLike[str], model_id: st
     Raises:
         ServingError: the prefix holds no ``config.yml``.
     """
-    from detox_sft.storage import download_prefix
 
     target = Path(models_dir) / model_id
     download_prefix(prefix, target, **s3_kwargs)
@@ -132,7 +132,6 @@ class LocalModelServer:
         model_id: str | None = None,
         s3_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        from detox_sft.config import ExportConfig
 
         self.from_s3 = from_s3
         self.download_id = model_id or ExportConfig().model_id
@@ -238,7 +237,7 @@ class LocalModelServer:
         env[_HOST_ENV] = self.host
         with open(self._log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", "from detox_sft.serving import _run_runtime; _run_runtime()"],
+                [sys.executable, "-c", "from detox_sft.dev.model_server import _run_runtime; _run_runtime()"],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -247,7 +246,7 @@ class LocalModelServer:
             )
         try:
             self._wait_ready(ids)
-        except BaseException:
+        except BaseException:  # any failure, Ctrl-C included: stop the runtime we started, then re-raise
             self._own_log = False  # keep the log the error message points to
             self.stop()
             raise
@@ -365,7 +364,6 @@ def _watch_parent(parent_pid: int) -> None:
 
 def _run_runtime() -> None:
     """Launcher run in the server subprocess: caikit shims, parent watchdog, then caikit's own ``main()``."""
-    from detox_sft import compat
 
     compat.restore_numpy_issubclass()
     compat.bind_caikit_to_host(os.environ.get(_HOST_ENV, LOCALHOST))
@@ -387,67 +385,3 @@ def _run_runtime() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def add_arguments(parser) -> None:
-    """Flags of ``detox-sft serve``."""
-    parser.add_argument("--models-dir", required=True, help="folder whose sub-folders are Caikit models (id = name)")
-    parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT, help="HTTP port (default %(default)s)")
-    parser.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT, help="gRPC port (default %(default)s)")
-    parser.add_argument(
-        "--from-s3",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="PREFIX",
-        help="first download the Caikit model from this S3 prefix into MODELS_DIR/<model id> (default prefix: "
-        "<storage.prefix>/caikit of the recipe); S3 settings from the data-connection variables AWS_*",
-    )
-    parser.add_argument("--model-id", default=None, help="served model id for --from-s3 (default: export.model_id)")
-    parser.add_argument("--recipe", default=None, help="recipe name or path (model id and S3 prefix)")
-    parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the model")
-
-
-def main(args) -> int:
-    """Run ``detox-sft serve``: (download,) start, print the endpoints, serve until Ctrl-C or SIGTERM."""
-    from detox_sft.config import ExportConfig, StorageConfig, load_recipe
-
-    recipe = load_recipe(args.recipe) if args.recipe else None
-    export_cfg = recipe.export if recipe else ExportConfig()
-    storage_cfg = recipe.storage if recipe else StorageConfig()
-    from_s3 = None
-    if args.from_s3 is not None:
-        from_s3 = args.from_s3 or f"{storage_cfg.prefix}/caikit"
-        target = Path(args.models_dir) / (args.model_id or export_cfg.model_id)
-        print(f"downloading s3 prefix {from_s3!r} into {target} (as KServe's storage initializer)", flush=True)
-    server = LocalModelServer(
-        args.models_dir,
-        args.http_port,
-        args.grpc_port,
-        startup_timeout=args.startup_timeout,
-        from_s3=from_s3,
-        model_id=args.model_id or export_cfg.model_id,
-    )
-
-    def _terminate(signum, frame):  # SIGTERM behaves like Ctrl-C: stop the runtime cleanly
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        server.start()
-        print(f"serving {', '.join(server.model_ids)}", flush=True)
-        print(f"  HTTP  {server.http_url}  (POST /api/v1/task/text-generation, GET /health)", flush=True)
-        print(f"  gRPC  {server.grpc_target}  (caikit.runtime.Nlp.NlpService, metadata mm-model-id)", flush=True)
-        print("Ctrl-C to stop.", flush=True)
-        code = server.wait()
-        print(f"detox-sft serve: the caikit runtime exited with code {code}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("stopping the caikit runtime", flush=True)
-        return 0
-    except RuntimeError as exc:  # ServingError, or detox_sft.storage's errors while downloading
-        print(f"detox-sft serve: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        server.stop()
-        signal.signal(signal.SIGTERM, previous)

@@ -1,23 +1,28 @@
 """The offline zoo: small models and corpora built by code on first use, so the whole pipeline runs without the hub.
 
-What gets built (into ``<cache>/zoo-<hash>``, where the hash covers this module's and :mod:`detox_sft.corpus`'s source
+What gets built (into ``<cache>/zoo-<hash>``, where the hash covers this module's and :mod:`detox_sft.zoo.corpus`'s source
 and the versions of the libraries that write the files):
 
 * ``rtp/train.jsonl`` and ``wiki_toxic/{train,validation,test}.jsonl``: synthetic corpora in the schemas of
-  allenai/real-toxicity-prompts and OxAISH-AL-LLM/wiki_toxic (see :mod:`detox_sft.corpus`);
+  allenai/real-toxicity-prompts and OxAISH-AL-LLM/wiki_toxic (see :mod:`detox_sft.zoo.corpus`);
 * ``tokenizer/``: a byte-level BPE trained here with OPT's special tokens (``<s>``=0, ``<pad>``=1, ``</s>``=2,
   ``<unk>``=3; ``</s>`` is prepended as bos, as OPT's tokenizer does); ``bart-tokenizer/`` is the same vocabulary
   with ``<mask>`` appended and BART's ``<s> ... </s>`` framing;
 * ``opt/``: a small :class:`~transformers.OPTForCausalLM` with opt-350m's quirks (``word_embed_proj_dim`` !=
   ``hidden_size`` so ``project_in``/``project_out`` exist, ``do_layer_norm_before=False``), pretrained briefly on
   web-like text of the corpus family (a third of it toxic, so the base model is somewhat toxic, like a real one);
+* ``llama/``: a small :class:`~transformers.LlamaForCausalLM` (grouped-query attention, RMSNorm, rotary positions,
+  SwiGLU) pretrained briefly on the same texts with the same tokenizer: a second architecture for "your own model"
+  (``training.base_model: zoo:llama``). Built last, on its own seed, so the other artifacts stay bit-identical;
 * ``bart-base/``: a small :class:`~transformers.BartForConditionalGeneration` pretrained by mask infilling;
   ``expert/`` and ``anti-expert/``: the base fine-tuned on the non-toxic and on the toxic part of the RTP corpus, with
   the very input format TMaRCo's ``score`` and ``rephrase`` build (one token replaced by ``</s><mask>``,
   ``<pad><mask>`` or ``<mask>``). With a build budget of a few hundred steps, each expert's own half is masked at its
   slot words (where the halves differ), and both replay the same context masks (non-slot positions) from the whole
   corpus, so they stay equally fluent around words one half never shows and disagree where toxic words sit;
-* ``manifest.json``: what was built, the scorer (``profanity-check``), sizes, seconds.
+* ``lexicon.json``: the words only the generator's toxic fillers use (``{"toxic_words": [...]}``, from
+  :func:`detox_sft.zoo.corpus.toxic_lexicon`): the synthetic world's exact judge, ``zoo:lexicon`` as a scorer;
+* ``manifest.json``: what was built, the scorer that built the corpus (``profanity-check``), sizes, seconds.
 
 The build runs in a temporary directory that is renamed into place when complete (a crash never leaves a half zoo
 that looks done), under a file lock (two processes never build at once), and prints its progress.
@@ -37,11 +42,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from detox_sft import corpus
+from detox_sft.prompts import format_sample
+from detox_sft.zoo import corpus
+from detox_sft.zoo.corpus import BENIGN_WORDS, CORPUS_SCORER, TOXIC_WORDS
 
 __all__ = ["ZOO_NAMES", "Zoo", "ZooError", "build_hash", "cache_root", "ensure_zoo", "resolve", "zoo_dir"]
 
@@ -49,7 +56,18 @@ __all__ = ["ZOO_NAMES", "Zoo", "ZooError", "build_hash", "cache_root", "ensure_z
 # of the file now on disk. (corpus is stdlib-only and cheap to import.)
 _SOURCES_AT_IMPORT = [inspect.getsource(sys.modules[__name__]), inspect.getsource(corpus)]
 
-ZOO_NAMES = ("opt", "bart-base", "expert", "anti-expert", "tokenizer", "bart-tokenizer", "rtp", "wiki_toxic")
+ZOO_NAMES = (
+    "opt",
+    "bart-base",
+    "expert",
+    "anti-expert",
+    "tokenizer",
+    "bart-tokenizer",
+    "rtp",
+    "wiki_toxic",
+    "lexicon",
+    "llama",
+)
 
 # Sizes: small enough that training/generation tests run in seconds on CPU, big enough to be real language models.
 _SEED = 1234
@@ -67,6 +85,16 @@ _OPT = {
     # build budget (held-out loss 4.1 nats/token, worse than a bigram model's 2.6: a near-unigram model whose
     # generations ignore the prompt); 0.05 reaches 1.0 in the same 250 steps, and the model learns the sentences.
     "init_std": 0.05,
+}
+# Llama-shaped, about opt's size; pre-norm trains from the default init in one epoch (held-out-like loss ~1.1).
+_LLAMA = {
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": True,
 }
 _BART = {
     "d_model": 128,
@@ -95,6 +123,8 @@ class Zoo:
         tokenizer: the OPT tokenizer alone; bart_tokenizer: the BART one (with ``<mask>``).
         rtp: JSONL file in the allenai/real-toxicity-prompts schema (split ``train``).
         wiki_toxic: directory of ``train/validation/test.jsonl`` in the OxAISH-AL-LLM/wiki_toxic schema.
+        lexicon: ``lexicon.json``, the toxic fillers' own words (the exact judge; a scorer as ``zoo:lexicon``).
+        llama: small Llama (model + the OPT tokenizer), loadable with ``AutoModelForCausalLM``.
         build_seconds: how long the build took (from the manifest).
         manifest: the build manifest (sizes, versions, scorer, timings).
     """
@@ -108,6 +138,8 @@ class Zoo:
     bart_tokenizer: Path
     rtp: Path
     wiki_toxic: Path
+    lexicon: Path
+    llama: Path
     build_seconds: float = 0.0
     manifest: dict[str, Any] = field(default_factory=dict)
 
@@ -125,6 +157,8 @@ class Zoo:
             bart_tokenizer=root / "bart-tokenizer",
             rtp=root / "rtp" / "train.jsonl",
             wiki_toxic=root / "wiki_toxic",
+            lexicon=root / "lexicon.json",
+            llama=root / "llama",
             build_seconds=float(manifest.get("build_seconds", 0.0)),
             manifest=manifest,
         )
@@ -149,7 +183,7 @@ def build_hash(sources: Sequence[str] | None = None, versions: dict[str, str] | 
     """Hash of the build code and library versions: a change in either means a new zoo directory.
 
     Args:
-        sources: source texts to hash (default: this module and :mod:`detox_sft.corpus`).
+        sources: source texts to hash (default: this module and :mod:`detox_sft.zoo.corpus`).
         versions: library versions (default: torch, transformers, tokenizers as installed).
 
     Returns:
@@ -243,7 +277,7 @@ def resolve(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
     Args:
         name: one of ``opt``, ``bart-base``, ``expert``, ``anti-expert``, ``tokenizer``, ``bart-tokenizer``, ``rtp``,
-            ``wiki_toxic`` (dashes and underscores are interchangeable).
+            ``wiki_toxic``, ``lexicon``, ``llama`` (dashes and underscores are interchangeable).
         cache_dir: see :func:`ensure_zoo`.
 
     Raises:
@@ -294,10 +328,9 @@ def _build_steps(out: Path, t0: float, timings: dict[str, float]) -> None:
     wiki = corpus.make_wiki_toxic_records(seed=_SEED + 7)
     for split, rows in wiki.items():
         _write_jsonl(out / "wiki_toxic" / f"{split}.jsonl", rows)
+    (out / "lexicon.json").write_text(json.dumps({"toxic_words": corpus.toxic_lexicon()}, indent=2))
     pretrain = corpus.make_pretraining_texts(_PRETRAIN_SIZE, seed=_SEED + 11)
     tick("corpora")
-
-    from detox_sft.data import format_sample
 
     formatted = [format_sample(r["prompt"]["text"], r["continuation"]["text"]) for r in rtp[:500]]
     opt_tok, bart_tok = _train_tokenizers([*pretrain, *formatted, *_general_english()], out)
@@ -330,9 +363,13 @@ def _build_steps(out: Path, t0: float, timings: dict[str, float]) -> None:
         _save_bart(model, bart_tok, out / name)
         tick(name)
 
+    # Last: nothing built above depends on it, and its seed is its own (see _build_llama).
+    _build_llama(opt_tok, pretrain, out / "llama")
+    tick("llama")
+
     manifest = {
         "hash": build_hash(),
-        "scorer": "profanity-check",
+        "scorer": CORPUS_SCORER,
         "versions": _versions(),
         "seed": _SEED,
         "sizes": {
@@ -344,6 +381,7 @@ def _build_steps(out: Path, t0: float, timings: dict[str, float]) -> None:
         },
         "opt": _OPT,
         "bart": _BART,
+        "llama": _LLAMA,
         "timings": timings,
         "build_seconds": round(time.perf_counter() - t0, 2),
     }
@@ -442,7 +480,7 @@ def _pad(seqs: Sequence[Sequence[int]], value: int) -> Any:
 
 def _build_opt(tok: Any, texts: Sequence[str], out: Path) -> None:
     import torch
-    from transformers import GenerationConfig, OPTConfig, OPTForCausalLM
+    from transformers import OPTConfig, OPTForCausalLM
 
     config = OPTConfig(
         vocab_size=len(tok),
@@ -456,11 +494,20 @@ def _build_opt(tok: Any, texts: Sequence[str], out: Path) -> None:
     )
     torch.manual_seed(_SEED)
     model = OPTForCausalLM(config)
+    _pretrain(model, tok, texts, random.Random(_SEED), epochs=2, lr=2e-3, name="opt")
+    _save_causal_lm(model, tok, out)
+
+
+def _pretrain(
+    model: Any, tok: Any, texts: Sequence[str], rng: random.Random, epochs: int, lr: float, name: str
+) -> None:
+    """Next-token pretraining on ``texts`` (each ending in eos), batches of 32 drawn with ``rng``, one-cycle LR."""
+    import torch
+
     ids = [tok(t + tok.eos_token, add_special_tokens=True)["input_ids"] for t in texts]
-    rng = random.Random(_SEED)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    steps = list(_batches(len(ids), 32, rng, epochs=2))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=len(steps), pct_start=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    steps = list(_batches(len(ids), 32, rng, epochs=epochs))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=len(steps), pct_start=0.1)
     model.train()
     for step, batch in enumerate(steps):
         input_ids = _pad([ids[i] for i in batch], 1)
@@ -473,13 +520,35 @@ def _build_opt(tok: Any, texts: Sequence[str], out: Path) -> None:
         sched.step()
         opt.zero_grad()
         if step % 50 == 0 or step == len(steps) - 1:
-            _log(f"  opt pretraining step {step + 1}/{len(steps)} loss {loss.item():.3f}")
+            _log(f"  {name} pretraining step {step + 1}/{len(steps)} loss {loss.item():.3f}")
     model.eval()
+
+
+def _save_causal_lm(model: Any, tok: Any, out: Path) -> None:
+    from transformers import GenerationConfig
+
     model.generation_config = GenerationConfig(
         bos_token_id=2, eos_token_id=2, pad_token_id=1, do_sample=True, top_p=0.9, max_new_tokens=20
     )
     model.save_pretrained(out)
     tok.save_pretrained(out)
+
+
+def _build_llama(tok: Any, texts: Sequence[str], out: Path) -> None:
+    """A small Llama on the OPT tokenizer (``</s>`` as bos and eos, ``<pad>`` = 1), pretrained for one epoch.
+
+    Its initial weights come from its own seed inside :func:`torch.random.fork_rng`, so building it neither depends
+    on nor changes the global RNG state the other artifacts are built with.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tok), pad_token_id=1, bos_token_id=2, eos_token_id=2, **_LLAMA)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SEED + 1)
+        model = LlamaForCausalLM(config)
+    _pretrain(model, tok, texts, random.Random(_SEED + 1), epochs=1, lr=3e-3, name="llama")
+    _save_causal_lm(model, tok, out)
 
 
 def _mask_examples(
@@ -495,7 +564,6 @@ def _mask_examples(
     TMaRCo's ``score`` replaces one token by ``pad_token + mask_token`` (its tokenizer's pad is set to eos, so
     ``</s><mask>``; ``<pad><mask>`` when it is not) and ``rephrase`` by ``<mask>`` alone; the experts learn all three.
     """
-    from detox_sft.corpus import BENIGN_WORDS, TOXIC_WORDS
 
     variants = ["</s><mask>", "<pad><mask>", "<mask>"]
     # The build budget is a few hundred steps: masks go to the slot words (where the corpus halves differ), or
@@ -600,7 +668,3 @@ def _save_bart(model: Any, tok: Any, out: Path) -> None:
     )
     model.save_pretrained(out)
     tok.save_pretrained(out)
-
-
-def _manifest_dict(zoo: Zoo) -> dict[str, Any]:  # pragma: no cover - debugging helper
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(zoo).items()}

@@ -1,0 +1,42 @@
+"""The prompt template: how a sample is written for SFT and how a prompt is given to a model to continue.
+
+Training text is ``"Prompt: {prompt}\\nContinuation: {continuation}"``. The model is taught to continue after
+:data:`RESPONSE_MARKER` (``"\\nContinuation:"``, no trailing space): the completion starts with the space, so a
+generation prompt ends on ``":"`` exactly as in training (a trailing space would be a lone space token the tuned model
+never saw before a word). Training, evaluation, export's check, the clients and the notebooks all use these functions.
+"""
+
+from __future__ import annotations
+
+__all__ = ["RESPONSE_MARKER", "format_sample", "generation_prompt", "split_sample"]
+
+RESPONSE_MARKER = "\nContinuation:"
+_PROMPT = "Prompt: {prompt}" + RESPONSE_MARKER
+
+
+def _text(value: str, name: str) -> str:
+    if not isinstance(value, str):  # bytes would be formatted as "b'...'" without a word
+        raise TypeError(f"{name}: expected a str, got {type(value).__name__}. Fix: decode or fill it first.")
+    return value.strip()
+
+
+def generation_prompt(prompt: str) -> str:
+    """The prompt as the model saw it in training: ``"Prompt: {prompt}\\nContinuation:"``."""
+    return _PROMPT.format(prompt=_text(prompt, "prompt"))
+
+
+def format_sample(prompt: str, continuation: str) -> str:
+    """The SFT text of one sample: the generation prompt, a space, the continuation."""
+    return f"{generation_prompt(prompt)} {_text(continuation, 'continuation')}"
+
+
+def split_sample(text: str) -> tuple[str, str] | None:
+    """Split an SFT text at the marker into (generation prompt, completion); `None` without the marker.
+
+    The completion keeps its leading space, so ``prompt + completion == text``.
+    """
+    at = text.find(RESPONSE_MARKER)
+    if at < 0:
+        return None
+    cut = at + len(RESPONSE_MARKER)
+    return text[:cut], text[cut:]

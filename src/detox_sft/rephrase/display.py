@@ -1,0 +1,126 @@
+"""What a notebook shows of the rephrasing: highlighted before/after HTML and the toxicity histogram."""
+
+from __future__ import annotations
+
+import html
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detox_sft.data import read_jsonl
+
+
+class HTML(str):
+    """An HTML string that Jupyter renders (``_repr_html_``)."""
+
+    __slots__ = ()
+
+    def _repr_html_(self) -> str:
+        return str(self)
+
+
+def _highlight_masked(original: str, masked: str, mask_token: str = "<mask>") -> str:
+    """HTML of ``original`` with the characters TMaRCo masked (absent from ``masked``) marked."""
+    import difflib
+
+    pieces = masked.split(mask_token)
+    keep = "".join(pieces)
+    matcher = difflib.SequenceMatcher(a=original, b=keep, autojunk=False)
+    marked = [True] * len(original)
+    for block in matcher.get_matching_blocks():
+        for i in range(block.a, block.a + block.size):
+            marked[i] = False
+    out, run, flag = [], [], None
+    for ch, m in zip(original, marked, strict=True):
+        if m != flag and run:
+            out.append(_wrap("".join(run), flag))
+            run = []
+        flag = m
+        run.append(ch)
+    if run:
+        out.append(_wrap("".join(run), flag))
+    return "".join(out)
+
+
+def _wrap(text: str, marked: bool | None) -> str:
+    escaped = html.escape(text)
+    return f'<mark style="background:#f8b4b4">{escaped}</mark>' if marked and text.strip() else escaped
+
+
+def highlight_html(
+    records: Sequence[dict[str, Any]] | str | os.PathLike[str],
+    n: int = 10,
+    field: str = "text",
+    only_rephrased: bool = True,
+) -> HTML:
+    """An HTML table: the original with the masked tokens highlighted, beside the rephrased text and toxicities.
+
+    Args:
+        records: rephrased records (:attr:`RephraseResult.records`) or a JSONL path of them.
+        n: rows to show.
+        field: the original text field (``continuation`` for the training set).
+        only_rephrased: show only records TMaRCo changed.
+    """
+    if isinstance(records, str | os.PathLike):
+        records = read_jsonl(records)
+    original_field = "original_continuation" if field == "continuation" else field
+    rows = [r for r in records if r.get("rephrased") or not only_rephrased][:n]
+    head = (
+        "<tr><th>#</th><th>original (masked tokens highlighted)</th><th>rephrased</th>"
+        "<th>toxicity before</th><th>toxicity after</th></tr>"
+    )
+    body = []
+    for i, r in enumerate(rows):
+        original = r.get(original_field) or r.get(field) or ""
+        masked = r.get("masked_text")
+        left = _highlight_masked(original, masked) if masked else html.escape(original)
+        tb, ta = r.get("toxicity_before"), r.get("toxicity_after")
+        body.append(
+            f"<tr><td>{i}</td><td>{left}</td><td>{html.escape(r.get('rephrased_text') or '')}</td>"
+            f"<td>{'' if tb is None else f'{tb:.3f}'}</td><td>{'' if ta is None else f'{ta:.3f}'}</td></tr>"
+        )
+    if not body:
+        body.append('<tr><td colspan="5">no rephrased records</td></tr>')
+    return HTML('<table class="detox-rephrase" style="text-align:left">' + head + "".join(body) + "</table>")
+
+
+def plot_toxicity_histogram(
+    records: Sequence[dict[str, Any]] | str | os.PathLike[str],
+    path: str | os.PathLike[str] | None = None,
+    bins: int = 20,
+) -> Any:
+    """Histogram of toxicity before and after rephrasing (all scored records); saved as PNG when ``path`` is given.
+
+    Returns:
+        The matplotlib Figure (displayed by Jupyter when it is a cell's last expression).
+    """
+    from matplotlib.figure import Figure
+
+    if isinstance(records, str | os.PathLike):
+        records = read_jsonl(records)
+    before = [r["toxicity_before"] for r in records if r.get("toxicity_before") is not None]
+    after = [r["toxicity_after"] for r in records if r.get("toxicity_after") is not None]
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.subplots()
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ax.hist(before, bins=edges, alpha=0.6, label=f"before (mean {np.mean(before):.3f})" if before else "before")
+    ax.hist(after, bins=edges, alpha=0.6, label=f"after (mean {np.mean(after):.3f})" if after else "after")
+    n_changed = sum(1 for r in records if r.get("rephrased"))
+    ax.set_title(f"Toxicity before / after TMaRCo ({n_changed} of {len(records)} rephrased)")
+    ax.set_xlabel("toxicity (scorer probability)")
+    ax.set_ylabel("samples")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png")
+    return fig
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------------------------

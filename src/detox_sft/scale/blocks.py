@@ -1,0 +1,73 @@
+"""Finished blocks on disk: one JSON file per block, written atomically, found again by a rerun.
+
+A job's work dir is ``<root>/<key>/``, where the key hashes the input and every setting that changes the output, so
+a rerun of the same job finds its finished blocks and a changed job never reads another's. A block's file is
+``<index>.json``; a crash leaves at most a temporary file, which is ignored and overwritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from detox_sft.files import atomic_write_bytes
+
+__all__ = ["BlockStore", "content_key"]
+
+
+def content_key(*parts: Any) -> str:
+    """A short hex digest of JSON-serialisable parts (records, settings): the name of a job's work dir."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(json.dumps(part, sort_keys=True, ensure_ascii=False, default=str).encode())
+        digest.update(b"\x1e")
+    return digest.hexdigest()[:20]
+
+
+class BlockStore:
+    """The finished blocks of one job: ``put`` writes a block's JSON result atomically, ``done`` lists them.
+
+    Args:
+        root: the directory that holds the work dirs of jobs (e.g. ``<run>/rephrase/cache/ray-blocks``).
+        key: this job's key (:func:`content_key` of its input and settings).
+        num_blocks: how many blocks the job has (recorded in ``job.json`` for a person looking at the dir).
+    """
+
+    def __init__(self, root: str | os.PathLike[str], key: str, num_blocks: int) -> None:
+        self.dir = Path(root) / key
+        self.num_blocks = num_blocks
+        self.dir.mkdir(parents=True, exist_ok=True)
+        job = self.dir / "job.json"
+        if not job.is_file():
+            atomic_write_bytes(job, json.dumps({"key": key, "num_blocks": num_blocks}).encode())
+
+    def path(self, index: int) -> Path:
+        """The file of block ``index``."""
+        return self.dir / f"{index:06d}.json"
+
+    def done(self) -> set[int]:
+        """Indices of the blocks already written (complete files only: they are renamed into place)."""
+        found = set()
+        for path in self.dir.glob("[0-9]*.json"):
+            with contextlib.suppress(ValueError):
+                index = int(path.stem)
+                if 0 <= index < self.num_blocks:
+                    found.add(index)
+        return found
+
+    def put(self, index: int, data: bytes) -> None:
+        """Write block ``index``'s result (JSON bytes) atomically."""
+        atomic_write_bytes(self.path(index), data)
+
+    def get(self, index: int) -> Any:
+        """Block ``index``'s result, parsed."""
+        return json.loads(self.path(index).read_bytes())
+
+    def get_all(self, indices: Iterable[int] | None = None) -> list[Any]:
+        """The results of all blocks (or of ``indices``), in order."""
+        return [self.get(i) for i in (range(self.num_blocks) if indices is None else indices)]

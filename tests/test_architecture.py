@@ -1,0 +1,64 @@
+"""The package's dependencies point one way: the import-linter contracts in pyproject.toml hold, and they can fail."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import grimp
+
+ROOT = Path(__file__).resolve().parents[1]
+LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
+
+
+def _lint(src: Path) -> subprocess.CompletedProcess:
+    env = {"PYTHONPATH": str(src), "PATH": str(Path(sys.executable).parent)}
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache", "--config", str(ROOT / "pyproject.toml")],
+        cwd=src,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_contracts_hold_and_a_reversed_import_breaks_them(tmp_path):
+    """The contracts are kept on the real package; config importing a step (a reversed import) breaks two of them."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "src" / "detox_sft", src / "detox_sft", ignore=shutil.ignore_patterns("__pycache__"))
+    kept = _lint(src)
+    assert kept.returncode == 0, kept.stdout + kept.stderr
+    config = src / "detox_sft" / "config.py"
+    # inside a function, as a lazy import would be: import-linter sees those too
+    config.write_text(config.read_text() + "\n\ndef _reversed():\n    from detox_sft import training  # noqa\n")
+    broken = _lint(src)
+    assert broken.returncode != 0
+    assert "config imports nothing from the package BROKEN" in broken.stdout
+    assert "Contracts: 1 kept, 2 broken." in broken.stdout  # the layers contract breaks too
+
+
+def test_no_import_cycle_between_modules():
+    graph = grimp.build_graph("detox_sft")
+    modules = sorted(m for m in graph.modules if not graph.is_module_squashed(m))
+    cycles = [
+        (a, b)
+        for i, a in enumerate(modules)
+        for b in modules[i + 1 :]
+        if not (b.startswith(a + ".") or a.startswith(b + "."))  # a package and its own parts are not a cycle
+        and graph.chain_exists(a, b)
+        and graph.chain_exists(b, a)
+    ]
+    assert cycles == []
+
+
+def test_the_resolver_is_the_only_lazy_import_of_the_package():
+    """Own-package imports sit at the top of each module, where a reader sees them; refs' zoo import is the exception."""
+    lazy = []
+    for path in sorted((ROOT / "src" / "detox_sft").rglob("*.py")):
+        for line in path.read_text().splitlines():
+            if line.startswith((" ", "\t")) and line.strip().startswith(("from detox_sft", "import detox_sft")):
+                lazy.append(str(path.relative_to(ROOT)))
+    assert lazy == ["src/detox_sft/refs.py"], lazy

@@ -1,0 +1,129 @@
+"""README's headline numbers equal the committed record of the offline demo run (results/offline), and a slow test
+that reruns the offline experiment (notebooks 1-2, through the package) and reproduces that record."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from detox_sft.evaluation import headline_numbers
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORD = ROOT / "results" / "offline"
+README = ROOT / "README.md"
+HOW_TO_RECORD = (
+    "after the final `make demo`, run `.venv/bin/python benchmarks/record_run.py runs/<stamp> results/offline` and "
+    "commit results/offline"
+)
+
+
+def _record() -> dict:
+    if not (RECORD / "record.json").is_file():
+        pytest.skip(f"no committed record yet (results/offline/record.json): {HOW_TO_RECORD}")
+    return json.loads((RECORD / "record.json").read_text())
+
+
+def _record_run_module():
+    spec = importlib.util.spec_from_file_location("record_run", ROOT / "benchmarks" / "record_run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_quotes_the_recorded_headline_numbers():
+    from detox_sft.config import load_recipe
+
+    record = _record()
+    summary = json.loads((RECORD / "results.json").read_text())
+    numbers = headline_numbers(summary)
+    assert record["headline"] == numbers, "record.json's headline does not match its results.json: rerun record_run.py"
+    assert record["recipe"] == "offline" and record["headline_scorer"] == summary["headline_scorer"]
+    assert summary["headline_scorer"] == load_recipe("offline").evaluation.scorers[0], (
+        "the record was made with another headline scorer than recipes/offline.yaml's: record a new run"
+    )
+    readme = README.read_text()
+    missing = {key: text for key, text in numbers.items() if text not in readme}
+    assert not missing, f"README.md does not quote the recorded run {record['run']}: {missing}"
+
+
+def _fake_run(tmp_path: Path) -> Path:
+    """A demo-shaped run directory with a real summary (random scores) and the files the record copies."""
+    from detox_sft.config import EvaluationConfig
+    from detox_sft.evaluation import report
+
+    rng = np.random.default_rng(1)
+    models = ["base", "raw", "detox"]
+    scorers = ["zoo:lexicon", "profanity-check"]
+    results = report.EvalResults(
+        prompts=[f"p{i}" for i in range(6)],
+        models=models,
+        scorers=scorers,
+        generations={m: [["a b c", "d e"]] * 6 for m in models},
+        scores={m: {s: rng.random((6, 2)) for s in scorers} for m in models},
+    )
+    summary = report._summarize(results, EvaluationConfig(scorers=scorers, num_samples=2), seed=0, extra={})
+    summary |= {"recipe": "offline", "profile": "offline", "generations": {"raw": [["big"]]}}
+    run = tmp_path / "runs" / "20270101-000000" / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "results.json").write_text(json.dumps(summary))
+    (run / "eval" / "summary.md").write_text(report.summary_markdown(summary))
+    (run / "data").mkdir()
+    (run / "data" / "rephrase_summary.jsonl").write_text(json.dumps({"gated": 3, "total": 10}) + "\n")
+    (run / "notebooks").mkdir()
+    (run / "notebooks" / "2-eval.json").write_text(json.dumps({"summary": summary}))
+    (run.parent / "recipe.json").write_text(json.dumps({"name": "offline"}))
+    return run.parent
+
+
+def test_record_run_writes_a_small_record_with_its_provenance(tmp_path):
+    record_run = _record_run_module()
+    demo = _fake_run(tmp_path)
+    out = tmp_path / "results" / "offline"
+    (out / "notebooks").mkdir(parents=True)
+    (out / "notebooks" / "stale.json").write_text("{}")  # an older record is replaced whole
+    path = record_run.record_run(demo, out)
+    record = json.loads(path.read_text())
+    assert record["recipe"] == "offline" and record["run"] == "20270101-000000"
+    assert record["machine"]["cores"] >= 1 and record["machine"]["cpu"] and record["machine"]["platform"]
+    assert set(record["git"]) == {"commit", "dirty"} and record["date"].endswith("Z")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(
+        [*record["files"], "record.json"]
+    )
+    assert "notebooks/stale.json" not in record["files"] and "rephrase_summary.json" in record["files"]
+    results = json.loads((out / "results.json").read_text())
+    assert "generations" not in results and "agreement" in results
+    assert "generations" not in json.loads((out / "notebooks" / "2-eval.json").read_text())["summary"]
+    assert record["headline"] == headline_numbers(results)
+    d = results["comparisons"]["detox_vs_raw"]["zoo:lexicon"]["expected_max_toxicity"]
+    assert record["headline"]["detox - raw EMT"] == f"EMT {d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+    assert record_run.find_run(demo) == record_run.find_run(demo / "run")
+    with pytest.raises(FileNotFoundError, match="make demo"):
+        record_run.find_run(tmp_path)
+
+
+@pytest.mark.slow
+def test_the_offline_experiment_reproduces_the_record(tmp_path):
+    """Notebooks 1 and 2 on the offline recipe, through the package functions they call, from a fresh run directory
+    (the zoo is reused): the headline numbers equal the record's as README prints them. Takes minutes on 2 cores;
+    arithmetic differs across CPU kinds, so compare on the machine kind in record.json's ``machine``."""
+    from detox_sft import data, evaluation, notebook, rephrase, training
+
+    record = _record()
+    cfg = notebook.start("offline", str(tmp_path / "run"))
+    dataset = data.load_train_dataset(cfg.data, cfg.seed)
+    _, summary = rephrase.detoxify_training_set(cfg, dataset["train"], progress=False)
+    training.train_arms(cfg, training.load_arm_datasets(cfg))
+    results = evaluation.evaluate_models(cfg, progress=False)
+    recorded = json.loads((RECORD / "rephrase_summary.json").read_text())
+    assert (summary.total, summary.gated, summary.rephrased) == (
+        recorded["total"],
+        recorded["gated"],
+        recorded["rephrased"],
+    )
+    for key in ("mean_toxicity_before", "mean_toxicity_after"):
+        assert f"{getattr(summary, key):.3f}" == f"{recorded[key]:.3f}", key
+    assert evaluation.headline_numbers(results) == record["headline"], f"recorded on {record['machine']}"
