@@ -29,7 +29,7 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/detox-sft demo --recipe $(RECIPE)
 
 test: setup lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -107,8 +107,10 @@ LOSS: dict[str, str] = {
     "(a download reports done by finishing): a file visible under its final name after the kill that differs from the "
     "reference is a false done.",
 }
-# hidden temporary names a killed writer can leave; not outputs: reported as litter when the rerun keeps them
+# hidden temporary names a killed writer can leave (s3transfer adds a suffix of its own to the download's); not
+# outputs: reported as litter when the rerun keeps them
 _LITTER = (".tmp", ".detox-sft-part")
+_WALL_RUNS = 3  # a wall-clock step's duration: the shortest of this many uninterrupted runs (the load varies)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -149,7 +151,7 @@ def _files(root: Path) -> dict[str, Path]:
 
 
 def _is_litter(rel: str) -> bool:
-    return any(part.startswith(".") and part.endswith(_LITTER) for part in rel.split("/"))
+    return any(part.startswith(".") and any(mark in part for mark in _LITTER) for part in rel.split("/"))
 
 
 def _litter(root: Path) -> list[str]:
@@ -979,6 +981,14 @@ class Harness:
         snapshot = self._snapshot(step)
         shutil.rmtree(snapshot, ignore_errors=True)
         shutil.copytree(self.run, snapshot, copy_function=shutil.copy2, symlinks=True)
+        for again in range(1, _WALL_RUNS if CLOCK[step] == "wall" else 1):  # the same run, from the same state
+            self._restore_inputs(step)
+            if step == "upload":
+                self._clear_prefix("faults/ref")
+            rc, other, _, _ = self._run_to_end(step, "ref", f"{step}-reference-{again}")
+            if rc != 0:
+                raise RuntimeError(f"a reference run of {step} failed (rc {rc})")
+            wall = min(wall, other)
         state.write_text(json.dumps({"cpu_s": cpu, "wall_s": wall}))
         self.reference_s[step], self.reference_wall[step] = (cpu if CLOCK[step] == "cpu" else wall), wall
         self._load_reference_outputs(step)

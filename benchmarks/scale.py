@@ -120,7 +120,7 @@ def main() -> None:
     load_s, _, (scorer, engine) = _timed(
         lambda: (load_scorer(cfg.scorer, device="cpu", batch_size=cfg.batch_size), load_engine(cfg, None, "cpu"))
     )
-    start_local_ray(num_cpus=os.cpu_count(), attempts=8)  # a busy shared machine can need several tries
+    start_local_ray(num_cpus=os.cpu_count(), attempts=20)  # a busy shared machine can need many tries
     blocks = [records[i : i + args.block_size] for i in range(0, len(records), args.block_size)]
     local_cfg = dataclasses.replace(cfg, executor="local")
 

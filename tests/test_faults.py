@@ -59,9 +59,9 @@ def test_quick_kill_and_rerun_of_export_and_rephrase(faults, zoo, tmp_path, make
 
     harness = faults.Harness(tmp_path / "work", results=tmp_path / "records", trials=1)
     try:
-        # export's input, an adapter, made directly (training one is the slow trials' job)
+        # export's input (the run as evaluate leaves it) is an adapter: made directly, training one is the slow trials' job
         make_adapter(load_recipe(str(harness.recipes["ref"])), zoo.opt, "detox")
-        shutil.copytree(harness.run, harness.work / "after" / "train")
+        shutil.copytree(harness.run, harness.work / "after" / "evaluate")
         for step in ("export", "rephrase"):
             harness.reference(step)
             record = harness.trial(step, 0, 0.5)  # killed half way through its work

@@ -164,6 +164,14 @@ def _add_rephrase(parser: argparse.ArgumentParser) -> None:
         default=argparse.SUPPRESS,
         help="shortcut for --rephrase.executor ray (a Ray Data pipeline; joins the cluster when RAY_ADDRESS is set)",
     )
+    parser.add_argument(
+        "--keep-going",
+        dest=_DEST + "rephrase.keep_going",
+        action="store_const",
+        const="true",
+        default=argparse.SUPPRESS,
+        help="shortcut for --rephrase.keep_going true (engine errors become counted error rows instead of failing)",
+    )
 
 
 def _rephrase(args: argparse.Namespace) -> int:

@@ -270,7 +270,7 @@ class BatchedEngine(TMaRCoEngine):
 
         Not side by side on split threads: torch's thread count is process-wide, and lowering it here would slow
         whatever else the caller's process runs meanwhile (library code leaves it to the caller; on a busy box,
-        ``torch.set_num_threads(1)`` in the caller's own process is what helps most: see BENCHMARKS.md, rephrase).
+        one torch thread set by the caller in its own process is what helps most: see BENCHMARKS.md, rephrase).
         """
         return [self._logits_at(model, rows, queries) for model in self.experts]
 

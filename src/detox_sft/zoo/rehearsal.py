@@ -21,7 +21,7 @@ vocabulary size (50265 entries): the BPE learns what it can from the text, and t
 tokens that no merge produces (each decodes to a word of its own), so every id a random model emits decodes.
 
 Random initialisation needs no training: building is config + save (safetensors), each artifact on first use, into
-``<cache>/rehearsal-<hash>/`` (about 6 GB for all five; never in the repository), under a file lock and through a
+``<cache>/rehearsal-<hash>/`` (5.7 GiB for all five; never in the repository), under a file lock and through a
 temporary directory renamed into place. The demo zoo's build (:mod:`detox_sft.zoo.build`) never builds these.
 """
 
