@@ -108,6 +108,8 @@ smoke-py312: setup-py312
 	HF_HUB_OFFLINE=1 $(PY312) -m pytest -q -p no:cacheprovider $(PY312_TESTS)
 
 .PHONY: faults
-# Kill each long step with SIGKILL at seeded moments, rerun, compare; records in benchmarks/results/faults/, FAULTS.md.
+# Kill each long step with SIGKILL at seeded moments, then fill the disk, kill the S3 server and the model server
+# under the steps and requests; rerun, compare; records in benchmarks/results/faults/, FAULTS.md.
 faults: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/faults.py --trials 10 --seed 0
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/faults_env.py --trials 4 --seed 0

@@ -62,3 +62,21 @@ def test_the_resolver_is_the_only_lazy_import_of_the_package():
             if line.startswith((" ", "\t")) and line.strip().startswith(("from detox_sft", "import detox_sft")):
                 lazy.append(str(path.relative_to(ROOT)))
     assert lazy == ["src/detox_sft/refs.py"], lazy
+
+
+def test_library_code_changes_no_process_wide_thread_setting():
+    """torch's thread count is the caller's: only the zoo build's own child process (zoo/build.py's _build_here) sets it."""
+    import ast
+
+    setters = {"set_num_threads", "set_num_interop_threads"}
+    found = []
+    for path in sorted((ROOT / "src" / "detox_sft").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        owner = {}  # node -> the name of the innermost function holding it ("<module>" outside any)
+        for scope in [tree, *(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef))]:
+            for node in ast.walk(scope):
+                owner[node] = getattr(scope, "name", "<module>")
+        for node, name in owner.items():
+            if isinstance(node, ast.Attribute) and node.attr in setters:
+                found.append(f"{path.relative_to(ROOT)}:{name}")
+    assert sorted(set(found)) == ["src/detox_sft/zoo/build.py:_build_here"], found

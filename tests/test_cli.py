@@ -203,7 +203,11 @@ def test_every_package_error_reaches_the_user_without_a_traceback(monkeypatch, t
     err = capsys.readouterr().err
     assert "detox-sft export: the message of the error. Fix: what to do" in err
     assert "Traceback" not in err
-    assert code == (2 if issubclass(cls, cli.INPUT_ERRORS) else 1)
+    # bad input exits 2, a failed step 1 (EngineFailed, a RephraseError raised when the engine itself breaks, is one)
+    failed_step = issubclass(cls, cli.STEP_ERRORS) or not issubclass(cls, cli.INPUT_ERRORS)
+    assert code == (1 if failed_step else 2)
+    if name.endswith("EngineFailed"):
+        assert code == 1
 
 
 def test_an_unexpected_error_keeps_its_traceback(monkeypatch, tmp_path):
@@ -215,3 +219,19 @@ def test_an_unexpected_error_keeps_its_traceback(monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "export_model", fail)
     with pytest.raises(KeyError):
         main(["export", "--recipe", "offline", "--run-dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EFBIG"])
+def test_no_room_on_the_disk_is_a_message_with_the_fix_not_a_traceback(monkeypatch, tmp_path, capsys, code):
+    import errno
+    import os
+
+    def fail(*args, **kwargs):
+        number = getattr(errno, code)
+        raise OSError(number, os.strerror(number), str(tmp_path / "export" / "model.safetensors"))
+
+    monkeypatch.setattr(cli, "export_model", fail)
+    assert main(["export", "--recipe", "offline", "--run-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"no room to write {tmp_path / 'export' / 'model.safetensors'}" in err and "rerun the same command" in err
+    assert "Traceback" not in err

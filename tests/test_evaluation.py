@@ -174,6 +174,19 @@ def test_evaluate_models_end_to_end_and_resumes(recipe, lm_dir, make_adapter, mo
     assert again.summary["metrics"] == res.summary["metrics"]
 
 
+def test_the_whole_evaluation_shows_one_progress_bar_that_ends_at_100(recipe, capsys):
+    """One bar for the step (a step per model and stage, the non-toxic prompts' too), not one per model and stage;
+    a rerun from the cache finishes it as well."""
+    import re
+
+    recipe.evaluation = _cfg(num_samples=2, batch_size=4, nontoxic_prompts=2)
+    for _ in range(2):  # generated, then from the cache
+        evaluation.evaluate_models(recipe, models=["base"], prompts=PROMPTS)
+        frames = re.findall(r"(\w+): +(\d+)%\|[^|]*\| (\d+)/(\d+)", capsys.readouterr().err)
+        assert {desc for desc, *_ in frames} == {"evaluate"}
+        assert frames[-1][1:] == ("100", "6", "6")  # generate, score, perplexity on both prompt sets
+
+
 def test_missing_adapter_says_to_train_first(recipe):
     with pytest.raises(evaluation.EvaluationError, match=r"run notebooks/1-sft.ipynb first \(or `detox-sft train`\)"):
         evaluation.evaluate_models(recipe, prompts=PROMPTS, progress=False)

@@ -1,6 +1,7 @@
-"""Fault injection (benchmarks/faults.py): FAULTS.md is generated from the committed trial records, every long step was
-killed at least ten times over its whole run with nothing lost and no false done, and a quick kill-and-rerun of
-export and rephrase survives here too."""
+"""Fault injection (benchmarks/faults.py, benchmarks/faults_env.py): FAULTS.md is generated from the committed trial
+records, every long step was killed at least ten times over its whole run with nothing lost and no false done, the
+faults of the environment (disk full, S3 server and model server killed) were each tried with nothing lost, no false
+done and no hang, and a quick kill-and-rerun of export and rephrase survives here too."""
 
 from __future__ import annotations
 
@@ -28,9 +29,39 @@ def records(faults):
     return faults.load_records()
 
 
-def test_faults_md_is_generated_from_the_records(faults, records):
+@pytest.fixture(scope="module")
+def env_records(faults):
+    return faults.load_env_records()
+
+
+def test_faults_md_is_generated_from_the_records(faults, records, env_records):
     assert records, f"no trial records in {faults.RESULTS}: run `make faults`"
-    assert faults.REPORT.read_text() == faults.render_report(records), "FAULTS.md is stale: run faults.py --report"
+    expected = faults.render_report(records, env_records)
+    assert faults.REPORT.read_text() == expected, "FAULTS.md is stale: run faults.py --report"
+
+
+def test_the_faults_of_the_environment_were_tried_and_nothing_was_lost_or_hung(faults, env_records):
+    by_case = {case: [r for r in env_records if r["case"] == case] for case in faults.ENV_CASES}
+    # the disk filled up in every writing step, at several sizes, and at least once per step the write really failed
+    disk = by_case["disk-full"]
+    for step in ("rephrase", "train", "evaluate", "export", "download"):
+        rs = [r for r in disk if r["step"] == step]
+        assert len(rs) >= 3 and any(r["rc"] != 0 for r in rs), f"disk-full {step}: {len(rs)} trials"
+    for r in disk:
+        where = f"disk-full {r['step']} trial {r['trial']}"
+        assert r["outcome"] in ("survived", "limit not reached"), (where, r["outcome"], r["false_done"], r["redone"])
+        assert r["rerun_rc"] == 0 and not r["differences"] and not r["false_done"] and not r["hang"], where
+    # the S3 server was really killed mid-transfer, in upload and in download
+    s3 = by_case["s3-restart"]
+    for step in ("upload", "download"):
+        assert sum(r["step"] == step and r["server_killed"] for r in s3) >= 3, f"s3-restart {step}"
+    for r in s3:
+        assert r["outcome"] in ("survived", "not interrupted"), (r["step"], r["trial"], r["outcome"], r["false_done"])
+    # the model server died under requests of both clients: a typed error each time, never a hang or an answer
+    served = by_case["model-server-kill"]
+    killed = [r for r in served if r["outcome"] != "not interrupted"]
+    assert {r["client"] for r in killed} == {"http", "grpc"} and len(killed) >= 6, len(killed)
+    assert all(r["outcome"] == "typed error" and r["seconds_to_outcome"] < 120 for r in killed), killed
 
 
 def test_every_step_was_killed_ten_times_over_its_whole_run_and_nothing_was_lost(faults, records):

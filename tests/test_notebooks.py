@@ -32,7 +32,9 @@ NOISE = (
     "Generating train split",
     "<Figure size",
     "RephraseSummary(",
+    "PosixPath(",
 )
+SKIPPED = "skipped: set on_cluster=True in a workbench on OpenShift AI"
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -50,6 +52,48 @@ def test_committed_notebooks_are_clean_and_parameterised(name):
     # figures display inline in JupyterLab as in the executed notebooks: the package returns Figure objects
     plots = [c for c in code if "plot_" in "".join(c["source"])]
     assert not plots or "%matplotlib inline" in "".join(code[0]["source"])
+
+
+def _at_scale_cells(nb: dict) -> list[dict]:
+    """The code cells of notebook 1's "At scale" section (between its heading and "Next step")."""
+    cells = nb["cells"]
+    start = next(
+        i for i, c in enumerate(cells) if "".join(c["source"]).startswith("## 7. At scale (on a cluster only)")
+    )
+    return [c for c in cells[start:-1] if c["cell_type"] == "code"]
+
+
+def test_notebook_1_ends_with_the_cluster_jobs_which_do_nothing_offline(capsys):
+    """The At-scale cells run only with ``on_cluster=True``: offline (the default, the demo) each prints one line and
+    imports nothing; on a cluster they apply kustomizations that exist and read the TrainJob manifest's fields."""
+    import yaml
+
+    nb = json.loads((NOTEBOOKS_DIR / "1-sft.ipynb").read_text())
+    params = "".join(next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))["source"])
+    assert "\non_cluster = False  #" in params and '\ntraining_job = "trainjob"  #' in params
+    cells = _at_scale_cells(nb)
+    assert len(cells) == 2 and "Next step" in "".join(nb["cells"][-1]["source"])
+    sources = ["".join(c["source"]) for c in cells]
+    for source in sources:
+        assert source.startswith(f'if not on_cluster:\n    print("{SKIPPED}")\n')
+        namespace = {"on_cluster": False, "training_job": "trainjob"}
+        exec(compile(source, "at-scale cell", "exec"), namespace)  # noqa: S102 - the notebook's own cell
+        assert capsys.readouterr().out == SKIPPED + "\n"
+        assert not {"subprocess", "yaml", "TrainerClient"} & set(namespace)  # nothing imported offline
+    # what they apply on a cluster: the kustomizations instructions.md submits, relative to notebooks/
+    named = set(re.findall(r"\.\./manifests/distributed/([\w-]+)", "\n".join(sources)))
+    assert named == {"ray-detoxify", "run-storage", "trainjob"}  # trainjob: the manifest the SDK branch reads
+    assert 'f"../manifests/distributed/{training_job}"' in sources[1]
+    for name in named | {"trainjob", "trainjob-runtime-patches", "pytorchjob"}:  # training_job's values
+        assert (NOTEBOOKS_DIR / "../manifests/distributed" / name / "kustomization.yaml").is_file(), name
+    assert "rayjob/detox-rephrase" in sources[0] and "kueue.x-k8s.io/queue-name" in sources[1]
+    # the SDK branch builds the TrainJob from the manifest's fields: they are where it reads them
+    job = yaml.safe_load((ROOT / "manifests/distributed/trainjob/trainjob.yaml").read_text())["spec"]
+    pod = job["podTemplateOverrides"][0]["spec"]
+    assert pod["volumes"] and pod["containers"][0]["volumeMounts"] and pod["tolerations"]
+    assert job["runtimeRef"]["name"] == "torch-distributed" and job["trainer"]["numNodes"] == 2
+    assert job["trainer"]["command"] == ["/bin/sh", "-c"] and "detox-sft train" in job["trainer"]["args"][0]
+    assert {e["name"] for e in job["trainer"]["env"]} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "USER"}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -155,12 +199,18 @@ def test_notebook_1_shows_tmarco_and_the_qlora_configs_before_running_the_step(d
     sft = _shown(nb, "get_sft_config(")
     assert "SFTConfig(" in sft and "completion_only_loss=True" in sft and "max_length=64" in sft
     assert "<th>completion</th>" in _html(nb, "to_prompt_completion(")
+    # the cluster jobs are skipped on the demo's offline profile, with one line each
+    for cell in _at_scale_cells(nb):
+        assert [_text(o) for o in cell["outputs"]] == [SKIPPED + "\n"]
 
 
 @pytest.mark.service
 @pytest.mark.timeout(2400)
 def test_notebook_2_shows_one_prompt_then_formatted_tables_and_a_formatted_reading(demo_run):
     nb = _executed(demo_run, "2-eval")
+    assert _shown(nb, "notebook.require(").strip().endswith("/adapters/detox/adapter_config.json")  # not a repr
+    # the whole evaluation (toxic and non-toxic prompts, every model and stage) under one bar, finished
+    assert re.findall(r"(\w+): +(\d+)%\|", _shown(nb, "evaluate_models(")) == [("evaluate", "100")]
     scored = _html(nb, "notebook.scored_continuations(")
     assert "sample 0" in scored and "sample 1" in scored and "this prompt" in scored and "zoo:lexicon" in scored
     table = _html(nb, "evaluation.metrics_table(results)")
@@ -170,6 +220,13 @@ def test_notebook_2_shows_one_prompt_then_formatted_tables_and_a_formatted_readi
     scorers = _html(nb, "evaluation.scorer_table(")
     assert all(s in scorers for s in ("zoo:lexicon (headline)", "profanity-check", "hatesonar"))
     assert "spearman" in _html(nb, "notebook.agreement(")
+    # the cost of detoxifying: what survives of the rephrased training samples, every model on non-toxic prompts
+    survival = _html(nb, "notebook.survival_table(")
+    assert "chrf" in survival and "changed_word_share" in survival and "all rephrased" in survival
+    assert re.search(r"mean over the \d+ rephrased samples", survival)
+    cost = _html(nb, "notebook.cost_table(")
+    assert re.search(r"non-toxic \(\d+\)", cost) and re.search(r"(?<![-\w])toxic \(\d+\)", cost)
+    assert ESTIMATE.search(cost) and "perplexity" in cost
     reading = [o for o in _cell(nb, "describe_result(")["outputs"] if "text/markdown" in o.get("data", {})]
     assert (
         reading
@@ -298,6 +355,62 @@ def test_guard_names_the_step_that_produces_the_missing_output(tmp_path):
         require(tmp_path / "adapters" / "detox" / "adapter_config.json", "1-sft")
     (tmp_path / "x").write_text("")
     assert require(tmp_path / "x", "2-eval") == tmp_path / "x"
+
+
+def test_the_paths_cells_end_with_show_as_plain_paths(tmp_path, offline_recipe):
+    from IPython.core.formatters import PlainTextFormatter
+
+    from detox_sft.notebook import ShownPath, record, require
+
+    (tmp_path / "x").write_text("")
+    for path in (require(tmp_path / "x", "2-eval"), record(offline_recipe, "t", value=1)):
+        assert isinstance(path, ShownPath) and path.is_file()
+        assert PlainTextFormatter()(path) == str(path)  # what Jupyter shows: not PosixPath('...')
+    assert record(offline_recipe, "t").parent == offline_recipe.run_path / "notebooks"
+
+
+def test_survival_and_cost_tables_end_with_the_means_or_say_why_there_are_none(tmp_path):
+    from IPython.display import Markdown
+
+    from detox_sft import notebook
+    from detox_sft.data import write_jsonl_atomic
+
+    def row(i, rephrased):
+        before, after = f"you are a stupid person {i}", f"you are a kind person {i}"
+        return {
+            "sample": before,
+            "rephrased_text": after if rephrased else before,
+            "rephrased": rephrased,
+            "original_continuation": before,
+            "continuation": after if rephrased else before,
+        }
+
+    path = tmp_path / "train_detox.jsonl"
+    write_jsonl_atomic([row(i, i % 2 == 0) for i in range(8)], path)
+    table = notebook.survival_table(path, n=2)
+    assert list(table.index) == ["sample 0", "sample 1", "all rephrased"]
+    assert table.loc["all rephrased", "original"] == "mean over the 4 rephrased samples"
+    assert table.loc["all rephrased", "changed_word_share"] == pytest.approx(1 / 6, abs=1e-3)
+    write_jsonl_atomic([row(0, False)], path)
+    assert isinstance(notebook.survival_table(path), Markdown)
+
+    estimate = {"value": 0.5, "low": 0.25, "high": 0.75}
+    entry = {
+        "toxicity": {"s": {k: estimate for k in ("expected_max_toxicity", "toxicity_probability", "mean_toxicity")}},
+        "perplexity": {"value": 12.0, "low": 11.0, "high": 13.0},
+        "distinct_2": 0.9,
+    }
+    part = {"models": ["raw", "detox"], "metrics": {"raw": entry, "detox": entry}, "headline_scorer": "s"}
+    summary = {**part, "num_prompts": 12, "nontoxic": {**part, "num_prompts": 3}}
+    cost = notebook.cost_table(summary)
+    assert list(cost.index) == [
+        ("toxic (12)", "raw"),
+        ("toxic (12)", "detox"),
+        ("non-toxic (3)", "raw"),
+        ("non-toxic (3)", "detox"),
+    ]
+    assert cost.iloc[0]["EMT"] == "0.500 [0.250, 0.750]" and cost.iloc[0]["perplexity"] == "12.0 [11.0, 13.0]"
+    assert "evaluation.nontoxic_prompts" in notebook.cost_table({**part, "num_prompts": 12}).data
 
 
 def test_configs_show_as_the_calls_that_build_them(offline_recipe):

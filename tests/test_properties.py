@@ -1,4 +1,4 @@
-"""Property-based tests (hypothesis) of the code that meets untrusted text: JSONL files, the offline scorer, the prompt
+"""Property-based tests (hypothesis) of the code that meets untrusted text: JSONL files, recipe files and overrides, the offline scorer, the prompt
 template, and the clients' parsing of server answers.
 
 Random Unicode (control characters and surrogates included), empty and huge strings, random bytes and wrong types:
@@ -281,3 +281,87 @@ def test_sse_keeps_unicode_line_separators_inside_json(text):
 def test_error_detail_never_raises(body):
     detail = error_detail(body)
     assert isinstance(detail, str) and len(detail) <= 500
+
+
+# --- detox_sft.config.load_recipe -------------------------------------------------------------------------------------
+
+_RECIPE_FIELDS = [
+    "seed",
+    "data.num_train_samples",
+    "rephrase.gate_threshold",
+    "rephrase.batch_size",
+    "evaluation.num_samples",
+    "training.sft.learning_rate",
+    "training.lora.r",
+    "storage.prefix",
+]
+
+
+@cache
+def _offline_yaml() -> dict:
+    import yaml
+
+    from detox_sft.config import RECIPES_DIR
+
+    return yaml.safe_load((RECIPES_DIR / "offline.yaml").read_text())
+
+
+@settings(PROPERTY, max_examples=30)  # each example writes a file and builds the dataclasses
+@given(content=st.binary(max_size=300) | any_text.map(_utf8))
+@example(content=b"")
+@example(content=b"seed: [1, 2")
+@example(content=b"- a list\n- not a mapping\n")
+@example(content=b"\xff\xfe not utf-8")
+def test_recipe_loader_reads_any_file_or_raises_recipe_error(tmp_path_factory, content):
+    from detox_sft.config import Recipe, RecipeError, load_recipe
+
+    path = tmp_path_factory.mktemp("recipe") / "r.yaml"
+    path.write_bytes(content)
+    try:
+        recipe = load_recipe(path)
+    except RecipeError as exc:
+        assert "Fix:" in str(exc) or "not valid YAML" in str(exc)
+    else:
+        assert isinstance(recipe, Recipe)
+
+
+@settings(PROPERTY, max_examples=40)
+@given(field=st.sampled_from(_RECIPE_FIELDS), value=json_values)
+def test_recipe_loader_checks_any_value_of_a_field(tmp_path_factory, field, value):
+    """A YAML value of any type in a typed field: a recipe whose field holds a value of its type, or RecipeError."""
+    import copy
+
+    import yaml
+
+    from detox_sft.config import RecipeError, load_recipe
+
+    values = copy.deepcopy(_offline_yaml())
+    *parents, leaf = field.split(".")
+    node = values
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    path = tmp_path_factory.mktemp("recipe") / "r.yaml"
+    path.write_text(yaml.safe_dump(values, allow_unicode=True))
+    try:
+        recipe = load_recipe(path)
+    except RecipeError as exc:
+        assert leaf in str(exc), (field, value, str(exc))
+    else:
+        got = recipe
+        for part in field.split("."):
+            got = got[part] if isinstance(got, dict) else getattr(got, part)
+        assert got == value and isinstance(got, bool) == isinstance(value, bool), (field, value, got)
+
+
+@settings(PROPERTY, max_examples=40)
+@given(field=st.sampled_from(_RECIPE_FIELDS), text=any_text)
+def test_recipe_dotted_overrides_read_any_text_or_raise_recipe_error(field, text):
+    from detox_sft.config import Recipe, RecipeError, load_recipe
+
+    try:
+        recipe = load_recipe("offline", dotted={field: text})
+    except RecipeError as exc:
+        assert field.rsplit(".", 1)[-1] in str(exc), (field, text, str(exc))
+    else:
+        assert isinstance(recipe, Recipe)

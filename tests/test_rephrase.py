@@ -657,3 +657,33 @@ def test_keep_going_keeps_failed_texts_as_counted_error_rows_and_retries_them(ti
     fixed = CountingEngine(BatchedEngine.from_tmarco(tmarco, cfg))
     again = rephrase_dataset(records, cfg, engine=fixed, scorer=_stub_scorer, cache_dir=tmp_path, progress=False)
     assert fixed.calls == 1 and again.summary.errors == 0 and again.summary.cached == 1
+
+
+def test_a_cache_that_cannot_be_written_is_a_typed_error_and_keeps_what_was_committed(tmp_path):
+    """Disk full (here: a file-size limit) while caching: CacheWriteError naming the fix; earlier entries stay."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import resource, sys
+        from pathlib import Path
+        from detox_sft.rephrase.cache import CacheWriteError, _Cache
+        cache = _Cache(Path(sys.argv[1]))
+        cache.put_many("out", {"first": {"text": "kept"}})
+        resource.setrlimit(resource.RLIMIT_FSIZE, (cache.path.stat().st_size, resource.RLIM_INFINITY))
+        try:
+            cache.put_many("out", {f"k{i}": {"text": "x" * 1000} for i in range(200)})
+        except CacheWriteError as exc:
+            print("CacheWriteError:", exc)
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "CacheWriteError:" in run.stdout and "Fix: free disk space" in run.stdout, run.stdout
+    from detox_sft.rephrase.cache import _Cache
+
+    again = _Cache(tmp_path)
+    assert again.get_many("out", ["first", "k0"]) == {"first": {"text": "kept"}}  # the failed batch left nothing
+    again.close()

@@ -592,3 +592,25 @@ def test_a_download_that_runs_out_of_room_fails_with_a_typed_error_keeps_nothing
     report = storage.download_prefix("t-full", dst, settings=settings, progress=False)
     assert "model.safetensors" in report.downloaded and sorted(report.downloaded + report.skipped) == sorted(expected)
     assert local_files(dst) == expected
+
+
+@pytest.mark.service
+def test_a_rerun_removes_the_temporary_files_of_a_killed_download_but_not_a_live_ones(s3_server, tmp_path):
+    """A SIGKILLed download cannot delete its ``.NAME.PID-HEX.detox-sft-part`` files (the fault suite found them)."""
+    import subprocess
+    import sys
+
+    src = make_model_dir(tmp_path / "m", big_mb=0)
+    storage.upload_dir(src, "t-parts", settings=s3_server.settings(), progress=False)
+    dst = tmp_path / "dst"
+    storage.download_prefix("t-parts", dst, settings=s3_server.settings(), progress=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    rel = sorted(local_files(src))[0]
+    left = dst / Path(rel).parent / f".{Path(rel).name}.{dead.stdout.strip()}-0badf00d.detox-sft-part"
+    live = dst / Path(rel).parent / f".{Path(rel).name}.{os.getppid()}-0000beef.detox-sft-part"  # pytest's parent
+    left.write_bytes(b"half")
+    live.write_bytes(b"in use")
+    report = storage.download_prefix("t-parts", dst, settings=s3_server.settings(), progress=False)
+    assert report.downloaded == [] and not left.exists() and live.exists()
+    live.unlink()
+    assert local_files(dst) == local_files(src)

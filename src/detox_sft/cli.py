@@ -49,7 +49,8 @@ from detox_sft.dev.demo import run_demo
 from detox_sft.dev.model_server import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, LocalModelServer, ServingError
 from detox_sft.evaluation import MODELS, EvaluationError, evaluate_models, summary_markdown
 from detox_sft.export import ExportError, export_model
-from detox_sft.rephrase import RephraseError, detoxify_training_set, rephrase_dataset
+from detox_sft.files import no_room_hint
+from detox_sft.rephrase import CacheWriteError, EngineFailed, RephraseError, detoxify_training_set, rephrase_dataset
 from detox_sft.storage import (
     DEFAULT_PREFIX,
     S3Settings,
@@ -64,9 +65,12 @@ from detox_sft.training import TrainingError, is_main_process, load_arm_datasets
 
 __all__ = ["SUBCOMMANDS", "INPUT_ERRORS", "STEP_ERRORS", "build_parser", "add_recipe_arguments", "main"]
 
-# The package's typed errors; their messages name the fix. A bad recipe, flag or input file exits 2, a failed step 1.
+# The package's typed errors; their messages name the fix. A bad recipe, flag or input file exits 2, a failed step 1
+# (a step error wins: EngineFailed is a RephraseError, so that callers catching RephraseError still catch it).
 INPUT_ERRORS: tuple[type[Exception], ...] = (RecipeError, DataError, RephraseError, TrainingError)
 STEP_ERRORS: tuple[type[Exception], ...] = (
+    CacheWriteError,
+    EngineFailed,
     ScorerError,
     EvaluationError,
     ExportError,
@@ -646,11 +650,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"detox-sft {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
         return 130
-    except Exception as exc:
+    except Exception as exc:  # the package's typed errors become a message and an exit code; anything else is a bug
+        hint = no_room_hint(exc) if isinstance(exc, OSError) else None
+        if hint is not None:  # not a bug: the machine has no room; what the steps finished is complete (atomic writes)
+            where = f" {exc.filename}" if exc.filename else ""
+            print(
+                f"detox-sft {args.command}: no room to write{where} ({exc.strerror}: {hint}). What finished before "
+                "is kept complete. Fix: free disk space (or raise the limit), then rerun the same command: it resumes.",
+                file=sys.stderr,
+            )
+            return 1
         if not _is_package_error(exc):
             raise
         print(f"detox-sft {args.command}: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, INPUT_ERRORS) else 1
+        return 2 if isinstance(exc, INPUT_ERRORS) and not isinstance(exc, STEP_ERRORS) else 1
 
 
 if __name__ == "__main__":

@@ -969,7 +969,11 @@ def load_recipe(
             "or the path of a YAML recipe file."
         )
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            f"recipe {path}: not UTF-8 text ({exc.reason} at byte {exc.start}). Fix: save the file as UTF-8."
+        ) from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"recipe {path}: not valid YAML ({exc}). Fix: correct the YAML syntax.") from exc
     if isinstance(values, dict):

@@ -11,6 +11,7 @@ next writer ignores it, and :func:`remove_stale_temps` clears those of a directo
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "NO_ROOM",
+    "no_room_hint",
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
@@ -31,6 +34,19 @@ __all__ = [
     "dir_writer",
     "remove_stale_temps",
 ]
+
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # disk full, quota, file-size limit
+_NO_ROOM_HINT = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file would exceed the file-size limit (ulimit -f) or the filesystem's maximum",
+}
+
+
+def no_room_hint(exc: OSError) -> str | None:
+    """What a write's ``OSError`` means when the disk (or the file-size limit) has no room; `None` for other errors."""
+    return _NO_ROOM_HINT.get(exc.errno) if isinstance(exc, OSError) else None
+
 
 _TMP_SUFFIX = ".tmp"
 

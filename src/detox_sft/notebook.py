@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from detox_sft import evaluation
+from detox_sft import evaluation, rephrase
 from detox_sft.clients import connect
 from detox_sft.config import Recipe, load_recipe
 from detox_sft.data import load_eval_prompts
@@ -23,6 +23,7 @@ from detox_sft.toxicity import load_scorer
 
 __all__ = [
     "StepMissing",
+    "ShownPath",
     "hub_reachable",
     "start",
     "require",
@@ -39,7 +40,8 @@ __all__ = [
     "scored_continuations",
     "agreement",
     "bucket_table",
-    "nontoxic_table",
+    "survival_table",
+    "cost_table",
     "as_table",
 ]
 
@@ -52,6 +54,14 @@ _STEP_HINTS = {
 
 class StepMissing(FileNotFoundError):
     """An earlier step's output is missing; the message names the step to run."""
+
+
+class ShownPath(type(Path())):  # PosixPath (WindowsPath on Windows): a subclass of Path itself needs Python 3.12
+    """A :class:`~pathlib.Path` that a notebook shows as the path itself, not as ``PosixPath('...')``: what
+    :func:`require` and :func:`record` return, the last expression of their cells (its ``repr`` stays a path's)."""
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # IPython's text/plain display
+        printer.text(str(self))
 
 
 def hub_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
@@ -82,9 +92,9 @@ def start(recipe: str | os.PathLike[str], run_dir: str | None = None, **override
     return loaded
 
 
-def require(path: str | os.PathLike[str], step: str) -> Path:
+def require(path: str | os.PathLike[str], step: str) -> ShownPath:
     """Return ``path`` if it exists, else raise :class:`StepMissing` naming the notebook that produces it."""
-    path = Path(path)
+    path = ShownPath(path)
     if not path.exists():
         hint = _STEP_HINTS.get(step, f"run {step} first")
         raise StepMissing(f"{path} is missing: {hint}.")
@@ -104,9 +114,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def record(recipe: Recipe, notebook: str, **values: Any) -> Path:
-    """Save a notebook's headline results (JSON) under ``<run_dir>/notebooks/<notebook>.json``."""
-    out = recipe.run_path / "notebooks" / f"{notebook}.json"
+def record(recipe: Recipe, notebook: str, **values: Any) -> ShownPath:
+    """Save a notebook's headline results (JSON) under ``<run_dir>/notebooks/<notebook>.json``; returns that path."""
+    out = ShownPath(recipe.run_path, "notebooks", f"{notebook}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     current = json.loads(out.read_text()) if out.exists() else {}
     current.update(_plain(values))
@@ -385,18 +395,54 @@ def bucket_table(objects: list[Any], prefix: str = "") -> Any:
     )
 
 
-def nontoxic_table(results: Any) -> Any:
-    """What detoxifying costs where there is nothing to detoxify: :func:`detox_sft.evaluation.metrics_table` of the
-    non-toxic prompts (``evaluation.nontoxic_prompts``), or a note when the evaluation had none."""
+def survival_table(train_set: str | os.PathLike[str], n: int = 5) -> Any:
+    """How much of each rephrased training sample survives: :func:`detox_sft.rephrase.survival_table` of the
+    continuations (what the detox arm learns), its first ``n`` rows, then the means over every rephrased sample; or a
+    note when none was rephrased.
+
+    Args:
+        train_set: the detoxified training set (``cfg.paths.train_set("detox")``).
+        n: sample rows to show.
+    """
+    import pandas as pd
     from IPython.display import Markdown
 
-    nontoxic = (results.summary if hasattr(results, "summary") else results).get("nontoxic")
+    table = rephrase.survival_table(train_set, field="continuation", n=n)
+    means = table.attrs
+    if not means["rephrased"]:
+        return Markdown("TMaRCo rephrased no training sample: the detox arm was trained on the raw texts.")
+    shown = table.round({"chrf": 1, "changed_word_share": 3, "toxicity_before": 3, "toxicity_after": 3})
+    shown.index = [f"sample {i}" for i in range(len(shown))]
+    mean = {
+        "original": f"mean over the {means['rephrased']} rephrased samples",
+        "rephrased": "",
+        "chrf": round(means["mean_chrf"], 1),
+        "changed_word_share": round(means["mean_changed_word_share"], 3),
+        "toxicity_before": "",
+        "toxicity_after": "",
+    }
+    return pd.concat([shown.astype(object), pd.DataFrame([mean], index=["all rephrased"])])
+
+
+def cost_table(results: Any) -> Any:
+    """What detoxifying costs beside what it gains, as a person reads it: the rows of
+    :func:`detox_sft.evaluation.cost_table` (every model on the toxic prompts, then on the non-toxic ones), each
+    metric as ``value [low, high]`` (:func:`detox_sft.evaluation.metrics_table` of each part); or a note when the
+    evaluation had no non-toxic prompts."""
+    import pandas as pd
+    from IPython.display import Markdown
+
+    summary = results.summary if hasattr(results, "summary") else results
+    nontoxic = summary.get("nontoxic")
     if not nontoxic:
         return Markdown(
             "No non-toxic prompts in this evaluation (set `evaluation.nontoxic_prompts` in the recipe to see what the "
             "detox arm gives up on them)."
         )
-    return evaluation.metrics_table(nontoxic)
+    parts = {f"{label} ({part['num_prompts']})": part for label, part in (("toxic", summary), ("non-toxic", nontoxic))}
+    table = pd.concat({label: evaluation.metrics_table(part) for label, part in parts.items()})
+    table.index.names = ["prompts", f"model (scorer: {summary['headline_scorer']})"]
+    return table
 
 
 def as_table(value: Any) -> Any:

@@ -43,7 +43,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import errno
+import glob
 import hashlib
 import json
 import os
@@ -64,7 +64,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from detox_sft.config import Recipe, StorageConfig
-from detox_sft.files import atomic_write_text, read_json_or_none
+from detox_sft.files import NO_ROOM, atomic_write_text, no_room_hint, read_json_or_none
 
 __all__ = [
     "StorageError",
@@ -101,12 +101,6 @@ _MULTIPART_CHUNKSIZE = 8 * 1024 * 1024
 _READ_SIZE = 4 * 1024 * 1024
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}(-\d+)?$")
 _CACHE_FORMAT = "sha256+crc32-full"  # what a hash-cache entry holds; entries of another format are recomputed
-_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # disk full, quota, file-size limit
-_ERRNO_HINT = {
-    errno.ENOSPC: "the disk is full",
-    errno.EDQUOT: "the disk quota is used up",
-    errno.EFBIG: "the file would exceed the file-size limit (ulimit -f) or the filesystem's maximum",
-}
 _PRECONDITION = {"PreconditionFailed", "412"}  # a conditional write refused: the object is not as expected
 _CONDITIONAL_CONFLICT = {"ConditionalRequestConflict", "409"}  # AWS: another conditional write to it in flight
 _SESSION_LOCK = threading.Lock()
@@ -392,7 +386,7 @@ def _unreachable():
 def _s3_errors(settings: S3Settings, what: str) -> Iterator[None]:
     try:
         yield
-    except Exception as exc:
+    except Exception as exc:  # every error is offered to _translate; what it does not know is re-raised as it was
         mapped = _translate(exc, settings, what)
         if mapped is None or mapped is exc:
             raise
@@ -1495,6 +1489,28 @@ def _wanted_objects(
     return wanted
 
 
+_PART_SUFFIX = ".detox-sft-part"
+
+
+def _remove_dead_parts(dest: Path) -> None:
+    """Delete the temporary files of ``dest`` that a killed download left (their writer's pid is gone).
+
+    Why by pid: a SIGKILLed download cannot clean up (the fault-injection suite found them), and a live concurrent
+    download into the same directory must keep its own.
+    """
+    for part in dest.parent.glob(f".{glob.escape(dest.name)}.*{_PART_SUFFIX}"):
+        pid = part.name[len(dest.name) + 2 : -len(_PART_SUFFIX)].partition("-")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(FileNotFoundError):
+                part.unlink()
+        except PermissionError:  # another user's live process
+            continue
+
+
 class _Download:
     """The steps of one :func:`download_prefix` run after the listing: what to fetch, then fetch and verify."""
 
@@ -1518,6 +1534,7 @@ class _Download:
             shas = list(pool.map(lambda w: self._expected_sha(w[1], w[3]), wanted))
         for (rel, key, size, _), (sha, etag) in zip(wanted, shas, strict=True):
             dest = _safe_dest(self.root, rel)
+            _remove_dead_parts(dest)
             if sha and dest.is_file() and dest.stat().st_size == size and self.cache.digest(dest, rel).sha256 == sha:
                 self.report.skipped.append(rel)
                 self.report.verified += 1
@@ -1537,7 +1554,7 @@ class _Download:
                 for rel, key, size, sha, etag, dest in todo:
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     # a name of its own: two downloads into one directory must not share a temporary file
-                    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.detox-sft-part")
+                    tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{secrets.token_hex(4)}{_PART_SUFFIX}")
                     tmp_files.append(tmp)
                     future = tm.download(self.bucket, key, str(tmp), subscribers=[_subscriber(bar)])
                     futures[future] = (rel, key, size, sha, etag, dest, tmp)
@@ -1546,10 +1563,10 @@ class _Download:
                     try:
                         future.result()
                     except OSError as exc:
-                        if exc.errno not in _NO_ROOM:
+                        if exc.errno not in NO_ROOM:
                             raise
                         raise DiskFullError(
-                            f"No room to write {item[5]} ({exc.strerror}: {_ERRNO_HINT.get(exc.errno, '')}). The "
+                            f"No room to write {item[5]} ({exc.strerror}: {no_room_hint(exc)}). The "
                             f"files already downloaded to {self.root} are complete and verified; nothing partial "
                             "was kept. Fix: free disk space (or raise the limit, or pick a bigger directory), then "
                             "rerun: only the missing files are fetched."

@@ -34,7 +34,7 @@ from detox_sft.refs import resolve_ref
 
 __all__ = ["GpuMemoryPoll", "rehearsal_report", "run_rehearsal"]
 
-_GATED = ("rephrased", "unchanged", "error", "empty_continuation")
+_GATED = ("rephrased", "unchanged", "error", "empty_continuation", "unchanged_continuation")
 
 
 def _tokenizer(ref: str) -> Any:

@@ -102,7 +102,9 @@ def evaluate_models(
         run_dir: the run directory (default ``recipe.run_path``); adapters are read from ``<run_dir>/adapters``.
         models: any of ``base``, ``raw``, ``detox``.
         prompts: eval prompts to use instead of ``detox_sft.data.load_eval_prompts(recipe.data, recipe.seed)``.
-        progress: show progress bars.
+        progress: show one progress bar for the whole step (a step per model and stage: generate, score,
+            perplexity; the running stage and its batches beside it). With ``evaluation.executor: ray`` each stage
+            shows its own bar over Ray blocks instead.
 
     Returns:
         The :class:`EvalResults`; also written to ``<run_dir>/eval/`` and ``<run_dir>/figures/``.
@@ -111,46 +113,56 @@ def evaluate_models(
         EvaluationError: unknown model name, missing adapter, no prompts.
         detox_sft.toxicity.ScorerError: a scorer cannot be loaded.
     """
+    from tqdm.auto import tqdm
+
     started = time.perf_counter()
     cfg = recipe.evaluation
     run_dir = Path(run_dir) if run_dir is not None else recipe.run_path
     models = _checked_models(models, run_dir)
     device = _resolve_device(cfg.device)
-    scorers = load_scorers(
-        cfg.scorers, device=device, batch_size=scorer_batch_size(cfg), revisions=cfg.scorer_revisions
-    )
-    prompts = _eval_prompts(recipe, prompts)
-    model_inputs = _model_inputs(recipe, prompts)
-    eval_dir = RunPaths(run_dir).eval
-    eval_dir.mkdir(parents=True, exist_ok=True)
+    # one bar for the step: generate, score and perplexity per model, on the toxic (and the non-toxic) prompts; on
+    # Ray each stage has its own bar over blocks (detox_sft.scale.map_blocks) and this one stays hidden
+    steps = 3 * len(models) * (2 if cfg.nontoxic_prompts else 1)
+    with tqdm(total=steps, desc="evaluate", unit="step", disable=not progress or cfg.executor == "ray") as bar:
+        bar.set_postfix_str("load scorers")
+        scorers = load_scorers(
+            cfg.scorers, device=device, batch_size=scorer_batch_size(cfg), revisions=cfg.scorer_revisions
+        )
+        prompts = _eval_prompts(recipe, prompts)
+        model_inputs = _model_inputs(recipe, prompts)
+        eval_dir = RunPaths(run_dir).eval
+        eval_dir.mkdir(parents=True, exist_ok=True)
 
-    timings: dict[str, float] = {}
-    generations, base = _generate_all(recipe, run_dir, models, model_inputs, device, eval_dir, progress, timings)
-    if cfg.executor == "ray":  # the same batches as below, on actor pools: the same numbers
-        t0 = time.perf_counter()
-        scores, nll, counts = score_on_ray(recipe, generations, models, model_inputs, progress)
-        results = EvalResults(prompts, models, list(cfg.scorers), generations, scores, nll, counts, run_dir=run_dir)
-        timings["score_and_perplexity_s"] = round(time.perf_counter() - t0, 2)
-    else:
-        scores = _score_all(scorers, generations, models, len(prompts), progress)
-        results = EvalResults(prompts, models, list(cfg.scorers), generations, scores, run_dir=run_dir)
-        _add_fluency(results, recipe, device, model_inputs, base, progress, timings)
-    results.summary = _summarize(
-        results,
-        cfg,
-        recipe.seed,
-        {
-            "recipe": recipe.name,
-            "profile": recipe.profile,
-            "base_model": recipe.training.base_model,
-            "perplexity_model": cfg.perplexity_model or recipe.training.base_model,
-            "timing": {**timings, "total_s": round(time.perf_counter() - started, 2)},
-        },
-    )
-    if cfg.nontoxic_prompts:  # a separate key and file: the toxic-prompt results stay as they are without it
-        nontoxic = _evaluate_nontoxic(recipe, run_dir, models, scorers, device, eval_dir, base, progress)
-        results.summary["nontoxic"] = nontoxic.summary
-        atomic_write_text(eval_dir / "generations_nontoxic.csv", _generations_frame(nontoxic).to_csv(index=False))
+        timings: dict[str, float] = {}
+        generations, base = _generate_all(
+            recipe, run_dir, models, model_inputs, device, eval_dir, progress, timings, bar
+        )
+        if cfg.executor == "ray":  # the same batches as below, on actor pools: the same numbers
+            t0 = time.perf_counter()
+            scores, nll, counts = score_on_ray(recipe, generations, models, model_inputs, progress)
+            results = EvalResults(prompts, models, list(cfg.scorers), generations, scores, nll, counts, run_dir=run_dir)
+            timings["score_and_perplexity_s"] = round(time.perf_counter() - t0, 2)
+        else:
+            scores = _score_all(scorers, generations, models, len(prompts), bar)
+            results = EvalResults(prompts, models, list(cfg.scorers), generations, scores, run_dir=run_dir)
+            _add_fluency(results, recipe, device, model_inputs, base, bar, timings)
+        results.summary = _summarize(
+            results,
+            cfg,
+            recipe.seed,
+            {
+                "recipe": recipe.name,
+                "profile": recipe.profile,
+                "base_model": recipe.training.base_model,
+                "perplexity_model": cfg.perplexity_model or recipe.training.base_model,
+                "timing": {**timings, "total_s": round(time.perf_counter() - started, 2)},
+            },
+        )
+        if cfg.nontoxic_prompts:  # a separate key and file: the toxic-prompt results stay as they are without it
+            nontoxic = _evaluate_nontoxic(recipe, run_dir, models, scorers, device, eval_dir, base, progress, bar)
+            results.summary["nontoxic"] = nontoxic.summary
+            atomic_write_text(eval_dir / "generations_nontoxic.csv", _generations_frame(nontoxic).to_csv(index=False))
+        bar.set_postfix_str("done")
     _write_outputs(results, eval_dir, RunPaths(run_dir).figures)
     return results
 
@@ -164,6 +176,7 @@ def _evaluate_nontoxic(
     eval_dir: Path,
     base: tuple[Any, Any] | None,
     progress: bool,
+    bar: Any,
 ) -> EvalResults:
     """The same models, sampling, scorers and metrics on ``evaluation.nontoxic_prompts`` label-0 prompts.
 
@@ -177,15 +190,15 @@ def _evaluate_nontoxic(
     model_inputs = _model_inputs(recipe, prompts)
     timings: dict[str, float] = {}
     generations, base = _generate_all(
-        recipe, run_dir, models, model_inputs, device, eval_dir, progress, timings, tag="_nontoxic", base=base
+        recipe, run_dir, models, model_inputs, device, eval_dir, progress, timings, bar, "_nontoxic", base
     )
     if cfg.executor == "ray":
         scores, nll, counts = score_on_ray(recipe, generations, models, model_inputs, progress)
         results = EvalResults(prompts, models, list(cfg.scorers), generations, scores, nll, counts, run_dir=run_dir)
     else:
-        scores = _score_all(scorers, generations, models, len(prompts), progress)
+        scores = _score_all(scorers, generations, models, len(prompts), bar, " (non-toxic)")
         results = EvalResults(prompts, models, list(cfg.scorers), generations, scores, run_dir=run_dir)
-        _add_fluency(results, recipe, device, model_inputs, base, progress, timings)
+        _add_fluency(results, recipe, device, model_inputs, base, bar, timings, " (non-toxic)")
     timing = {**timings, "total_s": round(time.perf_counter() - started, 2)}
     results.summary = _summarize(results, cfg, recipe.seed, {"eval_label": 0, "timing": timing})
     return results
@@ -196,20 +209,27 @@ def _score_all(
     generations: dict[str, list[list[str]]],
     models: list[str],
     num_prompts: int,
-    progress: bool = True,
+    bar: Any,
+    where: str = "",
 ) -> dict[str, dict[str, Any]]:
-    """Toxicity of every continuation under every scorer: ``scores[model][scorer]``, shape (prompts, k)."""
-    from tqdm.auto import tqdm
+    """Toxicity of every continuation under every scorer: ``scores[model][scorer]``, shape (prompts, k).
 
+    One step of ``bar`` per model; ``where`` labels the prompts in its postfix (`` (non-toxic)``).
+    """
     scores: dict[str, dict[str, Any]] = {m: {} for m in models}
-    with tqdm(total=len(models) * len(scorers), desc="score", unit="scorer", disable=not progress) as bar:
-        for m in models:
-            texts = [t for row in generations[m] for t in row]
-            for s, scorer in scorers.items():
-                bar.set_postfix_str(f"{m}, {s}", refresh=False)
-                scores[m][s] = scorer(texts).reshape(num_prompts, -1)
-                bar.update()
+    for m in models:
+        texts = [t for row in generations[m] for t in row]
+        for s, scorer in scorers.items():
+            bar.set_postfix_str(f"score {m}{where}: {s}")
+            scores[m][s] = scorer(texts).reshape(num_prompts, -1)
+        bar.update()
     return scores
+
+
+def _on_batch(bar: Any, label: str) -> Any:
+    """Show ``label`` in ``bar``'s postfix now, and ``label done/total`` after each batch (an ``on_batch``)."""
+    bar.set_postfix_str(label)
+    return lambda done, total: bar.set_postfix_str(f"{label} {done}/{total}")
 
 
 def _checked_models(models: Sequence[str], run_dir: Path) -> list[str]:
@@ -233,15 +253,17 @@ def _generate_all(
     eval_dir: Path,
     progress: bool,
     timings: dict[str, float],
+    bar: Any,
     tag: str = "",
     base: tuple[Any, Any] | None = None,
 ) -> tuple[dict[str, list[list[str]]], tuple[Any, Any] | None]:
     """Each model's continuations, read from ``generations_<model><tag>.json`` when its key matches, else generated.
 
     Returns them and the base model with its tokenizer when it was loaded (the fluency step reuses it); ``base``
-    is one loaded before, reused.
+    is one loaded before, reused. ``bar`` (the evaluation's) advances one step per model, a cached one included.
     """
     cfg = recipe.evaluation
+    where = " (non-toxic)" if tag == "_nontoxic" else tag
     generations: dict[str, list[list[str]]] = {}
     for name in models:
         key = _cache_key(model_inputs, cfg, recipe.seed, _model_signature(recipe, run_dir, name))
@@ -250,6 +272,7 @@ def _generate_all(
         if cached is not None:
             logger.info("reusing cached generations of %s from %s", name, cache)
             generations[name] = cached
+            bar.update()
             continue
         t0 = time.perf_counter()
         if cfg.executor == "ray":
@@ -258,17 +281,28 @@ def _generate_all(
             )
             timings[f"generate_{name}_s"] = round(time.perf_counter() - t0, 2)
             atomic_write_json(cache, {"key": key, "model": name, "generations": generations[name]})
+            bar.update()
             continue
         if name == "base":
-            base = base or load_base_model(recipe.training.base_model, device, recipe.training.base_model_revision)
+            if base is None:
+                bar.set_postfix_str("load base")
+                base = load_base_model(recipe.training.base_model, device, recipe.training.base_model_revision)
             model, tokenizer = base
         else:
+            bar.set_postfix_str(f"load {name}")
             model, tokenizer = load_arm_model(recipe, run_dir, name, device)
         generations[name] = generate_continuations(
-            model, tokenizer, model_inputs, cfg, recipe.seed, progress=progress, desc=f"generate ({name}{tag})"
+            model,
+            tokenizer,
+            model_inputs,
+            cfg,
+            recipe.seed,
+            progress=False,
+            on_batch=_on_batch(bar, f"generate {name}{where}"),
         )
         timings[f"generate_{name}_s"] = round(time.perf_counter() - t0, 2)
         atomic_write_json(cache, {"key": key, "model": name, "generations": generations[name]})
+        bar.update()
         if name != "base":
             del model  # free the arm before loading the next one
     return generations, base
@@ -295,12 +329,18 @@ def _add_fluency(
     device: str,
     model_inputs: list[str],
     base: tuple[Any, Any] | None,
-    progress: bool,
+    bar: Any,
     timings: dict[str, float],
+    where: str = "",
 ) -> None:
-    """NLL of every model's continuations, given the prompt, under the base (or the configured) model."""
+    """NLL of every model's continuations, given the prompt, under the base (or the configured) model.
+
+    One step of ``bar`` per model; ``where`` labels the prompts in its postfix (`` (non-toxic)``).
+    """
     cfg = recipe.evaluation
     t0 = time.perf_counter()
+    if cfg.perplexity_model or base is None:
+        bar.set_postfix_str("load the perplexity model")
     if cfg.perplexity_model:
         ppl_model, ppl_tok = load_base_model(cfg.perplexity_model, device, cfg.perplexity_model_revision)
     else:
@@ -309,8 +349,15 @@ def _add_fluency(
         )
     for m in results.models:
         results.nll[m], results.token_counts[m] = continuation_nll(
-            ppl_model, ppl_tok, model_inputs, results.generations[m], batch_size=cfg.batch_size, progress=progress
+            ppl_model,
+            ppl_tok,
+            model_inputs,
+            results.generations[m],
+            batch_size=cfg.batch_size,
+            progress=False,
+            on_batch=_on_batch(bar, f"perplexity {m}{where}"),
         )
+        bar.update()
     timings["perplexity_s"] = round(time.perf_counter() - t0, 2)
 
 

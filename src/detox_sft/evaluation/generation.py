@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,7 @@ def generate_continuations(
     greedy: bool = False,
     progress: bool = True,
     desc: str = "generate",
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> list[list[str]]:
     """Batched generation of continuations: ``k`` sampled (or one greedy) per prompt, the prompt cut off by position.
 
@@ -147,6 +148,8 @@ def generate_continuations(
         greedy: one greedy continuation per prompt instead of ``k`` sampled ones.
         progress: show a tqdm bar.
         desc: label of the progress bar.
+        on_batch: called after each batch with (batches done, batches in all): for a caller that shows its own
+            progress (:func:`~detox_sft.evaluation.evaluate_models`' one bar), with ``progress=False``.
 
     Returns:
         ``continuations[i][j]``: the text of continuation ``j`` of prompt ``i`` (generated tokens only).
@@ -162,10 +165,12 @@ def generate_continuations(
     encoded, batches = generation_batches(tokenizer, prompts, limit, cfg.batch_size)
     out: list[list[str]] = [[] for _ in prompts]
     model.eval()
-    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+    for done, batch in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress), start=1):
         texts = generate_batch(model, tokenizer, [encoded[i] for i in batch], batch, cfg, seed, device, greedy)
         for i, row in zip(batch, texts, strict=True):
             out[i] = row
+        if on_batch is not None:
+            on_batch(done, len(batches))
     return out
 
 
@@ -250,6 +255,7 @@ def continuation_nll(
     device: Any = None,
     max_context: int | None = None,
     progress: bool = True,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Negative log-likelihood of each continuation given its prompt; only the continuation's tokens count.
 
@@ -262,6 +268,7 @@ def continuation_nll(
         device: where the inputs go; default the model's device.
         max_context: context length; default ``model.config.max_position_embeddings``.
         progress: show a tqdm bar.
+        on_batch: called after each batch with (batches done, batches in all), as in :func:`generate_continuations`.
 
     Returns:
         ``(nll_sums, token_counts)``, both ``(num_prompts, k)``; an empty continuation has 0 tokens and 0 NLL.
@@ -281,6 +288,8 @@ def continuation_nll(
         token_nll, token_n = nll_batch(model, seqs[batch], prompt_lens[batch], pad_id, device)
         for r, (i, j) in enumerate(items[batch]):
             nll[i, j], counts[i, j] = token_nll[r], token_n[r]
+        if on_batch is not None:
+            on_batch(batch + 1, len(items))
     return nll, counts
 
 

@@ -15,6 +15,7 @@ Only samples whose toxicity under the recipe's scorer reaches ``gate_threshold``
 relative to the sentence mean, so TMaRCo would otherwise rewrite clean sentences too.
 """
 
+from detox_sft.rephrase.cache import CacheWriteError
 from detox_sft.rephrase.dataset import (
     ADDED_FIELDS,
     RephraseResult,
@@ -26,6 +27,7 @@ from detox_sft.rephrase.dataset import (
 from detox_sft.rephrase.display import highlight_html, plot_toxicity_histogram
 from detox_sft.rephrase.engines import (
     BatchedEngine,
+    EngineFailed,
     EngineOutput,
     ReferenceEngine,
     RephraseError,
@@ -39,8 +41,10 @@ from detox_sft.rephrase.survival import changed_word_share, chrf, survival_means
 __all__ = [
     "ADDED_FIELDS",
     "BatchedEngine",
+    "CacheWriteError",
     "EngineOutput",
     "ReferenceEngine",
+    "EngineFailed",
     "RephraseError",
     "RephraseResult",
     "RephraseSummary",

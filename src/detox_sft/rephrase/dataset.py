@@ -592,7 +592,9 @@ def detoxify_training_set(
     words in context; only the rewritten *continuation* is kept (it is what the model learns to generate: the loss is
     completion-only), the prompt stays identical, and ``text`` is re-formatted with
     :func:`detox_sft.prompts.format_sample`, keeping the training template. Both files have the same rows in the same order;
-    ``train_detox.jsonl`` adds ``original_continuation`` and the rephrase fields (:data:`ADDED_FIELDS`).
+    ``train_detox.jsonl`` adds ``original_continuation`` and the rephrase fields (:data:`ADDED_FIELDS`). A sample whose
+    rewrite leaves nothing after the prompt (status ``empty_continuation``) or the same continuation
+    (``unchanged_continuation``: only the prompt or whitespace changed) is kept as it was, not counted as rephrased.
 
     Args:
         recipe: the run recipe (``rephrase`` section, ``run_path``).
@@ -642,12 +644,17 @@ def detoxify_training_set(
         new["original_continuation"] = row["continuation"]
         if rec["rephrased"]:
             continuation = continuation_of(rec["sample"], rec["rephrased_text"], len(row["prompt"].strip()))
-            if continuation:
-                new["continuation"] = continuation
-                new["text"] = format_sample(row["prompt"], continuation)
-            else:  # TMaRCo rewrote nothing after the prompt into words: keep the sample as it was
+            if not continuation:  # TMaRCo rewrote nothing after the prompt into words: keep the sample as it was
                 new["rephrased"] = False
                 new["rephrase_status"] = "empty_continuation"
+            elif continuation == row["continuation"].strip():
+                # the rewrite touched only the prompt (which training keeps as it was) or whitespace: the training
+                # sample is unchanged, so it is not counted as rephrased (seen on Python 3.12's tokenization)
+                new["rephrased"] = False
+                new["rephrase_status"] = "unchanged_continuation"
+            else:
+                new["continuation"] = continuation
+                new["text"] = format_sample(row["prompt"], continuation)
         detox_rows.append(new)
         clean_rows.append({c: new[c] for c in columns})
     write_jsonl_atomic(detox_rows, recipe.paths.train_set("detox"))

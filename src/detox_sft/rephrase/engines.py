@@ -25,6 +25,10 @@ class RephraseError(ValueError):
     """Bad input or setup for rephrasing; the message says what to do."""
 
 
+class EngineFailed(RephraseError):
+    """The engine raised while rephrasing (a failed step, not bad input); the engine's exception is the cause."""
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # engines
 # --------------------------------------------------------------------------------------------------------------------
@@ -97,7 +101,7 @@ class TMaRCoEngine:
                 text that still fails, instead of raising; `None` takes ``cfg.keep_going``.
 
         Raises:
-            RephraseError: the engine raised (and not ``keep_going``); the exception is chained as its cause.
+            EngineFailed: the engine raised (and not ``keep_going``); the exception is chained as its cause.
         """
         keep_going = self.cfg.keep_going if keep_going is None else keep_going
         prepared = [self.prepare(t) for t in texts]
@@ -107,7 +111,7 @@ class TMaRCoEngine:
             outs = self._run(inputs) if prepared else []
         except Exception as exc:  # any failure inside the models or TrustyAI's code (an API break too): see below
             if not keep_going:
-                raise RephraseError(
+                raise EngineFailed(
                     f"the {self.name} engine failed on a batch of {len(inputs)} text(s): {type(exc).__name__}: "
                     f"{exc}. Fix: see the cause below (after a trustyai or transformers upgrade, check "
                     "detox_sft.compat); or set rephrase.keep_going: true to keep such texts unchanged and go on."

@@ -38,6 +38,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -259,7 +260,7 @@ def ensure_zoo(cache_dir: str | os.PathLike[str] | None = None) -> Zoo:
             _log(f"building the offline zoo in {target} (once; about a minute or two on CPU)")
             _build(tmp)
             os.rename(tmp, target)
-        except BaseException as exc:
+        except BaseException as exc:  # Ctrl-C too: the half-built directory is removed, then the error goes on
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, Exception):
                 raise ZooError(
@@ -300,17 +301,34 @@ def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def _build(out: Path) -> None:
+    """Build into ``out`` in a child process of this Python, which runs torch on one thread.
+
+    Why a child: one thread is a process-wide setting (these models are tiny, and on a shared 2-core machine two
+    threads contend and run ~10x slower), and library code must not change it in the caller's process.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # offline by construction; and transformers writes the flag into each tokenizer_config.json as local_files_only,
+    # so leaving it to the caller's environment made two builds of one hash differ in those files
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    src = str(Path(__file__).resolve().parents[2])  # the directory holding detox_sft, importable in the child
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
+    code = "import sys; from detox_sft.zoo.build import _build_here; _build_here(sys.argv[1], sys.argv[2])"
+    run = subprocess.run([sys.executable, "-c", code, str(out), build_hash()], env=env, check=False)
+    if run.returncode != 0:
+        raise RuntimeError(f"the zoo build process exited with code {run.returncode}")
+
+
+def _build_here(out: str, expected_hash: str) -> None:
+    """The child's side of :func:`_build`: check that it runs the build code its parent hashed, then build."""
     import torch
 
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    # One thread: these models are tiny, and on a shared 2-core machine two threads contend and run ~10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _build_steps(out, t0, timings)
-    finally:
-        torch.set_num_threads(threads)
+    if build_hash() != expected_hash:
+        raise ZooError(
+            f"the zoo build code on disk (hash {build_hash()}) is not the one the calling process imported "
+            f"({expected_hash}). Fix: restart the calling process (a notebook: restart the kernel)."
+        )
+    torch.set_num_threads(1)  # this process is the build's own (see _build)
+    _build_steps(Path(out), time.perf_counter(), {})
 
 
 def _build_steps(out: Path, t0: float, timings: dict[str, float]) -> None:

@@ -195,7 +195,7 @@ def _built(root: Path, kind: str, build: Callable[[Path], dict[str, Any]]) -> Pa
             )
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
             os.rename(tmp, target)
-        except BaseException as exc:
+        except BaseException as exc:  # Ctrl-C too: the half-built directory is removed, then the error goes on
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(exc, Exception):
                 raise ZooError(
