@@ -188,8 +188,9 @@ def test_notebook_1_shows_tmarco_and_the_qlora_configs_before_running_the_step(d
     assert "<mask>" in _shown(nb, "tmarco.mask(")
     rephrased = _shown(nb, "tmarco.rephrase(")
     assert rephrased.strip() and "<mask>" not in rephrased
-    # the step's summary and the training results as tables, not reprs
+    # the step's summary and the training results as tables, not reprs; the rephrase step under one bar, finished
     assert '<table class="detox-rephrase-summary"' in _html(nb, "detoxify_training_set(")
+    assert re.findall(r"(\w+): +(\d+)%\|", _shown(nb, "detoxify_training_set(")) == [("rephrase", "100")]
     assert "train loss" in _html(nb, "notebook.training_table(")
     # the three library configs, displayed as the calls that build them
     bnb = _shown(nb, "get_quantization_config(")
@@ -222,7 +223,7 @@ def test_notebook_2_shows_one_prompt_then_formatted_tables_and_a_formatted_readi
     assert "spearman" in _html(nb, "notebook.agreement(")
     # the cost of detoxifying: what survives of the rephrased training samples, every model on non-toxic prompts
     survival = _html(nb, "notebook.survival_table(")
-    assert "chrf" in survival and "changed_word_share" in survival and "all rephrased" in survival
+    assert "chrF" in survival and "share of words changed" in survival and "all rephrased" in survival
     assert re.search(r"mean over the \d+ rephrased samples", survival)
     cost = _html(nb, "notebook.cost_table(")
     assert re.search(r"non-toxic \(\d+\)", cost) and re.search(r"(?<![-\w])toxic \(\d+\)", cost)
@@ -390,7 +391,7 @@ def test_survival_and_cost_tables_end_with_the_means_or_say_why_there_are_none(t
     table = notebook.survival_table(path, n=2)
     assert list(table.index) == ["sample 0", "sample 1", "all rephrased"]
     assert table.loc["all rephrased", "original"] == "mean over the 4 rephrased samples"
-    assert table.loc["all rephrased", "changed_word_share"] == pytest.approx(1 / 6, abs=1e-3)
+    assert table.loc["all rephrased", "share of words changed"] == pytest.approx(1 / 6, abs=1e-3)
     write_jsonl_atomic([row(0, False)], path)
     assert isinstance(notebook.survival_table(path), Markdown)
 
@@ -402,7 +403,7 @@ def test_survival_and_cost_tables_end_with_the_means_or_say_why_there_are_none(t
     }
     part = {"models": ["raw", "detox"], "metrics": {"raw": entry, "detox": entry}, "headline_scorer": "s"}
     summary = {**part, "num_prompts": 12, "nontoxic": {**part, "num_prompts": 3}}
-    cost = notebook.cost_table(summary)
+    cost = notebook.cost_table(summary).data  # a Styler (intervals kept on one line) over the table
     assert list(cost.index) == [
         ("toxic (12)", "raw"),
         ("toxic (12)", "detox"),

@@ -608,9 +608,11 @@ def test_a_rerun_removes_the_temporary_files_of_a_killed_download_but_not_a_live
     rel = sorted(local_files(src))[0]
     left = dst / Path(rel).parent / f".{Path(rel).name}.{dead.stdout.strip()}-0badf00d.detox-sft-part"
     live = dst / Path(rel).parent / f".{Path(rel).name}.{os.getppid()}-0000beef.detox-sft-part"  # pytest's parent
+    left_by_s3transfer = left.with_name(left.name + ".EbEB24fa")  # s3transfer's own temporary file of ours
     left.write_bytes(b"half")
+    left_by_s3transfer.write_bytes(b"half")
     live.write_bytes(b"in use")
     report = storage.download_prefix("t-parts", dst, settings=s3_server.settings(), progress=False)
-    assert report.downloaded == [] and not left.exists() and live.exists()
+    assert report.downloaded == [] and not left.exists() and not left_by_s3transfer.exists() and live.exists()
     live.unlink()
     assert local_files(dst) == local_files(src)

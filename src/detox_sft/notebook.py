@@ -421,7 +421,13 @@ def survival_table(train_set: str | os.PathLike[str], n: int = 5) -> Any:
         "toxicity_before": "",
         "toxicity_after": "",
     }
-    return pd.concat([shown.astype(object), pd.DataFrame([mean], index=["all rephrased"])])
+    labels = {
+        "chrf": "chrF",
+        "changed_word_share": "share of words changed",
+        "toxicity_before": "toxicity before",
+        "toxicity_after": "toxicity after",
+    }
+    return pd.concat([shown.astype(object), pd.DataFrame([mean], index=["all rephrased"])]).rename(columns=labels)
 
 
 def cost_table(results: Any) -> Any:
@@ -442,7 +448,8 @@ def cost_table(results: Any) -> Any:
     parts = {f"{label} ({part['num_prompts']})": part for label, part in (("toxic", summary), ("non-toxic", nontoxic))}
     table = pd.concat({label: evaluation.metrics_table(part) for label, part in parts.items()})
     table.index.names = ["prompts", f"model (scorer: {summary['headline_scorer']})"]
-    return table
+    # an interval is one reading: never broken over two lines
+    return table.style.set_properties(**{"white-space": "nowrap"})
 
 
 def as_table(value: Any) -> Any:

@@ -1496,10 +1496,11 @@ def _remove_dead_parts(dest: Path) -> None:
     """Delete the temporary files of ``dest`` that a killed download left (their writer's pid is gone).
 
     Why by pid: a SIGKILLed download cannot clean up (the fault-injection suite found them), and a live concurrent
-    download into the same directory must keep its own.
+    download into the same directory must keep its own. s3transfer writes each of ours through a temporary file of
+    its own (``<ours>.<random>``), renamed when complete: those go too.
     """
-    for part in dest.parent.glob(f".{glob.escape(dest.name)}.*{_PART_SUFFIX}"):
-        pid = part.name[len(dest.name) + 2 : -len(_PART_SUFFIX)].partition("-")[0]
+    for part in dest.parent.glob(f".{glob.escape(dest.name)}.*{_PART_SUFFIX}*"):
+        pid = part.name[len(dest.name) + 2 :].partition("-")[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:

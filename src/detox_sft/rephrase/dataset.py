@@ -169,26 +169,36 @@ def _score_cached(
     scorer: Callable[[Sequence[str]], np.ndarray],
     scorer_key: str,
     cache: _Cache,
-    progress: bool,
-    desc: str,
+    bar: Any,
+    stage: str,
 ) -> dict[str, float]:
-    from tqdm.auto import tqdm
-
+    """Toxicity of each text, cached ones first; ``bar`` (the step's one progress bar) gets one step per text."""
     unique = list(dict.fromkeys(texts))
     keys = {t: _key([scorer_key, t]) for t in unique}
     found = cache.get_many("tox", list(keys.values()))
     result = {t: float(found[k]) for t, k in keys.items() if k in found}
     todo = [t for t in unique if t not in result]
+    _stage(bar, stage, len(unique), done=len(unique) - len(todo))
     step = 256
-    with tqdm(total=len(todo), desc=desc, unit="text", disable=not progress or not todo) as bar:
-        for i in range(0, len(todo), step):
-            part = todo[i : i + step]
-            values = np.asarray(scorer(part), dtype=np.float64)
-            fresh = {t: float(v) for t, v in zip(part, values, strict=True)}
-            cache.put_many("tox", {keys[t]: v for t, v in fresh.items()})
-            result.update(fresh)
-            bar.update(len(part))
+    for i in range(0, len(todo), step):
+        part = todo[i : i + step]
+        values = np.asarray(scorer(part), dtype=np.float64)
+        fresh = {t: float(v) for t, v in zip(part, values, strict=True)}
+        cache.put_many("tox", {keys[t]: v for t, v in fresh.items()})
+        result.update(fresh)
+        bar.update(len(part))
     return result
+
+
+def _stage(bar: Any, stage: str, texts: int, done: int = 0) -> None:
+    """Add a stage's ``texts`` to the step's bar (its cached ``done`` ones at once) and name it in the postfix."""
+    n, started = bar.n, getattr(bar, "start_t", None)
+    bar.reset(total=bar.total + texts)  # the public call that also resizes tqdm.notebook's widget; it zeroes n
+    if started is not None:
+        bar.start_t = started  # the step's elapsed time and rate, not the stage's
+    bar.set_postfix_str(stage, refresh=False)
+    bar.update(n + done)
+    bar.refresh()
 
 
 def rephrase_dataset(
@@ -214,7 +224,7 @@ def rephrase_dataset(
         cfg: the recipe's rephrase section (gate and mask thresholds, models, weights, engine, batch size).
         field: the text field.
         cache_dir: SQLite cache directory (`None`: no cache). Use ``<run>/rephrase/cache``.
-        progress: show tqdm progress bars.
+        progress: show one progress bar for the step (in texts: the gate, TMaRCo, the scorer on the rewrites).
         engine: an engine object (its own thresholds / weights apply), an engine name, or `None` for
             ``cfg.engine`` (models load only when some text is not cached).
         scorer: a toxicity scorer; `None` loads ``cfg.scorer``.
@@ -229,6 +239,8 @@ def rephrase_dataset(
         RephraseError: unreadable input (e.g. a malformed JSONL line: its number is in the message); an engine or
             scorer object with executor ray (each actor loads its own).
     """
+    from tqdm.auto import tqdm
+
     started = time.perf_counter()
     records = _as_records(dataset_or_records)
     if cfg.executor == "ray":
@@ -251,11 +263,15 @@ def rephrase_dataset(
         summary = RephraseSummary(
             total=len(records), gate_threshold=float(cfg.gate_threshold), mask_threshold=float(cfg.mask_threshold)
         )
-        tox = _score_cached(present, scorer, scorer_key, cache, progress, "toxicity (gate)")
-        gated = list(dict.fromkeys(t for t in present if t.strip() and tox[t] >= cfg.gate_threshold))
-        outputs = _engine_outputs(gated, cfg, engine, device, cache, summary, progress)
-        changed = [outputs[t]["rephrased"] for t in gated if outputs[t]["changed"]]
-        tox_after = _score_cached(changed, scorer, scorer_key, cache, progress, "toxicity (after)")
+        # one bar for the step, in texts: the gate, TMaRCo on the gated ones, the scorer again on the rewrites (each
+        # stage adds its texts when it starts, cached ones done at once; the postfix names the stage)
+        with tqdm(total=0, desc="rephrase", unit="text", disable=not progress) as bar:
+            tox = _score_cached(present, scorer, scorer_key, cache, bar, "toxicity (gate)")
+            gated = list(dict.fromkeys(t for t in present if t.strip() and tox[t] >= cfg.gate_threshold))
+            outputs = _engine_outputs(gated, cfg, engine, device, cache, summary, bar)
+            changed = [outputs[t]["rephrased"] for t in gated if outputs[t]["changed"]]
+            tox_after = _score_cached(changed, scorer, scorer_key, cache, bar, "toxicity (after)")
+            bar.set_postfix_str("done")
     finally:
         cache.close()
 
@@ -297,7 +313,7 @@ def _engine_outputs(
     device: str | None,
     cache: _Cache,
     summary: RephraseSummary,
-    progress: bool,
+    bar: Any,
 ) -> dict[str, dict[str, Any]]:
     """TMaRCo's output for each gated text: cached ones first; the engine (and its models) only for the rest."""
     engine_name = engine if isinstance(engine, str) else (engine.name if engine is not None else cfg.engine)
@@ -309,11 +325,13 @@ def _engine_outputs(
     todo = [t for t in gated if t not in outputs]
     summary.cached = len(gated) - len(todo)
     summary.computed = len(todo)
+    _stage(bar, f"TMaRCo ({engine_name})" + (": loading the models" if todo else ""), len(gated), summary.cached)
     if todo:
         if not _is_engine(engine):
             engine = load_engine(cfg, engine_name, device)
         summary.engine = engine.name
-        _run_engine(engine, todo, keys, cfg.batch_size, cache, outputs, progress)
+        bar.set_postfix_str(f"TMaRCo ({engine.name})")
+        _run_engine(engine, todo, keys, cfg.batch_size, cache, outputs, bar)
     summary.engine = summary.engine or engine_name
     return outputs
 
@@ -325,22 +343,19 @@ def _run_engine(
     batch_size: int,
     cache: _Cache,
     outputs: dict[str, dict[str, Any]],
-    progress: bool,
+    bar: Any,
 ) -> None:
     """Rephrase ``todo`` batch by batch into ``outputs``, committing each batch to the cache (a rerun resumes)."""
-    from tqdm.auto import tqdm
-
-    with tqdm(total=len(todo), desc=f"rephrase ({engine.name})", unit="text", disable=not progress) as bar:
-        for i in range(0, len(todo), batch_size):
-            part = todo[i : i + batch_size]
-            fresh = {t: asdict(o) for t, o in zip(part, engine.rephrase(part), strict=True)}
-            for value in fresh.values():  # JSON has no infinity
-                value["min_gap"] = None if math.isinf(value["min_gap"]) else value["min_gap"]
-                value["min_margin"] = None if math.isinf(value["min_margin"]) else value["min_margin"]
-            # committed: resumable; a failed text is not cached, so a rerun (after a fix) tries it again
-            cache.put_many("out", {keys[t]: v for t, v in fresh.items() if v["error"] is None})
-            outputs.update(fresh)
-            bar.update(len(part))
+    for i in range(0, len(todo), batch_size):
+        part = todo[i : i + batch_size]
+        fresh = {t: asdict(o) for t, o in zip(part, engine.rephrase(part), strict=True)}
+        for value in fresh.values():  # JSON has no infinity
+            value["min_gap"] = None if math.isinf(value["min_gap"]) else value["min_gap"]
+            value["min_margin"] = None if math.isinf(value["min_margin"]) else value["min_margin"]
+        # committed: resumable; a failed text is not cached, so a rerun (after a fix) tries it again
+        cache.put_many("out", {keys[t]: v for t, v in fresh.items() if v["error"] is None})
+        outputs.update(fresh)
+        bar.update(len(part))
 
 
 def _output_record(
