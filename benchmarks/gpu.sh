@@ -4,10 +4,14 @@
 #
 #   bash benchmarks/gpu.sh [OUT] [STEP ...]   (OUT: where logs and results go; default benchmarks/results/gpu)
 #
-# Steps (default: rephrase rephrase-fp32 generation chain training, about 9 minutes on an H200; where a command may
-# run 10 minutes at most, name them in two calls):
+# Steps (default: cuda-tests rephrase rephrase-fp32 rephrase-phases generation chain training, about 10 minutes on an
+# H200; where a command may run 10 minutes at most, name them in two calls):
+#   cuda-tests     pytest -m gpu: the argmax shim on CUDA tensors, float16 parity within its bounds, 4-bit training
 #   rephrase       batched TMaRCo in float16 vs TrustyAI's in float32 (as each loads: not like for like)
 #   rephrase-fp32  the same with the batched engine in float32 too: like for like
+#   rephrase-phases  the training-set rephrase step split into its phases (start-up, scorer load, gate, model load,
+#                  engine, cache writes, rescoring): why the step is slower than the engine benchmark (run after
+#                  rephrase, whose rephrase.json it compares the engine's samples/s with)
 #   generation     k sampled continuations per prompt: ours vs model.generate(num_return_sequences=k) vs the loop
 #   chain          the offline recipe end to end on the GPU
 #   training       full fine-tuning vs LoRA vs QLoRA
@@ -23,7 +27,7 @@ set -u
 PY=${PY:-.venv/bin/python}
 OUT=${1:-benchmarks/results/gpu}
 shift || true
-STEPS=${*:-rephrase rephrase-fp32 generation chain training}
+STEPS=${*:-cuda-tests rephrase rephrase-fp32 rephrase-phases generation chain training}
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 LOG=$OUT/log.txt
@@ -33,6 +37,11 @@ step() { echo "=== [$(($(date +%s) - t0)) s] $*" | tee -a "$LOG"; }
 
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA here: these are the GPU checks')" ||
   exit 2
+
+if want cuda-tests; then
+  step "pytest -m gpu (the CUDA checks)"
+  timeout 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -15 | tee -a "$LOG"
+fi
 
 if want rephrase; then
   step "rephrase benchmark (cuda): batched float16 vs TrustyAI float32"
@@ -47,6 +56,12 @@ if want rephrase-fp32; then
   timeout 240 "$PY" benchmarks/rephrase.py --devices cuda --batched-dtype float32 --sentences 100 \
     --models zoo bart-base-random --repeats 3 --budget-s 40 2>&1 | grep -v "it/s\]" | tee -a "$LOG"
   cp benchmarks/results/rephrase.json "$OUT/rephrase_float32.json" 2>/dev/null
+fi
+
+if want rephrase-phases; then
+  step "rephrase step phases (cuda): where the training-set step's time goes"
+  timeout 240 "$PY" benchmarks/rephrase_phases.py --device cuda --out "$OUT/rephrase_phases.json" 2>&1 |
+    grep -v "it/s\]" | tee -a "$LOG"
 fi
 
 if want generation; then
