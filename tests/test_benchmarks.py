@@ -68,3 +68,56 @@ def test_gemm_rate_is_a_positive_rate(zoo):
     bench = _bench_module()
     rate = bench.gemm_rate(AutoConfig.from_pretrained(str(zoo.expert)), rows=256, repeats=2)
     assert 0.1 < rate < 1e5  # GFLOP/s: a real measurement, neither zero nor absurd
+
+
+# --- BENCHMARKS.md: every section's figures trace to a committed result JSON -------------------------------------------
+
+_ROOT = Path(__file__).resolve().parents[1]
+_BOLD_NUMBER = __import__("re").compile(r"\*\*(\d+(?:\.\d+)?)(x|%| s| MiB)?\*\*")
+
+
+def _sections() -> dict[str, str]:
+    import re
+
+    text = (_ROOT / "BENCHMARKS.md").read_text()
+    parts = re.split(r"^## (\w+) — .*$", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def _numbers(value) -> list[float]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int | float):
+        return [float(value)]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _numbers(v)]
+    if isinstance(value, list):
+        return [n for v in value for n in _numbers(v)]
+    return []
+
+
+def test_every_benchmark_section_names_a_committed_json_holding_its_headline_figures():
+    """BENCHMARKS.md's sections: each names benchmarks/results/<name>.json, git tracks it, and every bold figure
+    (the headlines: **9.2x**, **7.67 s**) is a value of that JSON at the precision shown (percentages also as
+    fractions)."""
+    import json
+    import subprocess
+
+    sections = _sections()
+    assert {"s3", "generation", "rephrase", "training", "scale"} <= set(sections)
+    tracked = subprocess.run(
+        ["git", "ls-files", "benchmarks/results"], cwd=_ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name, body in sections.items():
+        record = f"benchmarks/results/{name}.json"
+        assert record in body, f"section {name} does not name {record}"
+        assert record in tracked, f"{record} is not committed"
+        values = _numbers(json.loads((_ROOT / record).read_text()))
+        for match in _BOLD_NUMBER.finditer(body):
+            text, unit = match.group(1), match.group(2)
+            decimals = len(text.partition(".")[2])
+            wanted = float(text)
+            candidates = values + ([v * 100 for v in values] if unit == "%" else [])
+            assert any(round(v, decimals) == wanted for v in candidates), (
+                f"{name}: **{match.group(0)}** not in {record}"
+            )
