@@ -416,6 +416,11 @@ def test_detoxify_training_set_keeps_prompts_and_format(offline_recipe, zoo):
     assert raw_rows == train.to_list()
     assert len(detox_rows) == len(raw_rows) == len(detox) and detox.column_names == train.column_names
     assert summary.total == len(train) and summary.rephrased > 0
+    # the summary counts what the training set holds: every gated sample is rephrased, unchanged or failed
+    assert summary.rephrased == sum(r["rephrased"] for r in detox_rows)
+    assert summary.gated == summary.rephrased + summary.unchanged + summary.errors
+    kept = [r for r in detox_rows if r["rephrase_status"] in ("empty_continuation", "unchanged_continuation")]
+    assert all(r["toxicity_after"] == r["toxicity_before"] for r in kept)
     for raw, new, row in zip(raw_rows, detox_rows, detox.to_list(), strict=True):
         assert new["prompt"] == raw["prompt"] and row["prompt"] == raw["prompt"]
         assert new["text"].startswith(f"Prompt: {raw['prompt'].strip()}\nContinuation: ")

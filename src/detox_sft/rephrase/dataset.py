@@ -51,7 +51,8 @@ class RephraseSummary:
     Attributes:
         total: records in; missing: field absent or null; empty: empty or whitespace-only text.
         scored: texts scored for gating; gated: records at or above the gate (sent to TMaRCo).
-        rephrased: gated records whose text TMaRCo changed; unchanged: gated but nothing masked or changed.
+        rephrased: gated records whose text TMaRCo changed; unchanged: gated but nothing masked or changed (in
+            :func:`detoxify_training_set`'s summary also the samples whose rewrite left the continuation as it was).
         truncated: texts cut to the models' context; errors: texts TMaRCo could not process (kept unchanged).
         computed: distinct texts the engine processed in this run; cached: distinct gated texts read from the cache.
         gate_threshold, mask_threshold, engine: the settings used.
@@ -424,12 +425,17 @@ def _apply_output(
         summary.unchanged += 1
 
 
+# gated samples whose rewrite the training set does not use (detoxify_training_set): kept as they were
+_KEPT_ORIGINAL = ("empty_continuation", "unchanged_continuation")
+
+
 def _add_means(summary: RephraseSummary, records: list[dict[str, Any]], field: str) -> None:
     """Mean toxicity before / after over the scored records, and over the gated ones; what survives the rewrites."""
     befores = [r["toxicity_before"] for r in records if r["toxicity_before"] is not None]
     afters = [r["toxicity_after"] for r in records if r["toxicity_after"] is not None]
-    g_before = [r["toxicity_before"] for r in records if r["rephrase_status"] in ("rephrased", "unchanged")]
-    g_after = [r["toxicity_after"] for r in records if r["rephrase_status"] in ("rephrased", "unchanged")]
+    gated = ("rephrased", "unchanged", *_KEPT_ORIGINAL)
+    g_before = [r["toxicity_before"] for r in records if r["rephrase_status"] in gated]
+    g_after = [r["toxicity_after"] for r in records if r["rephrase_status"] in gated]
     summary.mean_toxicity_before = float(np.mean(befores)) if befores else None
     summary.mean_toxicity_after = float(np.mean(afters)) if afters else None
     summary.gated_toxicity_before = float(np.mean(g_before)) if g_before else None
@@ -660,18 +666,32 @@ def detoxify_training_set(
         if rec["rephrased"]:
             continuation = continuation_of(rec["sample"], rec["rephrased_text"], len(row["prompt"].strip()))
             if not continuation:  # TMaRCo rewrote nothing after the prompt into words: keep the sample as it was
-                new["rephrased"] = False
-                new["rephrase_status"] = "empty_continuation"
+                _keep_original(new, "empty_continuation")
             elif continuation == row["continuation"].strip():
                 # the rewrite touched only the prompt (which training keeps as it was) or whitespace: the training
                 # sample is unchanged, so it is not counted as rephrased (seen on Python 3.12's tokenization)
-                new["rephrased"] = False
-                new["rephrase_status"] = "unchanged_continuation"
+                _keep_original(new, "unchanged_continuation")
             else:
                 new["continuation"] = continuation
                 new["text"] = format_sample(row["prompt"], continuation)
         detox_rows.append(new)
         clean_rows.append({c: new[c] for c in columns})
+    summary = _training_set_summary(result.summary, detox_rows)
     write_jsonl_atomic(detox_rows, recipe.paths.train_set("detox"))
-    write_jsonl_atomic([result.summary.to_dict()], data_dir / "rephrase_summary.jsonl")
-    return Dataset.from_list(clean_rows), result.summary
+    write_jsonl_atomic([summary.to_dict()], data_dir / "rephrase_summary.jsonl")
+    return Dataset.from_list(clean_rows), summary
+
+
+def _keep_original(record: dict[str, Any], status: str) -> None:
+    """A gated sample whose rewrite the training set does not use: not rephrased, its toxicity the original's
+    (``rephrased_text`` keeps what TMaRCo wrote, for the reader)."""
+    record.update(rephrased=False, rephrase_status=status, toxicity_after=record["toxicity_before"])
+
+
+def _training_set_summary(summary: RephraseSummary, records: list[dict[str, Any]]) -> RephraseSummary:
+    """The step's summary as the training set has it: samples kept as they were (:func:`_keep_original`) count as
+    unchanged, not rephrased, and the means are over what training reads."""
+    kept = sum(r["rephrase_status"] in _KEPT_ORIGINAL for r in records)
+    summary = dataclasses.replace(summary, rephrased=summary.rephrased - kept, unchanged=summary.unchanged + kept)
+    _add_means(summary, records, "sample")
+    return summary
