@@ -48,6 +48,19 @@ def test_readme_quotes_the_recorded_headline_numbers():
     readme = README.read_text()
     missing = {key: text for key, text in numbers.items() if text not in readme}
     assert not missing, f"README.md does not quote the recorded run {record['run']}: {missing}"
+    # the rephrase step's figures as README words them (notebook 1)
+    r = json.loads((RECORD / "rephrase_summary.json").read_text())
+    quoted = [
+        f"sent {r['gated']} of {r['total']} training samples",
+        f"rewrote the continuation of {r['rephrased']} (in {r['unchanged']} the rewrite",
+        f"from {r['gated_toxicity_before']:.3f} to {r['gated_toxicity_after']:.3f}",
+        f"from {r['mean_toxicity_before']:.3f} to {r['mean_toxicity_after']:.3f}",
+        f"chrF of {r['mean_chrf']:.1f}",
+        f"{100 * r['mean_changed_word_share']:.1f}% of its words",
+    ]
+    assert [q for q in quoted if q not in " ".join(readme.split())] == [], (
+        "README's rephrase figures are not the record's"
+    )
 
 
 def _fake_run(tmp_path: Path) -> Path:
