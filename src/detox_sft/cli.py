@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import types
@@ -655,7 +656,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hint is not None:  # not a bug: the machine has no room; what the steps finished is complete (atomic writes)
             where = f" {exc.filename}" if exc.filename else ""
             print(
-                f"detox-sft {args.command}: no room to write{where} ({exc.strerror}: {hint}). What finished before "
+                f"detox-sft {args.command}: no room to write{where} ({exc.strerror or os.strerror(exc.errno)}: "
+                f"{hint}). What finished before "
                 "is kept complete. Fix: free disk space (or raise the limit), then rerun the same command: it resumes.",
                 file=sys.stderr,
             )
