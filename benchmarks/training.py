@@ -34,30 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from detox_sft.zoo.rehearsal import OPT_350M  # facebook/opt-350m's exact configuration (one owner)
+
 METHODS = ("full", "lora", "qlora")
 RESULTS = Path(__file__).resolve().parent / "results" / "training.json"
-
-# facebook/opt-350m config.json, written out by hand (model card / config of the published checkpoint)
-OPT_350M = {
-    "vocab_size": 50272,
-    "hidden_size": 1024,
-    "num_hidden_layers": 24,
-    "ffn_dim": 4096,
-    "num_attention_heads": 16,
-    "max_position_embeddings": 2048,
-    "word_embed_proj_dim": 512,
-    "do_layer_norm_before": False,
-    "activation_function": "relu",
-    "dropout": 0.1,
-    "attention_dropout": 0.0,
-    "layerdrop": 0.0,
-    "init_std": 0.02,
-    "enable_bias": True,
-    "layer_norm_elementwise_affine": True,
-    "pad_token_id": 1,
-    "bos_token_id": 2,
-    "eos_token_id": 2,
-}
 
 
 def _vm_hwm() -> int:

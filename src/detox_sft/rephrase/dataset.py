@@ -280,16 +280,24 @@ def rephrase_dataset(
         _output_record(record, text, cfg, tox, tox_after, outputs, summary)
         for record, text in zip(records, texts, strict=True)
     ]
+    _finish(summary, out_records, field, started, stacklevel=3)
+    return RephraseResult(records=out_records, summary=summary, field=field)
+
+
+def _finish(
+    summary: RephraseSummary, records: list[dict[str, Any]], field: str, started: float, stacklevel: int
+) -> None:
+    """The end of a rephrase run, local or on Ray: its warnings (``stacklevel`` points at the caller's caller),
+    the means, the time."""
     if summary.truncated:
         warnings.warn(
             f"{summary.truncated} text(s) were longer than the TMaRCo models' context and were truncated "
             "before rephrasing (see rephrase_truncated in the records).",
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
-    _warn_errors(summary, stacklevel=3)
-    _add_means(summary, out_records, field)
+    _warn_errors(summary, stacklevel=stacklevel + 1)
+    _add_means(summary, records, field)
     summary.seconds = time.perf_counter() - started
-    return RephraseResult(records=out_records, summary=summary, field=field)
 
 
 def _warn_errors(summary: RephraseSummary, stacklevel: int) -> None:
@@ -535,15 +543,7 @@ def _rephrase_on_ray(
         # a block finished by an earlier run was computed then: here it counts as cached
         summary.cached += block["summary"]["cached"] + (block["summary"]["computed"] if index in reused else 0)
         summary.computed -= block["summary"]["computed"] if index in reused else 0
-    if summary.truncated:
-        warnings.warn(
-            f"{summary.truncated} text(s) were longer than the TMaRCo models' context and were truncated "
-            "before rephrasing (see rephrase_truncated in the records).",
-            stacklevel=3,
-        )
-    _warn_errors(summary, stacklevel=4)
-    _add_means(summary, out_records, field)
-    summary.seconds = time.perf_counter() - started
+    _finish(summary, out_records, field, started, stacklevel=4)
     extra = {"ray": {"blocks": len(blocks), "reused_blocks": len(reused), "actors": cfg.ray_actors}}
     return RephraseResult(records=out_records, summary=summary, field=field, extra=extra)
 

@@ -301,10 +301,11 @@ def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def _build(out: Path) -> None:
-    """Build into ``out`` in a child process of this Python, which runs torch on one thread.
+    """Build into ``out`` in a child process of this Python, which runs torch on one thread (``OMP_NUM_THREADS=1``).
 
     Why a child: one thread is a process-wide setting (these models are tiny, and on a shared 2-core machine two
-    threads contend and run ~10x slower), and library code must not change it in the caller's process.
+    threads contend and run ~10x slower), and library code must not change it in the caller's process; the child
+    gets it from its environment at start-up, so no code sets it.
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     # offline by construction; and transformers writes the flag into each tokenizer_config.json as local_files_only,
@@ -327,7 +328,8 @@ def _build_here(out: str, expected_hash: str) -> None:
             f"the zoo build code on disk (hash {build_hash()}) is not the one the calling process imported "
             f"({expected_hash}). Fix: restart the calling process (a notebook: restart the kernel)."
         )
-    torch.set_num_threads(1)  # this process is the build's own (see _build)
+    if torch.get_num_threads() != 1:  # the bytes of the zoo depend on it (float sums): never build on another count
+        raise ZooError(f"the zoo build runs on {torch.get_num_threads()} threads, not 1: start it through _build.")
     _build_steps(Path(out), time.perf_counter(), {})
 
 
