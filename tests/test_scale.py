@@ -1,14 +1,18 @@
 """Beyond one process: rephrase and evaluate on a Ray Data actor pool give the single-process results; a rerun of an
-interrupted Ray job skips its finished blocks; `detox-sft train` under torchrun (2 CPU processes, gloo) trains like one
-process with the same global batch."""
+interrupted Ray job skips its finished blocks; the RayJob's output reaches the TrainJob through S3 as the manifests
+wire it; `detox-sft train` under torchrun (2 CPU processes, gloo) trains like one process with the same global
+batch."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +25,7 @@ from detox_sft.rephrase import rephrase_dataset
 from detox_sft.scale import BlockStore, content_key
 
 RAY = {"rephrase.executor": "ray", "rephrase.ray_actors": "2", "rephrase.ray_block_size": "4"}
+JOBS = Path(__file__).resolve().parents[1] / "manifests" / "distributed"
 
 
 def _records(zoo, n: int = 12) -> list[dict]:
@@ -118,6 +123,71 @@ def test_rephrase_on_ray_writes_the_bytes_of_one_process_and_resumes_by_block(zo
     assert {p.name: p.stat().st_mtime_ns for p in sorted(work.glob("0*.json")) if p.name in kept} == kept
     assert "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records).encode() == local
     assert result.summary.computed <= 4 and result.summary.total == len(rows)
+
+
+def _secret_env(container: dict, connection: dict[str, str]) -> dict[str, str]:
+    """What a pod's container reads from the data connection: envFrom the whole Secret, env by secretKeyRef."""
+    env = dict(connection) if container.get("envFrom") else {}
+    for e in container.get("env") or []:
+        ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+        if ref:
+            env[e["name"]] = connection[ref["key"]]
+    return env
+
+
+@pytest.mark.service
+def test_rayjob_output_reaches_the_trainjob_through_s3(zoo, ray_cluster, s3_server, tmp_path, monkeypatch):
+    """The cluster hand-off on this machine, commands taken from the manifests: the workbench uploads the raw set
+    and its own rewrite to runs/tutorial/data; the RayJob's entrypoint (recipe offline instead of tutorial) rephrases
+    on Ray into the local S3; the TrainJob's download commands, run by sh as node 0 runs them, fetch the training
+    sets. The detoxified set is the single-process run's, byte for byte, not the workbench's rewrite; no local file
+    is written for the s3:// output."""
+    from detox_sft.storage import ensure_bucket, upload_dir
+
+    monkeypatch.chdir(tmp_path)  # a path-based writer would leave ./s3:/... here
+    rayjob = yaml.safe_load((JOBS / "ray-detoxify" / "rayjob.yaml").read_text())
+    trainer = yaml.safe_load((JOBS / "trainjob" / "trainjob.yaml").read_text())["spec"]["trainer"]
+    entrypoint = shlex.split(rayjob["spec"]["entrypoint"])
+    output = entrypoint[entrypoint.index("--output") + 1]
+    bucket = output.removeprefix("s3://").partition("/")[0]  # the manifests' bucket, detox-models
+    connection = {**s3_server.env(), "AWS_S3_BUCKET": bucket}
+    ensure_bucket(create=True, settings=s3_server.settings(bucket=bucket))
+
+    workbench = tmp_path / "workbench"
+    workbench.mkdir()
+    (workbench / "train_raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records(zoo)))
+    (workbench / "train_detox.jsonl").write_text(json.dumps({"id": 0, "text": "the workbench's rewrite"}) + "\n")
+    upload_dir(workbench, "runs/tutorial/data", settings=s3_server.settings(bucket=bucket), progress=False)
+    assert _rephrase_cli(workbench / "train_raw.jsonl", tmp_path / "local.jsonl", tmp_path / "local-cache") == 0
+
+    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    for name, value in _secret_env(head, connection).items():
+        monkeypatch.setenv(name, value)
+    assert entrypoint[:2] == ["detox-sft", "rephrase"] and "--ray" in entrypoint
+    argv = entrypoint[1:]
+    argv[argv.index("--recipe") + 1] = "offline"
+    flags = [f"--{k}={v}" for k, v in RAY.items()]
+    assert cli.main([*argv, "--cache-dir", str(tmp_path / "ray-cache"), "--no-progress", *flags]) == 0
+    assert not (tmp_path / "s3:").exists()
+
+    script = trainer["args"][0]
+    assert re.search(r"^\s*DATA=/mnt/runs/tutorial/data$", script, re.M)  # = --run-dir /mnt/runs/tutorial + /data
+    downloads = [line.strip() for line in script.splitlines() if line.strip().startswith("detox-sft download ")]
+    assert len(downloads) == 2
+    node0 = tmp_path / "node0" / "data"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+        **_secret_env(trainer, connection),
+        "DATA": str(node0),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # the venv's detox-sft
+    }
+    for line in downloads:
+        proc = subprocess.run(["sh", "-c", line], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (line, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert (node0 / "train_detox.jsonl").read_bytes() == (tmp_path / "local.jsonl").read_bytes()
+    assert (node0 / "train_raw.jsonl").read_bytes() == (workbench / "train_raw.jsonl").read_bytes()
+    rows = [json.loads(line) for line in (node0 / "train_detox.jsonl").read_text().splitlines()]
+    assert sum(r["rephrased"] for r in rows) >= 4
 
 
 def test_evaluate_on_ray_gives_the_results_of_one_process(zoo, ray_cluster, tmp_path, make_adapter):
