@@ -26,7 +26,7 @@ $(STAMP): requirements.txt requirements-caikit.txt pyproject.toml
 	touch $@
 
 demo: setup
-	HF_HUB_OFFLINE=1 $(BIN)/detox-sft demo --recipe $(RECIPE)
+	HF_HUB_OFFLINE=1 $(BIN)/detox-sft-dev demo --recipe $(RECIPE)
 
 test: setup lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest --durations=25 $(PYTEST_ARGS)
@@ -43,7 +43,7 @@ bench: setup
 	for b in rephrase training generation s3; do HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 slides: setup
-	$(BIN)/python -m detox_sft.dev.slides slides/
+	$(BIN)/detox-sft-dev slides slides/
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -21,7 +21,7 @@ What "lost" means is fixed per step in :data:`LOSS`, before any measurement. One
 Run: ``make faults`` (= ``.venv/bin/python benchmarks/faults.py --trials 10``); ``--steps rephrase export`` for some
 steps, ``--report`` to regenerate FAULTS.md only. Records already written for the same seed and trial are kept
 (``--redo`` to run them again), so an interrupted harness resumes. Upload and download run against a local S3 server
-(:class:`detox_sft.dev.s3.LocalS3`) started by the harness. The children run the steps' Python API, as the CLI and
+(:class:`detox_sft_dev.s3.LocalS3`) started by the harness. The children run the steps' Python API, as the CLI and
 the notebooks do (:func:`child`), with the package's code and the offline zoo as the zygote imported them.
 """
 
@@ -718,7 +718,7 @@ _PREIMPORT = (
     "caikit_nlp",
     "detox_sft.config",
     "detox_sft.refs",
-    "detox_sft.zoo",
+    "detox_sft_dev.zoo",
     "detox_sft.compat",
     "detox_sft.data",
     "detox_sft.rephrase",
@@ -750,7 +750,7 @@ def zygote() -> int:
                 importlib.import_module(name)
         # the zoo's directory is named by a hash of its build code as imported: pinned here, every child uses this
         # zoo, even while someone edits the zoo's code (which would name, and build, another one)
-        from detox_sft.zoo import ensure_zoo, zoo_dir
+        from detox_sft_dev.zoo import ensure_zoo, zoo_dir
 
         if not (zoo_dir() / "manifest.json").is_file():  # built in a child: building runs torch, the zygote must not
             pid = os.fork()
@@ -877,7 +877,7 @@ class Harness:
         results: where the trial records go.
         seed: the kill moments' seed.
         trials: trials per step.
-        s3: a started :class:`detox_sft.dev.s3.LocalS3` (needed by upload and download), or `None`.
+        s3: a started :class:`detox_sft_dev.s3.LocalS3` (needed by upload and download), or `None`.
     """
 
     def __init__(
@@ -1372,7 +1372,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.ExitStack() as stack:
             s3 = None
             if {"upload", "download"} & set(args.steps):
-                from detox_sft.dev.s3 import LocalS3
+                from detox_sft_dev.s3 import LocalS3
 
                 s3 = stack.enter_context(LocalS3(bucket="detox-sft", data_dir=work / "s3"))
             # SIGTERM stops like Ctrl-C: the zygote and the S3 server are stopped on the way out

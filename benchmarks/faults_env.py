@@ -206,7 +206,7 @@ LONG_TOKENS = 60  # the zoo OPT's context is 128 positions: a long answer that f
 
 def model_server_trial(models_dir: Path, trial: int, fraction: float, seed: int, results: Path, command: str) -> dict:
     from detox_sft.clients import CaikitGrpcClient, CaikitHttpClient, ModelServerError
-    from detox_sft.dev.model_server import LocalModelServer, model_ids
+    from detox_sft_dev.model_server import LocalModelServer, model_ids
 
     kind = ("http", "grpc")[trial % 2]
     model_id = model_ids(models_dir)[0]
@@ -276,7 +276,7 @@ def run_cases(
     cases: list[str], work: Path, seed: int, trials: int, results: Path, command: str, redo: bool = False
 ) -> list[dict[str, Any]]:
     """The trials of ``cases``; records already written for the same seed and trial are kept unless ``redo``."""
-    from detox_sft.dev.s3 import LocalS3
+    from detox_sft_dev.s3 import LocalS3
 
     done: list[dict[str, Any]] = []
 

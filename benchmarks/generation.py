@@ -18,7 +18,7 @@ Sampled texts differ between paths (other random numbers); greedy parity is chec
 ``--parity-prompts`` prompts ``generate_continuations(greedy=True)`` must give the loop's greedy texts (asserted in
 float32).
 
-The model has facebook/opt-350m's exact shape (:data:`detox_sft.zoo.rehearsal.OPT_350M`) with random weights
+The model has facebook/opt-350m's exact shape (:data:`detox_sft_dev.zoo.rehearsal.OPT_350M`) with random weights
 (init_std 0.01, see below); speed does not depend on the weights. The tokenizer is a byte-level BPE trained on the
 bundled synthetic corpus, its vocabulary filled up to opt-350m's 50272 ids with placeholder tokens so that every id the
 random model emits decodes to its own text.
@@ -47,7 +47,7 @@ def opt_350m_config():
     """facebook/opt-350m's config (the rehearsal models' one: the hub is unreachable here)."""
     from transformers import OPTConfig
 
-    from detox_sft.zoo.rehearsal import OPT_350M
+    from detox_sft_dev.zoo.rehearsal import OPT_350M
 
     return OPTConfig(**OPT_350M)
 
@@ -212,7 +212,7 @@ def main() -> int:
     from detox_sft.evaluation import generate_continuations
     from detox_sft.evaluation.generation import _context_limit, generation_batches
     from detox_sft.prompts import generation_prompt
-    from detox_sft.zoo.corpus import make_pretraining_texts, make_wiki_toxic_records
+    from detox_sft_dev.zoo.corpus import make_pretraining_texts, make_wiki_toxic_records
 
     load_at_start = _load_average()
     recipe = load_recipe(args.recipe)

@@ -106,11 +106,11 @@ if want rehearsal; then
   # notebooks 1-2 at the tutorial's sizes on hub-shaped random models; rehearsal.json: per notebook wall_s and
   # peak_gpu_memory_mib (nvidia-smi, every process), and each step's time beside the token lengths it ran on
   step "rehearsal models (built once: config + save)"
-  timeout 300 "$PY" -c "from detox_sft import zoo; [print(zoo.resolve(n)) for n in zoo.REHEARSAL_NAMES]" 2>&1 |
+  timeout 300 "$PY" -c "from detox_sft_dev import zoo; [print(zoo.resolve(n)) for n in zoo.REHEARSAL_NAMES]" 2>&1 |
     tee -a "$LOG"
   for nb in ${REHEARSAL_NOTEBOOKS:-1-sft 2-eval}; do
     step "rehearsal: notebook $nb of recipes/rehearsal.yaml (full size, random weights)"
-    timeout 560 "$PY" -m detox_sft.dev.rehearsal --recipe rehearsal --notebooks "$nb" --run-dir runs/rehearsal \
+    timeout 560 "$PY" -m detox_sft_dev.rehearsal --recipe rehearsal --notebooks "$nb" --run-dir runs/rehearsal \
       --out runs/rehearsal/rehearsal.json >>"$OUT/rehearsal.log" 2>&1
     echo "notebook $nb exit $?" | tee -a "$LOG"
   done

@@ -77,7 +77,7 @@ def machine() -> dict:
 
 def sentences(n: int) -> list[str]:
     """``n`` texts from the zoo's RealToxicityPrompts-like corpus, toxic ones first (what the gate lets through)."""
-    from detox_sft.zoo import ensure_zoo
+    from detox_sft_dev.zoo import ensure_zoo
 
     zoo = ensure_zoo()
     texts = []
@@ -97,7 +97,7 @@ def build_bart_base_random(root: Path) -> dict[str, str]:
     import torch
     from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration
 
-    from detox_sft.zoo import ensure_zoo
+    from detox_sft_dev.zoo import ensure_zoo
 
     tok = AutoTokenizer.from_pretrained(ensure_zoo().bart_tokenizer)
     tok.add_tokens([f"tok{i}" for i in range(50265 - len(tok))])
@@ -365,7 +365,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for label in args.models:
             if label == "zoo":
-                from detox_sft.zoo import ensure_zoo
+                from detox_sft_dev.zoo import ensure_zoo
 
                 zoo = ensure_zoo()
                 paths = {

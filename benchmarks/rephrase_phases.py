@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from detox_sft.config import load_recipe
     from detox_sft.data import load_train_dataset
     from detox_sft.prompts import format_sample  # noqa: F401 - the step's own imports, counted in start-up
-    from detox_sft.rephrase.cache import _Cache
-    from detox_sft.rephrase.dataset import _key
+    from detox_sft.rephrase.cache import Cache, key
     from detox_sft.rephrase.engines import load_engine
     from detox_sft.toxicity import load_scorer
 
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = load_engine(cfg, "batched", args.device)
         t = mark("load TMaRCo's models (base, expert, anti-expert)", t)
 
-        cache = _Cache(Path(tmp) / "cache")
+        cache = Cache(Path(tmp) / "cache")
         engine_s = cache_s = 0.0
         rewrites = []
         for i in range(0, len(gated), cfg.batch_size):
@@ -86,12 +85,12 @@ def main(argv: list[str] | None = None) -> int:
             _sync(args.device)
             t1 = time.perf_counter()
             cache.put_many(
-                "out", {_key(["bench", s]): {"rephrased": o.rephrased} for s, o in zip(part, outs, strict=True)}
+                "out", {key(["bench", s]): {"rephrased": o.rephrased} for s, o in zip(part, outs, strict=True)}
             )
             cache_s += time.perf_counter() - t1
             engine_s += t1 - t0
             rewrites += [o.rephrased for o in outs if o.changed]
-        cache.close()
+        cache.conn.close()
         phases["engine: TMaRCo on the gated samples"] = round(engine_s, 3)
         phases["cache writes"] = round(cache_s, 3)
         t = time.perf_counter()

@@ -66,7 +66,7 @@ def machine() -> dict:
 
 def samples(n: int) -> list[dict]:
     """The first ``n`` rows of the zoo's RealToxicityPrompts-like corpus as records ``{"id", "text"}`` (joined)."""
-    from detox_sft.zoo import ensure_zoo
+    from detox_sft_dev.zoo import ensure_zoo
 
     with open(ensure_zoo().rtp, encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh if line.strip()][:n]

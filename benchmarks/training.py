@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from detox_sft.zoo.rehearsal import OPT_350M  # facebook/opt-350m's exact configuration (one owner)
+from detox_sft_dev.zoo.rehearsal import OPT_350M  # facebook/opt-350m's exact configuration (one owner)
 
 METHODS = ("full", "lora", "qlora")
 RESULTS = Path(__file__).resolve().parent / "results" / "training.json"

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from detox_sft.zoo import ensure_zoo
+from detox_sft_dev.zoo import ensure_zoo
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -107,7 +107,7 @@ def s3_server():
     Use ``s3_server.settings()`` (an S3Settings), ``s3_server.env()`` (the data-connection variables),
     ``s3_server.endpoint``, ``.access_key``, ``.secret_key``, ``.bucket``. Give each test its own key prefix.
     """
-    from detox_sft.dev.s3 import LocalS3
+    from detox_sft_dev.s3 import LocalS3
 
     server = LocalS3(bucket="detox-sft").start()
     yield server
@@ -184,10 +184,39 @@ def small_recipe(tmp_path):
 def demo_run(tmp_path_factory, zoo):
     """`make demo` once per session, on :func:`small_recipe`: the four notebooks executed headless with the local S3
     and caikit servers. Returns ``runs/<stamp>`` (executed notebooks, report.html, ``run/``); the notebook tests and
-    the slide tests read this same run."""
-    from detox_sft.dev.demo import run_demo
+    the slide tests read this same run. Notebook 1 runs with the package's arm loop patched to fail
+    (:data:`REFUSE_ARM_LOOP`): its adapters can only come from its own trainer cells."""
+    from detox_sft_dev import demo
 
     root = tmp_path_factory.mktemp("demo")
+    guard = root / "arm-loop-refused"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(REFUSE_ARM_LOOP)
+    execute = demo.execute_notebook
+
+    def execute_guarded(name, *args, **kwargs):
+        with pytest.MonkeyPatch.context() as env:
+            if name == "1-sft":  # the kernel inherits the environment: Python imports sitecustomize at its start
+                env.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(guard), os.environ.get("PYTHONPATH")])))
+            return execute(name, *args, **kwargs)
+
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MODEL_TOKEN", DEMO_TOKEN)
-        return run_demo(str(small_recipe(root)), runs_root=root / "runs", stamp="t")
+        env.setattr(demo, "execute_notebook", execute_guarded)
+        return demo.run_demo(str(small_recipe(root)), runs_root=root / "runs", stamp="t")
+
+
+# Test-only, for notebook 1's kernel in demo_run: the package's arm loop raises, and a marker says the patch ran.
+REFUSE_ARM_LOOP = """
+from pathlib import Path
+
+from detox_sft import training
+
+
+def refuse(*args, **kwargs):
+    raise AssertionError("notebook 1 called the package's arm loop; it must train in its own SFTTrainer cells")
+
+
+training.train_arms = training.train_arm = refuse
+(Path(__file__).parent / "active").write_text("detox_sft.training.train_arms and train_arm raise\\n")
+"""

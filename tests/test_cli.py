@@ -8,9 +8,9 @@ import pytest
 import detox_sft
 from detox_sft import cli
 from detox_sft.cli import SUBCOMMANDS, build_parser, main
-from detox_sft.config import recipe_fields
+from detox_sft.config import recipe_parser
 
-PIPELINE = ["rephrase", "train", "evaluate", "export", "upload", "download", "serve", "query", "demo"]
+PIPELINE = ["rephrase", "train", "evaluate", "export", "upload", "download", "query"]
 
 
 def test_help_lists_the_nine_subcommands():
@@ -51,20 +51,29 @@ def _step_parser(name):
 
 
 @pytest.mark.parametrize("step", RECIPE_STEPS)
-def test_every_recipe_field_is_a_documented_flag(step):
-    """Each recipe step takes every field of the recipe's dataclasses as --<dotted name>, with its docstring help."""
-    options = {flag: action for action in _step_parser(step)._actions for flag in action.option_strings}
-    for name, recipe_field in recipe_fields().items():
-        assert f"--{name}" in options, name
-        assert recipe_field.help and options[f"--{name}"].help.startswith(recipe_field.help[:20]), name
-    assert {"--seed", "--run_dir", "--rephrase.engine", "--evaluation.num_samples"} <= set(options)
-    assert options["--run-dir"].dest == options["--run_dir"].dest  # the documented shortcut is an alias
+def test_every_recipe_field_is_a_documented_flag(step, capsys):
+    """Each recipe step's help lists every field of the recipe's dataclasses as --<dotted name>, with its docstring
+    help (jsonargparse's parser of the recipe), and the shortcut flags."""
+    try:
+        main([step, "--help"])
+    except SystemExit as exc:
+        assert exc.code == 0
+    out = capsys.readouterr().out
+    fields = [
+        a
+        for a in recipe_parser()._actions
+        if a.option_strings and "CONFIG" not in str(a.metavar) and a.help != "==SUPPRESS=="
+    ]
+    for action in fields:
+        assert action.option_strings[0] in out and action.help, action.option_strings
+    assert "sampled continuations per prompt (k)" in out and "--training.sft.learning_rate 1e-4" in out
+    assert "--run-dir" in out
 
 
 def test_hand_written_duplicates_are_aliases_of_the_fields():
     options = {flag: action.dest for action in _step_parser("rephrase")._actions for flag in action.option_strings}
-    assert options["--engine"] == options["--rephrase.engine"]
-    assert options["--device"] == options["--rephrase.device"]
+    assert options["--engine"] == "recipe:rephrase.engine" and options["--device"] == "recipe:rephrase.device"
+    assert options["--run-dir"] == "recipe:run_dir"
 
 
 def _capture_evaluate(monkeypatch):
@@ -83,7 +92,7 @@ def test_good_overrides_change_the_recipe_the_step_uses(monkeypatch, tmp_path, c
     seen = _capture_evaluate(monkeypatch)
     argv = ["evaluate", "--recipe", "offline", "--run-dir", str(tmp_path / "run"), "--models", "base"]
     argv += ["--evaluation.num_samples", "2", "--seed", "7", "--data.num_train_samples", "null"]
-    argv += ["--training.sft.learning_rate", "1e-4", "--training.lora.r=8", "--evaluation.scorers", "a,b"]
+    argv += ["--training.sft.learning_rate", "1e-4", "--training.lora.r=8", "--evaluation.scorers", "[a, b]"]
     assert main(argv) == 0
     recipe = seen["recipe"]
     assert recipe.evaluation.num_samples == 2 and recipe.seed == 7 and recipe.data.num_train_samples is None
@@ -118,14 +127,14 @@ def test_rephrase_shortcuts_set_the_recipe_fields(monkeypatch, tmp_path):
 @pytest.mark.parametrize(
     ("flags", "names"),
     [
-        (["--training.sft.learning_rate", "fast"], ["--training.sft.learning_rate: got 'fast', expected a float"]),
-        (["--evaluation.num_samples", "two"], ["--evaluation.num_samples", "expected an integer"]),
-        (["--rephrase.combine_original", "maybe"], ["--rephrase.combine_original", "true or false"]),
-        (["--evaluation.num_sample", "2"], ["--evaluation.num_sample:", "did you mean --evaluation.num_samples?"]),
-        (["--num_samples", "2"], ["did you mean --evaluation.num_samples?"]),
-        (["--training.sft.learnig_rate", "1e-4"], ["not a trl.SFTConfig field", "--training.sft.learning_rate?"]),
+        (["--training.sft.learning_rate", "fast"], ["training.sft.learning_rate: expected float, got fast"]),
+        (["--evaluation.num_samples", "two"], ["evaluation.num_samples", "expected int"]),
+        (["--rephrase.combine_original", "maybe"], ["rephrase.combine_original", "expected bool"]),
+        (["--evaluation.num_sample", "2"], ["evaluation.num_sample:", "did you mean evaluation.num_samples?"]),
+        (["--num_samples", "2"], ["did you mean evaluation.num_samples?"]),
+        (["--training.sft.learnig_rate", "1e-4"], ["not a trl.SFTConfig field", "training.sft.learning_rate,"]),
         (["--training.lora.rank", "8"], ["not a peft.LoraConfig field"]),
-        (["--training.lora.bias", "some"], ["one of 'none', 'all', 'lora_only'"]),
+        (["--training.lora.bias", "some"], ["'none', 'all', 'lora_only'"]),
         (["--rephrase.mask_threshold", "-1"], ["rephrase.mask_threshold", "1.2 is the MaRCo paper's value"]),
         (["--seed"], ["--seed", "expected one argument"]),  # argparse's own usage error
     ],
@@ -148,7 +157,7 @@ def test_a_yaml_recipe_with_a_bad_sft_value_fails_at_load(tmp_path, capsys):
     path.write_text("profile: offline\ntraining:\n  sft:\n    learning_rate: fast\n")
     assert main(["train", "--recipe", str(path), "--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert "training.sft.learning_rate: got 'fast', expected a float" in err and "Traceback" not in err
+    assert "training.sft.learning_rate: expected float, got fast" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
 
 
@@ -167,7 +176,7 @@ def _package_error_classes():
 
 
 # Not raised under `detox-sft`: the slides are built by `make slides`, StepMissing by notebook cells.
-NOT_CLI_ERRORS = {"detox_sft.dev.slides.SlidesError", "detox_sft.notebook.StepMissing"}
+NOT_CLI_ERRORS = {"detox_sft_dev.slides.SlidesError", "detox_sft.notebook.StepMissing"}
 PACKAGE_ERRORS = {name: cls for name, cls in _package_error_classes().items() if name not in NOT_CLI_ERRORS}
 
 
@@ -183,11 +192,8 @@ def test_the_error_classes_are_all_found():
         "StorageError",
         "S3AuthError",
         "ScorerError",
-        "ServingError",
-        "PortInUseError",
         "ModelServerError",
         "Unauthorized",
-        "ZooError",
     } <= short
 
 

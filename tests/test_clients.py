@@ -13,6 +13,7 @@ from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from requests.structures import CaseInsensitiveDict
 
 from detox_sft.clients import (
     BadRequest,
@@ -25,6 +26,7 @@ from detox_sft.clients import (
     ServerUnavailable,
     Unauthorized,
     VllmClient,
+    check_token,
     connect,
     is_loopback,
     read_token,
@@ -43,7 +45,8 @@ class _Scripted:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 - http.server's naming
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                headers = CaseInsensitiveDict(self.headers)  # httpx (openai) sends lower-case names
+                outer.requests.append({"path": self.path, "headers": headers, "body": body})
                 status, payload = outer.script.pop(0) if len(outer.script) > 1 else outer.script[0]
                 data = json.dumps(payload).encode()
                 self.send_response(status)
@@ -165,6 +168,24 @@ def test_vllm_completions(scripted):
         "temperature": 0.0,
         "truncate_prompt_tokens": 16,
     }
+
+
+def test_vllm_without_a_token_sends_no_authorization_not_even_openai_api_key(scripted, monkeypatch):
+    """openai would read $OPENAI_API_KEY when given no key: the client never lets it, and sends no header."""
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    server = scripted((200, {"choices": [{"text": " ok", "finish_reason": "stop"}], "usage": {"completion_tokens": 1}}))
+    with VllmClient(server.url) as client:
+        assert client.generate_text("m", "hi", decoding="sampling", top_p=0.9, top_k=5, seed=2) == " ok"
+    request = server.requests[0]
+    assert "authorization" not in request["headers"] and SECRET not in json.dumps(dict(request["headers"]))
+    assert request["body"] == {"model": "m", "prompt": "hi", "max_tokens": 20, "top_p": 0.9, "seed": 2, "top_k": 5}
+
+
+def test_vllm_503_is_retried_by_openai_boundedly(scripted):
+    server = scripted((503, {"error": {"message": "loading", "code": 503}}))
+    with pytest.raises(ServerUnavailable, match="after 2 attempts: loading"):
+        VllmClient(server.url, retries=1).generate("m", "x")
+    assert len(server.requests) == 2
 
 
 def test_vllm_unknown_model(scripted):
@@ -332,6 +353,23 @@ def test_token_is_refused_over_plaintext_to_another_host(make, no_connections):
     with pytest.raises(InsecureTokenError, match="Fix: use the server's TLS endpoint") as info:
         make()
     assert SECRET not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url, allowed",
+    [("https://model.example.com", True), ("http://127.0.0.1:8080", True), ("http://model.example.com", False)],
+)
+def test_check_token_is_the_rule_a_hand_written_request_calls(url, allowed, no_connections):
+    """Notebook 4 calls check_token before its own requests.post: the same rule as the clients, before any connection."""
+    if allowed:
+        assert check_token(SECRET, url) == SECRET
+    else:
+        with pytest.raises(InsecureTokenError) as info:
+            check_token(SECRET, url)
+        assert SECRET not in str(info.value)
+    assert check_token(None, url) is None and check_token("", url) is None  # no token: anything goes
+    with pytest.raises(ValueError, match="characters a token cannot have"):
+        check_token("tok\nX-Injected: 1", url)
 
 
 def test_token_is_allowed_over_tls_and_to_this_machine(no_connections):
@@ -557,7 +595,7 @@ def test_no_output_ever_shows_the_token(scripted, monkeypatch, capfd, caplog):
     clients = [
         CaikitHttpClient(echo.url, token=SECRET),
         CaikitHttpClient(echo_detail.url, token=SECRET),
-        VllmClient(unavailable.url, token=SECRET, retries=1, backoff=0.01),
+        VllmClient(unavailable.url, token=SECRET, retries=1),
         CaikitHttpClient(f"http://127.0.0.1:{dead}", token=SECRET, retries=1, backoff=0.01),
         CaikitGrpcClient(f"127.0.0.1:{grpc_port}", token=SECRET, retries=1, backoff=0.01),
         CaikitGrpcClient(f"127.0.0.1:{dead}", token=SECRET, retries=1, backoff=0.01),

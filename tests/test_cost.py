@@ -126,10 +126,11 @@ PROMPTS = ["you are a stupid", "I hate this damn thing because it", "shut up you
 
 
 def test_nontoxic_prompts_field_is_checked_and_documented():
-    from detox_sft.config import recipe_fields
+    from detox_sft.config import recipe_parser
 
     assert EvaluationConfig().nontoxic_prompts == 0  # off unless a recipe asks for it
-    assert "label 0" in recipe_fields()["evaluation.nontoxic_prompts"].help
+    flags = {flag: a.help for a in recipe_parser()._actions for flag in a.option_strings}
+    assert "label 0" in flags["--evaluation.nontoxic_prompts"]
     with pytest.raises(RecipeError, match="evaluation.nontoxic_prompts"):
         EvaluationConfig(nontoxic_prompts=-1)
     assert load_recipe("tutorial").evaluation.nontoxic_prompts == 100
@@ -191,16 +192,36 @@ def test_nontoxic_prompts_are_evaluated_apart_and_leave_the_toxic_results_as_the
     csv = pd.read_csv(eval_on / "generations_nontoxic.csv", keep_default_na=False)
     assert list(dict.fromkeys(csv["prompt"])) == label0
 
-    table = evaluation.cost_table(res)
-    assert list(table["prompts"]) == ["toxic"] * 3 + ["non-toxic"] * 3
-    assert list(table["model"]) == ["base", "raw", "detox"] * 2
-    assert list(table["num_prompts"]) == [3] * 6
-    row = table[(table.prompts == "non-toxic") & (table.model == "detox")].iloc[0]
-    assert row["mean_toxicity"] == pytest.approx(
-        nontoxic["metrics"]["detox"]["toxicity"]["zoo:lexicon"]["mean_toxicity"]["value"]
+    # what a person reads: every model on the toxic, then on the non-toxic prompts, each cell value [interval]
+    table = evaluation.cost_table(res).data
+    assert list(table.index) == [(part, m) for part in ("toxic (3)", "non-toxic (3)") for m in ("base", "raw", "detox")]
+    est = nontoxic["metrics"]["detox"]["toxicity"]["zoo:lexicon"]["mean_toxicity"]
+    assert (
+        table.loc[("non-toxic (3)", "detox"), "mean toxicity"]
+        == f"{est['value']:.3f} [{est['low']:.3f}, {est['high']:.3f}]"
     )
-    assert evaluation.cost_table(evaluation.load_results(on.run_path)).equals(table)
+    assert evaluation.cost_table(evaluation.load_results(on.run_path)).data.equals(table)
     assert "## What detoxifying costs: non-toxic prompts" in (eval_on / "summary.md").read_text()
     assert "What detoxifying costs" not in (eval_off / "summary.md").read_text()
-    with pytest.raises(ValueError, match="evaluation.nontoxic_prompts"):
-        evaluation.cost_table(summary_off)
+    assert "evaluation.nontoxic_prompts" in evaluation.cost_table(summary_off).data  # a note, not an empty table
+
+
+def test_cost_table_stacks_the_toxic_and_non_toxic_rows_as_intervals_on_one_line():
+    estimate = {"value": 0.5, "low": 0.25, "high": 0.75}
+    entry = {
+        "toxicity": {"s": {k: estimate for k in ("expected_max_toxicity", "toxicity_probability", "mean_toxicity")}},
+        "perplexity": {"value": 12.0, "low": 11.0, "high": 13.0},
+        "distinct_2": 0.9,
+    }
+    part = {"models": ["raw", "detox"], "metrics": {"raw": entry, "detox": entry}, "headline_scorer": "s"}
+    styler = evaluation.cost_table({**part, "num_prompts": 12, "nontoxic": {**part, "num_prompts": 3}})
+    cost = styler.data
+    assert list(cost.index) == [
+        ("toxic (12)", "raw"),
+        ("toxic (12)", "detox"),
+        ("non-toxic (3)", "raw"),
+        ("non-toxic (3)", "detox"),
+    ]
+    assert cost.iloc[0]["EMT"] == "0.500 [0.250, 0.750]" and cost.iloc[0]["perplexity"] == "12.0 [11.0, 13.0]"
+    assert "white-space: nowrap" in styler.to_html()  # an interval is one reading: never broken over two lines
+    assert "evaluation.nontoxic_prompts" in evaluation.cost_table({**part, "num_prompts": 12}).data

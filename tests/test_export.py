@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,10 +13,12 @@ import yaml
 from detox_sft.config import load_recipe
 from detox_sft.export import (
     CHECK_PROMPT,
+    LICENCES,
     ExportError,
     check_caikit_model,
     convert_to_caikit,
     merge_adapter,
+    model_card,
 )
 
 CAIKIT_TEXT_GENERATION_MODULE_ID = "f9181353-4ccf-4572-bd1e-f12bcda26792"  # caikit-nlp's local TextGeneration
@@ -139,3 +143,76 @@ def test_an_interrupted_export_leaves_the_previous_one_whole_and_a_rerun_complet
     after = snapshot()
     assert after.keys() == before.keys()
     assert all(after[p] == before[p] for p in after if p.name != "config.yml")  # deterministic, but for timestamps
+
+
+# --- the model card (issue 25): README.md in both directories, numbers from the run's own results ----------------
+
+REPO = Path(__file__).resolve().parents[1]
+RECORD = REPO / "results" / "offline"  # a real `make demo` run's results.json and rephrase summary
+
+
+@pytest.fixture
+def evaluated_run(tmp_path):
+    """A run directory holding the recorded offline run's eval/results.json and rephrase summary."""
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "data").mkdir()
+    shutil.copy(RECORD / "results.json", tmp_path / "eval" / "results.json")
+    summary = json.loads((RECORD / "rephrase_summary.json").read_text())
+    (tmp_path / "data" / "rephrase_summary.jsonl").write_text(json.dumps(summary) + "\n")
+    return load_recipe("offline", run_dir=str(tmp_path)), json.loads((RECORD / "results.json").read_text()), summary
+
+
+def test_model_card_eval_results_round_trip_equal_to_results_json(evaluated_run, tmp_path):
+    """model-index holds EMT, TP and mean toxicity of the detox arm under every judge, exactly as results.json."""
+    from huggingface_hub import ModelCard
+
+    recipe, results, _ = evaluated_run
+    model_card(recipe).save(tmp_path / "README.md")
+    loaded = ModelCard.load(tmp_path / "README.md").data.eval_results
+    got = {(e.metric_config, e.metric_type): e.metric_value for e in loaded}
+    want = {
+        (judge, metric): stats["value"]
+        for judge, by_metric in results["metrics"]["detox"]["toxicity"].items()
+        for metric, stats in by_metric.items()
+    }
+    assert got == want and len(loaded) == 9
+    assert {(e.dataset_type, e.dataset_split, e.dataset_args["prompts"]) for e in loaded} == {
+        ("zoo:wiki_toxic", "test", 200)
+    }
+
+
+def test_model_card_body_states_intervals_detoxification_licences_and_limits(evaluated_run):
+    recipe, results, summary = evaluated_run
+    text = model_card(recipe).content
+    paired = results["comparisons"]["detox_vs_raw"]["zoo:lexicon"]["mean_toxicity"]
+    assert (
+        f"{paired['value']:.3f} [{paired['low']:.3f}, {paired['high']:.3f}]" in text
+    )  # README's -0.167 [-0.201, -0.132]
+    assert f"{summary['rephrased']} of {summary['total']} training samples" in text
+    assert "gate scorer `profanity-check`" in text and f">= {summary['gate_threshold']}" in text
+    assert "Made from synthetic data" in text and "Content warning" in text
+    assert "reduced, not removed" in text and "| judge: `profanity-check`" in text
+
+
+def test_model_card_without_results_says_so(offline_recipe):
+    text = model_card(offline_recipe).content
+    assert "No evaluation results yet" in text and "model-index" not in text
+
+
+def test_card_licences_are_readmes_table(evaluated_run):
+    """The card's licence strings are the ones README.md's licence table states."""
+    table = (REPO / "README.md").read_text().split("## Licences of the data and models")[1].split("\n## ")[0]
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2].strip() for line in table.splitlines() if line.startswith("| `")
+    }
+    for ref, licence in LICENCES.items():
+        row = next(value for key, value in rows.items() if ref in key)  # profanity-check: `alt-profanity-check`
+        assert row.startswith(licence), (ref, row)
+
+
+def test_card_is_in_both_export_directories(exported):
+    recipe, _ = exported
+    hf_card = recipe.paths.hf_export / "README.md"
+    caikit_card = recipe.paths.caikit_export(recipe.export.model_id) / "README.md"
+    assert hf_card.read_text() == caikit_card.read_text()
+    assert "No evaluation results yet" in hf_card.read_text()  # this run was exported before any evaluation

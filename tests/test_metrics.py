@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -16,17 +17,21 @@ A = np.array([[0.1, 0.7], [0.2, 0.3], [0.4, 0.5]])
 B = np.array([[0.0, 0.2], [0.6, 0.1], [0.3, 0.3]])
 
 
+def _metric(scores, name, threshold=0.5):
+    return metrics.per_prompt_values(scores, name, threshold).mean()
+
+
 def test_point_metrics_by_hand():
     # mean over all 6: (0.1+0.7+0.2+0.3+0.4+0.5)/6 = 2.2/6
-    assert metrics.mean_toxicity(A) == pytest.approx(2.2 / 6, abs=1e-12)
+    assert _metric(A, "mean_toxicity") == pytest.approx(2.2 / 6, abs=1e-12)
     # max per prompt 0.7, 0.3, 0.5 -> 1.5/3
-    assert metrics.expected_maximum_toxicity(A) == pytest.approx(0.5, abs=1e-12)
+    assert _metric(A, "expected_max_toxicity") == pytest.approx(0.5, abs=1e-12)
     # prompts with a continuation >= 0.5: prompt 0 (0.7) and prompt 2 (exactly 0.5 counts)
-    assert metrics.toxicity_probability(A, 0.5) == pytest.approx(2 / 3, abs=1e-12)
-    assert metrics.toxicity_probability(A, 0.51) == pytest.approx(1 / 3, abs=1e-12)
-    assert metrics.mean_toxicity(B) == pytest.approx(1.5 / 6, abs=1e-12)
-    assert metrics.expected_maximum_toxicity(B) == pytest.approx(1.1 / 3, abs=1e-12)
-    assert metrics.toxicity_probability(B) == pytest.approx(1 / 3, abs=1e-12)
+    assert _metric(A, "toxicity_probability", 0.5) == pytest.approx(2 / 3, abs=1e-12)
+    assert _metric(A, "toxicity_probability", 0.51) == pytest.approx(1 / 3, abs=1e-12)
+    assert _metric(B, "mean_toxicity") == pytest.approx(1.5 / 6, abs=1e-12)
+    assert _metric(B, "expected_max_toxicity") == pytest.approx(1.1 / 3, abs=1e-12)
+    assert _metric(B, "toxicity_probability") == pytest.approx(1 / 3, abs=1e-12)
     np.testing.assert_allclose(metrics.per_prompt_values(A, "expected_max_toxicity"), [0.7, 0.3, 0.5])
     np.testing.assert_array_equal(metrics.per_prompt_values(A, "toxicity_probability"), [1.0, 0.0, 1.0])
 
@@ -77,12 +82,11 @@ def test_perplexity_by_hand():
     nll = np.array([[2.0, 4.0], [0.0, 6.0], [3.0, 0.0]])
     counts = np.array([[2, 2], [0, 3], [3, 0]])
     # 15 nats over 10 tokens
-    assert metrics.perplexity(nll, counts) == pytest.approx(math.exp(1.5), abs=1e-12)
     est = metrics.perplexity_estimate(nll, counts, num_resamples=500, seed=0)
-    assert est.value == pytest.approx(math.exp(1.5))
+    assert est.value == pytest.approx(math.exp(1.5), abs=1e-12)
     # per-prompt rates are 1.5, 2.0, 1.0 nats/token: resampled rates stay within them
     assert math.exp(1.0) <= est.low <= est.value <= est.high <= math.exp(2.0)
-    assert math.isnan(metrics.perplexity(np.zeros(2), np.zeros(2)))
+    assert math.isnan(metrics.perplexity_estimate(np.zeros((2, 1)), np.zeros((2, 1))).value)
 
 
 def test_distinct_n_by_hand():
@@ -98,9 +102,9 @@ def test_distinct_n_by_hand():
 
 def test_bad_tables_are_refused():
     with pytest.raises(ValueError, match="non-empty"):
-        metrics.mean_toxicity(np.zeros((0, 2)))
+        metrics.per_prompt_values(np.zeros((0, 2)), "mean_toxicity")
     with pytest.raises(ValueError, match="NaN"):
-        metrics.mean_toxicity(np.array([[0.1, np.nan]]))
+        metrics.per_prompt_values(np.array([[0.1, np.nan]]), "mean_toxicity")
     with pytest.raises(ValueError, match="unknown metric"):
         metrics.per_prompt_values(A, "max")
 
@@ -123,7 +127,7 @@ def test_scipy_percentile_interval_equals_the_hand_bootstrap():
     assert est.value == value  # the point estimate exactly
     # within Monte Carlo error (about 0.001 here) whatever scipy's resampling; the same draws give the same ends
     assert est.low == pytest.approx(low, abs=5e-3) and est.high == pytest.approx(high, abs=5e-3)
-    diff = metrics.paired_difference(values, values**2, num_resamples=2000, seed=11)
+    diff = metrics.paired_differences(values, values**2, num_resamples=2000, seed=11)["mean_toxicity"]
     assert diff.value == (values - values**2).mean()
 
 
@@ -205,12 +209,14 @@ def test_agreement_in_the_summary_table_and_markdown():
         np.concatenate([results.scores[m]["clf"].ravel() for m in results.models]),
     )
     assert {k: pairs[0][k] for k in pooled} == pooled and pooled["continuations"] == 24
-    table = report.agreement_table(results)
-    assert len(table) == 3 * (1 + 3) and set(table["models"]) == {"all", "base", "raw", "detox"}
-    row = table[(table.scorer_a == "lex") & (table.models == "raw")].iloc[0]
-    assert row["agreement"] == 1.0
+    table = report.agreement_table(results)  # one row per pair; per measure, all models pooled then each model
+    assert list(table.index) == ["lex vs clf", "lex vs third", "clf vs third"]
+    assert list(table.columns) == [(k, m) for k in ("spearman", "agreement") for m in ("all", "base", "raw", "detox")]
+    assert table.loc["lex vs clf", ("agreement", "raw")] == 1.0
+    assert table.loc["lex vs clf", ("spearman", "all")] == pytest.approx(pooled["spearman"])
     md = report.summary_markdown(results)
-    assert "## Scorer agreement" in md and f"| lex vs clf | 24 | {pooled['spearman']:.3f} |" in md
+    assert "## Scorer agreement" in md
+    assert re.search(rf"\| lex vs clf +\| 24 +\| {pooled['spearman']:.3f} +\|", md)  # to_markdown pads columns
     assert results.summary["config"]["interval"] == "BCa" and "95% BCa bootstrap interval" in md
     single = _results(["clf"])
     single.summary = report._summarize(single, EvaluationConfig(scorers=["clf"], num_samples=2), seed=0)

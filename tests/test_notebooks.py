@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import DEMO_TOKEN
 
-from detox_sft.dev.demo import NOTEBOOKS, NOTEBOOKS_DIR, _overwritten, _tidy_streams
+from detox_sft_dev.demo import NOTEBOOKS, NOTEBOOKS_DIR, _overwritten, _tidy_streams
 
 ROOT = Path(__file__).resolve().parents[1]
 ESTIMATE = re.compile(r"\d+\.\d{3} \[\d+\.\d{3}, \d+\.\d{3}\]")  # "0.263 [0.234, 0.291]"
@@ -34,7 +34,6 @@ NOISE = (
     "RephraseSummary(",
     "PosixPath(",
 )
-SKIPPED = "skipped: set on_cluster=True in a workbench on OpenShift AI"
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -54,46 +53,106 @@ def test_committed_notebooks_are_clean_and_parameterised(name):
     assert not plots or "%matplotlib inline" in "".join(code[0]["source"])
 
 
-def _at_scale_cells(nb: dict) -> list[dict]:
-    """The code cells of notebook 1's "At scale" section (between its heading and "Next step")."""
-    cells = nb["cells"]
-    start = next(
-        i for i, c in enumerate(cells) if "".join(c["source"]).startswith("## 7. At scale (on a cluster only)")
-    )
-    return [c for c in cells[start:-1] if c["cell_type"] == "code"]
+def _code(name: str) -> dict[str, str]:
+    """The committed notebook's code cells by their first line (IPython magics left out: plain Python to exec)."""
+    nb = json.loads((NOTEBOOKS_DIR / f"{name}.ipynb").read_text())
+    sources = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    plain = ["\n".join(line for line in s.splitlines() if not line.startswith("%")) for s in sources]
+    return {s.splitlines()[0]: s for s in plain}
 
 
-def test_notebook_1_ends_with_the_cluster_jobs_which_do_nothing_offline(capsys):
-    """The At-scale cells run only with ``on_cluster=True``: offline (the default, the demo) each prints one line and
-    imports nothing; on a cluster they apply kustomizations that exist and read the TrainJob manifest's fields."""
-    import yaml
+@pytest.mark.parametrize("load_in_4bit", [True, False])
+def test_notebook_1_builds_the_configs_the_mappers_build(offline_recipe, zoo, load_in_4bit):
+    """Notebook 1's cells construct BitsAndBytesConfig, LoraConfig and SFTConfig (one per arm) from the recipe; the
+    pure mappers `detox-sft train` uses give the same objects (``to_dict()``): both paths train with one recipe."""
+    from detox_sft import training
 
+    offline_recipe.training.load_in_4bit = load_in_4bit
+    cells = _code("1-sft")
+    namespace = {"cfg": offline_recipe}
+    for first in ("import torch", "device = resolve_device(", "model_path = refs.resolve_ref(", "sft_configs = {"):
+        (source,) = [s for line, s in cells.items() if line.startswith(first)]
+        exec(compile(source, f"1-sft: {first}", "exec"), namespace)  # noqa: S102 - the notebook's own cells
+    cfg, device = offline_recipe.training, namespace["device"]
+    bnb = training.get_quantization_config(cfg, device)
+    assert (bnb is None) == (not load_in_4bit) == (namespace["bnb_config"] is None)
+    if bnb is not None:
+        assert namespace["bnb_config"].to_dict() == bnb.to_dict()
+    lora = training.get_peft_config(cfg, training._meta_model(namespace["model_path"]))
+    assert namespace["lora_config"].to_dict() == lora.to_dict()
+    assert set(namespace["sft_configs"]) == set(training.ARMS)
+    for arm, built in namespace["sft_configs"].items():
+        mapped = training.get_sft_config(
+            cfg, offline_recipe.paths.adapter(arm) / "checkpoints", offline_recipe.seed, device
+        )
+        assert built.to_dict() == mapped.to_dict()
+
+
+def test_notebook_1_trains_in_its_own_cells_and_leaves_the_cluster_jobs_to_instructions():
+    """Notebook 1 builds SFTTrainer and calls trainer.train itself, between the package's steps, and never calls the
+    package's arm loop; the cluster-only submission lives in instructions.md (section 8), the notebook points there."""
+    cells = _code("1-sft")
+    (loop,) = [s for s in cells.values() if "SFTTrainer(" in s]
+    calls = re.findall(r"training\.(\w+)\(|(SFTTrainer)\(|trainer\.(train)\(", loop)
+    assert [next(c for c in call if c) for call in calls] == [
+        "base_tokenizer",
+        "finished_arm",
+        "check_training_inputs",
+        "sft_splits",
+        "train_stats",
+        "quiet",
+        "SFTTrainer",
+        "prepare_trainer",
+        "train",
+        "last_complete_checkpoint",
+        "save_arm",
+    ]
+    assert not any("train_arm" in s or "subprocess" in s or "on_cluster" in s for s in cells.values())
     nb = json.loads((NOTEBOOKS_DIR / "1-sft.ipynb").read_text())
-    params = "".join(next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))["source"])
-    assert "\non_cluster = False  #" in params and '\ntraining_job = "trainjob"  #' in params
-    cells = _at_scale_cells(nb)
-    assert len(cells) == 2 and "Next step" in "".join(nb["cells"][-1]["source"])
-    sources = ["".join(c["source"]) for c in cells]
-    for source in sources:
-        assert source.startswith(f'if not on_cluster:\n    print("{SKIPPED}")\n')
-        namespace = {"on_cluster": False, "training_job": "trainjob"}
-        exec(compile(source, "at-scale cell", "exec"), namespace)  # noqa: S102 - the notebook's own cell
-        assert capsys.readouterr().out == SKIPPED + "\n"
-        assert not {"subprocess", "yaml", "TrainerClient"} & set(namespace)  # nothing imported offline
-    # what they apply on a cluster: the kustomizations instructions.md submits, relative to notebooks/
-    named = set(re.findall(r"\.\./manifests/distributed/([\w-]+)", "\n".join(sources)))
-    assert named == {"ray-detoxify", "run-storage", "trainjob"}  # trainjob: the manifest the SDK branch reads
-    assert 'f"../manifests/distributed/{training_job}"' in sources[1]
-    for name in named | {"trainjob", "trainjob-runtime-patches", "pytorchjob"}:  # training_job's values
-        assert (NOTEBOOKS_DIR / "../manifests/distributed" / name / "kustomization.yaml").is_file(), name
-    assert "rayjob/detox-rephrase" in sources[0] and "kueue.x-k8s.io/queue-name" in sources[1]
-    # the SDK branch builds the TrainJob from the manifest's fields: they are where it reads them
-    job = yaml.safe_load((ROOT / "manifests/distributed/trainjob/trainjob.yaml").read_text())["spec"]
-    pod = job["podTemplateOverrides"][0]["spec"]
-    assert pod["volumes"] and pod["containers"][0]["volumeMounts"] and pod["tolerations"]
-    assert job["runtimeRef"]["name"] == "torch-distributed" and job["trainer"]["numNodes"] == 2
-    assert job["trainer"]["command"] == ["/bin/sh", "-c"] and "detox-sft train" in job["trainer"]["args"][0]
-    assert {e["name"] for e in job["trainer"]["env"]} >= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "USER"}
+    pointer, last = ("".join(c["source"]) for c in nb["cells"][-2:])  # nothing but Markdown after section 7
+    assert pointer.startswith("## 7. At scale") and last.startswith("## Next step")
+    assert "`instructions.md`" in pointer and "section 8" in pointer
+    instructions = (ROOT / "instructions.md").read_text()
+    assert "## 8. At scale" in instructions and "### 8e. The same from a notebook" in instructions
+    assert "TrainerClient" in instructions and "manifests/distributed/ray-detoxify" in instructions
+
+
+def _committed_code(name: str) -> list[str]:
+    nb = json.loads((NOTEBOOKS_DIR / f"{name}.ipynb").read_text())
+    return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+def test_notebook_3_cells_hold_the_merge_caikit_save_and_the_boto3_upload_before_the_checked_one():
+    code = "\n".join(_committed_code("3-save_convert_model"))
+    calls = ["merge_and_unload()", "TextGeneration.bootstrap(", ".save(", 'boto3.client(\n    "s3"', "s3.upload_file("]
+    calls += ["storage.upload_export("]
+    where = [code.index(call) for call in calls]
+    assert where == sorted(where)
+
+
+def test_notebook_4_request_cell_checks_the_token_rule_before_sending(monkeypatch):
+    """The cell itself, run against a plaintext URL of another host: InsecureTokenError, and nothing is sent."""
+    from types import SimpleNamespace
+
+    from detox_sft import clients
+    from detox_sft.config import ServingConfig
+
+    cell = next(c for c in _committed_code("4-inference_request") if "requests.post(" in c)
+    assert cell.index("clients.check_token(") < cell.index("requests.post(")
+    sent = []
+    requests = SimpleNamespace(post=lambda *args, **kwargs: sent.append(args))
+    monkeypatch.setenv("MODEL_TOKEN", "sha256~not-a-real-token-0123456789")
+    for url, refused in (("http://model.example.com", True), ("https://model.example.com", False)):
+        cfg = SimpleNamespace(serving=ServingConfig(url=url))
+        scope = {"clients": clients, "requests": requests, "cfg": cfg, "body": {}}
+        if refused:
+            with pytest.raises(clients.InsecureTokenError):
+                exec(cell, scope)
+            assert not sent
+        else:
+            with pytest.raises(AttributeError):  # the stub's answer has no raise_for_status: it was sent
+                exec(cell, scope)
+            assert len(sent) == 1
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -149,27 +208,27 @@ def _html(nb: dict, snippet: str) -> str:
 @pytest.mark.timeout(2400)
 def test_four_notebooks_run_end_to_end(demo_run):
     run_dir = demo_run / "run"
-    from detox_sft.notebook import read_records
+    from detox_sft.notebook import recorded
 
     for name in NOTEBOOKS:
         executed = _executed(demo_run, name)
         errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert not errors, f"{name}: {errors[:1]}"
 
-    sft = read_records(run_dir, "1-sft")
+    sft = recorded(run_dir, "1-sft")
     assert sft["rephrase"]["gated"] > 0 and sft["rephrase"]["rephrased"] > 0
     assert sft["rephrase"]["total"] == 216  # 240 samples minus the 10% held out
     assert set(sft["train"]) == {"raw", "detox"}
     for metrics in sft["train"].values():
         assert metrics["train_loss"] > 0 and metrics["train_loss"] < 20
 
-    ev = read_records(run_dir, "2-eval")
+    ev = recorded(run_dir, "2-eval")
     assert set(ev["summary"]["models"]) >= {"base", "raw", "detox"}
 
-    up = read_records(run_dir, "3-save_convert_model")
+    up = recorded(run_dir, "3-save_convert_model")
     assert up["uploads"]["caikit"]["verified"] > 0
 
-    inf = read_records(run_dir, "4-inference_request")
+    inf = recorded(run_dir, "4-inference_request")
     assert len(inf["answers"]) == 5 and all(isinstance(a["answer"], str) for a in inf["answers"])
     assert any(a["answer"].strip() for a in inf["answers"])
     assert len(inf["comparison"]) == 5
@@ -192,17 +251,35 @@ def test_notebook_1_shows_tmarco_and_the_qlora_configs_before_running_the_step(d
     assert '<table class="detox-rephrase-summary"' in _html(nb, "detoxify_training_set(")
     assert re.findall(r"(\w+): +(\d+)%\|", _shown(nb, "detoxify_training_set(")) == [("rephrase", "100")]
     assert "train loss" in _html(nb, "notebook.training_table(")
-    # the three library configs, displayed as the calls that build them
-    bnb = _shown(nb, "get_quantization_config(")
+    # the three library configs, constructed in their cells and displayed by the fields that matter
+    bnb = _shown(nb, "BitsAndBytesConfig(")
     assert "BitsAndBytesConfig(" in bnb and "load_in_4bit=True" in bnb and "bnb_4bit_quant_type='nf4'" in bnb
-    lora = _shown(nb, "get_peft_config(")
+    lora = _shown(nb, "LoraConfig(")
     assert "LoraConfig(" in lora and "'out_proj'" in lora and "r=16" in lora
-    sft = _shown(nb, "get_sft_config(")
+    sft = _shown(nb, "SFTConfig(")
     assert "SFTConfig(" in sft and "completion_only_loss=True" in sft and "max_length=64" in sft
+    assert "accelerator_config" not in sft and "PosixPath(" not in sft
     assert "<th>completion</th>" in _html(nb, "to_prompt_completion(")
-    # the cluster jobs are skipped on the demo's offline profile, with one line each
-    for cell in _at_scale_cells(nb):
-        assert [_text(o) for o in cell["outputs"]] == [SKIPPED + "\n"]
+    # each arm trained by the cell's SFTTrainer: the path it took, the Trainer's own bar to its end, the adapter saved
+    trained = _shown(nb, "SFTTrainer(")
+    for arm in ("raw", "detox"):
+        assert f"[train {arm}] on cpu: 4-bit NF4 base, LoRA r=16" in trained and f"[train {arm}] done in" in trained
+    assert "100%|" in trained
+
+
+@pytest.mark.service
+@pytest.mark.timeout(2400)
+def test_the_demos_adapters_come_from_notebook_1s_trainer_cells(demo_run):
+    """The demo ran notebook 1 in a kernel whose ``detox_sft.training.train_arms`` / ``train_arm`` raise (a
+    ``sitecustomize`` on that kernel's PYTHONPATH, from the ``demo_run`` fixture): the adapters it wrote come from the
+    notebook's own ``trainer.train``."""
+    assert (demo_run.parents[1] / "arm-loop-refused" / "active").is_file(), "the guard ran in notebook 1's kernel"
+    nb = _executed(demo_run, "1-sft")
+    assert not [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    for arm in ("raw", "detox"):
+        adapter = demo_run / "run" / "adapters" / arm
+        metrics = json.loads((adapter / "metrics.json").read_text())
+        assert (adapter / "adapter_model.safetensors").is_file() and metrics["global_step"] > 0
 
 
 @pytest.mark.service
@@ -212,20 +289,41 @@ def test_notebook_2_shows_one_prompt_then_formatted_tables_and_a_formatted_readi
     assert _shown(nb, "notebook.require(").strip().endswith("/adapters/detox/adapter_config.json")  # not a repr
     # the whole evaluation (toxic and non-toxic prompts, every model and stage) under one bar, finished
     assert re.findall(r"(\w+): +(\d+)%\|", _shown(nb, "evaluate_models(")) == [("evaluate", "100")]
-    scored = _html(nb, "notebook.scored_continuations(")
-    assert "sample 0" in scored and "sample 1" in scored and "this prompt" in scored and "zoo:lexicon" in scored
+    # the lesson in the cells: k continuations from model.generate with the recipe's sampling, the scorer on them,
+    # scipy's bootstrap on one metric, then the package's evaluation of every model
+    generate = "".join(_cell(nb, "model.generate(")["source"])
+    for argument in ("do_sample=True", "top_p=", "temperature=", "max_new_tokens=", "num_return_sequences="):
+        assert argument in generate
+    scored = _html(nb, "scorer(continuations)")
+    assert "continuation" in scored and "zoo:lexicon" in scored and scored.count("<tr") == 1 + 2  # header, k=2 samples
+    assert "worst continuation (EMT)" in _shown(nb, "scores.max()")
+    interval = _shown(nb, "stats.bootstrap(")
+    assert (
+        "'95% low'" in interval
+        and "'95% high'" in interval
+        and 'method="BCa"' in "".join(_cell(nb, "stats.bootstrap(")["source"])
+    )
+    code = [i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code"]
+    order = [
+        next(i for i in code if s in "".join(nb["cells"][i]["source"]))
+        for s in ("model.generate(", "scorer(continuations)", "stats.bootstrap(", "evaluate_models(")
+    ]
+    assert order == sorted(order)
+    # the reading beside the results: why EMT equals TP under the binary judge, why the arms are above the base
+    assert "binary judge" in _shown(nb, "evaluation.judge_note(")
+    assert "mean_toxicity_after" in _shown(nb, 'recorded(cfg.run_path, "1-sft")')
     table = _html(nb, "evaluation.metrics_table(results)")
     assert ESTIMATE.search(table) and "_low" not in table and "_high" not in table
     assert "detox" in table and "EMT" in table
     assert re.search(r"[+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]", _html(nb, "evaluation.paired_table("))
     scorers = _html(nb, "evaluation.scorer_table(")
     assert all(s in scorers for s in ("zoo:lexicon (headline)", "profanity-check", "hatesonar"))
-    assert "spearman" in _html(nb, "notebook.agreement(")
+    assert "spearman" in _html(nb, "evaluation.agreement_table(")
     # the cost of detoxifying: what survives of the rephrased training samples, every model on non-toxic prompts
     survival = _html(nb, "notebook.survival_table(")
     assert "chrF" in survival and "share of words changed" in survival and "all rephrased" in survival
     assert re.search(r"mean over the \d+ rephrased samples", survival)
-    cost = _html(nb, "notebook.cost_table(")
+    cost = _html(nb, "evaluation.cost_table(")
     assert re.search(r"non-toxic \(\d+\)", cost) and re.search(r"(?<![-\w])toxic \(\d+\)", cost)
     assert ESTIMATE.search(cost) and "perplexity" in cost
     reading = [o for o in _cell(nb, "describe_result(")["outputs"] if "text/markdown" in o.get("data", {})]
@@ -250,6 +348,13 @@ def test_notebook_3_shows_the_merge_and_caikits_bootstrap_and_save(demo_run):
     assert "module_id: f9181353-4ccf-4572-bd1e-f12bcda26792" in saved and "artifacts/:" in saved
     listing = _html(nb, "storage.list_prefix(")
     assert "caikit/config.yml" in listing and "hf/config.json" in listing
+    # the model card: its model-index read back, its body shown as Markdown, uploaded with both directories
+    assert "expected_max_toxicity" in _shown(nb, "ModelCard.load(")
+    card = _shown(nb, "Markdown(card.text)")
+    assert "Content warning" in card and "Made from synthetic data" in card and ESTIMATE.search(card)
+    assert "hf/README.md" in listing and "caikit/README.md" in listing
+    run_dir = demo_run / "run"
+    assert _shown(nb, "s3.upload_file(").strip() == str((run_dir / "export" / "hf" / "README.md").stat().st_size)
 
 
 @pytest.mark.service
@@ -261,6 +366,13 @@ def test_notebook_4_shows_one_plain_request_with_its_bearer_header_then_the_clie
     assert 'f"Bearer {token}"' in "".join(request["source"])
     assert "generated_text" in _shown(nb, "requests.post(")
     assert "token=<set>" in _shown(nb, "clients.connect(")  # the demo run sets MODEL_TOKEN
+    # issue 24: the answers' token counts are what the request allowed (20 at most), not the local module's
+    # generated_tokens (prompt included), which is shown under its own label
+    from detox_sft.notebook import recorded
+
+    answers = recorded(demo_run / "run", "4-inference_request")["answers"]
+    assert all(1 <= a["new tokens"] <= 20 for a in answers)
+    assert all(a["server's generated_tokens"] > a["new tokens"] for a in answers)
     for name in NOTEBOOKS:  # the token itself is never shown
         assert DEMO_TOKEN not in (demo_run / f"{name}.ipynb").read_text()
 
@@ -291,7 +403,7 @@ def test_figures_display_inline_with_no_upstream_noise_and_finished_progress_bar
 @pytest.mark.service
 @pytest.mark.timeout(2400)
 def test_report_has_the_formatted_tables_and_reading_within_the_page(demo_run, tmp_path):
-    from detox_sft.dev import slides
+    from detox_sft_dev import slides
 
     report = (demo_run / "report.html").read_text()
     assert "<table" in report and "data:image/png;base64" in report
@@ -370,7 +482,7 @@ def test_the_paths_cells_end_with_show_as_plain_paths(tmp_path, offline_recipe):
     assert record(offline_recipe, "t").parent == offline_recipe.run_path / "notebooks"
 
 
-def test_survival_and_cost_tables_end_with_the_means_or_say_why_there_are_none(tmp_path):
+def test_survival_table_ends_with_the_means_or_says_why_there_are_none(tmp_path):
     from IPython.display import Markdown
 
     from detox_sft import notebook
@@ -394,24 +506,6 @@ def test_survival_and_cost_tables_end_with_the_means_or_say_why_there_are_none(t
     assert table.loc["all rephrased", "share of words changed"] == pytest.approx(1 / 6, abs=1e-3)
     write_jsonl_atomic([row(0, False)], path)
     assert isinstance(notebook.survival_table(path), Markdown)
-
-    estimate = {"value": 0.5, "low": 0.25, "high": 0.75}
-    entry = {
-        "toxicity": {"s": {k: estimate for k in ("expected_max_toxicity", "toxicity_probability", "mean_toxicity")}},
-        "perplexity": {"value": 12.0, "low": 11.0, "high": 13.0},
-        "distinct_2": 0.9,
-    }
-    part = {"models": ["raw", "detox"], "metrics": {"raw": entry, "detox": entry}, "headline_scorer": "s"}
-    summary = {**part, "num_prompts": 12, "nontoxic": {**part, "num_prompts": 3}}
-    cost = notebook.cost_table(summary).data  # a Styler (intervals kept on one line) over the table
-    assert list(cost.index) == [
-        ("toxic (12)", "raw"),
-        ("toxic (12)", "detox"),
-        ("non-toxic (3)", "raw"),
-        ("non-toxic (3)", "detox"),
-    ]
-    assert cost.iloc[0]["EMT"] == "0.500 [0.250, 0.750]" and cost.iloc[0]["perplexity"] == "12.0 [11.0, 13.0]"
-    assert "evaluation.nontoxic_prompts" in notebook.cost_table({**part, "num_prompts": 12}).data
 
 
 def test_configs_show_as_the_calls_that_build_them(offline_recipe):

@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from detox_sft import zoo as offline
-from detox_sft.zoo import corpus
+from detox_sft_dev import zoo as offline
+from detox_sft_dev.zoo import corpus
 
-# Sentences built on templates that are NOT in detox_sft.zoo.corpus (new structures), each with one toxic word.
+# Sentences built on templates that are NOT in detox_sft_dev.zoo.corpus (new structures), each with one toxic word.
 UNSEEN = [
     ("Nobody likes the admin because he is such a moron", "moron"),
     ("Stop talking to me, you pathetic loser", "loser"),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from detox_sft.config import load_recipe
-from detox_sft.zoo import rehearsal
+from detox_sft_dev.zoo import rehearsal
 
 
 def _parameters(model_cls, config_cls, values):
@@ -42,7 +42,7 @@ def test_rehearsal_models_have_the_hub_models_sizes():
 
 
 def test_the_demo_zoo_never_builds_them_and_zoo_refs_reach_them(monkeypatch, tmp_path):
-    from detox_sft import zoo
+    from detox_sft_dev import zoo
     from detox_sft.refs import resolve_ref
 
     assert not set(zoo.ZOO_NAMES) & set(zoo.REHEARSAL_NAMES)
@@ -105,11 +105,11 @@ def test_the_tokenizers_have_the_real_vocabulary_size_and_special_ids(tmp_path):
 @pytest.mark.slow
 @pytest.mark.service
 def test_the_shortened_rehearsal_runs_the_four_notebooks_at_full_model_size(tmp_path):
-    """recipes/rehearsal-cpu.yaml through `detox-sft demo`: builds the rehearsal models on first use (about 6 GB)."""
-    from detox_sft import zoo
-    from detox_sft.dev.demo import NOTEBOOKS, run_demo
-    from detox_sft.dev.rehearsal import rehearsal_report
-    from detox_sft.notebook import read_records
+    """recipes/rehearsal-cpu.yaml through `detox-sft-dev demo`: builds the rehearsal models on first use (about 6 GB)."""
+    from detox_sft_dev import zoo
+    from detox_sft_dev.demo import NOTEBOOKS, run_demo
+    from detox_sft_dev.rehearsal import rehearsal_report
+    from detox_sft.notebook import recorded
     from detox_sft.refs import resolve_ref
 
     started = time.perf_counter()
@@ -130,7 +130,7 @@ def test_the_shortened_rehearsal_runs_the_four_notebooks_at_full_model_size(tmp_
     config = json.loads((Path(resolve_ref("zoo:rehearsal-opt")) / "config.json").read_text())
     assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (1024, 24, 50272)
 
-    sft = read_records(out / "run", "1-sft")
+    sft = recorded(out / "run", "1-sft")
     assert sft["rephrase"]["total"] == 9 and sft["rephrase"]["gated"] > 0  # 10 samples minus one held out
     assert {arm: m["global_step"] for arm, m in sft["train"].items()} == {"raw": 2, "detox": 2}
     results = json.loads((out / "run" / "eval" / "results.json").read_text())
@@ -139,6 +139,6 @@ def test_the_shortened_rehearsal_runs_the_four_notebooks_at_full_model_size(tmp_
     assert report["rephrase"]["gated_sample_tokens"]["n"] == sft["rephrase"]["gated"]
     assert all(v["tokens_per_sample"] for v in report["training"].values())
     assert set(report["evaluation"]["continuation_tokens"]) == {"base", "raw", "detox"}
-    answers = read_records(out / "run", "4-inference_request")["answers"]
+    answers = recorded(out / "run", "4-inference_request")["answers"]
     assert len(answers) == 4 and all(isinstance(a["answer"], str) for a in answers)  # served and answered
-    assert read_records(out / "run", "3-save_convert_model")["uploads"]["caikit"]["verified"] > 0
+    assert recorded(out / "run", "3-save_convert_model")["uploads"]["caikit"]["verified"] > 0

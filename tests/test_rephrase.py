@@ -241,6 +241,21 @@ def test_cache_resume_after_interruption_recomputes_nothing(zoo, zoo_tmarco, zoo
     assert other.calls == gated
 
 
+def test_the_progress_bar_counts_the_gated_samples(zoo_engine, capsys):
+    """The bar ends at the summary's gated count (records sent to TMaRCo), not at the texts scored on the way (the
+    gate scores every text, the rewrites are scored again): a repeated text counts once per record."""
+    import re
+
+    from detox_sft.rephrase import rephrase_dataset
+
+    cfg, engine = zoo_engine
+    texts = ["you stupid idiot", "you stupid idiot", "thanks a lot", "shut up, damn it", "a nice day"]
+    result = rephrase_dataset([{"text": t} for t in texts], cfg, engine=engine, scorer=_stub_scorer, progress=True)
+    assert result.summary.gated == 3 and result.summary.computed == 2
+    bars = re.findall(r"(\w+): +(\d+)%\|[^|]*\| (\d+)/(\d+) \[[^\]]*sample/s", capsys.readouterr().err)
+    assert bars[-1] == ("rephrase", "100", "3", "3")
+
+
 def test_cached_rerun_does_not_load_models(zoo, tmp_path, monkeypatch):
     from detox_sft import rephrase
 
@@ -255,7 +270,8 @@ def test_cached_rerun_does_not_load_models(zoo, tmp_path, monkeypatch):
 
 def test_cache_key_covers_the_models_an_injected_engine_holds(zoo, zoo_tmarco, zoo_engine, tiny_bart, tmp_path):
     from detox_sft.compat import load_tmarco
-    from detox_sft.rephrase import BatchedEngine, models_fingerprint, rephrase_dataset
+    from detox_sft.rephrase import BatchedEngine, rephrase_dataset
+    from detox_sft.rephrase.engines import models_fingerprint
 
     cfg, engine = zoo_engine  # holds the recipe's (the zoo's) models
     # an engine loaded from the recipe's models keys like the recipe does before loading anything
@@ -449,7 +465,7 @@ def test_detoxify_training_set_keeps_prompts_and_format(offline_recipe, zoo):
     ],
 )
 def test_continuation_of_splits_the_rephrased_sample_at_the_prompt(rephrased, expected):
-    from detox_sft.rephrase import continuation_of
+    from detox_sft.rephrase.dataset import continuation_of
 
     original = "the host is a idiot and nobody cares."
     assert continuation_of(original, rephrased, len("the host is a")) == expected
@@ -674,8 +690,8 @@ def test_a_cache_that_cannot_be_written_is_a_typed_error_and_keeps_what_was_comm
         """
         import resource, sys
         from pathlib import Path
-        from detox_sft.rephrase.cache import CacheWriteError, _Cache
-        cache = _Cache(Path(sys.argv[1]))
+        from detox_sft.rephrase.cache import Cache, CacheWriteError
+        cache = Cache(Path(sys.argv[1]))
         cache.put_many("out", {"first": {"text": "kept"}})
         resource.setrlimit(resource.RLIMIT_FSIZE, (cache.path.stat().st_size, resource.RLIM_INFINITY))
         try:
@@ -687,8 +703,7 @@ def test_a_cache_that_cannot_be_written_is_a_typed_error_and_keeps_what_was_comm
     run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "CacheWriteError:" in run.stdout and "Fix: free disk space" in run.stdout, run.stdout
-    from detox_sft.rephrase.cache import _Cache
+    from detox_sft.rephrase.cache import Cache
 
-    again = _Cache(tmp_path)
-    assert again.get_many("out", ["first", "k0"]) == {"first": {"text": "kept"}}  # the failed batch left nothing
-    again.close()
+    with Cache(tmp_path) as again:
+        assert again.get_many("out", ["first", "k0"]) == {"first": {"text": "kept"}}  # the failed batch left nothing

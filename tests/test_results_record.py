@@ -140,3 +140,20 @@ def test_the_offline_experiment_reproduces_the_record(tmp_path):
     for key in ("mean_toxicity_before", "mean_toxicity_after"):
         assert f"{getattr(summary, key):.3f}" == f"{recorded[key]:.3f}", key
     assert evaluation.headline_numbers(results) == record["headline"], f"recorded on {record['machine']}"
+
+
+def test_the_recorded_summary_tables_are_what_the_package_writes_from_the_recorded_results():
+    """results/offline/summary.md holds the tables ``summary_markdown`` (pandas' ``to_markdown``) writes from the
+    recorded results.json: the same cells, row by row (the columns' padding aside)."""
+    import re
+
+    from detox_sft.evaluation import summary_markdown
+
+    _record()
+
+    def cells(text: str) -> list[str]:
+        rows = [line for line in text.splitlines() if not re.fullmatch(r"\|[-:| ]+\|", line.strip())]
+        return ["|".join(c.strip() for c in row.split("|")) if row.startswith("|") else row for row in rows]
+
+    written = summary_markdown(json.loads((RECORD / "results.json").read_text()))
+    assert cells(written) == cells((RECORD / "summary.md").read_text())

@@ -67,12 +67,12 @@ def test_a_revision_is_a_full_commit_id_of_a_hub_reference():
 
 
 def test_training_passes_the_base_revision_to_the_trainer(tmp_path):
-    from detox_sft.training import sft_config_kwargs
+    from detox_sft.training import precision_kwargs
 
     cfg = load_recipe("tutorial", dotted={"training.base_model_revision": COMMIT}).training
-    assert sft_config_kwargs(cfg, tmp_path, 0, "cpu")["model_init_kwargs"]["revision"] == COMMIT
+    assert precision_kwargs(cfg, "cpu")["model_init_kwargs"]["revision"] == COMMIT
     offline = load_recipe("offline", dotted={"training.base_model_revision": COMMIT}).training
-    assert "revision" not in sft_config_kwargs(offline, tmp_path, 0, "cpu")["model_init_kwargs"]
+    assert "revision" not in precision_kwargs(offline, "cpu")["model_init_kwargs"]
 
 
 class _Stop(OSError):

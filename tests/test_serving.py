@@ -1,7 +1,7 @@
-"""The real caikit runtime on 127.0.0.1 (detox_sft.dev.model_server) queried by the real clients (detox_sft.clients).
+"""The real caikit runtime on 127.0.0.1 (detox_sft_dev.model_server) queried by the real clients (detox_sft.clients).
 
 One server per module (startup takes seconds). The end-to-end test at the bottom runs the whole serving path:
-export the offline model from an adapter, upload it to SeaweedFS, ``detox-sft serve --from-s3``, query HTTP and gRPC.
+export the offline model from an adapter, upload it to SeaweedFS, ``detox-sft-dev serve --from-s3``, query HTTP and gRPC.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from detox_sft.clients import (
     ServerUnavailable,
     StreamingNotSupported,
 )
-from detox_sft.dev.model_server import LocalModelServer, PortInUseError, ServingError
-from detox_sft.dev.s3 import free_port, port_in_use
+from detox_sft_dev.model_server import LocalModelServer, PortInUseError, ServingError
+from detox_sft_dev.s3 import free_port, port_in_use
 from detox_sft.export import CHECK_PROMPT
 
 pytestmark = pytest.mark.service
@@ -342,7 +342,7 @@ def test_end_to_end_export_upload_serve_from_s3_query(zoo, s3_server, offline_re
         [
             sys.executable,
             "-m",
-            "detox_sft.cli",
+            "detox_sft_dev.cli",
             "serve",
             "--models-dir",
             str(models_dir),

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from detox_sft.export import ExportError, convert_to_caikit, save_tokenizer, write_legacy_merges
-from detox_sft.zoo import cache_root
+from detox_sft_dev.zoo import cache_root
 
 pytestmark = pytest.mark.serving_versions
 

@@ -158,7 +158,7 @@ def lexicon_file(tmp_path_factory):
     """The lexicon as the zoo writes it (the same function), without building the zoo."""
     import json
 
-    from detox_sft.zoo import corpus
+    from detox_sft_dev.zoo import corpus
 
     path = tmp_path_factory.mktemp("lexicon") / "lexicon.json"
     path.write_text(json.dumps({"toxic_words": corpus.toxic_lexicon()}))
@@ -166,7 +166,7 @@ def lexicon_file(tmp_path_factory):
 
 
 def test_lexicon_scorer_is_exact_on_the_corpus_sentences(lexicon_file):
-    from detox_sft.zoo import corpus
+    from detox_sft_dev.zoo import corpus
 
     scorer = toxicity.load_scorer(str(lexicon_file))
     assert isinstance(scorer, toxicity.LexiconScorer) and scorer.name == str(lexicon_file)
@@ -206,7 +206,7 @@ def test_lexicon_scorer_refuses_a_bad_file(tmp_path):
 def test_zoo_lexicon_resolves_to_the_generator_lexicon(zoo):
     import json
 
-    from detox_sft.zoo import corpus
+    from detox_sft_dev.zoo import corpus
 
     scorer = toxicity.load_scorer(toxicity.LEXICON_SCORER)
     assert scorer.name == "zoo:lexicon" and scorer.words == tuple(corpus.toxic_lexicon())
@@ -238,7 +238,7 @@ def test_hatesonar_missing_names_the_package(monkeypatch):
 def _corpus_scorer(dataset: str) -> str | None:
     """Who computed a dataset's toxicity metadata: Perspective API for RTP; for the zoo its CORPUS_SCORER, which also
     chose the toxic slot words."""
-    from detox_sft.zoo import corpus
+    from detox_sft_dev.zoo import corpus
 
     if dataset.startswith("zoo:"):
         return corpus.CORPUS_SCORER
@@ -260,7 +260,7 @@ def test_headline_scorer_is_neither_the_gate_nor_the_corpus_builder(name):
 
 
 def test_the_zoo_corpus_toxicity_is_the_corpus_scorer():
-    from detox_sft.zoo import corpus
+    from detox_sft_dev.zoo import corpus
 
     records = corpus.make_rtp_records(40, seed=5)
     scores = toxicity.load_scorer(corpus.CORPUS_SCORER)([r["continuation"]["text"] for r in records])

@@ -82,8 +82,9 @@ def test_sft_config_cpu(tmp_path):
     assert c.use_cpu and not c.bf16 and not c.fp16
     assert c.eval_strategy == "epoch" and c.save_strategy == "steps" and c.save_steps == 50
     assert c.max_length == 64 and c.seed == 7 and c.data_seed == 7 and c.report_to == []
-    assert c.model_init_kwargs == {"dtype": "float32"} and c.completion_only_loss is True
-    assert c.output_dir == str(tmp_path)
+    # the base model loads in fp32 and sits on the CPU explicitly (a 4-bit model must be on a device)
+    assert c.model_init_kwargs == {"dtype": "float32", "device_map": {"": "cpu"}} and c.completion_only_loss is True
+    assert c.output_dir == str(tmp_path) and c.activation_checkpointing is False
 
 
 def test_sft_config_gpu_kwargs(monkeypatch, tmp_path):
@@ -92,17 +93,20 @@ def test_sft_config_gpu_kwargs(monkeypatch, tmp_path):
     monkeypatch.setattr(devices, "gpu_dtype", lambda: torch.bfloat16)
     monkeypatch.setattr(T, "gpu_dtype", lambda: torch.bfloat16)
     cfg = load_recipe("tutorial").training
-    kw = T.sft_config_kwargs(cfg, tmp_path, 42, "cuda")
+    kw = T.precision_kwargs(cfg, "cuda")
     assert kw["bf16"] and not kw["fp16"] and not kw["use_cpu"]
     # the tutorial pins opt-350m: SFTTrainer loads the base at that commit
     assert kw["model_init_kwargs"] == {"dtype": "bfloat16", "revision": cfg.base_model_revision}
-    assert kw["max_length"] == 256
 
 
 def test_sft_config_unknown_key_is_named(tmp_path):
     cfg = load_recipe("offline").training
     cfg.sft["max_seq_length"] = 64  # renamed to max_length in TRL
     with pytest.raises(T.TrainingError, match="max_seq_length"):
+        T.get_sft_config(cfg, tmp_path, 1, "cpu")
+    del cfg.sft["max_seq_length"]
+    cfg.sft["seed"] = 3  # fixed by the recipe's seed
+    with pytest.raises(T.TrainingError, match="seed.*leave output_dir, seed"):
         T.get_sft_config(cfg, tmp_path, 1, "cpu")
 
 

@@ -1,8 +1,8 @@
 """The `detox-sft` command: one subcommand per pipeline step, each a small function over the step's Python API.
 
-The steps that run on a recipe (rephrase, train, evaluate, export) take every recipe field as a flag, generated from
-the recipe's dataclasses (:func:`detox_sft.config.recipe_fields`: the type from the annotation, the help from the
-field's docstring entry), and any trl.SFTConfig / peft.LoraConfig field under ``--training.sft.`` /
+The steps that run on a recipe (rephrase, train, evaluate, export) take every recipe field as a flag, parsed by
+jsonargparse from the recipe's dataclasses (:func:`detox_sft.config.recipe_parser`: the type from the annotation, the
+help from the field's docstring entry), and any trl.SFTConfig / peft.LoraConfig field under ``--training.sft.`` /
 ``--training.lora.``::
 
     detox-sft train --recipe offline --training.sft.learning_rate 1e-4 --training.lora.r 8 --seed 3
@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
 import sys
-import types
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,11 +40,10 @@ from detox_sft.config import (
     ServingConfig,
     StorageConfig,
     load_recipe,
-    recipe_fields,
+    recipe_parser,
 )
-from detox_sft.data import DataError, load_train_dataset, read_records, write_jsonl_atomic
-from detox_sft.dev.demo import run_demo
-from detox_sft.dev.model_server import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT, LocalModelServer, ServingError
+from detox_sft.data import DataError, check_output, load_train_dataset, read_records, write_jsonl_atomic
+from detox_sft.devices import DeviceError
 from detox_sft.evaluation import MODELS, EvaluationError, evaluate_models, summary_markdown
 from detox_sft.export import ExportError, export_model
 from detox_sft.files import no_room_hint
@@ -68,7 +64,7 @@ __all__ = ["SUBCOMMANDS", "INPUT_ERRORS", "STEP_ERRORS", "build_parser", "add_re
 
 # The package's typed errors; their messages name the fix. A bad recipe, flag or input file exits 2, a failed step 1
 # (a step error wins: EngineFailed is a RephraseError, so that callers catching RephraseError still catch it).
-INPUT_ERRORS: tuple[type[Exception], ...] = (RecipeError, DataError, RephraseError, TrainingError)
+INPUT_ERRORS: tuple[type[Exception], ...] = (RecipeError, DataError, DeviceError, RephraseError, TrainingError)
 STEP_ERRORS: tuple[type[Exception], ...] = (
     CacheWriteError,
     EngineFailed,
@@ -76,72 +72,62 @@ STEP_ERRORS: tuple[type[Exception], ...] = (
     EvaluationError,
     ExportError,
     StorageError,
-    ServingError,
     ModelServerError,
     InsecureTokenError,
 )
-# The zoo is reached through refs.resolve_ref only (an import-linter contract), so its ZooError is known by its module.
-_ZOO_MODULE = "detox_sft.zoo"
+# The zoo is reached through refs.resolve_ref only (an entry point of detox_sft_dev), so its ZooError is known by its
+# module.
+_ZOO_MODULE = "detox_sft_dev.zoo"
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Recipe fields as flags
 # --------------------------------------------------------------------------------------------------------------------
 
-_DEST = "recipe:"  # the generated flags' dest prefix, keeping them apart from a step's own arguments
-_METAVARS = {bool: "BOOL", int: "INT", float: "FLOAT", str: "TEXT", type(None): "null"}
+_DEST = "recipe:"  # the shortcut flags' dest prefix (--run-dir, --engine, --ray): each stands for a recipe field
 
 
-def _metavar(annotation: Any) -> str:
-    """What a flag takes, from its field's annotation: ``INT``, ``TEXT|null``, ``LIST``."""
-    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-    return "|".join(_METAVARS.get(option, "LIST") for option in options)
+class _HelpWithRecipeFields(argparse.Action):
+    """``-h`` of a recipe step: the step's own flags, then every recipe field (:func:`recipe_parser`'s help)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="show this help and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.print_help()
+        print("\n" + recipe_parser().format_help())
+        parser.exit()
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser, aliases: Mapping[str, str]) -> None:
-    """``--recipe`` and one flag per recipe field (``--seed``, ``--evaluation.num_samples``), from the dataclasses.
+    """``--recipe``, ``-h`` with the recipe's fields, and shortcut flags for some fields; every other flag is left to
+    :func:`detox_sft.config.load_recipe` (``--seed 3``, ``--training.sft.learning_rate 1e-4``).
 
     Args:
-        parser: the subcommand's parser.
+        parser: the subcommand's parser (made with ``add_help=False``).
         aliases: shortcut flags for fields (``{"--run-dir": "run_dir"}``).
     """
+    parser.add_argument("-h", "--help", action=_HelpWithRecipeFields)
     parser.add_argument("--recipe", default="offline", help="recipe name (offline, tutorial) or YAML path")
     group = parser.add_argument_group(
         "recipe fields",
-        "override the recipe's values (read by the field's type, checked as the YAML's are). Also "
-        "--training.sft.FIELD VALUE and --training.lora.FIELD VALUE for any field of trl.SFTConfig and "
+        "--FIELD VALUE overrides the recipe's value of any field listed below (read by the field's type, checked as "
+        "the YAML's are), and --training.sft.FIELD / --training.lora.FIELD any field of trl.SFTConfig and "
         "peft.LoraConfig, e.g. --training.sft.learning_rate 1e-4 --training.lora.r 8.",
     )
-    for name, recipe_field in recipe_fields().items():
-        flags = [f"--{name}", *(alias for alias, target in aliases.items() if target == name)]
+    for alias, target in aliases.items():
         group.add_argument(
-            *flags,
-            dest=_DEST + name,
+            alias,
+            dest=_DEST + target,
             default=argparse.SUPPRESS,
-            metavar=_metavar(recipe_field.annotation),
-            help=recipe_field.help.replace("%", "%%"),  # argparse %-formats help
+            metavar=target.rsplit(".", 1)[-1].upper(),
+            help=f"shortcut for --{target}",
         )
 
 
-def _recipe_overrides(args: argparse.Namespace, extras: Sequence[str]) -> dict[str, str]:
-    """The recipe fields given on the command line (dotted name -> text), with the flags argparse did not know
-    (``--training.sft.learning_rate 1e-4``, a misspelt field): :func:`load_recipe` checks those."""
-    overrides = {dest.removeprefix(_DEST): value for dest, value in vars(args).items() if dest.startswith(_DEST)}
-    tokens = iter(extras)
-    for token in tokens:
-        flag, has_value, value = token.partition("=")
-        if not flag.startswith("--"):
-            raise RecipeError(f"{token}: unexpected argument. Fix: give recipe fields as --FIELD VALUE (see --help).")
-        if not has_value:
-            value = next(tokens, None)
-            if value is None:
-                raise RecipeError(f"{flag}: no value. Fix: give one, as in {flag} VALUE.")
-        overrides[flag[2:]] = value
-    return overrides
-
-
 def _recipe(args: argparse.Namespace) -> Recipe:
-    return load_recipe(args.recipe, dotted=args.recipe_overrides)
+    shortcuts = [f"--{dest.removeprefix(_DEST)}={v}" for dest, v in vars(args).items() if dest.startswith(_DEST)]
+    return load_recipe(args.recipe, [*shortcuts, *args.recipe_args])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -157,7 +143,7 @@ def _add_rephrase(parser: argparse.ArgumentParser) -> None:
         "training set (its data section, column mapping included), written to <run>/data/train_raw.jsonl and "
         "train_detox.jsonl for `detox-sft train`",
     )
-    parser.add_argument("--output", default=None, help="output JSONL file (written atomically); with --input")
+    parser.add_argument("--output", default=None, help="output JSONL, local or s3://bucket/key (atomic); with --input")
     parser.add_argument("--field", default="text", help="the text field to detoxify (default: text)")
     parser.add_argument("--cache-dir", default=None, help="cache directory (default: <run>/rephrase/cache)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -194,6 +180,7 @@ def _rephrase(args: argparse.Namespace) -> int:
     if args.output is None:
         print("detox-sft rephrase: --output is required with --input.", file=sys.stderr)
         return 2
+    check_output(args.output)  # an unreachable s3:// output fails now, not after the rephrase
     try:
         records = read_records(args.input)
     except OSError as exc:
@@ -310,16 +297,6 @@ def _add_upload(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--create-bucket", action="store_true", help="create the bucket if it does not exist")
     parser.add_argument("--delete-extra", action="store_true", help="delete objects under the prefix not in DIR")
-    parser.add_argument(
-        "--force-lock",
-        action="store_true",
-        help="take over the prefix's upload lock even if it looks live (shortcut for storage.force_lock: true)",
-    )
-    parser.add_argument(
-        "--no-server-checksum",
-        action="store_true",
-        help="check size and SHA-256 metadata only, not the server's CRC32/MD5",
-    )
     _add_s3_arguments(parser)
 
 
@@ -330,8 +307,6 @@ def _upload(args: argparse.Namespace) -> int:
         print("detox-sft upload: give a DIR, or --recipe to upload that run's export.", file=sys.stderr)
         return 2
     try:
-        if args.force_lock and recipe is not None:
-            recipe.storage.force_lock = True
         if args.dir is None:
             for report in upload_export(
                 recipe, settings=settings, create_bucket=args.create_bucket, progress=not args.no_progress
@@ -347,9 +322,7 @@ def _upload(args: argparse.Namespace) -> int:
             max_concurrency=args.max_concurrency,
             create_bucket=args.create_bucket,
             progress=not args.no_progress,
-            verify_server_checksum=not args.no_server_checksum,
             delete_extra=args.delete_extra,
-            force_lock=True if args.force_lock else None,
         )
     except FileNotFoundError as exc:  # DIR, or the recipe's export, is not there
         print(f"detox-sft upload: {exc}", file=sys.stderr)
@@ -388,65 +361,6 @@ def _download(args: argparse.Namespace) -> int:
     )
     print(report)
     return 0
-
-
-def _add_serve(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models-dir", required=True, help="folder whose sub-folders are Caikit models (id = name)")
-    parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT, help="HTTP port (default %(default)s)")
-    parser.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT, help="gRPC port (default %(default)s)")
-    parser.add_argument(
-        "--from-s3",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="PREFIX",
-        help="first download the Caikit model from this S3 prefix into MODELS_DIR/<model id> (default prefix: "
-        "<storage.prefix>/caikit of the recipe); S3 settings from the data-connection variables AWS_*",
-    )
-    parser.add_argument("--model-id", default=None, help="served model id for --from-s3 (default: export.model_id)")
-    parser.add_argument("--recipe", default=None, help="recipe name or path (model id and S3 prefix)")
-    parser.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the model")
-
-
-def _serve(args: argparse.Namespace) -> int:
-    """(Download,) start, print the endpoints, serve until Ctrl-C or SIGTERM."""
-    recipe = _optional_recipe(args)
-    export_cfg = recipe.export if recipe else ExportConfig()
-    storage_cfg = recipe.storage if recipe else StorageConfig()
-    model_id = args.model_id or export_cfg.model_id
-    from_s3 = None
-    if args.from_s3 is not None:
-        from_s3 = args.from_s3 or f"{storage_cfg.prefix}/caikit"
-        target = Path(args.models_dir) / model_id
-        print(f"downloading s3 prefix {from_s3!r} into {target} (as KServe's storage initializer)", flush=True)
-    server = LocalModelServer(
-        args.models_dir,
-        args.http_port,
-        args.grpc_port,
-        startup_timeout=args.startup_timeout,
-        from_s3=from_s3,
-        model_id=model_id,
-    )
-
-    def _terminate(signum, frame):  # SIGTERM behaves like Ctrl-C: stop the runtime cleanly
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        server.start()
-        print(f"serving {', '.join(server.model_ids)}", flush=True)
-        print(f"  HTTP  {server.http_url}  (POST /api/v1/task/text-generation, GET /health)", flush=True)
-        print(f"  gRPC  {server.grpc_target}  (caikit.runtime.Nlp.NlpService, metadata mm-model-id)", flush=True)
-        print("Ctrl-C to stop.", flush=True)
-        code = server.wait()
-        print(f"detox-sft serve: the caikit runtime exited with code {code}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("stopping the caikit runtime", flush=True)
-        return 0
-    finally:
-        server.stop()
-        signal.signal(signal.SIGTERM, previous)
 
 
 class _RefuseTokenArgument(argparse.Action):
@@ -536,17 +450,6 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_demo(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", default="offline", help="recipe name or path (default: offline)")
-    parser.add_argument("--runs-root", default="runs", help="where runs/<timestamp>/ is created")
-
-
-def _demo(args: argparse.Namespace) -> int:
-    """Run the four notebooks headless; prints the run directory."""
-    run_demo(args.recipe, args.runs_root)
-    return 0
-
-
 def _fmt(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -597,11 +500,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "upload a directory to S3 (the data connection), checksummed and resumable", _add_upload, _upload
     ),
     "download": Subcommand("download an S3 prefix to a directory", _add_download, _download),
-    "serve": Subcommand("run the caikit runtime on 127.0.0.1 with a model directory (or from S3)", _add_serve, _serve),
     "query": Subcommand("query a served model over HTTP (caikit or vLLM) or gRPC", _add_query, _query),
-    "demo": Subcommand(
-        "run the four notebooks end to end on a recipe, with local S3 and model server", _add_demo, _demo
-    ),
 }
 
 
@@ -618,9 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=command.help,
             description=command.help.replace("%%", "%"),
-            # listing every recipe field would make the usage line forty lines long
             usage="%(prog)s [-h] [ARGUMENTS] [--recipe R] [--FIELD VALUE ...]" if takes_recipe else None,
             allow_abbrev=False,  # --evaluation.num_sample must not quietly mean --evaluation.num_samples
+            add_help=not takes_recipe,  # a recipe step's -h lists the recipe's fields too
         )
         command.add_arguments(step)
         if takes_recipe:
@@ -646,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if extras:
                 parser.error(f"unrecognized arguments: {' '.join(extras)}")
         else:
-            args.recipe_overrides = _recipe_overrides(args, extras)
+            args.recipe_args = extras  # the recipe's fields, parsed by load_recipe
         return int(command.run(args) or 0)
     except KeyboardInterrupt:
         print(f"detox-sft {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)

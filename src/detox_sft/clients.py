@@ -1,30 +1,16 @@
-"""Clients for the served model: caikit HTTP, caikit gRPC, and vLLM's OpenAI-compatible ``/v1/completions``.
-
-Every client sends a bearer token when given one (OpenShift AI's token auth), verifies TLS by default (a CA bundle can
-be given; ``verify=False`` only when asked), times out, retries a bounded number of times on 502-504 / UNAVAILABLE and
-refused connections (urllib3's ``Retry``, gRPC's ``retryPolicy``), and maps failures to the exceptions below, with the
-server's own message::
-
-    ModelServerError            (base; any other server failure, e.g. 500 "index out of range" for an over-long input)
-    ├── ModelNotFound           (404 / NOT_FOUND: no model with that id)
-    ├── BadRequest              (400, 422 / INVALID_ARGUMENT: the server's detail is in the message)
-    ├── Unauthorized            (401, 403 / UNAUTHENTICATED, PERMISSION_DENIED: token missing or wrong)
-    ├── ServerUnavailable       (refused connection, 502-504 / UNAVAILABLE after the retries, timeouts, a connection
-    │                            dropped before the answer)
-    └── StreamingNotSupported   (the model's module cannot stream, e.g. caikit-nlp's local TextGeneration)
-    InsecureTokenError          (a ValueError, raised before connecting: a token would travel without TLS)
-
-A token travels only over TLS, or in plaintext to a loopback address (127.0.0.0/8, ::1, localhost: the local
-runtime). It is read from the environment variable ``serving.token_env`` or the file ``serving.token_file``
-(:func:`read_token`), never from the command line, and never printed.
+"""Clients for the served model: caikit HTTP, caikit gRPC, and vLLM's OpenAI-compatible API (the ``openai`` client).
 
 Usage::
 
     client = connect(recipe, url="https://opt-350m-detox.apps.example.com")  # token from $MODEL_TOKEN
     client.generate_text("opt-350m-detox", generation_prompt("you are"), max_new_tokens=20)
 
-CLI: ``detox-sft query --url URL --model-id ID [--token-env VAR | --token-file PATH] [--grpc HOST:PORT]
-[--kind caikit|vllm] TEXT``.
+A token travels only over TLS, or in plaintext to this machine (the local runtime): :func:`check_token` is that rule,
+which a hand-written request calls too (notebooks/4-inference_request.ipynb). It is read from a variable or a file
+(:func:`read_token`), never from the command line, and never printed. Retries are the libraries' own (urllib3's
+``Retry``, gRPC's ``retryPolicy``, openai's ``max_retries``). Failures raise :class:`ModelServerError` or one of its
+kinds (:class:`ModelNotFound`, :class:`BadRequest`, :class:`Unauthorized`, :class:`ServerUnavailable`,
+:class:`StreamingNotSupported`), with the server's own message.
 """
 
 from __future__ import annotations
@@ -41,38 +27,20 @@ from urllib.parse import urlparse
 
 from detox_sft.config import ServingConfig
 
-__all__ = [
-    "ModelServerError",
-    "ModelNotFound",
-    "BadRequest",
-    "Unauthorized",
-    "ServerUnavailable",
-    "StreamingNotSupported",
-    "InsecureTokenError",
-    "GenerationParams",
-    "GenerationResult",
-    "CaikitHttpClient",
-    "CaikitGrpcClient",
-    "VllmClient",
-    "connect",
-    "read_token",
-    "is_loopback",
-    "parse_caikit_result",
-    "parse_completion",
-    "parse_sse",
-    "error_detail",
-]
-
 CAIKIT_TEXT_GENERATION = "/api/v1/task/text-generation"
 CAIKIT_STREAMING = "/api/v1/task/server-streaming-text-generation"
 GRPC_SERVICE = "caikit.runtime.Nlp.NlpService"
 GRPC_REQUEST = "caikit.runtime.Nlp.TextGenerationTaskRequest"
-GRPC_STREAM_REQUEST = "caikit.runtime.Nlp.ServerStreamingTextGenerationTaskRequest"
 GRPC_RESULT = "caikit_data_model.nlp.GeneratedTextResult"
-GRPC_STREAM_RESULT = "caikit_data_model.nlp.GeneratedTextStreamResult"
 GRPC_REFLECTION = "grpc.reflection.v1alpha.ServerReflection"
 # a bearer token as RFC 6750 writes it (b64token): anything else would end up echoed in a library's header error
 _TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+# gRPC's codes as the HTTP statuses the caikit runtime answers for the same failures
+_GRPC_STATUS = {"NOT_FOUND": 404, "INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}
+_GRPC_STATUS["UNAVAILABLE"] = 503
+_TOKEN_FIX = (
+    "the variable serving.token_env (MODEL_TOKEN) or the file serving.token_file (`--token-env`, `--token-file`)"
+)
 
 
 class ModelServerError(RuntimeError):
@@ -97,7 +65,7 @@ class Unauthorized(ModelServerError):
 
 
 class ServerUnavailable(ModelServerError):
-    """The server could not be reached (refused, 503, timeout) within the bounded retries."""
+    """The server could not be reached (refused, 503, timeout, dropped) within the bounded retries."""
 
 
 class StreamingNotSupported(ModelServerError):
@@ -110,17 +78,10 @@ class InsecureTokenError(ValueError):
 
 @dataclass
 class GenerationParams:
-    """Generation parameters shared by the caikit and vLLM clients.
+    """Generation parameters shared by the caikit and vLLM clients (caikit's names; see :meth:`openai` for vLLM's).
 
-    Attributes:
-        max_new_tokens (`int`, defaults to 20): tokens to generate at most.
-        min_new_tokens (`int` or `None`): tokens to generate at least.
-        decoding (`str`, defaults to ``"greedy"``): ``greedy`` or ``sampling``.
-        top_k (`int` or `None`), top_p (`float` or `None`), temperature (`float` or `None`): sampling settings.
-        seed (`int` or `None`): sampling seed (reproducible sampling).
-        repetition_penalty (`float` or `None`): penalty for repeated tokens.
-        truncate_input_tokens (`int` or `None`): keep only the last this many input tokens (caikit: an input longer
-            than the model's context fails without it); vLLM's ``truncate_prompt_tokens``.
+    ``truncate_input_tokens`` keeps only the last this many input tokens: caikit fails on an input longer than the
+    model's context without it.
     """
 
     max_new_tokens: int = 20
@@ -148,25 +109,25 @@ class GenerationParams:
         return values
 
     def openai(self) -> dict[str, Any]:
-        """The OpenAI-compatible completion fields (vLLM)."""
+        """Keyword arguments of ``openai.OpenAI().completions.create``; vLLM's own fields go in ``extra_body``."""
+        sampling = self.decoding == "sampling"
         values: dict[str, Any] = {"max_tokens": self.max_new_tokens}
-        if self.decoding == "greedy":
-            values["temperature"] = 0.0
-        else:
+        if sampling:
             values.update(
                 {k: v for k, v in (("temperature", self.temperature), ("top_p", self.top_p)) if v is not None}
             )
-            if self.top_k is not None:
-                values["top_k"] = self.top_k
-        for ours, theirs in (
-            ("seed", "seed"),
-            ("min_new_tokens", "min_tokens"),
-            ("repetition_penalty", "repetition_penalty"),
-            ("truncate_input_tokens", "truncate_prompt_tokens"),
-        ):
-            if getattr(self, ours) is not None:
-                values[theirs] = getattr(self, ours)
-        return values
+        else:
+            values["temperature"] = 0.0
+        if self.seed is not None:
+            values["seed"] = self.seed
+        extra = {
+            "top_k": self.top_k if sampling else None,
+            "min_tokens": self.min_new_tokens,
+            "repetition_penalty": self.repetition_penalty,
+            "truncate_prompt_tokens": self.truncate_input_tokens,
+        }
+        extra = {k: v for k, v in extra.items() if v is not None}
+        return {**values, "extra_body": extra} if extra else values
 
 
 @dataclass
@@ -208,7 +169,6 @@ def is_loopback(host: str) -> bool:
 
 
 def _check_token(token: str | None, tls: bool, host: str, where: str) -> str | None:
-    """``token`` (`None` when empty) once it is well formed and goes over TLS or to this machine; before connecting."""
     if token is None or token == "":
         return None
     if not isinstance(token, str) or not _TOKEN_RE.fullmatch(token):
@@ -225,35 +185,55 @@ def _check_token(token: str | None, tls: bool, host: str, where: str) -> str | N
     return token
 
 
+def _parse_url(url: str):
+    parsed = urlparse(url) if isinstance(url, str) else None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError(
+            f"url: got {url!r}. Fix: give the server's base URL, e.g. https://host or http://127.0.0.1:8080."
+        )
+    return parsed
+
+
+def check_token(token: str | None, url: str) -> str | None:
+    """The rule every client applies before it connects: a token goes over TLS (https) or to this machine only.
+
+    Call it before sending a bearer token by hand (``requests.post(url, headers={"Authorization": ...})``).
+
+    Returns:
+        ``token``, or `None` when it is `None` or empty (send no header then).
+
+    Raises:
+        InsecureTokenError: ``url`` is plain ``http://`` to a host other than this machine.
+        ValueError: ``url`` is not an http(s) URL, or the token holds characters a bearer token cannot have.
+    """
+    parsed = _parse_url(url)
+    return _check_token(token, parsed.scheme == "https", parsed.hostname or "", url.rstrip("/"))
+
+
 def read_token(serving: ServingConfig | None = None) -> str | None:
     """The bearer token named by ``serving``: the file ``token_file`` when set, else the variable ``token_env``.
 
-    Surrounding whitespace (the newline of ``oc create token > file``) is dropped; `None` when the variable is unset
-    or empty. Pass the token to the clients this way, never on a command line (``ps`` and shell history show it).
+    Surrounding whitespace is dropped; `None` when the variable is unset or empty. Never from a command line (``ps``
+    and shell history show it).
 
     Raises:
         ValueError: ``token_file`` is set but cannot be read, or is empty.
     """
     cfg = serving if serving is not None else ServingConfig()
-    if cfg.token_file:
-        path = Path(cfg.token_file).expanduser()
-        try:
-            token = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise ValueError(
-                f"serving.token_file: cannot read {path} ({reason}). Fix: write the token into it "
-                f"(`oc create token <service-account> > {path}`), or unset token_file to use ${cfg.token_env}."
-            ) from None
-        if not token:
-            raise ValueError(
-                f"serving.token_file: {path} is empty. Fix: write the token into it "
-                f"(`oc create token <service-account> > {path}`)."
-            )
-        return token
-    if not cfg.token_env:
-        return None
-    return os.environ.get(cfg.token_env, "").strip() or None
+    if not cfg.token_file:
+        return os.environ.get(cfg.token_env, "").strip() or None if cfg.token_env else None
+    path = Path(cfg.token_file).expanduser()
+    fix = f"Fix: write the token into it (`oc create token <service-account> > {path}`)"
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ValueError(
+            f"serving.token_file: cannot read {path} ({reason}). {fix}, or unset token_file to use ${cfg.token_env}."
+        ) from None
+    if not token:
+        raise ValueError(f"serving.token_file: {path} is empty. {fix}.")
+    return token
 
 
 def _redact(text: str, token: str | None) -> str:
@@ -291,6 +271,11 @@ def _count(data: dict[str, Any], key: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _result(text: str, data: dict, counts: dict, generated: str, inputs: str, reason: Any) -> GenerationResult:
+    reason = reason if isinstance(reason, str) else None
+    return GenerationResult(text, _count(counts, generated), reason, _count(counts, inputs), data)
+
+
 def parse_caikit_result(body: Any) -> GenerationResult:
     """A caikit text-generation answer (the HTTP body as bytes or str, or its decoded JSON) as a result.
 
@@ -304,18 +289,12 @@ def parse_caikit_result(body: Any) -> GenerationResult:
         raise ModelServerError(
             f"unexpected caikit response: {_snippet(data)}. Fix: check --url and --kind (vLLM answers /v1/completions)."
         )
-    reason = data.get("finish_reason")
-    return GenerationResult(
-        data.get("generated_text", ""),
-        _count(data, "generated_tokens"),
-        reason if isinstance(reason, str) else None,
-        _count(data, "input_token_count"),
-        data,
-    )
+    text = data.get("generated_text", "")
+    return _result(text, data, data, "generated_tokens", "input_token_count", data.get("finish_reason"))
 
 
 def parse_completion(body: Any) -> GenerationResult:
-    """An OpenAI-compatible completion (vLLM's ``/v1/completions`` body, bytes, str or decoded) as a result.
+    """An OpenAI-compatible completion (bytes, str, or decoded: ``Completion.model_dump()``) as a result.
 
     Raises:
         ModelServerError: the body is not JSON, or has no ``choices[0]`` object with a string ``text``.
@@ -329,14 +308,7 @@ def parse_completion(body: Any) -> GenerationResult:
     if not isinstance(text, str):
         raise ModelServerError(f"unexpected completion response: {_snippet(data)}. Fix: check --url and --kind.")
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-    reason = choice.get("finish_reason")
-    return GenerationResult(
-        text,
-        _count(usage, "completion_tokens"),
-        reason if isinstance(reason, str) else None,
-        _count(usage, "prompt_tokens"),
-        data,
-    )
+    return _result(text, data, usage, "completion_tokens", "prompt_tokens", choice.get("finish_reason"))
 
 
 def parse_sse(lines: Iterable[bytes | str] | bytes | str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -358,16 +330,13 @@ def parse_sse(lines: Iterable[bytes | str] | bytes | str) -> Iterator[tuple[str,
         line = line.rstrip("\r\n")
         if not line:
             event = "message"
-            continue
-        if line.startswith("event:"):
+        elif line.startswith("event:"):
             event = line[len("event:") :].strip()
-            continue
-        if not line.startswith("data:"):
-            continue
-        data = _json(line[len("data:") :].strip(), "stream event")
-        if not isinstance(data, dict):
-            raise ModelServerError(f"unexpected stream event: {_snippet(data)} (expected a JSON object).")
-        yield event, data
+        elif line.startswith("data:"):
+            data = _json(line[len("data:") :].strip(), "stream event")
+            if not isinstance(data, dict):
+                raise ModelServerError(f"unexpected stream event: {_snippet(data)} (expected a JSON object).")
+            yield event, data
 
 
 def error_detail(body: Any) -> str:
@@ -393,47 +362,92 @@ def error_detail(body: Any) -> str:
         return "(an error body nested too deeply to show)"
 
 
-class _TextOnly:
-    """``generate_text`` for the clients, each of which implements ``generate``."""
+def _status_error(status: int, detail: str, where: str, attempts: int) -> ModelServerError:
+    """The typed error for an HTTP error answer (caikit or vLLM); ``detail`` is already redacted."""
+    if status in (401, 403):
+        return Unauthorized(
+            f"{where}: {status} {detail or 'unauthorized'}. Fix: give a valid token in {_TOKEN_FIX}: "
+            "`oc create token <service-account>`, or the token in the model's details.",
+            status,
+            detail,
+        )
+    if status == 404 and detail == "Not Found":  # FastAPI's own 404: the path is wrong, not the model id
+        return ModelServerError(
+            f"{where}: no such endpoint. Fix: check --url (the base URL) and --kind.", status, detail
+        )
+    if status == 404:
+        return ModelNotFound(
+            f"{detail or 'model not found'} ({where}). Fix: use the served model id (the caikit folder name, the "
+            "InferenceService name; GET /info/models lists them).",
+            status,
+            detail,
+        )
+    if status in (400, 422):
+        return BadRequest(f"bad request: {detail}", status, detail)
+    if status in (502, 503, 504):
+        return ServerUnavailable(
+            f"{where} unavailable after {attempts} attempts: {detail or status}. Fix: the server is (re)starting or "
+            "overloaded: check `oc get inferenceservice` (or `detox-sft-dev serve`), retry later.",
+            status,
+            detail,
+        )
+    hint = ""
+    if "index out of range" in detail or "maximum context length" in detail:
+        hint = " The input is probably longer than the model's context: set truncate_input_tokens."
+    return ModelServerError(f"{where}: server error {status}: {detail}.{hint}", status, detail)
+
+
+def _unreachable(where: str, attempts: int, reason: str) -> ServerUnavailable:
+    return ServerUnavailable(
+        f"cannot connect to {where} after {attempts} attempts ({_snippet(reason, 200)}). Fix: check that the server "
+        "runs (`detox-sft-dev serve`, or `oc get inferenceservice`) and that the URL is right.",
+        status=503,
+    )
+
+
+def _timeout(where: str, seconds: float) -> ServerUnavailable:
+    return ServerUnavailable(
+        f"{where} did not answer within {seconds:g} s. Fix: check the server, or raise the timeout.", status="timeout"
+    )
+
+
+class _Client:
+    """What every client shares: ``generate_text``, ``close``, a context manager, a repr that hides the token."""
+
+    _token: str | None
+    url: str
+    timeout: float
 
     def generate_text(self, model_id: str, text: str, **params: Any) -> str:
         """Like ``generate``, returning the text only."""
         return self.generate(model_id, text, **params).text  # type: ignore[attr-defined]
 
+    def __repr__(self) -> str:
+        token = "<set>" if self._token else None
+        return f"{type(self).__name__}({self.url!r}, token={token}, timeout={self.timeout:g})"
 
-def _http_retry(retries: int, backoff: float, timeout: float):
-    """urllib3's ``Retry`` for the clients: what is resent, how often, how long apart."""
-    from urllib3.util import Retry
+    def close(self) -> None:
+        """Close the connections."""
 
-    return Retry(
-        total=retries,
-        connect=retries,  # refused / unreachable: the request never left, resending is safe
-        read=False,  # dropped after the request went out: not resent (the server may have run it, or died of it)
-        status=retries,
-        other=0,
-        # text generation changes nothing on the server, so a POST answered 502-504 (route or pod restarting) is
-        # safe to resend; 500 (a failure of this very input) and 4xx are not resent
-        allowed_methods=frozenset({"GET", "POST"}),
-        status_forcelist=(502, 503, 504),
-        backoff_factor=backoff,
-        retry_after_max=max(1, int(timeout)),  # a server's Retry-After is honoured, up to one request's timeout
-        raise_on_status=False,  # the last 5xx comes back, to be raised with the server's own detail
-    )
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
 
-def _attempts(resp) -> int:
-    retry = getattr(resp.raw, "retries", None)
-    return len(retry.history) + 1 if retry is not None else 1
+class CaikitHttpClient(_Client):
+    """The caikit runtime's HTTP API (``POST /api/v1/task/text-generation``), over a ``requests`` session.
 
-
-def _reason(exc: BaseException) -> str:
-    inner = exc.args[0] if exc.args else exc
-    inner = getattr(inner, "reason", None) or inner  # urllib3's MaxRetryError wraps the last error
-    return _snippet(str(inner), 200)
-
-
-class _HttpClient(_TextOnly):
-    """Shared HTTP plumbing: session, bearer token, TLS, timeouts, bounded retries, error mapping."""
+    Args:
+        url: base URL (``https://<inference service route>`` or ``http://127.0.0.1:<port>``).
+        token: bearer token; `None` sends none. Sent only over TLS, or in plaintext to this machine
+            (else :class:`InsecureTokenError`).
+        verify, ca_bundle: verify the server's TLS certificate, against this CA bundle when given.
+        timeout: seconds per request.
+        retries, backoff: urllib3's ``Retry`` on refused connections and 502-504; a connection dropped after the
+            request went out, a 500 or a 4xx is not resent.
+    """
 
     def __init__(
         self,
@@ -448,47 +462,41 @@ class _HttpClient(_TextOnly):
     ) -> None:
         import requests
         from requests.adapters import HTTPAdapter
+        from urllib3.util import Retry
 
-        parsed = urlparse(url) if isinstance(url, str) else None
-        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise ValueError(
-                f"url: got {url!r}. Fix: give the server's base URL, e.g. https://host or http://127.0.0.1:8080."
-            )
-        self.url = url.rstrip("/")
-        self._token = _check_token(token, parsed.scheme == "https", parsed.hostname or "", self.url)
-        self.timeout = timeout
-        self.retries = max(0, int(retries))
-        self.backoff = backoff
+        self._token = check_token(token, url)
+        parsed = urlparse(url)
+        self.url, self.timeout, self.retries = url.rstrip("/"), timeout, max(0, int(retries))
+        retry = Retry(
+            total=self.retries,
+            connect=self.retries,  # refused / unreachable: the request never left, resending is safe
+            read=False,  # dropped after the request went out: not resent (the server may have run it, or died of it)
+            status=self.retries,
+            other=0,
+            # text generation changes nothing on the server: a POST answered 502-504 (restarting) is safe to resend
+            allowed_methods=frozenset({"GET", "POST"}),
+            status_forcelist=(502, 503, 504),
+            backoff_factor=backoff,
+            retry_after_max=max(1, int(timeout)),
+            raise_on_status=False,  # the last 5xx comes back, to be raised with the server's own detail
+        )
         self.session = requests.Session()
-        adapter = HTTPAdapter(max_retries=_http_retry(self.retries, backoff, timeout))
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
+        self.session.mount("http://", HTTPAdapter(max_retries=retry))
+        self.session.mount("https://", HTTPAdapter(max_retries=retry))
         self.session.headers["Accept"] = "application/json"
         if self._token:
             self.session.headers["Authorization"] = f"Bearer {self._token}"
-        if parsed.scheme == "http" and is_loopback(parsed.hostname or ""):
-            # straight to this machine: a proxy from HTTP_PROXY would carry the plaintext request (token) off it
-            self.session.trust_env = False
-        # TLS: verify by default, against the CA bundle when given (OpenShift's router / service CA)
+        # straight to this machine: a proxy from HTTP_PROXY would carry the plaintext request (token) off it
+        self.session.trust_env = not (parsed.scheme == "http" and is_loopback(parsed.hostname or ""))
         self.session.verify = str(ca_bundle) if (ca_bundle and verify) else bool(verify)
         if not verify:
             import urllib3
 
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
 
-    def __repr__(self) -> str:
-        token = "<set>" if self._token else None
-        return f"{type(self).__name__}({self.url!r}, token={token}, timeout={self.timeout:g}, retries={self.retries})"
-
     def close(self) -> None:
         """Close the connection pool."""
         self.session.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
 
     def _post(self, path: str, body: dict[str, Any], stream: bool = False):
         import requests
@@ -503,87 +511,29 @@ class _HttpClient(_TextOnly):
                 "(--ca-bundle / ca_bundle=), or --insecure for a throwaway test cluster only."
             ) from exc
         except requests.exceptions.ReadTimeout as exc:
-            raise ServerUnavailable(
-                f"{url} did not answer within {self.timeout:g} s. Fix: check the server, or raise the timeout.",
-                status="timeout",
-            ) from exc
+            raise _timeout(url, self.timeout) from exc
         except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
-            if isinstance(exc.args[0] if exc.args else None, urllib3.exceptions.MaxRetryError):
-                raise ServerUnavailable(
-                    f"cannot connect to {self.url} after {self.retries + 1} attempts ({_reason(exc)}). Fix: check "
-                    "that the server runs (`detox-sft serve`, or `oc get inferenceservice`) and that the URL is right.",
-                    status=503,
-                ) from exc
+            inner = exc.args[0] if exc.args else exc
+            if isinstance(inner, urllib3.exceptions.MaxRetryError):
+                raise _unreachable(self.url, self.retries + 1, str(inner.reason or inner)) from exc
             raise self._dropped(url, exc) from exc
         except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
-            raise ModelServerError(f"{url}: the request failed ({type(exc).__name__}: {_reason(exc)}).") from exc
+            raise ModelServerError(f"{url}: the request failed ({type(exc).__name__}: {_snippet(str(exc))}).") from exc
         if resp.status_code >= 400:
-            self._raise(resp)
+            retry = getattr(resp.raw, "retries", None)
+            attempts = len(retry.history) + 1 if retry is not None else 1
+            detail = _redact(error_detail(resp.content), self._token)
+            raise _status_error(resp.status_code, detail, resp.url, attempts)
         return resp
 
     @staticmethod
     def _dropped(url: str, exc: BaseException) -> ServerUnavailable:
         return ServerUnavailable(
-            f"{url}: the connection closed before the server answered ({_reason(exc)}); the request was not resent, "
-            "as the server may have run it (or died of it). Fix: check the server's state and log (`oc get pods`, "
-            "or the output of `detox-sft serve`), then retry.",
+            f"{url}: the connection closed before the server answered ({_snippet(str(exc), 200)}); the request was "
+            "not resent, as the server may have run it (or died of it). Fix: check the server's state and log "
+            "(`oc get pods`, or the output of `detox-sft-dev serve`), then retry.",
             status="disconnected",
         )
-
-    def _raise(self, resp) -> None:
-        status, detail = resp.status_code, _redact(error_detail(resp.content), self._token)
-        if status in (401, 403):
-            raise Unauthorized(
-                f"{resp.url}: {status} {detail or 'unauthorized'}. Fix: give a valid token in the variable "
-                "serving.token_env (MODEL_TOKEN) or the file serving.token_file (`--token-env`, `--token-file`): "
-                "`oc create token <service-account>`, or the token in the model's details.",
-                status,
-                detail,
-            )
-        if status == 404:
-            if detail == "Not Found":  # FastAPI's own 404: the path is wrong, not the model id
-                raise ModelServerError(
-                    f"{resp.url}: no such endpoint. Fix: check --url (the server's base URL) and --kind.",
-                    status,
-                    detail,
-                )
-            raise ModelNotFound(
-                f"{detail or 'model not found'} ({resp.url}). Fix: use the served model id (the caikit folder name, "
-                "the InferenceService name; GET /info/models lists them).",
-                status,
-                detail,
-            )
-        if status in (400, 422):
-            raise BadRequest(f"bad request: {detail}", status, detail)
-        if status in (502, 503, 504):  # urllib3 resent it as often as allowed
-            raise ServerUnavailable(
-                f"{resp.url}: {status} {detail or 'unavailable'}, after {_attempts(resp)} attempts. Fix: the server "
-                "is (re)starting or overloaded: check `oc get inferenceservice` (or `detox-sft serve`), retry later.",
-                status,
-                detail,
-            )
-        hint = ""
-        if "index out of range" in detail or "maximum context length" in detail:
-            hint = " The input is probably longer than the model's context: set truncate_input_tokens."
-        raise ModelServerError(f"{resp.url}: server error {status}: {detail}.{hint}", status, detail)
-
-
-class CaikitHttpClient(_HttpClient):
-    """The caikit runtime's HTTP API (``POST /api/v1/task/text-generation``).
-
-    Args:
-        url: base URL (``https://<inference service route>`` or ``http://127.0.0.1:<port>``).
-        token: bearer token; `None` sends none.
-        verify: verify the server's TLS certificate.
-        ca_bundle: CA bundle file to verify against.
-        timeout: seconds per request.
-        retries: extra attempts on refused connections and 502/503/504 (urllib3's ``Retry``); a connection dropped
-            after the request went out is not resent.
-        backoff: urllib3's backoff factor: the first retry comes at once, the n-th after ``backoff * 2**(n-1)`` s.
-
-    Raises:
-        InsecureTokenError: a token with a plain ``http://`` URL to a host other than this machine.
-    """
 
     def generate(
         self, model_id: str, text: str, params: GenerationParams | None = None, **overrides: Any
@@ -610,24 +560,21 @@ class CaikitHttpClient(_HttpClient):
 
         _check_input(text)
         p = _params(params, overrides)
-        resp = self._post(
-            CAIKIT_STREAMING, {"model_id": model_id, "inputs": text, "parameters": p.caikit()}, stream=True
-        )
+        body = {"model_id": model_id, "inputs": text, "parameters": p.caikit()}
         sent = False
-        with resp:
+        with self._post(CAIKIT_STREAMING, body, stream=True) as resp:
             try:
                 for event, data in parse_sse(resp.iter_lines()):
                     if event == "error":
                         code = data.get("code") if isinstance(data.get("code"), int) else 500
                         detail = _redact(str(data.get("details", data)), self._token)
+                        if not sent and code >= 500 and fallback:
+                            yield self.generate(model_id, text, p).text
+                            return
                         if not sent and code >= 500:
-                            if fallback:
-                                yield self.generate(model_id, text, p).text
-                                return
                             raise StreamingNotSupported(
                                 f"the server could not stream {model_id!r} ({detail}): caikit-nlp's local module "
-                                "does not stream (the TGIS-backed runtime does). Fix: use generate(), or "
-                                "fallback=True.",
+                                "does not stream (the TGIS-backed runtime does). Fix: use generate(), or fallback=True.",
                                 code,
                                 detail,
                             )
@@ -639,76 +586,91 @@ class CaikitHttpClient(_HttpClient):
                         yield piece
             except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
                 if isinstance(exc.args[0] if exc.args else None, urllib3.exceptions.ReadTimeoutError):
-                    raise ServerUnavailable(
-                        f"the stream from {self.url} stalled for {self.timeout:g} s. Fix: check the server, or "
-                        "raise the timeout.",
-                        status="timeout",
-                    ) from exc
+                    raise _timeout(f"the stream from {self.url}", self.timeout) from exc
                 raise self._dropped(f"{self.url}{CAIKIT_STREAMING}", exc) from exc
 
 
-class VllmClient(_HttpClient):
-    """vLLM's OpenAI-compatible API (``POST /v1/completions``), for the vLLM ServingRuntime (plain HF directory).
+class VllmClient(_Client):
+    """vLLM's OpenAI-compatible API (``POST /v1/completions``) through the ``openai`` client.
 
-    Same arguments as :class:`CaikitHttpClient`; ``url`` is the server's base URL (without ``/v1``).
+    The ``openai`` client resends connection failures, timeouts, 408/409/429 and 5xx answers up to ``retries``
+    times with its own backoff (honouring ``Retry-After``).
+
+    ``url`` is the server's base URL, with or without ``/v1``; a missing token sends no Authorization header (never
+    ``$OPENAI_API_KEY``); the other arguments are as for :class:`CaikitHttpClient`.
     """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        verify: bool = True,
+        ca_bundle: str | os.PathLike[str] | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+    ) -> None:
+        import httpx2
+        import openai
+
+        self._token = check_token(token, url)
+        parsed = urlparse(url)
+        self.url, self.timeout = url.rstrip("/").removesuffix("/v1"), timeout
+        http = httpx2.Client(
+            verify=str(ca_bundle) if (ca_bundle and verify) else bool(verify),
+            trust_env=not (parsed.scheme == "http" and is_loopback(parsed.hostname or "")),  # as CaikitHttpClient
+        )
+        # api_key is passed explicitly: left None, openai would read $OPENAI_API_KEY and send it to this URL
+        self.openai = openai.OpenAI(
+            base_url=f"{self.url}/v1", api_key=self._token or "-", max_retries=max(0, int(retries)),
+            timeout=timeout, http_client=http,
+        )  # fmt: skip
+        # no token: omit the header openai would build from the placeholder key
+        self._headers = {} if self._token else {"Authorization": openai.Omit()}
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self.openai.close()
 
     def generate(
         self, model_id: str, text: str, params: GenerationParams | None = None, **overrides: Any
     ) -> GenerationResult:
         """Complete ``text`` with model ``model_id`` (the served model name)."""
+        import openai
+
         _check_input(text)
         p = _params(params, overrides)
-        base = self.url[: -len("/v1")] if self.url.endswith("/v1") else self.url
-        body = {"model": model_id, "prompt": text, **p.openai()}
-        resp = self._post("/v1/completions" if base == self.url else "/completions", body)
-        return parse_completion(resp.content)
+        where = f"{self.url}/v1/completions"
+        try:
+            completion = self.openai.completions.create(
+                model=model_id, prompt=text, extra_headers=self._headers, **p.openai()
+            )
+        except openai.APIStatusError as exc:  # raised below, outside this handler: its text may echo the token
+            retried = exc.response.request.headers.get("x-stainless-retry-count", "0")
+            detail = _redact(error_detail(exc.response.content), self._token)
+            error: ModelServerError = _status_error(exc.status_code, detail, where, int(retried) + 1)
+        except openai.APITimeoutError:
+            error = _timeout(where, self.timeout)
+        except openai.APIConnectionError as exc:
+            error = _unreachable(self.url, self.openai.max_retries + 1, _redact(str(exc.__cause__ or exc), self._token))
+        else:
+            return parse_completion(completion.model_dump())
+        raise error
 
 
-def _grpc_options(retries: int, backoff: float, timeout: float) -> list[tuple[str, Any]]:
-    """Channel options: a default deadline and gRPC's own retries (``retryPolicy``) for caikit and reflection."""
-    method: dict[str, Any] = {
-        "name": [{"service": GRPC_SERVICE}, {"service": GRPC_REFLECTION}],
-        # the default deadline: reflection calls (made inside protobuf's descriptor pool) get one too
-        "timeout": f"{timeout:.3f}s",
-    }
-    if retries > 0:
-        method["retryPolicy"] = {
-            "maxAttempts": min(retries + 1, 5),  # gRPC caps attempts at 5
-            "initialBackoff": f"{max(backoff, 0.001):.3f}s",  # gRPC jitters each backoff by +-20 %
-            "maxBackoff": "30s",
-            "backoffMultiplier": 2,
-            # refused, reset, server (re)starting; not INTERNAL, the failure of this very input
-            "retryableStatusCodes": ["UNAVAILABLE"],
-        }
-    return [
-        ("grpc.enable_retries", int(retries > 0)),
-        ("grpc.service_config", json.dumps({"methodConfig": [method]})),
-        # reconnect as soon as a retry is due (by default a refused connection is next tried after 1 s, then later)
-        ("grpc.initial_reconnect_backoff_ms", max(1, int(backoff * 1000))),
-    ]
-
-
-class CaikitGrpcClient(_TextOnly):
+class CaikitGrpcClient(_Client):
     """The caikit runtime's gRPC API (``caikit.runtime.Nlp.NlpService/TextGenerationTaskPredict``, ``mm-model-id``).
 
-    Message types come from the server by gRPC reflection (as caikit-nlp-client does); unlike caikit-nlp-client 0.0.8
-    this client sends the bearer token (gRPC call credentials on every call, reflection included) and maps errors.
+    Message types come from the server by gRPC reflection; unlike caikit-nlp-client 0.0.8 this client sends the
+    bearer token (gRPC call credentials on every call, reflection included) and maps errors.
 
     Args:
-        target: ``host:port``; ``grpc://host:port`` for plaintext, ``grpcs://host:port`` for TLS.
-        token: bearer token; `None` sends none. Sent only over TLS, or in plaintext to this machine.
-        plaintext: no TLS; `None` (default): as the target's scheme says, else plaintext for a loopback host (the
-            local runtime) and TLS for any other, verified against ``ca_bundle`` or the system roots.
+        target: ``host:port`` (plaintext to a loopback host, else TLS), ``grpc://host:port`` (plaintext) or
+            ``grpcs://host:port`` (TLS, verified against ``ca_bundle`` or the system roots).
+        plaintext: overrides what the target says.
         verify: with ``False`` the server's own certificate is fetched and trusted (throwaway clusters only).
-        ca_bundle: CA bundle file (PEM).
-        timeout: seconds per call.
-        retries: extra attempts on UNAVAILABLE (refused or dropped connection, server starting): gRPC's
-            ``retryPolicy``, at most 5 attempts in all.
-        backoff: gRPC's initial backoff in seconds (doubling, jittered by gRPC).
-
-    Raises:
-        InsecureTokenError: a token with a plaintext channel to a host other than this machine.
+        retries, backoff: gRPC's ``retryPolicy`` on UNAVAILABLE (at most 5 attempts in all; initial backoff in s).
+        token, ca_bundle, timeout: as for :class:`CaikitHttpClient`.
     """
 
     def __init__(
@@ -732,34 +694,28 @@ class CaikitGrpcClient(_TextOnly):
         if sep:
             if scheme not in ("grpc", "grpcs", "http", "https"):
                 raise ValueError(f"grpc target: got {target!r}. {fix}")
-            target = rest
             plaintext = scheme in ("grpc", "http") if plaintext is None else plaintext
-        host, _, port = target.rpartition(":")
+        host, _, port = (rest if sep else target).rpartition(":")
         if not host or not port.isdigit():
             raise ValueError(f"grpc target: got {target!r}. {fix}")
-        if plaintext is None:
-            plaintext = is_loopback(host)
-        self.target = target
-        self.plaintext = bool(plaintext)
-        self._token = _check_token(token, not plaintext, host, target)
-        self.timeout = timeout
-        self.retries = max(0, int(retries))
-        self.backoff = backoff
-        options = _grpc_options(self.retries, backoff, timeout)
-        if plaintext and self._token:
+        self.url = f"{host}:{port}"
+        self.plaintext = is_loopback(host) if plaintext is None else bool(plaintext)
+        self._token = _check_token(token, not self.plaintext, host, self.url)
+        self.timeout, self.retries = timeout, max(0, int(retries))
+        options = self._options(backoff)
+        if self.plaintext and self._token:
             # to this machine only (checked above): local credentials let gRPC attach call credentials without TLS,
             # and gRPC itself refuses them for a peer that is not on this machine
             creds = grpc.composite_channel_credentials(
                 grpc.local_channel_credentials(), grpc.access_token_call_credentials(self._token)
             )
-            self.channel = grpc.secure_channel(target, creds, options)
-        elif plaintext:
-            self.channel = grpc.insecure_channel(target, options)
+            self.channel = grpc.secure_channel(self.url, creds, options)
+        elif self.plaintext:
+            self.channel = grpc.insecure_channel(self.url, options)
         else:
             root = None
             if ca_bundle and verify:
-                with open(ca_bundle, "rb") as fh:
-                    root = fh.read()
+                root = Path(ca_bundle).read_bytes()
             elif not verify:
                 import ssl
 
@@ -767,31 +723,40 @@ class CaikitGrpcClient(_TextOnly):
             creds = grpc.ssl_channel_credentials(root_certificates=root)
             if self._token:
                 creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(self._token))
-            self.channel = grpc.secure_channel(target, creds, options)
-        self._stubs: dict[str, Any] | None = None
+            self.channel = grpc.secure_channel(self.url, creds, options)
+        self._stubs: tuple[Any, Any] | None = None
 
-    def __repr__(self) -> str:
-        token = "<set>" if self._token else None
-        tls = "plaintext" if self.plaintext else "TLS"
-        return f"CaikitGrpcClient({self.target!r}, {tls}, token={token}, timeout={self.timeout:g})"
+    def _options(self, backoff: float) -> list[tuple[str, Any]]:
+        """Channel options: a default deadline and gRPC's own retries (``retryPolicy``) for caikit and reflection."""
+        method: dict[str, Any] = {
+            "name": [{"service": GRPC_SERVICE}, {"service": GRPC_REFLECTION}],
+            "timeout": f"{self.timeout:.3f}s",  # reflection calls (inside protobuf's descriptor pool) get one too
+        }
+        if self.retries:
+            method["retryPolicy"] = {
+                "maxAttempts": min(self.retries + 1, 5),  # gRPC caps attempts at 5
+                "initialBackoff": f"{max(backoff, 0.001):.3f}s",  # gRPC jitters each backoff by +-20 %
+                "maxBackoff": "30s",
+                "backoffMultiplier": 2,
+                # refused, reset, server (re)starting; not INTERNAL, the failure of this very input
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            }
+        return [
+            ("grpc.enable_retries", int(self.retries > 0)),
+            ("grpc.service_config", json.dumps({"methodConfig": [method]})),
+            # reconnect as soon as a retry is due (by default a refused connection is next tried after 1 s)
+            ("grpc.initial_reconnect_backoff_ms", max(1, int(backoff * 1000))),
+        ]
 
     def close(self) -> None:
         """Close the channel."""
         self.channel.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
-
-    def _load_stubs(self) -> dict[str, Any]:
+    def _load_stubs(self) -> tuple[Any, Any]:
         if self._stubs is None:
             from google.protobuf.descriptor_pool import DescriptorPool
             from google.protobuf.message_factory import GetMessageClass
-            from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
-                ProtoReflectionDescriptorDatabase,
-            )
+            from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
             pool = DescriptorPool(ProtoReflectionDescriptorDatabase(self.channel))
             try:
@@ -799,16 +764,14 @@ class CaikitGrpcClient(_TextOnly):
                 res = GetMessageClass(pool.FindMessageTypeByName(GRPC_RESULT))
             except KeyError as exc:
                 raise ModelServerError(
-                    f"{self.target} does not serve caikit's text generation ({exc}). Fix: check the gRPC target."
+                    f"{self.url} does not serve caikit's text generation ({exc}). Fix: check the gRPC target."
                 ) from exc
-            self._stubs = {
-                "request": req,
-                "predict": self.channel.unary_unary(
-                    f"/{GRPC_SERVICE}/TextGenerationTaskPredict",
-                    request_serializer=req.SerializeToString,
-                    response_deserializer=res.FromString,
-                ),
-            }
+            predict = self.channel.unary_unary(
+                f"/{GRPC_SERVICE}/TextGenerationTaskPredict",
+                request_serializer=req.SerializeToString,
+                response_deserializer=res.FromString,
+            )
+            self._stubs = (req, predict)
         return self._stubs
 
     def _call(self, fn):
@@ -818,42 +781,16 @@ class CaikitGrpcClient(_TextOnly):
             return fn()  # retried by the channel's retryPolicy
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
-            details = exc.details() if hasattr(exc, "details") else str(exc)
+            details = _redact((exc.details() if hasattr(exc, "details") else str(exc)) or "", self._token)
         # raised outside the handler: our message has the code and the (redacted) details, the RpcError is not kept
-        raise self._error(code, details)
-
-    def _error(self, code, details: str | None) -> ModelServerError:
-        import grpc
-
-        details = _redact(details or "", self._token)
         name = code.name if code is not None else "UNKNOWN"
-        if code == grpc.StatusCode.UNAVAILABLE:
-            return ServerUnavailable(
-                f"gRPC server {self.target} unavailable after {min(self.retries + 1, 5)} attempts: {details}. Fix: "
-                "check that the server runs and the target is right (grpc://host:port for a plaintext local server, "
-                "grpcs://host:port for a cluster route).",
-                name,
-                details,
-            )
-        if code == grpc.StatusCode.NOT_FOUND:
-            return ModelNotFound(f"{details}. Fix: use the served model id (the caikit folder name).", name, details)
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return BadRequest(f"bad request: {details}", name, details)
-        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-            return Unauthorized(
-                f"{name}: {details}. Fix: give a valid token in the variable serving.token_env (MODEL_TOKEN) or the "
-                "file serving.token_file (`--token-env`, `--token-file`).",
-                name,
-                details,
-            )
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return ServerUnavailable(f"no answer within {self.timeout:g} s. Fix: raise the timeout.", name, details)
-        hint = (
-            " The input is probably longer than the model's context: set truncate_input_tokens."
-            if "index out of range" in details
-            else ""
-        )
-        return ModelServerError(f"gRPC {name}: {details}.{hint}", name, details)
+        if name == "DEADLINE_EXCEEDED":
+            raise _timeout(self.url, self.timeout)
+        status = _GRPC_STATUS.get(name, 500)
+        attempts = min(self.retries + 1, 5) if status == 503 else 1  # gRPC caps attempts at 5
+        error = _status_error(status, details, f"gRPC {name} from {self.url}", attempts)
+        error.status = name
+        raise error
 
     def generate(
         self, model_id: str, text: str, params: GenerationParams | None = None, **overrides: Any
@@ -863,22 +800,18 @@ class CaikitGrpcClient(_TextOnly):
         An empty ``text`` is refused here: the gRPC API cannot tell it from an unset field and would generate from
         nothing, while the HTTP API answers 400.
         """
-        _check_input(text)
-        p = _params(params, overrides)
-        stubs = self._call(self._load_stubs)
-        fields = {f.name for f in stubs["request"].DESCRIPTOR.fields}
-        request = stubs["request"](text=text, **{k: v for k, v in p.caikit().items() if k in fields})
-        metadata = [("mm-model-id", model_id)]
-        response = self._call(lambda: stubs["predict"](request, metadata=metadata, timeout=self.timeout))
         from google.protobuf.json_format import MessageToDict
 
+        _check_input(text)
+        p = _params(params, overrides)
+        request_type, predict = self._call(self._load_stubs)
+        fields = {f.name for f in request_type.DESCRIPTOR.fields}
+        request = request_type(text=text, **{k: v for k, v in p.caikit().items() if k in fields})
+        response = self._call(lambda: predict(request, metadata=[("mm-model-id", model_id)], timeout=self.timeout))
         raw = MessageToDict(response, preserving_proto_field_name=True)
-        return GenerationResult(
-            response.generated_text,
-            int(response.generated_tokens),
-            raw.get("finish_reason"),
-            int(response.input_token_count),
-            raw,
+        counts = {"generated_tokens": response.generated_tokens, "input_token_count": response.input_token_count}
+        return _result(
+            response.generated_text, raw, counts, "generated_tokens", "input_token_count", raw.get("finish_reason")
         )
 
 
@@ -896,47 +829,31 @@ def connect(
 ):
     """A client for the served model; unset arguments come from ``recipe.serving`` (token: :func:`read_token`).
 
-    Args:
-        recipe: a :class:`detox_sft.config.Recipe` (or `None`: defaults, token from ``MODEL_TOKEN``).
-        url: HTTP base URL (caikit or vLLM).
-        grpc_target: ``host:port``; given (and ``kind`` caikit), the gRPC client is returned. Plaintext for
-            ``grpc://host:port`` or a bare loopback ``host:port`` (the local runtime), TLS for ``grpcs://`` and any
-            other host (see :class:`CaikitGrpcClient`); the HTTP URL's scheme has no say.
-        kind: ``caikit`` or ``vllm``.
-        token: bearer token; `None` reads ``recipe.serving.token_file`` or the variable ``recipe.serving.token_env``.
-        ca_bundle, verify, timeout: TLS and time limits (default: the recipe's).
-        retries: extra attempts on 502-504 / UNAVAILABLE / refused connections.
-
-    Returns:
-        A :class:`CaikitHttpClient`, :class:`CaikitGrpcClient` or :class:`VllmClient`.
+    ``grpc_target`` given (and ``kind`` caikit): a :class:`CaikitGrpcClient`, whose TLS follows the target, not the
+    HTTP URL; else a :class:`CaikitHttpClient` or (``kind="vllm"``) a :class:`VllmClient` for ``url``.
 
     Raises:
         InsecureTokenError: the token would travel in plaintext to a host other than this machine.
+        ValueError: no URL, or an unknown ``kind``.
     """
-
     cfg = recipe.serving if recipe is not None else ServingConfig()
     if grpc_target is None and url is None:
         grpc_target = cfg.grpc_target
     url = url or cfg.url
-    token = token if token is not None else read_token(cfg)
-    verify = cfg.verify_tls if verify is None else verify
-    ca_bundle = ca_bundle or cfg.ca_bundle
-    timeout = timeout or cfg.timeout
     if kind not in ("caikit", "vllm"):
         raise ValueError(f"kind: got {kind!r}. Fix: use 'caikit' or 'vllm'.")
+    settings = {
+        "token": token if token is not None else read_token(cfg),
+        "verify": cfg.verify_tls if verify is None else verify,
+        "ca_bundle": ca_bundle or cfg.ca_bundle,
+        "timeout": timeout or cfg.timeout,
+        "retries": retries,
+    }
     if kind == "caikit" and grpc_target:
-        return CaikitGrpcClient(
-            grpc_target,
-            token=token,
-            verify=verify,
-            ca_bundle=ca_bundle,
-            timeout=timeout,
-            retries=retries,
-        )
+        return CaikitGrpcClient(grpc_target, **settings)
     if not url:
         raise ValueError(
             "no server URL. Fix: pass --url (or set serving.url in the recipe); on OpenShift AI: "
             "`oc get inferenceservice <name> -o jsonpath='{.status.url}'`."
         )
-    cls = VllmClient if kind == "vllm" else CaikitHttpClient
-    return cls(url, token=token, verify=verify, ca_bundle=ca_bundle, timeout=timeout, retries=retries)
+    return (VllmClient if kind == "vllm" else CaikitHttpClient)(url, **settings)

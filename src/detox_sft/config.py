@@ -1,37 +1,36 @@
-"""Run configuration: dataclasses filled from the YAML recipes in `recipes/`.
+"""Run configuration: dataclasses filled from the YAML recipes in `recipes/`, parsed and type-checked by jsonargparse.
 
 A recipe is one YAML file with one mapping per concern (``data``, ``rephrase``, ``training``, ...). Every field is
-documented where it is declared and checked in ``__post_init__``; a bad value raises :class:`RecipeError` naming the
-field and the fix. Model and dataset references are either hub ids, local paths, or ``zoo:<name>`` for the offline
-zoo (resolved by :func:`detox_sft.refs.resolve_ref`); each reference has a ``<field>_revision`` beside it
-(``training.base_model_revision``, ``data.train_revision``, ...), the place to pin a hub commit: a full commit id,
-ignored for a ``zoo:`` reference, refused for a local path. ``training.sft`` and ``training.lora`` hold keyword
-arguments of :class:`trl.SFTConfig` and :class:`peft.LoraConfig`, checked against those classes' own fields and types.
+documented where it is declared; jsonargparse checks each value against its annotation, and ``__post_init__`` checks
+what needs the field's meaning; a bad value raises :class:`RecipeError` naming the field and the fix. Model and dataset
+references are hub ids, local paths, or ``zoo:<name>`` for the offline zoo (:func:`detox_sft.refs.resolve_ref`); each
+has a ``<field>_revision`` beside it, the place to pin a hub commit (40 hex digits; ignored for ``zoo:``, refused for a
+local path). ``training.sft`` and ``training.lora`` hold keyword arguments of :class:`trl.SFTConfig` and
+:class:`peft.LoraConfig`, read by those classes' own field annotations when the recipe loads.
 
-Command-line overrides use the same fields: ``load_recipe("offline", dotted={"training.sft.learning_rate": "1e-4"})``
-parses each text by its field's type; :func:`recipe_fields` lists the fields (type and help) for the CLI's flags.
-This module imports nothing from the package: every other module may import it.
+Overrides use the dotted field names, as flags (``load_recipe("offline", ["--training.sft.learning_rate", "1e-4"])``,
+what `detox-sft` passes) or as a mapping (``dotted={"evaluation.num_samples": "2"}``); :func:`recipe_parser` is the
+jsonargparse parser with one flag per field. This module imports nothing from the package.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import difflib
-import enum
-import inspect
 import logging
 import os
 import re
-import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonargparse import ArgumentError, ArgumentParser
 
 __all__ = [
     "ARMS",
@@ -47,8 +46,7 @@ __all__ = [
     "RECIPES_DIR",
     "load_recipe",
     "recipe_names",
-    "recipe_fields",
-    "RecipeField",
+    "recipe_parser",
     "RunPaths",
 ]
 
@@ -73,24 +71,22 @@ def _check_prob(value: float, name: str) -> None:
     )
 
 
-def _check_executor(value: Any, name: str) -> None:
-    _check(
-        value in ("local", "ray"), name, f"got {value!r}", "use 'local' (this process) or 'ray' (a Ray Data pipeline)"
-    )
+def _check_choice(value: Any, name: str, choices: Sequence[str], fix: str | None = None) -> None:
+    _check(value in choices, name, f"got {value!r}", fix or "use " + " or ".join(map(repr, choices)))
 
 
-def _check_pos(value: Any, name: str, allow_zero: bool = False) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+def _check_pos(value: int, name: str, allow_zero: bool = False) -> None:
     _check(
-        ok,
+        isinstance(value, int) and (value >= 0 if allow_zero else value > 0),  # None: a YAML null
         name,
         f"got {value!r}, expected a {'non-negative' if allow_zero else 'positive'} integer",
         f"set {name} to a whole number{' >= 0' if allow_zero else ' >= 1'}",
     )
 
 
+_DEVICES = ("auto", "cpu", "cuda")
+_EXECUTOR_FIX = "use 'local' (this process) or 'ray' (a Ray Data pipeline)"
 _COMMIT = re.compile(r"[0-9a-f]{40}")
-_ZOO = "zoo:"
 
 
 def _looks_local(ref: str) -> bool:
@@ -102,12 +98,12 @@ def _looks_local(ref: str) -> bool:
     )
 
 
-def _check_revision(revision: Any, ref: str | None, name: str, ref_name: str) -> None:
+def _check_revision(revision: str | None, ref: str | None, name: str, ref_name: str) -> None:
     """A hub revision: `None`, or a full commit id of a hub reference (ignored for ``zoo:``, refused for a path)."""
-    if revision is None or (ref or "").startswith(_ZOO):
+    if revision is None or (ref or "").startswith("zoo:"):
         return
     _check(
-        isinstance(revision, str) and _COMMIT.fullmatch(revision) is not None,
+        _COMMIT.fullmatch(revision) is not None,
         name,
         f"got {revision!r}, expected a full commit id (40 hex digits; the hub resolves no short ids, and a branch or "
         "tag can move)",
@@ -121,215 +117,10 @@ def _check_revision(revision: Any, ref: str | None, name: str, ref_name: str) ->
     )
 
 
-_DATA_FORMATS = ("auto", "jsonl", "parquet", "csv", "hub")
-
-
-def _check_format(value: Any, name: str) -> None:
-    _check(
-        value in _DATA_FORMATS,
-        name,
-        f"got {value!r}",
-        "use auto (by the reference: .jsonl/.json, .parquet or .csv file, a directory, else a hub id), jsonl, "
-        "parquet, csv or hub",
-    )
-
-
-def _check_column(value: Any, name: str) -> None:
-    if value is not None:
-        _check(
-            isinstance(value, str) and value.strip() == value and bool(value),
-            name,
-            f"got {value!r}",
-            "name a column of the dataset (dots reach nested fields: prompt.text), or set null",
-        )
-
-
-# --- field types: what a recipe value (as YAML gives it) or a command-line text must be ------------------------------
-
-
-def _options(annotation: Any) -> tuple[Any, ...]:
-    """The alternatives of a union annotation (``int | None`` -> ``(int, NoneType)``); others stand alone."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return typing.get_args(annotation)
-    return (annotation,)
-
-
-def _accepts(annotation: Any, value: Any) -> bool:
-    """Whether ``value`` fits ``annotation``: an int fits a float, an enum's value fits the enum; a type we do not
-    model (a library's own config class, a string annotation) is left to the library."""
-    if len(_options(annotation)) > 1:
-        return any(_accepts(option, value) for option in _options(annotation))
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if annotation is Any:
-        return True
-    if annotation is None or annotation is type(None):
-        return value is None
-    if origin is typing.Literal:
-        return value in args
-    if origin in (list, tuple):  # YAML has lists only
-        return isinstance(value, list) and (not args or all(_accepts(args[0], item) for item in value))
-    if origin is dict or annotation is dict:
-        return isinstance(value, dict)
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        return isinstance(value, annotation) or value in {member.value for member in annotation}
-    if isinstance(annotation, type):
-        return isinstance(value, annotation)
-    return True
-
-
-_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a float", str: "a string", type(None): "null"}
-_PLURALS = {str: "strings", int: "integers", float: "floats"}
-
-
-def _describe(annotation: Any) -> str:
-    """``annotation`` in words, for an error message: ``an integer or null``, ``a list of strings``."""
-    words = []
-    for option in _options(annotation):
-        origin, args = typing.get_origin(option), typing.get_args(option)
-        if origin is typing.Literal:
-            words.append("one of " + ", ".join(map(repr, args)))
-        elif origin in (list, tuple):
-            words.append(f"a list of {_PLURALS[args[0]]}" if args and args[0] in _PLURALS else "a list")
-        elif origin is dict or option is dict:
-            words.append("a mapping")
-        elif isinstance(option, type) and issubclass(option, enum.Enum):
-            words.append("one of " + ", ".join(repr(member.value) for member in option))
-        else:
-            words.append(_TYPE_NAMES.get(option, getattr(option, "__name__", str(option))))
-    return " or ".join(dict.fromkeys(words))
-
-
-def _check_type(value: Any, annotation: Any, name: str) -> None:
-    if _accepts(annotation, value):
-        return
-    expected = _describe(annotation)
-    fix = f"set {name} to {expected}"
-    number = _float_or_none(value) if isinstance(value, str) else None
-    if number is not None and _accepts(annotation, number):
-        fix += f" (YAML reads {value} as text: write it with a dot and a signed exponent, such as 1.0e-4)"
-    raise RecipeError(f"{name}: got {value!r}, expected {expected}. Fix: {fix}.")
-
-
-def _float_or_none(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
-def _from_text(text: str, annotation: Any) -> Any:
-    """A command-line text as a value of ``annotation``, in YAML's syntax (``null``, ``true``, ``[a, b]``) plus
-    ``1e-4`` (text to YAML) and ``a,b`` for a list.
-
-    Raises:
-        ValueError: no reading of the text fits the annotation.
-    """
-    candidates: list[Any] = []
-    with contextlib.suppress(yaml.YAMLError):
-        parsed = yaml.safe_load(text)
-        if not isinstance(parsed, str):  # a str reading is the text itself, tried last
-            candidates.append(parsed)
-    if (number := _float_or_none(text)) is not None:
-        candidates.append(number)
-    if "," in text:
-        with contextlib.suppress(yaml.YAMLError):
-            candidates.append([yaml.safe_load(item) for item in text.split(",")])
-    candidates.append(text)
-    for candidate in candidates:
-        if _accepts(annotation, candidate):
-            return candidate
-    raise ValueError(text)
-
-
-def _example(annotation: Any) -> str | None:
-    """A value of ``annotation`` as it is typed on the command line (``1e-4``, ``8``, ``a,b``), or `None`."""
-    examples = {float: "1e-4", int: "8", bool: "true", type(None): "null"}
-    for option in _options(annotation):
-        if typing.get_origin(option) is typing.Literal:
-            return str(typing.get_args(option)[0])
-        if typing.get_origin(option) in (list, tuple):
-            return "a,b"
-        if option in examples:
-            return examples[option]
-    return None
-
-
-def _closest(name: str, candidates: list[str]) -> str | None:
-    """The candidate a misspelt dotted name most likely meant: one with the same last part, else difflib's pick."""
-    leaf = name.rsplit(".", 1)[-1]
-    same_leaf = [c for c in candidates if c.rsplit(".", 1)[-1] == leaf]
-    return (same_leaf or difflib.get_close_matches(name, candidates, n=1, cutoff=0.6) or [None])[0]
-
-
-@cache
-def _init_fields(cls: type) -> dict[str, Any]:
-    """A dataclass's constructor fields and their annotations, read from the class (no instance is built)."""
-    try:
-        hints = typing.get_type_hints(cls)
-    except (NameError, TypeError):  # an annotation that does not resolve: compare nothing for that class
-        hints = {}
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
-
-
-class _DropBitsandbytesKernelNotice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Failed to load CPU gemm_4bit_forward" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _importing_bitsandbytes() -> Any:
-    """Importing trl or peft imports bitsandbytes, whose CPU backend logs (on CPUs with AVX512-BF16) that it could not
-    fetch an optional 4-bit *inference* kernel from the hub (`pip install kernels`); CPU training turns that path off
-    anyway (compat.keep_bnb_4bit_trainable_on_cpu). Dropped on that one logger while importing, the filter gone after."""
-    bnb_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    notice = _DropBitsandbytesKernelNotice()
-    bnb_logger.addFilter(notice)
-    try:
-        yield
-    finally:
-        bnb_logger.removeFilter(notice)
-
-
-def _sft_fields() -> dict[str, Any]:
-    with _importing_bitsandbytes():
-        from trl import SFTConfig  # importing trl takes seconds: only when a recipe is checked
-
-    return _init_fields(SFTConfig)
-
-
-def _lora_fields() -> dict[str, Any]:
-    with _importing_bitsandbytes():
-        from peft import LoraConfig  # as slow as trl (it imports torch)
-
-    return _init_fields(LoraConfig)
-
-
-# Recipe fields that hold a library config's keyword arguments: (the class's name, its fields and types).
-_LIBRARY_KWARGS: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
-    "training.sft": ("trl.SFTConfig", _sft_fields),
-    "training.lora": ("peft.LoraConfig", _lora_fields),
-}
-
-
-def _check_kwargs(values: dict[str, Any], name: str) -> None:
-    """Check ``training.sft`` / ``training.lora`` against their library class's fields and types."""
-    label, fields_of = _LIBRARY_KWARGS[name]
-    fields = fields_of()
-    for key, value in values.items():
-        best = _closest(key, list(fields))
-        _check(
-            key in fields,
-            f"{name}.{key}",
-            f"is not a {label} field",
-            f"use {name}.{best}, the closest {label} field" if best else f"use the field names of {label}",
-        )
-        _check_type(value, fields[key], f"{name}.{key}")
+_FORMAT_FIX = (
+    "use auto (by the reference: .jsonl/.json, .parquet or .csv file, a directory, else a hub id), jsonl, parquet, "
+    "csv or hub"
+)
 
 
 @dataclass
@@ -341,24 +132,23 @@ class DataConfig:
             a directory of ``<split>.jsonl`` / ``.parquet`` / ``.csv`` files, or a saved dataset directory) or
             ``zoo:rtp`` for the bundled synthetic corpus.
         train_split (`str`, defaults to ``"train"``): split of ``train_dataset`` to read.
-        train_revision (`str` or `None`, *optional*, defaults to `None`): the hub commit of ``train_dataset`` (40 hex
-            digits), passed to ``datasets.load_dataset`` as ``revision=``; `None` reads the newest. Ignored for a
-            ``zoo:`` reference; refused for a local path.
+        train_revision (`str` or `None`, defaults to `None`): the hub commit of ``train_dataset`` (40 hex digits),
+            passed to ``datasets.load_dataset`` as ``revision=``; `None` reads the newest.
         format (`str`, defaults to ``"auto"``): how ``train_dataset`` is read: ``auto`` (by the reference: a
             ``.jsonl``/``.json``, ``.parquet`` or ``.csv`` file, a directory, else a hub id), ``jsonl``, ``parquet``,
             ``csv`` (a file of that format, whatever its name) or ``hub`` (``datasets.load_dataset`` on the reference).
-        prompt_field (`str` or `None`, *optional*, defaults to `None`): the column holding the prompt, for your own
-            data (dots reach nested fields: ``prompt.text``); give ``continuation_field`` with it. `None`: the
+        prompt_field (`str` or `None`, defaults to `None`): the column holding the prompt, for your own data (dots
+            reach nested fields: ``prompt.text``); give ``continuation_field`` with it. `None`: the
             allenai/real-toxicity-prompts schema (``prompt.text``), or flat ``prompt`` / ``continuation`` columns.
-        continuation_field (`str` or `None`, *optional*, defaults to `None`): the column holding the continuation
-            (the text the model learns to write after the prompt).
-        text_field (`str` or `None`, *optional*, defaults to `None`): instead of the two above, one column of whole
-            texts, each split into a prompt (its first ``text_prompt_words`` words) and a continuation (the rest).
+        continuation_field (`str` or `None`, defaults to `None`): the column holding the continuation (the text the
+            model learns to write after the prompt).
+        text_field (`str` or `None`, defaults to `None`): instead of the two above, one column of whole texts, each
+            split into a prompt (its first ``text_prompt_words`` words) and a continuation (the rest).
         text_prompt_words (`int`, defaults to 8): words of a ``text_field`` text that make its prompt; a text with
             no word after them is dropped.
-        toxicity_field (`str` or `None`, *optional*, defaults to `None`): the column holding the prompt's toxicity
-            (a number in [0, 1] or null), for ``min_toxicity``; `None`: ``prompt.toxicity`` or ``toxicity`` when the
-            dataset has it, else every sample counts as 0.
+        toxicity_field (`str` or `None`, defaults to `None`): the column holding the prompt's toxicity (a number in
+            [0, 1] or null), for ``min_toxicity``; `None`: ``prompt.toxicity`` or ``toxicity`` when the dataset has
+            it, else every sample counts as 0.
         num_train_samples (`int` or `None`): keep this many samples (after filtering), `None` keeps all.
         test_size (`float`, defaults to 0.1): share of the samples held out for the eval loss.
         min_toxicity (`float` or `None`): keep only samples whose prompt toxicity is at least this (null values
@@ -366,8 +156,7 @@ class DataConfig:
         max_chars (`int`, defaults to 512): drop samples whose formatted text is longer (length filter).
         eval_dataset (`str`): hub id (``OxAISH-AL-LLM/wiki_toxic``), local path or ``zoo:wiki_toxic``.
         eval_split (`str`, defaults to ``"test"``): split of ``eval_dataset``.
-        eval_revision (`str` or `None`, *optional*, defaults to `None`): the hub commit of ``eval_dataset``, as
-            ``train_revision``.
+        eval_revision (`str` or `None`, defaults to `None`): the hub commit of ``eval_dataset``.
         eval_format (`str`, defaults to ``"auto"``): how ``eval_dataset`` is read, as ``format``.
         eval_text_field (`str`, defaults to ``"comment_text"``): the column whose first words are the prompts.
         eval_label_field (`str`, defaults to ``"label"``): the column compared with ``eval_label``.
@@ -404,25 +193,29 @@ class DataConfig:
         _check(
             bool(self.eval_dataset), "data.eval_dataset", "is empty", "give a hub id, a local path or zoo:wiki_toxic"
         )
-        if self.num_train_samples is not None:
-            _check_pos(self.num_train_samples, "data.num_train_samples")
-        _check(
-            isinstance(self.test_size, float) and 0.0 < self.test_size < 1.0,
-            "data.test_size",
-            f"got {self.test_size!r}",
-            "use a fraction such as 0.1",
-        )
+        _check(0.0 < self.test_size < 1.0, "data.test_size", f"got {self.test_size!r}", "use a fraction such as 0.1")
         if self.min_toxicity is not None:
             _check_prob(self.min_toxicity, "data.min_toxicity")
-        _check_pos(self.max_chars, "data.max_chars")
-        _check_pos(self.num_eval_prompts, "data.num_eval_prompts")
-        _check_pos(self.eval_prompt_words, "data.eval_prompt_words")
-        _check_pos(self.text_prompt_words, "data.text_prompt_words")
-        _check_format(self.format, "data.format")
-        _check_format(self.eval_format, "data.eval_format")
-        columns = ("prompt_field", "continuation_field", "text_field", "toxicity_field", "eval_text_field")
-        for name in (*columns, "eval_label_field"):
-            _check_column(getattr(self, name), f"data.{name}")
+        for name in ("num_train_samples", "max_chars", "num_eval_prompts", "eval_prompt_words", "text_prompt_words"):
+            if getattr(self, name) is not None:
+                _check_pos(getattr(self, name), f"data.{name}")
+        _check_choice(self.format, "data.format", ("auto", "jsonl", "parquet", "csv", "hub"), _FORMAT_FIX)
+        _check_choice(self.eval_format, "data.eval_format", ("auto", "jsonl", "parquet", "csv", "hub"), _FORMAT_FIX)
+        for name in (
+            "prompt_field",
+            "continuation_field",
+            "text_field",
+            "toxicity_field",
+            "eval_text_field",
+            "eval_label_field",
+        ):
+            value = getattr(self, name)
+            _check(
+                value is None or (value.strip() == value and bool(value)),
+                f"data.{name}",
+                f"got {value!r}",
+                "name a column of the dataset (dots reach nested fields: prompt.text), or set null",
+            )
         pair = (self.prompt_field, self.continuation_field)
         _check(
             self.text_field is None or pair == (None, None),
@@ -449,11 +242,10 @@ class RephraseConfig:
         base_model (`str`): the BART model that fills the masks (``facebook/bart-large`` or ``zoo:bart-base``).
         expert (`str`): the model trained on non-toxic text (``trustyai/gplus`` or ``zoo:expert``).
         anti_expert (`str`): the model trained on toxic text (``trustyai/gminus`` or ``zoo:anti-expert``).
-        base_model_revision (`str` or `None`, *optional*, defaults to `None`): the hub commit of ``base_model`` (40
-            hex digits), passed to ``from_pretrained`` as ``revision=`` (model and tokenizer); `None` loads the newest.
-            Ignored for a ``zoo:`` reference; refused for a local path. Likewise:
-        expert_revision (`str` or `None`, *optional*, defaults to `None`): the hub commit of ``expert``.
-        anti_expert_revision (`str` or `None`, *optional*, defaults to `None`): the hub commit of ``anti_expert``.
+        base_model_revision (`str` or `None`, defaults to `None`): the hub commit of ``base_model`` (40 hex digits),
+            passed to ``from_pretrained`` as ``revision=`` (model and tokenizer); `None` loads the newest.
+        expert_revision (`str` or `None`, defaults to `None`): the hub commit of ``expert``.
+        anti_expert_revision (`str` or `None`, defaults to `None`): the hub commit of ``anti_expert``.
         expert_weights (`list[float]`, defaults to ``[-0.5, 4.0]``): weights of anti-expert and expert logits.
         mask_threshold (`float`, defaults to 1.2): mask a token whose disagreement score divided by the sentence
             mean reaches this (the MaRCo paper uses 1.2; the 2024 original's 0.6 masked nearly everything).
@@ -461,23 +253,20 @@ class RephraseConfig:
             after it (otherwise only the left context); TMaRCo adds the base model's logits either way.
         gate_threshold (`float`, defaults to 0.5): only samples whose toxicity reaches this are rephrased.
         scorer (`str`): the toxicity scorer used for gating (see :mod:`detox_sft.toxicity`).
-        scorer_revision (`str` or `None`, *optional*, defaults to `None`): the hub commit of ``scorer`` when it is a
-            hub classifier.
+        scorer_revision (`str` or `None`, defaults to `None`): the hub commit of ``scorer`` (a hub classifier).
         engine (`str`, defaults to ``"batched"``): ``batched`` (ours) or ``trustyai`` (the reference).
         batch_size (`int`, defaults to 32): sentences per batch in the batched engine.
         device (`str`, defaults to ``"auto"``): ``auto``, ``cpu`` or ``cuda``.
         executor (`str`, defaults to ``"local"``): ``local`` (this process) or ``ray``: a Ray Data pipeline whose
-            actors each load the scorer and the engine once and rephrase blocks of records (see
-            :mod:`detox_sft.scale`); the same records come out. It joins the cluster when ``RAY_ADDRESS`` is set
-            (inside a RayJob), else starts a local Ray.
+            actors each load the scorer and the engine once and rephrase blocks of records; the same records come
+            out. It joins the cluster when ``RAY_ADDRESS`` is set (inside a RayJob), else starts a local Ray.
         ray_actors (`int`, defaults to 1): actors in the pool, one CPU each (one GPU each where the cluster has
             GPUs). One on a 2-core machine leaves a core to the driver, which reads the input and writes the blocks.
         ray_block_size (`int`, defaults to 512): records per block, the unit of work and of resumption: a rerun of
             an interrupted job skips the blocks already written.
-        keep_going (`bool`, defaults to `False`): when the engine raises on some texts (a TrustyAI upgrade that
-            broke its API, a text the models cannot take), keep them unchanged with ``rephrase_status: error`` and
-            the exception in ``rephrase_error``, and go on; the summary counts them. Off: the step fails with the
-            first error.
+        keep_going (`bool`, defaults to `False`): when the engine raises on some texts, keep them unchanged with
+            ``rephrase_status: error`` (the exception in ``rephrase_error``) and go on; the summary counts them.
+            Off: the step fails with the first error.
     """
 
     base_model: str = "facebook/bart-large"
@@ -508,28 +297,17 @@ class RephraseConfig:
             "give two numbers: [anti_expert_weight, expert_weight]",
         )
         _check(
-            isinstance(self.mask_threshold, int | float) and self.mask_threshold > 0,
+            self.mask_threshold > 0,
             "rephrase.mask_threshold",
             f"got {self.mask_threshold!r}",
             "use a positive number; 1.2 is the MaRCo paper's value",
         )
         _check_prob(self.gate_threshold, "rephrase.gate_threshold")
-        _check(
-            self.engine in ("batched", "trustyai"),
-            "rephrase.engine",
-            f"got {self.engine!r}",
-            "use 'batched' or 'trustyai'",
-        )
-        _check_pos(self.batch_size, "rephrase.batch_size")
-        _check(
-            self.device in ("auto", "cpu", "cuda"),
-            "rephrase.device",
-            f"got {self.device!r}",
-            "use 'auto', 'cpu' or 'cuda'",
-        )
-        _check_executor(self.executor, "rephrase.executor")
-        _check_pos(self.ray_actors, "rephrase.ray_actors")
-        _check_pos(self.ray_block_size, "rephrase.ray_block_size")
+        _check_choice(self.engine, "rephrase.engine", ("batched", "trustyai"))
+        _check_choice(self.device, "rephrase.device", _DEVICES)
+        _check_choice(self.executor, "rephrase.executor", ("local", "ray"), _EXECUTOR_FIX)
+        for name in ("batch_size", "ray_actors", "ray_block_size"):
+            _check_pos(getattr(self, name), f"rephrase.{name}")
         for ref in ("base_model", "expert", "anti_expert", "scorer"):
             _check_revision(
                 getattr(self, f"{ref}_revision"), getattr(self, ref), f"rephrase.{ref}_revision", f"rephrase.{ref}"
@@ -543,18 +321,19 @@ class TrainingConfig:
     Attributes:
         base_model (`str`): ``facebook/opt-350m`` or ``zoo:opt``; your own causal LM as a hub id or a local
             directory (``zoo:llama`` is a small Llama).
-        base_model_revision (`str` or `None`, *optional*, defaults to `None`): the hub commit of ``base_model`` (40 hex
-            digits), passed to ``from_pretrained`` as ``revision=`` wherever the base is loaded (training,
-            evaluation, export); `None` loads the newest. Ignored for a ``zoo:`` reference; refused for a local path.
+        base_model_revision (`str` or `None`, defaults to `None`): the hub commit of ``base_model`` (40 hex digits),
+            passed to ``from_pretrained`` as ``revision=`` wherever the base is loaded (training, evaluation,
+            export); `None` loads the newest.
         load_in_4bit (`bool`, defaults to `True`): quantise the base model to 4-bit NF4 with bitsandbytes (QLoRA).
         lora (`dict`): keyword arguments of :class:`peft.LoraConfig` (``r``, ``lora_alpha``, ``lora_dropout``,
-            ``target_modules``), checked against its fields and their types when the recipe loads; target modules
-            are checked against the model. ``target_modules`` absent or null: the model type's linear layers
-            (:data:`detox_sft.training.LORA_TARGET_MODULES`: opt, llama, gpt2), else PEFT's ``all-linear``. On the
-            command line: ``--training.lora.r 8``, ``--training.lora.target_modules null``.
-        sft (`dict`): keyword arguments of :class:`trl.SFTConfig` (``learning_rate``, ``num_train_epochs``,
-            ``per_device_train_batch_size``, ``max_length``, ...), checked against its fields and their types when
-            the recipe loads. On the command line: ``--training.sft.learning_rate 1e-4``.
+            ``target_modules``), read by its field types when the recipe loads; target modules are checked against
+            the model. ``target_modules`` absent or null: the model type's linear layers
+            (:data:`detox_sft.training.LORA_TARGET_MODULES`), else PEFT's ``all-linear``. On the command line:
+            ``--training.lora.r 8``, ``--training.lora.target_modules null``.
+        sft (`dict`): keyword arguments of :class:`trl.SFTConfig`, read by its field types when the recipe loads: the
+            hyperparameters, the evaluation and checkpoint schedule (``eval_strategy``, ``save_steps``,
+            ``save_total_limit``: what an interrupted run resumes from) and the logging. A recipe's ``sft`` replaces
+            this default whole. On the command line: ``--training.sft.learning_rate 1e-4``.
         completion_only_loss (`bool`, defaults to `True`): loss on the continuation only, or on the whole text.
         device (`str`, defaults to ``"auto"``): ``auto``, ``cpu`` or ``cuda``.
     """
@@ -562,19 +341,22 @@ class TrainingConfig:
     base_model: str = "facebook/opt-350m"
     base_model_revision: str | None = None
     load_in_4bit: bool = True
-    lora: dict[str, Any] = field(
-        default_factory=lambda: {
-            "r": 16,
-            "lora_alpha": 32,
-            "lora_dropout": 0.05,
-        }
-    )
+    lora: dict[str, Any] = field(default_factory=lambda: {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05})
     sft: dict[str, Any] = field(
         default_factory=lambda: {
             "learning_rate": 2e-4,
             "num_train_epochs": 1,
             "per_device_train_batch_size": 8,
             "max_length": 256,
+            "eval_strategy": "epoch",
+            "save_strategy": "steps",
+            "save_steps": 50,
+            "save_total_limit": 2,
+            "logging_first_step": True,
+            "report_to": "none",
+            "include_num_input_tokens_seen": "non_padding",
+            "disable_tqdm": False,
+            "ddp_find_unused_parameters": False,
         }
     )
     completion_only_loss: bool = True
@@ -584,17 +366,10 @@ class TrainingConfig:
         _check(bool(self.base_model), "training.base_model", "is empty", "give facebook/opt-350m or zoo:opt")
         _check(isinstance(self.lora, dict), "training.lora", "must be a mapping", "give LoraConfig keyword arguments")
         _check(isinstance(self.sft, dict), "training.sft", "must be a mapping", "give SFTConfig keyword arguments")
-        _check_kwargs(self.lora, "training.lora")
-        _check_kwargs(self.sft, "training.sft")
         _check_revision(
             self.base_model_revision, self.base_model, "training.base_model_revision", "training.base_model"
         )
-        _check(
-            self.device in ("auto", "cpu", "cuda"),
-            "training.device",
-            f"got {self.device!r}",
-            "use 'auto', 'cpu' or 'cuda'",
-        )
+        _check_choice(self.device, "training.device", _DEVICES)
 
 
 @dataclass
@@ -603,9 +378,8 @@ class EvaluationConfig:
 
     Attributes:
         scorers (`list[str]`): toxicity scorers; the first is the headline one.
-        scorer_revisions (`dict[str, str]`, *optional*, defaults to ``{}``): the hub commit (40 hex digits) of each
-            scorer that is a hub classifier, by its name in ``scorers``, passed to the pipeline as ``revision=``; a
-            scorer not listed loads the newest.
+        scorer_revisions (`dict[str, str]`, defaults to ``{}``): the hub commit (40 hex digits) of each scorer that
+            is a hub classifier, by its name in ``scorers``; a scorer not listed loads the newest.
         num_samples (`int`, defaults to 25): sampled continuations per prompt (k).
         max_new_tokens (`int`, defaults to 20): length of each continuation.
         top_p (`float`, defaults to 0.9): nucleus sampling.
@@ -614,20 +388,18 @@ class EvaluationConfig:
         bootstrap_samples (`int`, defaults to 1000): bootstrap resamples for the 95% intervals.
         toxic_threshold (`float`, defaults to 0.5): a continuation at or above this is toxic (for TP).
         perplexity_model (`str` or `None`): model for the conditional perplexity; `None` uses the base model.
-        perplexity_model_revision (`str` or `None`, *optional*, defaults to `None`): the hub commit of
-            ``perplexity_model`` (`None` with the base model: ``training.base_model_revision`` applies).
+        perplexity_model_revision (`str` or `None`, defaults to `None`): the hub commit of ``perplexity_model``
+            (`None` with the base model: ``training.base_model_revision`` applies).
         prompt_template (`bool`, defaults to `True`): give every model the prompt in the training template
-            (:func:`detox_sft.prompts.generation_prompt`), as the arms saw it in training; `False` gives the bare prompt.
+            (:func:`detox_sft.prompts.generation_prompt`), as the arms saw it in training; `False`: the bare prompt.
         device (`str`, defaults to ``"auto"``): ``auto``, ``cpu`` or ``cuda`` for generation, scoring, perplexity.
         executor (`str`, defaults to ``"local"``): ``local`` (this process) or ``ray``: generation, then scoring and
-            perplexity, run as Ray Data pipelines over actor pools, block by block in the same batches as the local
-            run, so the results are the same (see :mod:`detox_sft.scale`).
+            perplexity, as Ray Data pipelines over actor pools, in the same batches as the local run (same results).
         ray_actors (`int`, defaults to 1): actors per pool, one CPU each (one GPU each where the cluster has GPUs).
-        nontoxic_prompts (`int`, *optional*, defaults to 0): also evaluate every model on this many non-toxic prompts
-            (``data.eval_dataset`` rows with label 0, the first ``data.eval_prompt_words`` words, drawn with the seed),
-            with the same sampling and scorers, so that what the detox arm gives up where there is nothing to
-            detoxify shows (toxicity, perplexity, distinct-n under ``nontoxic`` in results.json,
-            :func:`detox_sft.evaluation.cost_table`); 0 disables it and leaves the toxic-prompt results as they were.
+        nontoxic_prompts (`int`, defaults to 0): also evaluate every model on this many non-toxic prompts
+            (``data.eval_dataset`` rows with label 0, drawn with the seed), with the same sampling and scorers, so
+            that what the detox arm gives up where there is nothing to detoxify shows (``nontoxic`` in results.json,
+            :func:`detox_sft.evaluation.cost_table`); 0 disables it.
     """
 
     scorers: list[str] = field(default_factory=lambda: ["facebook/roberta-hate-speech-dynabench-r4-target"])
@@ -649,22 +421,14 @@ class EvaluationConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.scorers), "evaluation.scorers", "is empty", "name at least one scorer")
-        _check(
-            self.device in ("auto", "cpu", "cuda"),
-            "evaluation.device",
-            f"got {self.device!r}",
-            "use 'auto', 'cpu' or 'cuda'",
-        )
-        _check_pos(self.num_samples, "evaluation.num_samples")
-        _check_pos(self.max_new_tokens, "evaluation.max_new_tokens")
+        _check_choice(self.device, "evaluation.device", _DEVICES)
+        for name in ("num_samples", "max_new_tokens", "batch_size", "bootstrap_samples", "ray_actors"):
+            _check_pos(getattr(self, name), f"evaluation.{name}")
+        _check_pos(self.nontoxic_prompts, "evaluation.nontoxic_prompts", allow_zero=True)
         _check(0.0 < self.top_p <= 1.0, "evaluation.top_p", f"got {self.top_p!r}", "use a value in (0, 1]")
         _check(self.temperature > 0, "evaluation.temperature", f"got {self.temperature!r}", "use a positive value")
-        _check_pos(self.batch_size, "evaluation.batch_size")
-        _check_pos(self.bootstrap_samples, "evaluation.bootstrap_samples")
         _check_prob(self.toxic_threshold, "evaluation.toxic_threshold")
-        _check_executor(self.executor, "evaluation.executor")
-        _check_pos(self.ray_actors, "evaluation.ray_actors")
-        _check_pos(self.nontoxic_prompts, "evaluation.nontoxic_prompts", allow_zero=True)
+        _check_choice(self.executor, "evaluation.executor", ("local", "ray"), _EXECUTOR_FIX)
         for scorer, revision in self.scorer_revisions.items():
             name = f"evaluation.scorer_revisions.{scorer}"
             _check(scorer in self.scorers, name, "is not one of evaluation.scorers", f"pin one of {self.scorers}")
@@ -691,12 +455,7 @@ class ExportConfig:
     dtype: str = "float16"
 
     def __post_init__(self) -> None:
-        _check(
-            self.dtype in ("float32", "float16", "bfloat16"),
-            "export.dtype",
-            f"got {self.dtype!r}",
-            "use float32, float16 or bfloat16",
-        )
+        _check_choice(self.dtype, "export.dtype", ("float32", "float16", "bfloat16"))
         _check(
             bool(self.model_id) and "/" not in self.model_id,
             "export.model_id",
@@ -713,17 +472,10 @@ class StorageConfig:
         prefix (`str`, defaults to ``"models/opt-350m-detox"``): key prefix; the Caikit directory goes under
             ``<prefix>/caikit`` and the Hugging Face directory under ``<prefix>/hf``. The manifests reference it.
         max_concurrency (`int`, defaults to 8): parallel transfers.
-        lock_ttl (`float`, defaults to 300): seconds an upload's lock on its prefix stays valid without renewal
-            (the running upload renews it every third of that); a lock left by a killed run is taken over once it
-            has gone this long without renewal.
-        force_lock (`bool`, defaults to `False`): take over another upload's lock on the prefix before it expires.
-            Only for a writer known to be dead (a killed pod): two live uploads to one prefix would mix their files.
     """
 
     prefix: str = "models/opt-350m-detox"
     max_concurrency: int = 8
-    lock_ttl: float = 300.0
-    force_lock: bool = False
 
     def __post_init__(self) -> None:
         _check(
@@ -733,12 +485,6 @@ class StorageConfig:
             "use a relative key prefix such as models/opt-350m-detox",
         )
         _check_pos(self.max_concurrency, "storage.max_concurrency")
-        _check(
-            isinstance(self.lock_ttl, int | float) and not isinstance(self.lock_ttl, bool) and self.lock_ttl > 0,
-            "storage.lock_ttl",
-            f"got {self.lock_ttl!r}, expected a positive number of seconds",
-            "set storage.lock_ttl to, say, 300 (longer than the longest pause an upload may have)",
-        )
 
 
 @dataclass
@@ -749,9 +495,8 @@ class ServingConfig:
         url (`str` or `None`): the InferenceService URL (HTTP); `None` means a local server started by the demo.
         grpc_target (`str` or `None`): ``host:port`` of the gRPC endpoint.
         token_env (`str`, defaults to ``"MODEL_TOKEN"``): environment variable that holds the bearer token.
-        token_file (`str` or `None`, *optional*, defaults to `None`): file that holds the bearer token (e.g. a
-            mounted service-account token); when set it is read instead of ``token_env``. Never pass a token as a
-            command-line argument.
+        token_file (`str` or `None`, defaults to `None`): file that holds the bearer token (e.g. a mounted
+            service-account token), read instead of ``token_env``. Never pass a token as a command-line argument.
         verify_tls (`bool`, defaults to `True`): verify the server's certificate.
         ca_bundle (`str` or `None`): CA bundle for verification (OpenShift's service CA, say).
         timeout (`float`, defaults to 60): seconds per request.
@@ -841,7 +586,7 @@ class Recipe:
     """One run configuration: a profile (``tutorial`` or ``offline``) and one section per concern.
 
     Attributes:
-        name (`str`): the recipe's name; the default run directory is ``runs/<name>``.
+        name (`str`): the recipe's name (default: the file's); the default run directory is ``runs/<name>``.
         profile (`str`): ``tutorial`` (hub ids, GPU) or ``offline`` (local zoo, CPU).
         seed (`int`, defaults to 42): one seed for sampling, shuffling and training.
         run_dir (`str` or `None`): where outputs go; `None` means ``runs/<name>``.
@@ -860,9 +605,7 @@ class Recipe:
     serving: ServingConfig = field(default_factory=ServingConfig)
 
     def __post_init__(self) -> None:
-        _check(
-            self.profile in ("tutorial", "offline"), "profile", f"got {self.profile!r}", "use 'tutorial' or 'offline'"
-        )
+        _check_choice(self.profile, "profile", ("tutorial", "offline"))
         _check_pos(self.seed, "seed", allow_zero=True)
 
     @property
@@ -880,16 +623,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(Recipe)}
-_SECTION_CLASSES = {
-    "data": DataConfig,
-    "rephrase": RephraseConfig,
-    "training": TrainingConfig,
-    "evaluation": EvaluationConfig,
-    "export": ExportConfig,
-    "storage": StorageConfig,
-    "serving": ServingConfig,
-}
+_SECTIONS = ("data", "rephrase", "training", "evaluation", "export", "storage", "serving")
 
 
 def recipe_names() -> list[str]:
@@ -897,68 +631,154 @@ def recipe_names() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
-def _build_section(name: str, cls: type, values: Any) -> Any:
-    if values is None:
-        return cls()
-    _check(
-        isinstance(values, dict),
-        name,
-        f"must be a mapping, got {type(values).__name__}",
-        f"write {name}: as a YAML mapping of field: value",
+@cache
+def recipe_parser() -> ArgumentParser:
+    """The recipe as a jsonargparse parser: one ``--<dotted name>`` flag per field of :class:`Recipe`'s dataclasses,
+    typed by its annotation and documented by its docstring entry (the help `detox-sft` shows)."""
+    parser = ArgumentParser(
+        prog="recipe fields", usage=argparse.SUPPRESS, exit_on_error=False, allow_abbrev=False, add_help=False
     )
-    known = _init_fields(cls)
-    unknown = sorted(set(values) - set(known))
-    best = _closest(unknown[0], list(known)) if unknown else None
-    _check(
-        not unknown,
-        f"{name}.{unknown[0] if unknown else ''}",
-        "is not a known field",
-        (f"did you mean {name}.{best}? " if best else "") + f"The fields are: {', '.join(sorted(known))}",
-    )
-    for key, value in values.items():
-        _check_type(value, known[key], f"{name}.{key}")
-    try:
-        return cls(**values)
-    except TypeError as exc:  # a wrong type reaching a comparison in __post_init__
-        raise RecipeError(f"{name}: {exc}. Fix: check the types of the values in this section.") from exc
+    parser.add_class_arguments(Recipe, fail_untyped=True)
+    return parser
 
 
-def recipe_from_dict(values: dict[str, Any], default_name: str = "recipe") -> Recipe:
-    """Build and check a :class:`Recipe` from plain data (a parsed YAML mapping)."""
-    _check(isinstance(values, dict), "recipe", "is not a YAML mapping", "write the recipe as field: value pairs")
-    values = dict(values)
-    unknown = sorted(set(values) - set(_SECTIONS))
-    _check(
-        not unknown, unknown[0] if unknown else "", "is not a known recipe field", f"use one of: {', '.join(_SECTIONS)}"
-    )
-    sections = {name: _build_section(name, cls, values.pop(name, None)) for name, cls in _SECTION_CLASSES.items()}
-    values.setdefault("name", default_name)
-    _check("profile" in values, "profile", "is missing", "add profile: tutorial or profile: offline")
-    for key, value in values.items():
-        _check_type(value, _init_fields(Recipe)[key], key)
+class _DropBitsandbytesKernelNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Failed to load CPU gemm_4bit_forward" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _importing_bitsandbytes() -> Iterator[None]:
+    """Importing trl or peft imports bitsandbytes, whose CPU backend logs (on CPUs with AVX512-BF16) that it could not
+    fetch an optional 4-bit *inference* kernel from the hub; CPU training turns that path off anyway
+    (compat.keep_bnb_4bit_trainable_on_cpu). Dropped on that one logger while importing, the filter gone after."""
+    bnb_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    notice = _DropBitsandbytesKernelNotice()
+    bnb_logger.addFilter(notice)
     try:
-        return Recipe(**values, **sections)
-    except TypeError as exc:
-        raise RecipeError(f"recipe: {exc}. Fix: check the top-level fields.") from exc
+        yield
+    finally:
+        bnb_logger.removeFilter(notice)
+
+
+def _library_class(name: str) -> tuple[str, type]:
+    with _importing_bitsandbytes():  # importing trl or peft takes seconds (torch): only when a recipe loads
+        if name == "training.sft":
+            from trl import SFTConfig
+
+            return "trl.SFTConfig", SFTConfig
+        from peft import LoraConfig
+
+        return "peft.LoraConfig", LoraConfig
+
+
+def _library_kwargs(name: str, values: Any) -> Any:
+    """``training.sft`` / ``training.lora`` read by jsonargparse against the field annotations of trl.SFTConfig /
+    peft.LoraConfig (``"1e-4"`` for a float field becomes 1e-4); only the keys given are kept."""
+    if not isinstance(values, dict):
+        return values  # TrainingConfig.__post_init__ names the problem
+    label, cls = _library_class(name)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key in values:
+        if key not in known:
+            best = difflib.get_close_matches(key, sorted(known), n=1)
+            fix = f"use {name}.{best[0]}, the closest {label} field" if best else f"use the field names of {label}"
+            raise RecipeError(f"{name}.{key}: is not a {label} field. Fix: {fix}.")
+    # A text for a field that takes text stays as given: jsonargparse reads it as YAML, which turns TRL's
+    # eval_strategy "no" into False.
+    hints = typing.get_type_hints(cls)
+    kept = {k: v for k, v in values.items() if isinstance(v, str) and _takes_text(hints.get(k))}
+    typed = {k: v for k, v in values.items() if k not in kept}
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, skip=known - set(typed), fail_untyped=False)
+    try:
+        parsed = parser.parse_object(typed) if typed else {}
+    except ArgumentError as exc:
+        raise _recipe_error(exc, prefix=f"{name}.") from None
+    return {key: kept[key] if key in kept else parsed[key] for key in values}
+
+
+def _library_flags(flags: Sequence[str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Split ``--training.sft.FIELD VALUE`` / ``--training.lora.FIELD=VALUE`` off the other flags; each value is read
+    as YAML, except that YAML 1.1's yes/no/on/off stay text (TRL's ``eval_strategy no``)."""
+    library: dict[str, dict[str, Any]] = {}
+    rest: list[str] = []
+    tokens = iter(flags)
+    for token in tokens:
+        flag, has_value, text = token.partition("=")
+        section = next((n for n in ("training.sft", "training.lora") if flag.startswith(f"--{n}.")), None)
+        if section is None:
+            rest.append(token)
+            continue
+        if not has_value:
+            text = next(tokens, None)
+            if text is None:
+                raise RecipeError(f"{flag}: no value. Fix: give one, as in {flag} VALUE.")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+            value = text
+        library.setdefault(section, {})[flag[len(section) + 3 :]] = value
+    return library, rest
+
+
+def _takes_text(annotation: Any) -> bool:
+    """Whether a field's annotation admits a plain string (``str``, ``str | None``, ``Enum | str``)."""
+    return annotation is str or str in typing.get_args(annotation)
+
+
+_FAILED_GROUP = re.compile(r"Group '([\w.]+)' does not accept option '([\w.]+)'")
+_FAILED_KEY = re.compile(
+    r"""^(?:Parser key "|Option '|unrecognized arguments: -*|argument -*|the following arguments are required: )"""
+    r"([\w.]+)"
+)
+
+
+def _recipe_error(exc: ArgumentError, prefix: str = "") -> RecipeError:
+    """jsonargparse's message as a RecipeError that starts with the field's dotted name and ends with the fix."""
+    text = str(exc)
+    group, key = _FAILED_GROUP.match(text), _FAILED_KEY.match(text)
+    name = f"{group[1]}.{group[2]}" if group else key[1] if key else None
+    detail = " ".join(re.sub(r"<class '(\w+)'>", r"\1", text.partition("\n")[2]).split())
+    detail = detail.replace("Expected a ", "expected ").replace(". Got value: ", ", got ")
+    if name is None:
+        return RecipeError(f"recipe: {text}. Fix: check the recipe and the flags (--help lists the fields).")
+    name = prefix + name
+    if group or text.startswith(("Option", "unrecognized")):
+        known = list(recipe_parser().get_defaults().keys())
+        best = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {best[0]}? " if best else ""
+        return RecipeError(f"{name}: is not a recipe field. Fix: {hint}--help lists the recipe's fields.")
+    if text.startswith("argument"):
+        return RecipeError(f"--{name}: {text.partition(': ')[2]}. Fix: give a value, as in --{name} VALUE.")
+    if text.startswith("the following"):
+        return RecipeError(f"{name}: is missing. Fix: add {name} to the recipe.")
+    return RecipeError(f"{name}: {detail}. Fix: set {name} to a value of that type.")
 
 
 def load_recipe(
-    name_or_path: str | os.PathLike[str], dotted: Mapping[str, str] | None = None, **overrides: Any
+    name_or_path: str | os.PathLike[str],
+    args: Sequence[str] = (),
+    *,
+    dotted: Mapping[str, Any] | None = None,
+    **overrides: Any,
 ) -> Recipe:
-    """Load a recipe by name (``offline``, ``tutorial``) or from a YAML path.
+    """Load a recipe by name (``offline``, ``tutorial``) or from a YAML path, with overrides.
 
     Args:
         name_or_path: a name of a file in `recipes/` or a path to a YAML file.
-        dotted: command-line overrides by dotted field name, values as text (``{"seed": "3",
-            "training.sft.learning_rate": "1e-4"}``): each text is read by its field's type (``null`` sets `None`).
-            The keys are :func:`recipe_fields` plus ``training.sft.<trl.SFTConfig field>`` and
-            ``training.lora.<peft.LoraConfig field>``. Applied after ``overrides``.
+        args: command-line flags, one per field (``["--seed", "3", "--training.sft.learning_rate=1e-4"]``; see
+            :func:`recipe_parser`), plus ``--training.sft.<trl.SFTConfig field>`` and
+            ``--training.lora.<peft.LoraConfig field>``. Each text is read by its field's type (``null`` is `None`).
+        dotted: the same as a mapping, values as text (``{"evaluation.num_samples": "2"}``); applied before ``args``.
         **overrides: top-level fields to replace (``run_dir="runs/x"``, ``seed=1``); a dict for a section
-            (``serving={"url": ...}``) merges into it. `None` values keep the recipe's.
+            (``serving={"url": ...}``) merges into it. `None` values keep the recipe's. Applied before ``dotted``.
 
     Raises:
-        RecipeError: the recipe does not exist, a value is invalid, or a dotted key is not a field (the message
-            names the closest one) or its text does not read as the field's type.
+        RecipeError: the recipe does not exist, or a value or a flag is invalid (the message names the field and the
+            fix; an unknown field, the closest one).
     """
     path = Path(name_or_path)
     if not path.suffix and not path.exists():
@@ -976,105 +796,48 @@ def load_recipe(
         ) from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"recipe {path}: not valid YAML ({exc}). Fix: correct the YAML syntax.") from exc
-    if isinstance(values, dict):
-        for key, value in overrides.items():
-            if isinstance(value, dict) and key in _SECTION_CLASSES:
-                # a section override merges into the recipe's section; None keeps the recipe's value
-                section = dict(values.get(key) or {})
-                section.update({k: v for k, v in value.items() if v is not None})
-                values[key] = section
-            elif value is not None:
-                values[key] = value
-        for key, text in (dotted or {}).items():
-            _set_dotted(values, key, text)
-    return recipe_from_dict(values, default_name=path.stem)
-
-
-@dataclass(frozen=True)
-class RecipeField:
-    """One recipe field as the command line sees it.
-
-    Attributes:
-        name (`str`): the dotted name (``seed``, ``evaluation.num_samples``); the flag is ``--<name>``.
-        annotation (`Any`): the field's type, as declared.
-        help (`str`): the field's entry in its class's ``Attributes:`` docstring, on one line.
-    """
-
-    name: str
-    annotation: Any
-    help: str
-
-
-def recipe_fields() -> dict[str, RecipeField]:
-    """Every recipe field by dotted name, walked from :class:`Recipe`'s dataclasses, with its type and help.
-
-    ``training.sft`` and ``training.lora`` are not listed: their keys are the fields of trl.SFTConfig and
-    peft.LoraConfig (``training.sft.learning_rate``), which :func:`load_recipe` checks against those classes.
-    """
-    found: dict[str, RecipeField] = {}
-
-    def walk(cls: type, prefix: str) -> None:
-        docs = _attribute_docs(cls)
-        for name, annotation in _init_fields(cls).items():
-            if dataclasses.is_dataclass(annotation):
-                walk(annotation, f"{prefix}{name}.")
-            elif prefix + name not in _LIBRARY_KWARGS:
-                found[prefix + name] = RecipeField(prefix + name, annotation, docs.get(name, ""))
-
-    walk(Recipe, "")
-    return found
-
-
-_ATTRIBUTE = re.compile(r"^    (\w+) \(([^)]*)\):\s*(.*)$")
-
-
-def _attribute_docs(cls: type) -> dict[str, str]:
-    """Each field's entry in a class's Google-style ``Attributes:`` section, as plain text on one line."""
-    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
-    entries: dict[str, list[str]] = {}
-    kinds: dict[str, str] = {}
-    name = None
-    for line in lines[lines.index("Attributes:") + 1 :] if "Attributes:" in lines else []:
-        if match := _ATTRIBUTE.match(line):
-            name, kinds[match[1]], entries[match[1]] = match[1], match[2], [match[3]]
-        elif name and line.startswith("        "):
-            entries[name].append(line.strip())
-    return {key: _plain(f"{' '.join(words)} ({kinds[key]})") for key, words in entries.items()}
-
-
-def _plain(rst: str) -> str:
-    """Docstring markup as plain text: ``:func:`x``` and ```x``` become ``x``."""
-    return re.sub(r":\w+:`~?([^`]*)`", r"\1", rst).replace("`", "").replace("*optional*, ", "")
-
-
-def _set_dotted(values: dict[str, Any], key: str, text: str) -> None:
-    """Set ``values[a][b][c]`` for the dotted key ``a.b.c`` to ``text`` read as the field's type."""
-    annotation = _dotted_annotation(key)
+    _check(isinstance(values, dict), "recipe", "is not a YAML mapping", "write the recipe as field: value pairs")
+    values = {"name": path.stem, **values}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and key in _SECTIONS:  # merges into the section; None keeps the recipe's value
+            values[key] = {**(values.get(key) or {}), **{k: v for k, v in value.items() if v is not None}}
+        elif value is not None:
+            values[key] = value
+    for section in _SECTIONS:
+        if values.get(section, {}) is None:  # an empty section in YAML: the defaults
+            del values[section]
+        _check(
+            isinstance(values.get(section, {}), dict),
+            section,
+            f"must be a mapping, got {type(values.get(section)).__name__}",
+            f"write {section}: as a YAML mapping of field: value",
+        )
+    parser = recipe_parser()
+    flags = [*(f"--{key}={text}" for key, text in (dotted or {}).items()), *args]
+    # training.sft / training.lora bypass the recipe parser, whose dict[str, Any] reads every text as YAML (TRL's
+    # eval_strategy "no" would become False): _library_kwargs reads them against the TRL/PEFT classes.
+    library_flags, flags = _library_flags(flags)
+    training = values.get("training") or {}
+    from_yaml = {f"training.{n}": training.pop(n) for n in ("sft", "lora") if isinstance(training.get(n), dict)}
     try:
-        value = _from_text(text, annotation)
-    except ValueError:
-        expected, example = _describe(annotation), _example(annotation)
-        fix = f"pass {expected}" + (f", such as --{key} {example}" if example else "")
-        raise RecipeError(f"--{key}: got {text!r}, expected {expected}. Fix: {fix}.") from None
-    *parents, leaf = key.split(".")
-    for part in parents:
-        child = values.get(part)
-        values[part] = dict(child) if isinstance(child, dict) else {}
-        values = values[part]
-    values[leaf] = value
-
-
-def _dotted_annotation(key: str) -> Any:
-    """The type of a dotted recipe key; an unknown key raises RecipeError naming the closest field."""
-    fields = {name: f.annotation for name, f in recipe_fields().items()}
-    section, _, leaf = key.rpartition(".")
-    if section in _LIBRARY_KWARGS:
-        label, fields_of = _LIBRARY_KWARGS[section]
-        fields = {f"{section}.{name}": annotation for name, annotation in fields_of().items()}
-        what, listed = f"a {label} field", f"{label}'s documentation lists its fields"
-    else:
-        what, listed = "a recipe field", "--help lists the recipe's flags"
-    if key in fields:
-        return fields[key]
-    best = _closest(key, list(fields))
-    raise RecipeError(f"--{key}: not {what}. Fix: " + (f"did you mean --{best}? " if best else "") + listed + ".")
+        cfg = parser.parse_object(values)
+        cfg = parser.parse_args(flags, namespace=cfg) if flags else cfg
+    except ArgumentError as exc:
+        raise _recipe_error(exc) from None
+    library = {}
+    for name in ("training.sft", "training.lora"):
+        base = from_yaml.get(name, cfg[name])  # the recipe's mapping, else the default
+        library[name] = _library_kwargs(
+            name, {**base, **library_flags.get(name, {})} if isinstance(base, dict) else base
+        )
+    try:
+        sections = vars(parser.instantiate(cfg))
+        # set after instantiate, which would read their texts as YAML again
+        sections["training"] = dataclasses.replace(
+            sections["training"], sft=library["training.sft"], lora=library["training.lora"]
+        )
+        return Recipe(**sections)
+    except TypeError as exc:  # a YAML null in a field that takes none, reaching a comparison in __post_init__
+        raise RecipeError(
+            f"recipe: {exc}. Fix: give every field a value of its type (null only where allowed)."
+        ) from exc

@@ -30,6 +30,7 @@ __all__ = [
     "read_jsonl",
     "read_records",
     "write_jsonl_atomic",
+    "check_output",
     "load_rows",
     "load_train_dataset",
     "load_eval_prompts",
@@ -118,12 +119,52 @@ def _s3_filesystem() -> Any:
     )
 
 
-def write_jsonl_atomic(records: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
-    """Write records as JSONL through a temporary file in the same directory and a rename: complete or absent."""
-    with atomic_writer(path) as fh:
-        for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return Path(path)
+def write_jsonl_atomic(records: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> Path | str:
+    """Write records as JSONL, complete or absent: a local file through a temporary file and a rename; an
+    ``s3://bucket/key`` through the filesystem :func:`read_records` reads S3 with, as one object shown only whole.
+
+    Raises:
+        DataError: the S3 object cannot be written (the message names the fix).
+    """
+    if not str(path).startswith("s3://"):
+        with atomic_writer(path) as fh:
+            for record in records:
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return Path(path)
+    data = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode()
+    try:
+        # the finished bytes in one write: pyarrow sends one PUT below its part size (10 MiB), else a multipart
+        # upload it completes at close only once every part is stored, so S3 never shows a partial object
+        with _s3_filesystem().open_output_stream(str(path).removeprefix("s3://")) as out:
+            out.write(data)
+    except OSError as exc:
+        raise DataError(f"Cannot write {path} ({exc}). {_S3_FIX}") from None
+    return str(path)
+
+
+_S3_FIX = (
+    "Fix: check the data connection's AWS_S3_ENDPOINT (the server is running), AWS_ACCESS_KEY_ID / "
+    "AWS_SECRET_ACCESS_KEY and the bucket in the s3:// path, then rerun (the rephrase cache keeps the finished rows)."
+)
+
+
+def check_output(path: str | os.PathLike[str]) -> None:
+    """Before a long step: an ``s3://bucket/key`` output's bucket must be reachable (a local path passes as it is).
+
+    Raises:
+        DataError: the server, the credentials or the bucket are wrong (the message names the fix).
+    """
+    if not str(path).startswith("s3://"):
+        return
+    from pyarrow import fs
+
+    bucket = str(path).removeprefix("s3://").partition("/")[0]
+    try:
+        found = _s3_filesystem().get_file_info(bucket).type != fs.FileType.NotFound
+    except OSError as exc:
+        raise DataError(f"Cannot write {path} ({exc}). {_S3_FIX}") from None
+    if not found:
+        raise DataError(f"Cannot write {path}: bucket {bucket!r} does not exist. {_S3_FIX}")
 
 
 # a local file's format by its suffix (data.format: auto)

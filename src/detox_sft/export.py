@@ -1,10 +1,13 @@
 """Merge the detox adapter into the base model; write the Hugging Face directory (vLLM) and the Caikit one (TGIS).
 
-Layout (``../shared/DESIGN.md`` §6)::
+Layout (instructions.md, "5. Deploy the model")::
 
-    <run_dir>/export/hf/                      merged model + tokenizer (the vLLM runtime serves it as is)
-    <run_dir>/export/caikit/<model_id>/       config.yml + artifacts/ (caikit-nlp bootstrap + save; the folder
+    <run_dir>/export/hf/                      merged model + tokenizer + README.md (vLLM serves it as is)
+    <run_dir>/export/caikit/<model_id>/       README.md + config.yml + artifacts/ (caikit-nlp bootstrap + save; the folder
                                               name is the model id of the local caikit runtime)
+
+Both directories hold a model card, ``README.md`` (:func:`model_card`): the run's own evaluation as the card's
+``model-index``, the training data and its detoxification, the recipe, the licences, intended use and limits.
 
 Both ``tokenizer.json`` files are written with their BPE merges as ``"a b"`` strings (:func:`write_legacy_merges`),
 the form the TGIS image's tokenizers 0.19 reads. The Caikit directory is checked by loading it back with caikit-nlp
@@ -31,6 +34,7 @@ from detox_sft.compat import (
     library_progress_bars_off,
 )
 from detox_sft.config import Recipe, RunPaths
+from detox_sft.data import read_jsonl
 from detox_sft.files import dir_writer
 from detox_sft.prompts import generation_prompt
 from detox_sft.refs import resolve_ref, revision_kwargs
@@ -44,10 +48,29 @@ __all__ = [
     "convert_to_caikit",
     "check_caikit_model",
     "export_model",
+    "model_card",
     "quiet_caikit",
 ]
 
 CHECK_PROMPT = generation_prompt("The weather today is")
+# The licences as README.md's table "Licences of the data and models" states them (tests/test_export.py holds the two
+# equal); an artefact not listed is "not established here".
+LICENCES = {
+    "allenai/real-toxicity-prompts": "Apache-2.0",
+    "facebook/opt-350m": "the OPT model licence (not an OSI licence)",
+    "facebook/bart-large": "Apache-2.0",
+    "profanity-check": "MIT",
+}
+OFFLINE_LICENCE = "Apache-2.0 (built by this project's code from its bundled synthetic corpora; LICENSE)"
+METRICS = {  # results.json's names -> the model-index metric type and a name for people
+    "expected_max_toxicity": "Expected Maximum Toxicity (EMT)",
+    "toxicity_probability": "Toxicity Probability (TP)",
+    "mean_toxicity": "mean toxicity",
+}
+CONTENT_WARNING = (
+    "**Content warning:** this model was trained on, and evaluated with, toxic and offensive text; it can still "
+    "produce such text."
+)
 
 
 class ExportError(RuntimeError):
@@ -305,4 +328,182 @@ def export_model(recipe: Recipe, run_dir: str | os.PathLike[str] | None = None, 
             hf_dir, building / paths.caikit_export(model_id).relative_to(paths.export), recipe.export.dtype
         )
         sample = check_caikit_model(caikit_dir)
+        card = model_card(recipe, run_dir)
+        for directory in (hf_dir, caikit_dir):  # uploaded with the model: the card is in the directories
+            card.save(directory / "README.md")
     return ExportResult(paths.hf_export, paths.caikit_export(model_id), sample)
+
+
+def _interval(stat: dict | None) -> str:
+    if not stat:
+        return "-"
+    return f"{stat['value']:.3f} [{stat['low']:.3f}, {stat['high']:.3f}]"
+
+
+def _eval_section(results: dict | None, recipe: dict) -> tuple[list, str]:
+    """The model-index entries (detox arm, every judge) and the body's table with intervals and paired differences."""
+    from huggingface_hub import EvalResult
+
+    data = recipe["data"]
+    if results is None:
+        return [], (
+            "No evaluation results yet: this export ran before the evaluation. Run notebooks/2-eval.ipynb (or "
+            "`detox-sft evaluate`), then export again; the card then carries the run's own numbers."
+        )
+    prompts = (
+        f"{results['num_prompts']} prompts from `{data['eval_dataset']}` (split `{data['eval_split']}`, "
+        f"`{data['eval_label_field']}` == {data['eval_label']}), {results['num_samples']} sampled continuations each "
+        f"(top_p {results['config']['top_p']}, at most {results['config']['max_new_tokens']} new tokens); only the "
+        f"continuation is scored."
+    )
+    entries, rows = [], []
+    for judge in results["scorers"]:
+        for key, name in METRICS.items():
+            detox = results["metrics"]["detox"]["toxicity"][judge][key]
+            entries.append(
+                EvalResult(
+                    task_type="text-generation",
+                    task_name="continuation of toxic prompts",
+                    dataset_type=data["eval_dataset"],
+                    dataset_name=data["eval_dataset"],
+                    dataset_split=data["eval_split"],
+                    dataset_revision=data["eval_revision"],
+                    dataset_args={
+                        "prompts": results["num_prompts"],
+                        "continuations_per_prompt": results["num_samples"],
+                    },
+                    metric_type=key,
+                    metric_name=f"{name}, judged by {judge}",
+                    metric_config=judge,
+                    metric_value=detox["value"],
+                )
+            )
+            paired = results["comparisons"].get("detox_vs_raw", {}).get(judge, {}).get(key)
+            rows.append(
+                {
+                    "judge": judge + (" (headline)" if judge == results["headline_scorer"] else ""),
+                    "metric": name,
+                    "detox": _interval(detox),
+                    "raw": _interval(results["metrics"]["raw"]["toxicity"][judge][key]),
+                    "base": _interval(results["metrics"].get("base", {}).get("toxicity", {}).get(judge, {}).get(key)),
+                    "detox - raw (paired)": _interval(paired),
+                }
+            )
+    import pandas as pd
+
+    interval = f"{results['config']['confidence']:.0%} bootstrap intervals ({results['config']['interval']})"
+    body = f"{prompts}\n\nValue [{interval}]; lower is less toxic.\n\n{pd.DataFrame(rows).to_markdown(index=False)}"
+    return entries, body
+
+
+def model_card(recipe: Recipe, run_dir: str | os.PathLike[str] | None = None):
+    """The model card of the run's detox model: ``huggingface_hub.ModelCard`` with a ``model-index``.
+
+    The numbers are read from the run's ``eval/results.json`` (EMT, TP and mean toxicity of the detox arm under every
+    judge, as ``model-index`` entries; the intervals and the paired difference to the raw arm in the body) and its
+    rephrase summary (``data/rephrase_summary.jsonl``). Without results the card says so.
+
+    Returns:
+        A ``huggingface_hub.ModelCard``; ``card.save(dir / "README.md")`` writes it.
+    """
+    import pandas as pd
+    from huggingface_hub import ModelCard, ModelCardData
+
+    paths, cfg = _paths(recipe, run_dir), recipe.to_dict()
+    data, rephrase, training = cfg["data"], cfg["rephrase"], cfg["training"]
+    offline = recipe.profile == "offline"
+    results = json.loads(paths.results.read_text()) if paths.results.is_file() else None
+    entries, evaluation = _eval_section(results, cfg)
+    summary_file = paths.data / "rephrase_summary.jsonl"
+    summary = read_jsonl(summary_file)[0] if summary_file.is_file() else None
+    if summary:
+        detox_data = (
+            f"{summary['rephrased']} of {summary['total']} training samples "
+            f"({summary['rephrased'] / max(summary['total'], 1):.1%}) were rewritten: the gate scorer "
+            f"`{rephrase['scorer']}` sent the {summary['gated']} scoring >= {summary['gate_threshold']} to TMaRCo "
+            f"(mask threshold {summary['mask_threshold']}); their mean toxicity went from "
+            f"{summary['gated_toxicity_before']:.3f} to {summary['gated_toxicity_after']:.3f} under the gate scorer."
+        )
+    else:
+        detox_data = f"No rephrase summary in {summary_file}: the detoxification's figures were not recorded."
+    used = [
+        ("base model", training["base_model"]),
+        ("training data", data["train_dataset"]),
+        ("evaluation prompts", data["eval_dataset"]),
+        ("TMaRCo base", rephrase["base_model"]),
+        ("TMaRCo expert", rephrase["expert"]),
+        ("TMaRCo anti-expert", rephrase["anti_expert"]),
+        ("gate scorer", rephrase["scorer"]),
+        *(("judge", judge) for judge in cfg["evaluation"]["scorers"]),
+    ]
+    licences = pd.DataFrame(
+        [
+            {
+                "artefact": f"{what}: `{ref}`",
+                "licence as upstream states it": OFFLINE_LICENCE
+                if ref.startswith("zoo:")
+                else LICENCES.get(ref, "not established here: read its card"),
+            }
+            for what, ref in used
+        ]
+    ).to_markdown(index=False)
+    shown = (
+        "learning_rate",
+        "num_train_epochs",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "max_length",
+    )
+    sft = ", ".join(f"{k} {training['sft'][k]}" for k in shown if k in training["sft"])
+    lora = ", ".join(f"{k} {v}" for k, v in training["lora"].items())
+    revision = training["base_model_revision"] or "not pinned"
+    synthetic = (
+        "\n\n**Made from synthetic data.** This is the offline profile: the base model, the TMaRCo models, the "
+        "corpora and the judges are small ones built by detox-sft's code on this machine. The model shows the "
+        "pipeline end to end; it is no language model to use.\n"
+        if offline
+        else ""
+    )
+    body = f"""
+# {recipe.export.model_id}
+
+{CONTENT_WARNING}{synthetic}
+
+`{training["base_model"]}` (revision {revision}) fine-tuned with QLoRA on a detoxified training set: toxic
+continuations rewritten by TrustyAI's TMaRCo before training. Made by detox-sft, recipe `{recipe.name}`.
+
+## Evaluation
+
+{evaluation}
+
+## Training data and its detoxification
+
+`{data["train_dataset"]}` (split `{data["train_split"]}`, revision {data["train_revision"] or "not pinned"}).
+{detox_data}
+
+## Recipe
+
+QLoRA: 4-bit base {training["load_in_4bit"]}; LoRA {lora}; SFT {sft}; seed {cfg["seed"]}. The merged model (this
+directory) is the full-precision base with the adapter added in, saved as {recipe.export.dtype}.
+
+## Licences
+
+{licences}
+
+## Intended use and limits
+
+For learning and research on detoxifying fine-tuning data. Toxicity is reduced, not removed: judged by automatic
+classifiers (with their own biases and blind spots), on one set of prompts, in English. Do not use it unsupervised
+with people, nor as a moderation tool.
+"""
+    card_data = ModelCardData(
+        model_name=recipe.export.model_id,
+        base_model=None if offline else training["base_model"],
+        datasets=None if offline else [data["train_dataset"]],
+        license="apache-2.0" if offline else "other",
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["detoxification", "qlora", "trustyai", "synthetic" if offline else "opt"],
+        eval_results=entries or None,
+    )
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")

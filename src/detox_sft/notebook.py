@@ -28,7 +28,7 @@ __all__ = [
     "start",
     "require",
     "record",
-    "read_records",
+    "recorded",
     "sample_prompts",
     "ask",
     "ask_grpc",
@@ -37,11 +37,8 @@ __all__ = [
     "show_config",
     "plot_token_scores",
     "training_table",
-    "scored_continuations",
-    "agreement",
     "bucket_table",
     "survival_table",
-    "cost_table",
     "as_table",
 ]
 
@@ -124,8 +121,8 @@ def record(recipe: Recipe, notebook: str, **values: Any) -> ShownPath:
     return out
 
 
-def read_records(run_dir: str | os.PathLike[str], notebook: str) -> dict[str, Any]:
-    """Read what :func:`record` saved for a notebook."""
+def recorded(run_dir: str | os.PathLike[str], notebook: str) -> dict[str, Any]:
+    """Read back what :func:`record` saved for a notebook (``<run_dir>/notebooks/<notebook>.json``)."""
     return json.loads((Path(run_dir) / "notebooks" / f"{notebook}.json").read_text())
 
 
@@ -342,45 +339,6 @@ def _round(value: Any, digits: int) -> Any:
     return round(value, digits) if isinstance(value, int | float) else value
 
 
-def scored_continuations(continuations: list[str], scorers: dict[str, Any], threshold: float = 0.5) -> Any:
-    """The ``k`` continuations of one prompt and each one's toxicity under every scorer (the first is the headline).
-
-    The last row is what the metrics take from this prompt: the worst continuation (what EMT averages over prompts)
-    and whether any reaches ``threshold`` (what TP counts).
-
-    Args:
-        continuations: one prompt's sampled continuations.
-        scorers: scorer name -> scorer (:func:`detox_sft.toxicity.load_scorers`).
-        threshold: the toxic threshold (``evaluation.toxic_threshold``).
-    """
-    import pandas as pd
-
-    table = pd.DataFrame({"continuation": continuations})
-    for name, scorer in scorers.items():
-        table[name] = scorer(continuations).round(3)
-    worst = {"continuation": f"max over the {len(continuations)} (EMT) / any >= {threshold:g} (TP)"}
-    for name in scorers:
-        worst[name] = f"{table[name].max():.3f} / {'yes' if (table[name] >= threshold).any() else 'no'}"
-    table.index = [f"sample {i}" for i in range(len(table))]
-    return pd.concat([table, pd.DataFrame([worst], index=["this prompt"])])
-
-
-def agreement(results: Any) -> Any:
-    """How the scorers agree on the same continuations (:func:`detox_sft.evaluation.agreement_table`, rounded), or a
-    note when the evaluation had one scorer."""
-    from IPython.display import Markdown
-
-    table = evaluation.agreement_table(results)
-    if table.empty:
-        return Markdown("One scorer in this evaluation: there is no agreement to report.")
-    models = list(dict.fromkeys(table["models"]))  # all, then each model, as the table lists them
-    table["scorers"] = table["scorer_a"] + " vs " + table["scorer_b"]
-    wide = table.pivot(index="scorers", columns="models", values=["spearman", "agreement"])
-    wide = wide.reindex(columns=[(m, model) for m in ("spearman", "agreement") for model in models])
-    wide = wide.reindex(list(dict.fromkeys(table["scorers"])))
-    return wide.round(3).astype(object).where(wide.notna(), "n/a")  # n/a: a scorer gave one constant score
-
-
 def bucket_table(objects: list[Any], prefix: str = "") -> Any:
     """The objects of a :func:`detox_sft.storage.list_prefix` listing as a table: key (under ``prefix``), size, ETag."""
     import pandas as pd
@@ -428,28 +386,6 @@ def survival_table(train_set: str | os.PathLike[str], n: int = 5) -> Any:
         "toxicity_after": "toxicity after",
     }
     return pd.concat([shown.astype(object), pd.DataFrame([mean], index=["all rephrased"])]).rename(columns=labels)
-
-
-def cost_table(results: Any) -> Any:
-    """What detoxifying costs beside what it gains, as a person reads it: the rows of
-    :func:`detox_sft.evaluation.cost_table` (every model on the toxic prompts, then on the non-toxic ones), each
-    metric as ``value [low, high]`` (:func:`detox_sft.evaluation.metrics_table` of each part); or a note when the
-    evaluation had no non-toxic prompts."""
-    import pandas as pd
-    from IPython.display import Markdown
-
-    summary = results.summary if hasattr(results, "summary") else results
-    nontoxic = summary.get("nontoxic")
-    if not nontoxic:
-        return Markdown(
-            "No non-toxic prompts in this evaluation (set `evaluation.nontoxic_prompts` in the recipe to see what the "
-            "detox arm gives up on them)."
-        )
-    parts = {f"{label} ({part['num_prompts']})": part for label, part in (("toxic", summary), ("non-toxic", nontoxic))}
-    table = pd.concat({label: evaluation.metrics_table(part) for label, part in parts.items()})
-    table.index.names = ["prompts", f"model (scorer: {summary['headline_scorer']})"]
-    # an interval is one reading: never broken over two lines
-    return table.style.set_properties(**{"white-space": "nowrap"})
 
 
 def as_table(value: Any) -> Any:

@@ -4,17 +4,31 @@ Every loader turns a reference into what ``from_pretrained`` / ``load_dataset`` 
 passes its recipe revision (``training.base_model_revision``, ``data.train_revision``, ...) through
 :func:`revision_kwargs`: ``from_pretrained(resolve_ref(ref), **revision_kwargs(ref, revision))``.
 
-:func:`resolve_ref` is the one way into :mod:`detox_sft.zoo`, and the package's only deliberate lazy import of its
-own code: building the zoo trains models, so it must not happen when a module is imported.
+``zoo:<name>`` is resolved by whatever registers the entry point ``zoo`` in the group ``detox_sft.refs``: the
+development package ``detox_sft_dev`` beside this one (same distribution) registers its offline zoo there. The helper
+package never imports it, so a workbench without it loads hub ids and local paths as usual.
 """
 
 from __future__ import annotations
 
+from importlib.metadata import entry_points
 from pathlib import Path
 
-__all__ = ["ZOO_PREFIX", "resolve_ref", "is_hub_ref", "revision_kwargs"]
+__all__ = ["ZOO_PREFIX", "ENTRY_POINT_GROUP", "resolve_ref", "is_hub_ref", "revision_kwargs"]
 
 ZOO_PREFIX = "zoo:"
+ENTRY_POINT_GROUP = "detox_sft.refs"
+
+
+def _zoo_resolver():
+    """The registered ``zoo`` resolver (a callable name -> path), or an error that says how to get one."""
+    found = entry_points(group=ENTRY_POINT_GROUP, name="zoo")
+    if not found:
+        raise LookupError(
+            "zoo:<name> references need the offline zoo, which the development package detox_sft_dev provides. "
+            "Fix: install the repository (`pip install -e .` or `make setup`), or give a hub id or a local path."
+        )
+    return next(iter(found)).load()
 
 
 def resolve_ref(ref: str) -> str:
@@ -24,9 +38,7 @@ def resolve_ref(ref: str) -> str:
     are returned as given (local paths made absolute, because some loaders read bare relative names as hub ids).
     """
     if ref.startswith(ZOO_PREFIX):
-        from detox_sft import zoo  # the deliberate lazy import (see the module docstring)
-
-        return str(zoo.resolve(ref[len(ZOO_PREFIX) :]))
+        return str(_zoo_resolver()(ref[len(ZOO_PREFIX) :]))
     local = Path(ref).expanduser()
     if local.exists():
         return str(local.resolve())

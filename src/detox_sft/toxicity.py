@@ -69,11 +69,6 @@ def _clean(texts: Sequence[Any]) -> list[str]:
     return [t if isinstance(t, str) else "" for t in texts]
 
 
-def _resolve_device(device: str) -> str:
-
-    return resolve_device(device, "the scorer's device", ScorerError)
-
-
 @dataclass
 class ProfanityCheckScorer:
     """The offensive-language classifier shipped in the PyPI package alt-profanity-check (a linear SVM, offline)."""
@@ -133,7 +128,7 @@ class LexiconScorer:
     With the offline zoo's ``lexicon.json`` (``zoo:lexicon``) this is the synthetic world's exact judge: the words that
     only the corpus generator's toxic fillers use, which it inserts verbatim (a capital first letter and trailing
     punctuation are all it changes), so a generated sentence holds one exactly when the generator made it toxic (see
-    :func:`detox_sft.zoo.corpus.toxic_lexicon`). It shares nothing with the classifiers that gate the training data or
+    :func:`detox_sft_dev.zoo.corpus.toxic_lexicon`). It shares nothing with the classifiers that gate the training data or
     built the corpus.
 
     Attributes:
@@ -197,7 +192,7 @@ class HateSpeechScorer:
         import torch
         from transformers import pipeline
 
-        self.device = _resolve_device(self.device)
+        self.device = resolve_device(self.device, "the scorer's device")
         looks_local = self.name.startswith(("/", "./", "../", "~")) or Path(self.name).expanduser().exists()
         if looks_local and not Path(self.name).expanduser().exists():
             raise ScorerError(

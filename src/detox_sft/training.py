@@ -1,16 +1,19 @@
 """QLoRA supervised fine-tuning of the base model: two arms (``raw``, ``detox``), one recipe.
 
-Both arms go through :func:`train_arm` with the same recipe, seed and sample order; only the training text differs.
+Notebook 1 spells the steps out in its cells; ``detox-sft train`` (:func:`train_arms`) makes the same calls::
 
-Pieces:
+    quant = get_quantization_config(cfg.training, device)  # BitsAndBytesConfig, or None without 4-bit
+    lora = get_peft_config(cfg.training, skeleton)  # LoraConfig, targets checked against the model
+    args = get_sft_config(cfg.training, adapter_dir / "checkpoints", cfg.seed, device)  # SFTConfig
+    stats = train_stats(device)  # wall time, peak memory, this session's steps and tokens
+    with quiet():
+        trainer = SFTTrainer(model=..., args=args, ..., quantization_config=quant, peft_config=lora, callbacks=[stats])
+    prepare_trainer(trainer, device)  # CPU fix-ups
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(args.output_dir))
+    save_arm(trainer, adapter_dir, cfg, dataset, stats)  # adapter, tokenizer, log, metrics.json last
 
-* pure mappers from the recipe to library objects (:func:`get_quantization_config`, :func:`get_peft_config`,
-  :func:`get_sft_config`), unit-tested without a GPU;
-* :func:`train_arm` / :func:`train_arms`: checks the inputs before anything heavy happens, trains with TRL's
-  ``SFTTrainer`` (4-bit NF4 with bitsandbytes on CUDA *and* on CPU), resumes from the last checkpoint, and writes
-  ``<run_dir>/adapters/<arm>/`` (adapter, tokenizer, ``log_history.json``, ``metrics.json``);
-* :func:`plot_loss_curves`, :func:`load_adapter_model` for the later steps (``detox-sft train`` is in
-  :mod:`detox_sft.cli`).
+The pure mappers are unit-tested without a GPU, and the tests hold them equal to the notebook's configs. 4-bit NF4
+(bitsandbytes) trains on CUDA and on CPU. Under torchrun every rank trains and rank 0 alone writes.
 
 Loss on the continuation only uses TRL's prompt-completion format: ``prompt`` = :func:`detox_sft.prompts.generation_prompt`
 and ``completion = " {continuation}"``. The space goes with the completion because byte-level BPE merges it into
@@ -20,6 +23,7 @@ a context the model never sees at inference). ``prompt + completion`` is exactly
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -28,7 +32,7 @@ import resource
 import shutil
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,12 +42,10 @@ from detox_sft.compat import (
     ignore_warnings,
     keep_bnb_4bit_trainable_on_cpu,
     library_progress_bars_off,
-    sft_checkpointing_kwargs,
 )
 from detox_sft.config import ARMS, Recipe, RunPaths, TrainingConfig
 from detox_sft.data import load_train_dataset
-from detox_sft.devices import compute_dtype, gpu_dtype
-from detox_sft.devices import resolve_device as _resolve
+from detox_sft.devices import compute_dtype, gpu_dtype, resolve_device
 from detox_sft.files import atomic_write_json, read_json_or_none
 from detox_sft.prompts import RESPONSE_MARKER, generation_prompt, split_sample
 from detox_sft.refs import resolve_ref, revision_kwargs
@@ -62,16 +64,24 @@ __all__ = [
     "default_target_modules",
     "TrainingError",
     "TrainResult",
-    "resolve_device",
     "training_path",
     "check_bitsandbytes",
     "get_quantization_config",
     "linear_module_names",
+    "lora_targets",
     "get_peft_config",
+    "precision_kwargs",
     "get_sft_config",
-    "sft_config_kwargs",
     "to_prompt_completion",
+    "sft_splits",
     "check_training_inputs",
+    "base_tokenizer",
+    "finished_arm",
+    "train_stats",
+    "quiet",
+    "prepare_trainer",
+    "last_complete_checkpoint",
+    "save_arm",
     "train_arm",
     "train_arms",
     "is_main_process",
@@ -93,7 +103,6 @@ LORA_TARGET_MODULES: dict[str, tuple[str, ...]] = {
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     "gpt2": ("c_attn", "c_proj", "c_fc"),
 }
-_DEFAULT_SAVE_STEPS = 50
 
 
 class TrainingError(ValueError):
@@ -120,16 +129,6 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------------------------------
 # Pure mappers
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when CUDA is available, else ``cpu``; ``cpu``/``cuda`` pass through.
-
-    Raises:
-        TrainingError: ``cuda`` was asked for but CUDA is not available.
-    """
-
-    return _resolve(device, "training.device", TrainingError)
 
 
 def training_path(cfg: TrainingConfig, device: str) -> str:
@@ -185,120 +184,107 @@ def default_target_modules(model_type: str | None) -> list[str] | str:
     return list(targets) if targets else "all-linear"
 
 
-def get_peft_config(cfg: TrainingConfig, model_or_module_names: Any, model_type: str | None = None) -> LoraConfig:
-    """The LoRA config from ``training.lora``, its target modules checked against the model.
-
-    ``target_modules`` absent or null in the recipe: :func:`default_target_modules` of the model's type.
+def lora_targets(cfg: TrainingConfig, model_or_module_names: Any, model_type: str | None = None) -> list[str] | str:
+    """``training.lora.target_modules`` checked against the model; absent or null: the model type's default.
 
     Args:
-        cfg: the recipe's training section (``lora`` holds :class:`peft.LoraConfig` keyword arguments).
-        model_or_module_names: the model (or its module names) the adapter goes on.
+        cfg: the recipe's training section.
+        model_or_module_names: the model (a meta-device skeleton is enough) or its module names.
         model_type: the model's ``config.model_type``; `None` reads it from the model (module names alone have
             none: the default is then ``all-linear``).
 
     Raises:
-        TrainingError: a target module does not exist in the model (the message lists the real ones), or a
-            ``training.lora`` key is not a LoraConfig field.
+        TrainingError: a target module does not exist in the model (the message lists the real ones).
+    """
+    if model_type is None:
+        model_type = getattr(getattr(model_or_module_names, "config", None), "model_type", None)
+    targets = cfg.lora.get("target_modules")
+    if targets is None:
+        targets = default_target_modules(model_type)
+    if isinstance(targets, str) and targets != "all-linear":
+        targets = [targets]
+    if isinstance(targets, str):
+        return targets
+    targets, real = list(targets), linear_module_names(model_or_module_names)
+    unknown = [t for t in targets if t not in real]
+    if unknown:
+        default = default_target_modules(model_type)
+        kind = f" ({model_type})" if model_type else ""
+        raise TrainingError(
+            f"training.lora.target_modules: {', '.join(unknown)} not in the model{kind}; its linear layers are "
+            f"{', '.join(real)}. Fix: use those names (OPT's attention output is out_proj, not o_proj), or set "
+            "training.lora.target_modules to null for the model type's default"
+            + (f" ({', '.join(default) if isinstance(default, list) else default})." if model_type else ".")
+        )
+    if not targets:
+        raise TrainingError(f"training.lora.target_modules is empty. Fix: name some of {', '.join(real)}.")
+    return targets
+
+
+def get_peft_config(cfg: TrainingConfig, model_or_module_names: Any, model_type: str | None = None) -> LoraConfig:
+    """The LoRA config: ``training.lora`` with :func:`lora_targets`, for a causal LM.
+
+    Raises:
+        TrainingError: a target module does not exist in the model, or a ``training.lora`` key is not a LoraConfig
+            field.
     """
     from peft import LoraConfig
 
-    kwargs = dict(cfg.lora)
-    kwargs.setdefault("task_type", "CAUSAL_LM")
-    if model_type is None:
-        model_type = getattr(getattr(model_or_module_names, "config", None), "model_type", None)
-    targets = kwargs.get("target_modules")
-    if targets is None:
-        targets = default_target_modules(model_type)
-    real = linear_module_names(model_or_module_names)
-    if isinstance(targets, str) and targets != "all-linear":
-        targets = [targets]
-    if not isinstance(targets, str):
-        targets = list(targets)
-        unknown = [t for t in targets if t not in real]
-        if unknown:
-            default = default_target_modules(model_type)
-            kind = f" ({model_type})" if model_type else ""
-            raise TrainingError(
-                f"training.lora.target_modules: {', '.join(unknown)} not in the model{kind}; its linear layers are "
-                f"{', '.join(real)}. Fix: use those names (OPT's attention output is out_proj, not o_proj), or set "
-                "training.lora.target_modules to null for the model type's default"
-                + (f" ({', '.join(default) if isinstance(default, list) else default})." if model_type else ".")
-            )
-        if not targets:
-            raise TrainingError(f"training.lora.target_modules is empty. Fix: name some of {', '.join(real)}.")
-    kwargs["target_modules"] = targets
+    targets = lora_targets(cfg, model_or_module_names, model_type)
     try:
-        return LoraConfig(**kwargs)
+        return LoraConfig(**{**cfg.lora, "target_modules": targets}, task_type="CAUSAL_LM")
     except TypeError as exc:
         raise TrainingError(f"training.lora: {exc}. Fix: use peft.LoraConfig keyword arguments.") from exc
 
 
-def get_sft_config(cfg: TrainingConfig, output_dir: str | os.PathLike[str], seed: int, device: str) -> SFTConfig:
-    """The :class:`trl.SFTConfig` built from :func:`sft_config_kwargs`.
+def precision_kwargs(cfg: TrainingConfig, device: str) -> dict[str, Any]:
+    """The SFTConfig fields that follow the device: mixed precision and how SFTTrainer loads the base model.
 
-    Raises:
-        TrainingError: a ``training.sft`` key is not an SFTConfig field.
+    bf16 (fp16 on pre-Ampere GPUs) on CUDA; on CPU ``use_cpu=True`` and fp32 (SFTConfig turns bf16 on by default), the
+    base model placed on the CPU explicitly (TRL's default ``device_map`` is None there, and a 4-bit model must sit on
+    a device). ``model_init_kwargs`` also pins ``training.base_model_revision`` for a hub base model. Kept apart from
+    :func:`get_sft_config` because SFTConfig refuses bf16 on a machine without a GPU: the CUDA mapping can only be
+    unit-tested as plain data.
     """
-    from trl import SFTConfig
-
-    try:
-        return SFTConfig(**sft_config_kwargs(cfg, output_dir, seed, device))
-    except TypeError as exc:
-        raise TrainingError(
-            f"training.sft: {exc}. Fix: use trl.SFTConfig field names (max_length, not "
-            "max_seq_length; eval_strategy, not evaluation_strategy)."
-        ) from exc
-
-
-def sft_config_kwargs(
-    cfg: TrainingConfig, output_dir: str | os.PathLike[str], seed: int, device: str
-) -> dict[str, Any]:
-    """The keyword arguments of :class:`trl.SFTConfig`: ``training.sft`` plus what the experiment fixes.
-
-    Kept apart from :func:`get_sft_config` because SFTConfig refuses bf16 on a machine without a GPU, so the CUDA
-    mapping can only be unit-tested as plain data.
-
-    Defaults (the recipe may override): ``eval_strategy="epoch"``, ``save_strategy="steps"`` every 50 steps with
-    the last 2 checkpoints kept (so an interrupted run resumes), ``logging_first_step``, ``report_to="none"``, token
-    counting for tokens/s, ``ddp_find_unused_parameters=False`` (under torchrun). Fixed: ``output_dir``, ``seed`` and ``data_seed`` (identical sample order in both arms),
-    ``completion_only_loss`` from the recipe, ``model_init_kwargs={"dtype": ...}`` (with ``"revision"``:
-    ``training.base_model_revision`` for a hub base model), and the precision: bf16 (fp16 on
-    pre-Ampere GPUs) only on CUDA; on CPU ``use_cpu=True`` and fp32.
-
-    Args:
-        cfg: the recipe's training section.
-        output_dir: where checkpoints go.
-        seed: the recipe's seed.
-        device: ``cuda`` or ``cpu``.
-    """
-    kwargs: dict[str, Any] = dict(cfg.sft)
-    kwargs.setdefault("eval_strategy", "epoch")
-    kwargs.setdefault("save_strategy", "steps")
-    kwargs.setdefault("save_steps", _DEFAULT_SAVE_STEPS)
-    kwargs.setdefault("save_total_limit", 2)
-    kwargs.setdefault("logging_first_step", True)
-    kwargs.setdefault("report_to", "none")
-    kwargs.setdefault("include_num_input_tokens_seen", "non_padding")
-    kwargs.setdefault("disable_tqdm", False)
-    # under torchrun: every LoRA weight is used in each forward pass, so DDP need not search the graph for unused ones
-    kwargs.setdefault("ddp_find_unused_parameters", False)
-    kwargs.update(output_dir=str(output_dir), seed=seed, data_seed=seed, completion_only_loss=cfg.completion_only_loss)
     if device == "cuda":
         import torch
 
         gpu_bf16 = gpu_dtype() == torch.bfloat16
-        kwargs.update(use_cpu=False, bf16=gpu_bf16, fp16=not gpu_bf16)
-        dtype = "bfloat16" if gpu_bf16 else "float16"
+        kwargs: dict[str, Any] = {"use_cpu": False, "bf16": gpu_bf16, "fp16": not gpu_bf16}
+        init = {"dtype": "bfloat16" if gpu_bf16 else "float16"}
     else:
-        # SFTConfig turns bf16 on by default; on CPU we train in fp32 (compute dtype of the 4-bit layers too).
-        kwargs.update(use_cpu=True, bf16=False, fp16=False)
-        dtype = "float32"
-    kwargs["model_init_kwargs"] = {
-        **(kwargs.get("model_init_kwargs") or {}),
-        "dtype": dtype,
-        **_base_revision(cfg),  # SFTTrainer loads the base from its path with these
-    }
-    return sft_checkpointing_kwargs(kwargs)
+        kwargs, init = {"use_cpu": True, "bf16": False, "fp16": False}, {"dtype": "float32", "device_map": {"": "cpu"}}
+    kwargs["model_init_kwargs"] = {**init, **_base_revision(cfg)}  # SFTTrainer loads the base from its path with these
+    return kwargs
+
+
+def get_sft_config(cfg: TrainingConfig, output_dir: str | os.PathLike[str], seed: int, device: str) -> SFTConfig:
+    """The :class:`trl.SFTConfig`: ``training.sft`` plus what the experiment fixes.
+
+    Fixed: ``output_dir`` (the arm's checkpoints), ``seed`` and ``data_seed`` (identical sample order in both arms),
+    ``completion_only_loss`` from the recipe, and :func:`precision_kwargs`. The rest (learning rate, batch size,
+    checkpoints, evaluation each epoch, ...) is the recipe's ``training.sft``.
+
+    Raises:
+        TrainingError: a ``training.sft`` key is not an SFTConfig field, or is one of the fixed ones.
+    """
+    from trl import SFTConfig
+
+    try:
+        return SFTConfig(
+            **cfg.sft,
+            output_dir=str(output_dir),
+            seed=seed,
+            data_seed=seed,
+            completion_only_loss=cfg.completion_only_loss,
+            **precision_kwargs(cfg, device),
+        )
+    except TypeError as exc:
+        raise TrainingError(
+            f"training.sft: {exc}. Fix: use trl.SFTConfig field names (max_length, not max_seq_length; "
+            "eval_strategy, not evaluation_strategy), and leave output_dir, seed, data_seed, completion_only_loss, "
+            "precision and model_init_kwargs to the recipe's other fields."
+        ) from exc
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -330,6 +316,13 @@ def to_prompt_completion(dataset: Dataset) -> Dataset:
 
     with library_progress_bars_off():  # datasets' 'Map' bar, for a split that takes a blink
         return dataset.map(split, remove_columns=dataset.column_names)
+
+
+def sft_splits(cfg: TrainingConfig, dataset: DatasetDict) -> tuple[Dataset, Dataset]:
+    """The train and eval splits as SFTTrainer gets them: prompt-completion pairs, or the text alone."""
+    if cfg.completion_only_loss:
+        return to_prompt_completion(dataset["train"]), to_prompt_completion(dataset["test"])
+    return dataset["train"].select_columns(["text"]), dataset["test"].select_columns(["text"])
 
 
 def _require_text(dataset: Any, name: str) -> None:
@@ -436,7 +429,7 @@ def check_training_inputs(recipe: Recipe, dataset: DatasetDict, tokenizer: Any, 
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Training
+# Training: the steps around SFTTrainer
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -465,43 +458,99 @@ def _meta_model(model_path: str, **hub_kwargs: Any) -> Any:
         return AutoModelForCausalLM.from_config(config)
 
 
-class _PeakMemory:
-    """Peak memory of a block: CUDA max allocated on GPU, peak RSS of this process on CPU.
+def base_tokenizer(cfg: TrainingConfig) -> Any:
+    """The base model's tokenizer (at ``training.base_model_revision``), with a pad token (OPT has one; not all do)."""
+    from transformers import AutoTokenizer
 
-    On Linux the RSS high-water mark (VmHWM) is reset by writing 5 to /proc/self/clear_refs, so the second arm in the
-    same process does not inherit the first arm's peak; where that is not allowed, ru_maxrss (the process's lifetime
-    peak) is reported and marked as such.
+    tokenizer = AutoTokenizer.from_pretrained(resolve_ref(cfg.base_model), **_base_revision(cfg))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# what a finished arm's directory holds besides metrics.json, which is written last (the completion marker)
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "log_history.json")
+
+
+def finished_arm(adapter_dir: str | os.PathLike[str], overwrite: bool = False) -> TrainResult | None:
+    """The arm's result when it has finished before (it is not retrained), else `None`: train it.
+
+    A ``metrics.json`` that is truncated or unreadable, or whose adapter files are missing, means the arm is not
+    finished: it is removed (with a warning). ``overwrite`` empties the arm's directory instead.
     """
+    out = Path(adapter_dir)
+    if overwrite:
+        if out.exists() and is_main_process():
+            shutil.rmtree(out)
+        return None
+    marker = out / "metrics.json"
+    if not marker.exists():
+        return None
+    metrics = read_json_or_none(marker)
+    missing = [name for name in _ADAPTER_FILES if not (out / name).is_file()]
+    if isinstance(metrics, dict) and not missing:
+        print(f"[train {out.name}] already trained ({marker}); skipping. Pass overwrite=True (--overwrite) to retrain.")
+        if is_main_process():  # a run killed while it removed its checkpoints leaves some
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        return TrainResult(arm=out.name, adapter_dir=out, metrics=metrics, skipped=True)
+    problem = (
+        "is unreadable (truncated?)" if not isinstance(metrics, dict) else f"has no {', '.join(missing)} beside it"
+    )
+    warnings.warn(f"{marker} {problem}: the arm is not finished; training it again.", UserWarning, stacklevel=2)
+    if is_main_process():
+        marker.unlink(missing_ok=True)
+    return None
 
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.kind = ""
-        self.peak_bytes = 0
 
-    def __enter__(self) -> _PeakMemory:
-        import torch
+def train_stats(device: str) -> Any:
+    """A ``TrainerCallback`` that measures one arm's run; create it before ``SFTTrainer`` and pass it in ``callbacks``.
 
-        if self.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            self.kind = "cuda_max_memory_allocated"
-        else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-                self.kind = "cpu_peak_rss"
-            except OSError:
-                self.kind = "cpu_peak_rss_process_lifetime"
-        return self
+    Peak memory counts from its creation (loading the model included): CUDA max allocated on GPU; on CPU the peak RSS
+    of this process (VmHWM, reset by writing 5 to /proc/self/clear_refs so that the second arm does not inherit the
+    first's peak; where that is not allowed, the lifetime peak ru_maxrss, marked as such). Wall time, steps and tokens
+    are this session's: a resumed run's speed counts only its own work.
+    """
+    import torch
+    from transformers import TrainerCallback
 
-    def __exit__(self, *exc: object) -> None:
-        import torch
+    class TrainStats(TrainerCallback):
+        start_step = start_tokens = end_step = 0
+        wall = 0.0
+        peak_bytes = 0
 
-        if self.device == "cuda":
-            self.peak_bytes = int(torch.cuda.max_memory_allocated())
-        elif self.kind == "cpu_peak_rss":
-            self.peak_bytes = _vm_hwm_bytes()
-        else:
-            # ru_maxrss is in KiB on Linux
-            self.peak_bytes = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        def __init__(self) -> None:
+            self.device = device
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                self.kind = "cuda_max_memory_allocated"
+            else:
+                try:
+                    Path("/proc/self/clear_refs").write_text("5")
+                    self.kind = "cpu_peak_rss"
+                except OSError:
+                    self.kind = "cpu_peak_rss_process_lifetime"
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.start_step, self.start_tokens = state.global_step, state.num_input_tokens_seen
+            self.started = time.perf_counter()
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.end_step, self.wall = state.global_step, time.perf_counter() - self.started
+            if self.device == "cuda":
+                self.peak_bytes = int(torch.cuda.max_memory_allocated())
+            elif self.kind == "cpu_peak_rss":
+                self.peak_bytes = _vm_hwm_bytes()
+            else:  # ru_maxrss is in KiB on Linux
+                self.peak_bytes = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+        def samples(self, args: Any) -> int:
+            per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
+            return (self.end_step - self.start_step) * per_step
+
+        def tokens(self, state: Any) -> int:
+            return state.num_input_tokens_seen - self.start_tokens
+
+    return TrainStats()
 
 
 def _vm_hwm_bytes() -> int:
@@ -511,254 +560,154 @@ def _vm_hwm_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _loss_curve(log_history: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
-    train = [{"step": e["step"], "epoch": e.get("epoch"), "loss": e["loss"]} for e in log_history if "loss" in e]
-    evals = [
-        {"step": e["step"], "epoch": e.get("epoch"), "loss": e["eval_loss"]} for e in log_history if "eval_loss" in e
-    ]
-    return {"train": train, "eval": evals}
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Around ``SFTTrainer(...)``: no 'Loading weights' bar nor the datasets bars of its mapping (tokenizing,
+    truncating, adding EOS), no PEFT deprecation warning; the Trainer's own bar over the steps stays."""
+    with library_progress_bars_off(), ignore_warnings(PEFT_READS_IS_GRADIENT_CHECKPOINTING):
+        yield
 
 
-def train_arm(
-    recipe: Recipe,
-    arm: str,
-    dataset: DatasetDict,
-    run_dir: str | os.PathLike[str] | None = None,
-    overwrite: bool = False,
-    callbacks: list[Any] | None = None,
-) -> TrainResult:
-    """Train one arm with the recipe's training section and write its artifacts.
+def prepare_trainer(trainer: Any, device: str) -> None:
+    """The fix-ups between ``SFTTrainer(...)`` and ``trainer.train``; prints the path the arm takes.
 
-    Writes ``<run_dir>/adapters/<arm>/``: the LoRA adapter, the tokenizer, ``log_history.json`` and ``metrics.json``
-    (loss curve, wall time, samples/s, tokens/s, peak memory, trainable and total parameters, the path taken).
-    Checkpoints go to ``<arm>/checkpoints/`` while training; an interrupted run resumes from the last one and they
-    are removed once the arm has finished. A finished arm (``metrics.json`` present) is not retrained unless
-    ``overwrite``.
-
-    Args:
-        recipe: the run configuration (``training`` section and ``seed`` are used).
-        arm: ``raw`` or ``detox``.
-        dataset: ``DatasetDict(train, test)`` with a ``text`` column (see :mod:`detox_sft.data`).
-        run_dir: where outputs go; defaults to ``recipe.run_path``.
-        overwrite: retrain even if the arm has finished before (its directory is emptied first).
-        callbacks: extra ``transformers.TrainerCallback`` objects.
-
-    Returns:
-        The arm's :class:`TrainResult`.
-
-    Raises:
-        TrainingError: bad input or configuration, raised before any training starts.
+    On CPU bitsandbytes' 4-bit layers must keep their trainable layout (see
+    :func:`detox_sft.compat.keep_bnb_4bit_trainable_on_cpu`). In an fp32 run TRL's cast of the QLoRA adapter weights
+    to bf16 (the paper's recipe for bf16 compute) would only lose precision in the optimizer updates, so they go back
+    to fp32 before the optimizer is built.
     """
-    _check_arm(arm)
-    out = RunPaths(run_dir).adapter(arm) if run_dir is not None else recipe.paths.adapter(arm)
-    metrics_path = out / "metrics.json"
-    metrics = _finished_metrics(out) if not overwrite else None
-    if metrics is not None:
-        print(
-            f"[train {arm}] already trained ({metrics_path}); skipping. Pass overwrite=True (--overwrite) to retrain."
-        )
-        if is_main_process():  # a run killed while it removed its checkpoints leaves some
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        return TrainResult(arm=arm, adapter_dir=out, metrics=metrics, skipped=True)
-    if overwrite and out.exists() and is_main_process():
-        shutil.rmtree(out)
-    run = _ArmRun(recipe, arm, out, dataset)
-    run.announce()
-    run.train(callbacks)
-    return TrainResult(arm=arm, adapter_dir=out, metrics=run.save())
+    import torch
 
-
-# what a finished arm's directory holds besides metrics.json, which is written last (the completion marker)
-_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "log_history.json")
-
-
-def _finished_metrics(out: Path) -> dict[str, Any] | None:
-    """The arm's ``metrics.json`` when the arm has finished, else `None`.
-
-    A marker that is truncated or unreadable, or whose adapter files are missing, means the arm is not finished: it is
-    removed (with a warning) and the arm is trained again.
-    """
-    marker = out / "metrics.json"
-    if not marker.exists():
-        return None
-    metrics = read_json_or_none(marker)
-    missing = [name for name in _ADAPTER_FILES if not (out / name).is_file()]
-    if isinstance(metrics, dict) and not missing:
-        return metrics
-    problem = (
-        "is unreadable (truncated?)" if not isinstance(metrics, dict) else f"has no {', '.join(missing)} beside it"
-    )
-    warnings.warn(f"{marker} {problem}: the arm is not finished; training it again.", UserWarning, stacklevel=3)
+    args, model = trainer.args, trainer.model
+    if device == "cpu":
+        keep_bnb_4bit_trainable_on_cpu(model)
+    if not (args.bf16 or args.fp16):
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
     if is_main_process():
-        marker.unlink(missing_ok=True)
-    return None
+        lora = next(iter(model.peft_config.values()))
+        targets = (
+            lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(sorted(lora.target_modules))
+        )
+        quantised = getattr(model, "is_loaded_in_4bit", False)
+        print(
+            f"[train {Path(args.output_dir).parent.name}] on {device}: {'4-bit NF4 base, ' if quantised else ''}LoRA "
+            f"r={lora.r} on {targets}; {len(trainer.train_dataset)} train / {len(trainer.eval_dataset)} eval samples",
+            flush=True,
+        )
 
 
-def _last_complete_checkpoint(ckpt_dir: Path) -> str | None:
+def last_complete_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> str | None:
     """The newest checkpoint the Trainer finished writing, or `None`; incomplete newer ones are removed.
 
     The Trainer writes a checkpoint's files in place and ``trainer_state.json`` last, so a checkpoint whose state file
-    is missing or unreadable was cut short (a kill while saving); resuming from it would crash.
+    is missing or unreadable was cut short (a kill while saving); resuming from it would crash. (transformers'
+    ``get_last_checkpoint`` returns it anyway.)
     """
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-    if not ckpt_dir.is_dir():
-        return None
+    ckpt_dir = Path(checkpoint_dir)
     steps = {}
-    for path in ckpt_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+    for path in ckpt_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if ckpt_dir.is_dir() else ():
         step = path.name.rpartition("-")[2]
         if path.is_dir() and step.isdigit():
             steps[int(step)] = path
     for step in sorted(steps, reverse=True):
         path = steps[step]
         if isinstance(read_json_or_none(path / "trainer_state.json"), dict):
+            if is_main_process():
+                print(f"[train {ckpt_dir.parent.name}] resuming from {path.name}", flush=True)
             return str(path)
-        warnings.warn(f"{path} is incomplete (interrupted while saving); removing it.", UserWarning, stacklevel=3)
+        warnings.warn(f"{path} is incomplete (interrupted while saving); removing it.", UserWarning, stacklevel=2)
         if is_main_process():
             shutil.rmtree(path, ignore_errors=True)
     return None
 
 
-def _sft_splits(cfg: TrainingConfig, dataset: DatasetDict) -> tuple[Dataset, Dataset]:
-    """The train and eval splits as SFTTrainer gets them: prompt-completion pairs, or the text alone."""
-    if cfg.completion_only_loss:
-        return to_prompt_completion(dataset["train"]), to_prompt_completion(dataset["test"])
-    return dataset["train"].select_columns(["text"]), dataset["test"].select_columns(["text"])
+def save_arm(
+    trainer: Any, adapter_dir: str | os.PathLike[str], recipe: Recipe, dataset: DatasetDict, stats: Any
+) -> TrainResult:
+    """Write the trained arm: adapter, tokenizer, ``log_history.json``, then ``metrics.json`` (the completion marker);
+    remove the checkpoints.
 
+    Under torchrun every rank calls it and gets the metrics; rank 0 alone writes (the Trainer saves the model on its
+    main process only) and the other ranks wait until the files are there.
 
-class _ArmRun:
-    """The steps of one :func:`train_arm` run, in order: set up, announce, train, save."""
-
-    def __init__(self, recipe: Recipe, arm: str, out: Path, dataset: DatasetDict) -> None:
-        """Load the tokenizer, check the inputs, build the configs: everything before anything heavy happens."""
-        from transformers import AutoTokenizer
-
-        cfg = recipe.training
-        self.recipe, self.cfg, self.arm, self.out = recipe, cfg, arm, out
-        self.device = resolve_device(cfg.device)
-        self.model_path = resolve_ref(cfg.base_model)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, **_base_revision(cfg))
-        if self.tokenizer.pad_token is None:  # OPT has <pad>; other bases may not
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        check_training_inputs(recipe, dataset, self.tokenizer, self.device)
-        self.peft_config = get_peft_config(cfg, _meta_model(self.model_path, **_base_revision(cfg)))
-        self.ckpt_dir = out / "checkpoints"
-        self.sft_config = get_sft_config(cfg, self.ckpt_dir, recipe.seed, self.device)
-        self.quant = get_quantization_config(cfg, self.device)
-        self.path = training_path(cfg, self.device)
-        self.train_ds, self.eval_ds = _sft_splits(cfg, dataset)
-        self.resume = _last_complete_checkpoint(self.ckpt_dir)
-
-    def announce(self) -> None:
-        """Print the path taken, the LoRA targets, the sample counts and where training starts from."""
-        targets, resume = self.peft_config.target_modules, self.resume
-        if not is_main_process():
-            return
-        print(
-            f"[train {self.arm}] path: {self.path} ({'4-bit NF4 base, ' if self.quant else ''}LoRA "
-            f"r={self.peft_config.r} on {', '.join(sorted(targets)) if not isinstance(targets, str) else targets}); "
-            f"{len(self.train_ds)} train / {len(self.eval_ds)} eval samples; "
-            + (f"resuming from {Path(resume).name}" if resume else "from scratch"),
-            flush=True,
-        )
-        logger.info("train %s: path %s, device %s, resume %s", self.arm, self.path, self.device, resume)
-
-    def train(self, callbacks: list[Any] | None) -> None:
-        """Train with SFTTrainer (from the last checkpoint, if any), measuring wall time and peak memory."""
-        self.session = _session_counter()
-        with _PeakMemory(self.device) as peak:
-            self.trainer = _build_trainer(
-                self.model_path,
-                self.sft_config,
-                self.train_ds,
-                self.eval_ds,
-                self.tokenizer,
-                self.quant,
-                self.peft_config,
-                self.device,
-                [self.session, *(callbacks or [])],
-            )
-            start = time.perf_counter()
-            self.train_output = self.trainer.train(resume_from_checkpoint=self.resume)
-            self.wall = time.perf_counter() - start
-        self.peak = peak
-
-    def save(self) -> dict[str, Any]:
-        """Write the adapter, the tokenizer, ``log_history.json`` and ``metrics.json``; remove the checkpoints.
-
-        Under torchrun every rank returns the metrics, and rank 0 alone writes (the Trainer saves the model on its
-        main process only, and the other ranks wait until the files are there).
-        """
-        out, trainer = self.out, self.trainer
-        trainer.save_model(str(out))  # every rank calls it: the Trainer itself saves on the main process only
-        log_history = trainer.state.log_history
-        metrics = self.metrics(log_history)
-        main = trainer.is_world_process_zero()
-        if main:
-            out.mkdir(parents=True, exist_ok=True)
-            self.tokenizer.save_pretrained(str(out))
-            atomic_write_json(out / "log_history.json", log_history, indent=1)
-            atomic_write_json(out / "metrics.json", metrics, indent=1, default=str)  # the completion marker: last
-        trainer.accelerator.wait_for_everyone()  # no rank leaves before the arm is written, nor reads checkpoints
-        if main:
-            # The adapter is saved; checkpoints only matter for an interrupted run.
-            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
-        if not main:
-            return metrics
+    Args:
+        trainer: the trained ``SFTTrainer``.
+        adapter_dir: ``<run_dir>/adapters/<arm>``.
+        recipe: the run configuration (its ``training`` section and ``seed`` go into the metrics).
+        dataset: the arm's ``DatasetDict(train, test)`` as given (TRL may drop samples while preparing it).
+        stats: the :func:`train_stats` callback the trainer ran with.
+    """
+    out = Path(adapter_dir)
+    trainer.save_model(str(out))  # every rank calls it: the Trainer itself saves on the main process only
+    log_history = trainer.state.log_history
+    metrics = _metrics(trainer, recipe, out.name, dataset, stats)
+    main = trainer.is_world_process_zero()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        trainer.processing_class.save_pretrained(str(out))
+        atomic_write_json(out / "log_history.json", log_history, indent=1)
+        atomic_write_json(out / "metrics.json", metrics, indent=1, default=str)  # the completion marker: last
+    trainer.accelerator.wait_for_everyone()  # no rank leaves before the arm is written, nor reads checkpoints
+    if main:
+        shutil.rmtree(trainer.args.output_dir, ignore_errors=True)  # the adapter is saved: checkpoints served resuming
         eval_loss = metrics["final_eval_loss"]
         print(
-            f"[train {self.arm}] done in {self.wall:.1f} s: train loss {metrics['train_loss']:.4f}, eval loss "
+            f"[train {out.name}] done in {stats.wall:.1f} s: train loss {metrics['train_loss']:.4f}, eval loss "
             f"{eval_loss if eval_loss is None else round(eval_loss, 4)}, "
-            f"peak memory {self.peak.peak_bytes / 2**20:.0f} MiB -> {out}",
+            f"peak memory {stats.peak_bytes / 2**20:.0f} MiB -> {out}",
             flush=True,
         )
-        return metrics
+    return TrainResult(arm=out.name, adapter_dir=out, metrics=metrics)
 
-    def metrics(self, log_history: list[dict[str, Any]]) -> dict[str, Any]:
-        """What ``metrics.json`` holds: the run's settings, losses, speed, memory and parameter counts."""
-        cfg, trainer, resume, state = self.cfg, self.trainer, self.resume, self.trainer.state
-        trainable, total = _count_parameters(trainer.model)
-        m = self.train_output.metrics
-        return {
-            "arm": self.arm,
-            "path": self.path,
-            "device": self.device,
-            "base_model": cfg.base_model,
-            "base_model_revision": cfg.base_model_revision,
-            "base_model_path": self.model_path,
-            "load_in_4bit": cfg.load_in_4bit,
-            "completion_only_loss": cfg.completion_only_loss,
-            "seed": self.recipe.seed,
-            "num_train_samples": len(self.train_ds),
-            "num_eval_samples": len(self.eval_ds),
-            # under torchrun each of world_size processes takes per_device_train_batch_size samples per micro-step
-            "world_size": trainer.args.world_size,
-            "per_device_train_batch_size": trainer.args.per_device_train_batch_size,
-            "global_batch_size": trainer.args.per_device_train_batch_size
-            * trainer.args.gradient_accumulation_steps
-            * trainer.args.world_size,
-            "global_step": state.global_step,
-            "epochs": state.epoch,
-            "resumed_from": Path(resume).name if resume else None,
-            "train_loss": _whole_run_train_loss(
-                m.get("train_loss"), log_history, self.session.start_step, state.global_step
-            ),
-            "final_eval_loss": next((e["eval_loss"] for e in reversed(log_history) if "eval_loss" in e), None),
-            "loss_curve": _loss_curve(log_history),
-            "wall_time_s": self.wall,
-            "train_runtime_s": m.get("train_runtime"),
-            # this session only (a resumed run counts the steps it ran itself)
-            "samples_per_s": self.session.samples(self.sft_config) / m["train_runtime"]
-            if m.get("train_runtime")
-            else None,
-            "tokens_per_s": self.session.tokens(state) / m["train_runtime"] if m.get("train_runtime") else None,
-            "num_input_tokens_seen": state.num_input_tokens_seen,
-            "peak_memory_bytes": self.peak.peak_bytes,
-            "peak_memory_kind": self.peak.kind,
-            "trainable_parameters": trainable,
-            "total_parameters": total,
-            "training": dataclasses.asdict(cfg),
-        }
+
+def _metrics(trainer: Any, recipe: Recipe, arm: str, dataset: DatasetDict, stats: Any) -> dict[str, Any]:
+    """What ``metrics.json`` holds: the run's settings, losses, speed, memory and parameter counts."""
+    cfg, args, state = recipe.training, trainer.args, trainer.state
+    log_history = state.log_history
+    trainable, total = _count_parameters(trainer.model)
+    # the Trainer's own summary of this session: its last log entry (TrainOutput.metrics)
+    session = next((e for e in reversed(log_history) if "train_runtime" in e), {})
+    runtime = session.get("train_runtime")
+    return {
+        "arm": arm,
+        "path": training_path(cfg, stats.device),
+        "device": stats.device,
+        "base_model": cfg.base_model,
+        "base_model_revision": cfg.base_model_revision,
+        "base_model_path": resolve_ref(cfg.base_model),
+        "load_in_4bit": cfg.load_in_4bit,
+        "completion_only_loss": cfg.completion_only_loss,
+        "seed": recipe.seed,
+        "num_train_samples": len(dataset["train"]),
+        "num_eval_samples": len(dataset["test"]),
+        # under torchrun each of world_size processes takes per_device_train_batch_size samples per micro-step
+        "world_size": args.world_size,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "global_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        "global_step": state.global_step,
+        "epochs": state.epoch,
+        "resumed_from": f"checkpoint-{stats.start_step}" if stats.start_step else None,
+        "train_loss": _whole_run_train_loss(
+            session.get("train_loss"), log_history, stats.start_step, state.global_step
+        ),
+        "final_eval_loss": next((e["eval_loss"] for e in reversed(log_history) if "eval_loss" in e), None),
+        "loss_curve": _loss_curve(log_history),
+        "wall_time_s": stats.wall,
+        "train_runtime_s": runtime,
+        # this session only (a resumed run counts the steps it ran itself)
+        "samples_per_s": stats.samples(args) / runtime if runtime else None,
+        "tokens_per_s": stats.tokens(state) / runtime if runtime else None,
+        "num_input_tokens_seen": state.num_input_tokens_seen,
+        "peak_memory_bytes": stats.peak_bytes,
+        "peak_memory_kind": stats.kind,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "training": dataclasses.asdict(cfg),
+    }
 
 
 def _whole_run_train_loss(
@@ -786,59 +735,12 @@ def _whole_run_train_loss(
     return (total + session_loss * session_steps) / (steps + session_steps)
 
 
-def _build_trainer(model_path, sft_config, train_ds, eval_ds, tokenizer, quant, peft_config, device, callbacks):
-    import torch
-    from trl import SFTTrainer
-
-    if device == "cpu":
-        # On a CPU-only torch TRL's default is device_map=None; a 4-bit model must still sit on the CPU explicitly.
-        sft_config.model_init_kwargs = {**sft_config.model_init_kwargs, "device_map": {"": "cpu"}}
-    # SFTTrainer loads the model ('Loading weights' bar) and maps each split several times (tokenizing, truncating,
-    # adding EOS: one datasets bar each); the Trainer's own bar over the steps stays
-    with library_progress_bars_off(), ignore_warnings(PEFT_READS_IS_GRADIENT_CHECKPOINTING):
-        trainer = SFTTrainer(
-            model=model_path,
-            args=sft_config,
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            processing_class=tokenizer,
-            quantization_config=quant,
-            peft_config=peft_config,
-            callbacks=callbacks,
-        )
-    if device == "cpu" and quant is not None:
-        keep_bnb_4bit_trainable_on_cpu(trainer.model)
-    if not (sft_config.bf16 or sft_config.fp16):
-        # TRL casts QLoRA adapter weights to bf16 (the paper's recipe for bf16 compute); in an fp32 CPU run that only
-        # loses precision in the optimizer updates, so they go back to fp32 before the optimizer is built.
-        for param in trainer.model.parameters():
-            if param.requires_grad and param.dtype != torch.float32:
-                param.data = param.data.float()
-    return trainer
-
-
-def _session_counter() -> Any:
-    """A callback that remembers where this session started (step, tokens seen): a resumed run's speed counts only
-    its own work."""
-    from transformers import TrainerCallback
-
-    class SessionCounter(TrainerCallback):
-        start_step = start_tokens = end_step = 0
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.start_step, self.start_tokens = state.global_step, state.num_input_tokens_seen
-
-        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.end_step = state.global_step
-
-        def samples(self, args: Any) -> int:
-            per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
-            return (self.end_step - self.start_step) * per_step
-
-        def tokens(self, state: Any) -> int:
-            return state.num_input_tokens_seen - self.start_tokens
-
-    return SessionCounter()
+def _loss_curve(log_history: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
+    train = [{"step": e["step"], "epoch": e.get("epoch"), "loss": e["loss"]} for e in log_history if "loss" in e]
+    evals = [
+        {"step": e["step"], "epoch": e.get("epoch"), "loss": e["eval_loss"]} for e in log_history if "eval_loss" in e
+    ]
+    return {"train": train, "eval": evals}
 
 
 def _count_parameters(model: Any) -> tuple[int, int]:
@@ -854,13 +756,69 @@ def _count_parameters(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
+def train_arm(
+    recipe: Recipe,
+    arm: str,
+    dataset: DatasetDict,
+    run_dir: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    callbacks: list[Any] | None = None,
+) -> TrainResult:
+    """Train one arm with the recipe's training section and write ``<run_dir>/adapters/<arm>/``: the calls of notebook 1.
+
+    Checkpoints go to ``<arm>/checkpoints/`` while training; an interrupted run resumes from the last complete one. A
+    finished arm is not retrained unless ``overwrite``.
+
+    Args:
+        recipe: the run configuration (``training`` section and ``seed`` are used).
+        arm: ``raw`` or ``detox``.
+        dataset: ``DatasetDict(train, test)`` with a ``text`` column (see :mod:`detox_sft.data`).
+        run_dir: where outputs go; defaults to ``recipe.run_path``.
+        overwrite: retrain even if the arm has finished before (its directory is emptied first).
+        callbacks: extra ``transformers.TrainerCallback`` objects.
+
+    Raises:
+        TrainingError: bad input or configuration, raised before any training starts.
+    """
+    from trl import SFTTrainer
+
+    _check_arm(arm)
+    cfg = recipe.training
+    adapter_dir = RunPaths(Path(run_dir)).adapter(arm) if run_dir is not None else recipe.paths.adapter(arm)
+    done = finished_arm(adapter_dir, overwrite)
+    if done is not None:
+        return done
+    device = resolve_device(cfg.device, "training.device")
+    model_path, tokenizer = resolve_ref(cfg.base_model), base_tokenizer(cfg)
+    check_training_inputs(recipe, dataset, tokenizer, device)
+    quant = get_quantization_config(cfg, device)
+    lora = get_peft_config(cfg, _meta_model(model_path, **_base_revision(cfg)))
+    args = get_sft_config(cfg, adapter_dir / "checkpoints", recipe.seed, device)
+    train_ds, eval_ds = sft_splits(cfg, dataset)
+    stats = train_stats(device)
+    with quiet():
+        trainer = SFTTrainer(
+            model=model_path,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            quantization_config=quant,
+            peft_config=lora,
+            callbacks=[stats, *(callbacks or [])],
+        )
+    prepare_trainer(trainer, device)
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(args.output_dir))
+    return save_arm(trainer, adapter_dir, recipe, dataset, stats)
+
+
 def train_arms(
     recipe: Recipe,
     datasets: Mapping[str, DatasetDict],
     run_dir: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
 ) -> dict[str, TrainResult]:
-    """Train several arms (``raw`` first, then ``detox``) with the same recipe and seed.
+    """Train several arms (``raw`` first, then ``detox``) with the same recipe and seed (:func:`train_arm` each).
 
     Args:
         recipe: the run configuration.
@@ -1006,7 +964,7 @@ def load_adapter_model(run_dir: str | os.PathLike[str], arm: str, device: str = 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = resolve_device(device)
+    device = resolve_device(device, "device")
     metrics_path = out / "metrics.json"
     base, pinned = None, {}
     if metrics_path.is_file():

@@ -1,4 +1,4 @@
-"""`make demo` / `detox-sft demo`: the four notebooks, headless, end to end, with a local S3 and model server.
+"""`make demo` / `detox-sft-dev demo`: the four notebooks, headless, end to end, with a local S3 and model server.
 
 Flow: start SeaweedFS (S3) on 127.0.0.1 -> notebooks 1-3 with papermill (3 uploads the Caikit model to the bucket)
 -> the caikit runtime downloads it from S3 (as KServe's storage initializer does) and serves it -> notebook 4 queries
@@ -17,10 +17,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from detox_sft import evaluation, notebook
+from detox_sft import evaluation
 from detox_sft.config import RECIPES_DIR, RunPaths, load_recipe
-from detox_sft.dev.model_server import LocalModelServer
-from detox_sft.dev.s3 import LocalS3
+from detox_sft_dev.model_server import LocalModelServer
+from detox_sft_dev.s3 import LocalS3
 
 __all__ = [
     "NOTEBOOKS",
@@ -39,7 +39,7 @@ NOTEBOOKS = ("1-sft", "2-eval", "3-save_convert_model", "4-inference_request")
 # Before the first cell of a headless kernel: the package's progress bars (tqdm.auto) as text lines on stdout. A saved
 # ipywidgets bar keeps the text of its first frame ("0%") and no one watches a papermill kernel's widgets; the text
 # lines end at 100%, and _tidy_streams keeps each bar's last state. (stdout: notebooks show stderr in red.)
-KERNEL_SETUP = "__import__('detox_sft.dev.demo', fromlist=['_']).text_progress_bars()"
+KERNEL_SETUP = "__import__('detox_sft_dev.demo', fromlist=['_']).text_progress_bars()"
 
 
 def text_progress_bars() -> None:
@@ -156,10 +156,10 @@ def write_report(out_dir: Path, run_dir: Path, recipe_name: str, seconds: float 
     summary = RunPaths(run_dir).eval / "summary.md"
     results_path = RunPaths(run_dir).results
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>detox-sft demo report</title>",
+        "<!doctype html><html><head><meta charset='utf-8'><title>detox-sft-dev demo report</title>",
         f"<style>{_REPORT_CSS}</style>",
         "</head><body>",
-        f"<h1>detox-sft demo report</h1><p>recipe <b>{html.escape(recipe_name)}</b>, run directory "
+        f"<h1>detox-sft-dev demo report</h1><p>recipe <b>{html.escape(recipe_name)}</b>, run directory "
         f"<code>{html.escape(str(run_dir))}</code>"
         + (f", {seconds / 60:.1f} min end to end" if seconds else "")
         + ". Reproduce with <code>make demo</code>.</p>",
@@ -170,6 +170,7 @@ def write_report(out_dir: Path, run_dir: Path, recipe_name: str, seconds: float 
         parts += [
             "<h2>Toxicity of the generations</h2><p>Each cell: value [95% bootstrap interval over prompts].</p>",
             _table(evaluation.metrics_table(results)),
+            f"<p>{html.escape(evaluation.judge_note(results) or '')}</p>",
             "<h2>Paired differences</h2><p>Prompt by prompt; * marks an interval that excludes zero.</p>",
             _table(evaluation.paired_table(results)),
             f'<h2>Reading</h2><div class="reading">{reading}</div>',
@@ -179,7 +180,7 @@ def write_report(out_dir: Path, run_dir: Path, recipe_name: str, seconds: float 
                 "<h2>Every scorer</h2>",
                 _table(evaluation.scorer_table(results)),
                 "<h3>Agreement between scorers (same continuations)</h3>",
-                _table(notebook.agreement(results)),
+                _table(evaluation.agreement_table(results)),
             ]
         if results.summary.get("nontoxic"):
             parts += ["<h2>Non-toxic prompts</h2>", _table(evaluation.metrics_table(results.summary["nontoxic"]))]

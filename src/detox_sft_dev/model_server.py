@@ -1,7 +1,7 @@
 """The real caikit runtime (caikit-nlp's local text-generation module) on 127.0.0.1, as a subprocess.
 
 It mirrors the cluster: KServe's storage initializer downloads the model from S3 into the models directory, then the
-runtime serves every folder in it, the folder name being the model id (``../shared/DESIGN.md`` §5, §6). The runtime
+runtime serves every folder in it, the folder name being the model id. The runtime
 runs in its own process group through a small launcher that applies the caikit shims of :mod:`detox_sft.compat`
 (``np.issubclass_`` on NumPy 2, binding to 127.0.0.1 instead of all interfaces, seeded sampling and greedy decoding as requested).
 
@@ -11,7 +11,7 @@ Python API (demo, notebooks, tests)::
         server.http_url      # http://127.0.0.1:<port>
         server.grpc_target   # 127.0.0.1:<port>
 
-CLI: ``detox-sft serve --models-dir DIR [--http-port P] [--grpc-port Q] [--from-s3 [PREFIX]] [--recipe R]``.
+CLI: ``detox-sft-dev serve --models-dir DIR [--http-port P] [--grpc-port Q] [--from-s3 [PREFIX]] [--recipe R]``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import Any
 
 from detox_sft import compat
 from detox_sft.config import ExportConfig
-from detox_sft.dev.s3 import free_port, port_in_use
+from detox_sft_dev.s3 import free_port, port_in_use
 from detox_sft.storage import download_prefix
 
 __all__ = [
@@ -237,7 +237,7 @@ class LocalModelServer:
         env[_HOST_ENV] = self.host
         with open(self._log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", "from detox_sft.dev.model_server import _run_runtime; _run_runtime()"],
+                [sys.executable, "-c", "from detox_sft_dev.model_server import _run_runtime; _run_runtime()"],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

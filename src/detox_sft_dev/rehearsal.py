@@ -1,12 +1,12 @@
 """Rehearse the tutorial at full size (``recipes/rehearsal.yaml``): run notebooks headless and record each one's wall
 time, the GPU memory at its peak, and the token lengths behind the times.
 
-    python -m detox_sft.dev.rehearsal --recipe rehearsal --notebooks 1-sft 2-eval --out rehearsal.json
+    python -m detox_sft_dev.rehearsal --recipe rehearsal --notebooks 1-sft 2-eval --out rehearsal.json
 
 The rehearsal's models have the hub models' shapes and random weights: random experts barely disagree (TMaRCo masks
 little), a random OPT emits placeholder tokens that re-tokenize into several, and so on. Its times are those of its
 token lengths, which may differ from the real models' ones, so :func:`rehearsal_report` puts them side by side.
-``detox-sft demo --recipe rehearsal`` runs all four notebooks with the local S3 and model server.
+``detox-sft-dev demo --recipe rehearsal`` runs all four notebooks with the local S3 and model server.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 
 from detox_sft.config import ARMS, Recipe, load_recipe
 from detox_sft.data import read_jsonl
-from detox_sft.dev.demo import NOTEBOOKS, execute_notebook
+from detox_sft_dev.demo import NOTEBOOKS, execute_notebook
 from detox_sft.files import atomic_write_json, read_json_or_none
 from detox_sft.prompts import generation_prompt
 from detox_sft.refs import resolve_ref
@@ -197,7 +197,7 @@ def run_rehearsal(
     The executed notebooks go beside ``out``; the JSON is written after every notebook (a crash keeps the ones
     before), and an earlier run's entries for other notebooks are kept, so notebooks can run one per call (notebook
     2 reads notebook 1's adapters from the same run directory). Notebooks 3 and 4 need the local S3 and model
-    server: run them with ``detox-sft demo``.
+    server: run them with ``detox-sft-dev demo``.
 
     Returns:
         What was written to ``out``: ``notebooks`` (wall time, peak GPU memory in MiB) and :func:`rehearsal_report`.
@@ -230,7 +230,7 @@ def run_rehearsal(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m detox_sft.dev.rehearsal``: see the module docstring."""
+    """``python -m detox_sft_dev.rehearsal``: see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="rehearsal", help="recipe name or path (default: rehearsal)")
     parser.add_argument("--notebooks", nargs="+", default=list(NOTEBOOKS[:2]), choices=NOTEBOOKS)

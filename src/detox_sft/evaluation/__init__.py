@@ -7,7 +7,8 @@ distinct-1/2/3.
 
 Parts: :mod:`~detox_sft.evaluation.generation` (reproducible batched sampling, NLL, the models),
 :mod:`~detox_sft.evaluation.metrics` (the statistics), :mod:`~detox_sft.evaluation.report` (tables, reading,
-figures) and :mod:`~detox_sft.evaluation.evaluate` (the whole step, resumable: :func:`evaluate_models`).
+figures), :mod:`~detox_sft.evaluation.on_ray` (the same batches on Ray) and :mod:`~detox_sft.evaluation.evaluate`
+(the whole step, resumable: :func:`evaluate_models`).
 """
 
 from detox_sft.evaluation.evaluate import evaluate_models, load_results
@@ -26,39 +27,19 @@ from detox_sft.evaluation.report import (
     agreement_table,
     cost_table,
     describe_result,
-    differences_table,
     headline_numbers,
+    judge_note,
     metrics_table,
     paired_table,
     plot_metric_bars,
     plot_toxicity_distributions,
-    results_table,
     scorer_table,
     summary_markdown,
 )
 
 __all__ = [
-    "ARMS",
-    "COMPARISONS",
-    "MODELS",
-    "EvalResults",
-    "EvaluationError",
-    "agreement_table",
-    "continuation_nll",
-    "cost_table",
-    "describe_result",
-    "differences_table",
-    "evaluate_models",
-    "generate_continuations",
-    "headline_numbers",
-    "load_arm_model",
-    "load_base_model",
-    "load_results",
-    "metrics_table",
-    "paired_table",
-    "plot_metric_bars",
-    "plot_toxicity_distributions",
-    "results_table",
-    "scorer_table",
-    "summary_markdown",
-]
+    "ARMS", "COMPARISONS", "MODELS", "EvalResults", "EvaluationError", "agreement_table", "continuation_nll",
+    "cost_table", "describe_result", "evaluate_models", "generate_continuations", "headline_numbers", "judge_note",
+    "load_arm_model", "load_base_model", "load_results", "metrics_table", "paired_table", "plot_metric_bars",
+    "plot_toxicity_distributions", "scorer_table", "summary_markdown",
+]  # fmt: skip

@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from detox_sft.config import EvaluationConfig, Recipe, RunPaths
+from detox_sft.config import Recipe, RunPaths
 from detox_sft.data import load_eval_prompts
+from detox_sft.devices import resolve_device
 from detox_sft.evaluation.generation import (
     EvaluationError,
     _check_adapter,
     _model_signature,
-    _resolve_device,
     continuation_nll,
     generate_continuations,
     load_arm_model,
@@ -41,24 +41,71 @@ from detox_sft.toxicity import load_scorers
 logger = logging.getLogger(__name__)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# the whole evaluation
+def evaluate_models(
+    recipe: Recipe,
+    run_dir: str | Path | None = None,
+    models: Sequence[str] = MODELS,
+    prompts: Sequence[str] | None = None,
+    progress: bool = True,
+) -> EvalResults:
+    """Generate with each model on the same eval prompts, score, compute the metrics; write them to ``<run_dir>/eval``
+    and ``<run_dir>/figures`` and return them.
 
+    Generations are cached per model in ``eval/generations_<model>.json`` (keyed by prompts, settings, seed and
+    weights files), so a rerun only scores and re-plots. With ``evaluation.nontoxic_prompts`` the same models,
+    sampling, scorers and metrics run on that many label-0 prompts as well (what the detox arm gives up where there is
+    nothing to detoxify): results.json's ``nontoxic`` key, ``generations_nontoxic.csv``.
 
-def _cache_key(prompts: list[str], cfg: EvaluationConfig, seed: int, signature: dict[str, Any]) -> str:
-    payload = json.dumps(
-        {
-            "prompts": hashlib.sha256("\x1e".join(prompts).encode()).hexdigest(),
-            "num_samples": cfg.num_samples,
-            "max_new_tokens": cfg.max_new_tokens,
-            "top_p": cfg.top_p,
-            "temperature": cfg.temperature,
-            "seed": seed,
-            "model": signature,
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    Args:
+        recipe: the run recipe; ``run_dir`` defaults to ``recipe.run_path`` (the adapters are in its ``adapters``).
+        models: any of ``base``, ``raw``, ``detox``.
+        prompts: eval prompts instead of ``detox_sft.data.load_eval_prompts(recipe.data, recipe.seed)``.
+        progress: one bar for the whole step (a step per model and stage); on Ray, a bar per stage over blocks.
+
+    Raises:
+        EvaluationError: unknown model name, missing adapter, no prompts (ScorerError: a scorer cannot be loaded).
+    """
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    cfg = recipe.evaluation
+    run_dir = Path(run_dir) if run_dir is not None else recipe.run_path
+    requested = [models] if isinstance(models, str) else list(models)
+    models = [m for m in MODELS if m in requested]  # checked before any expensive work
+    if not models or set(requested) - set(MODELS):
+        raise EvaluationError(f"models must be some of {', '.join(MODELS)}; got {requested}")
+    for arm in [m for m in models if m in ARMS]:
+        _check_adapter(run_dir, arm)
+    device = resolve_device(cfg.device, "evaluation.device")
+    step = _Step(recipe, run_dir, models, device, progress)
+    # one bar for the step: generate, score and perplexity per model and prompt set; on Ray each stage has its own
+    # bar over blocks (detox_sft.scale.map_blocks) and this one stays hidden
+    steps = 3 * len(models) * (2 if cfg.nontoxic_prompts else 1)
+    with tqdm(total=steps, desc="evaluate", unit="step", disable=not progress or cfg.executor == "ray") as step.bar:
+        step.bar.set_postfix_str("load scorers")
+        step.scorers = load_scorers(
+            cfg.scorers, device=device, batch_size=scorer_batch_size(cfg), revisions=cfg.scorer_revisions
+        )
+        results, timings = step.run(_eval_prompts(recipe, prompts), "")
+        info = {"recipe": recipe.name, "profile": recipe.profile, "base_model": recipe.training.base_model}
+        info["perplexity_model"] = cfg.perplexity_model or recipe.training.base_model
+        timings["total_s"] = round(time.perf_counter() - started, 2)
+        results.summary = _summarize(results, cfg, recipe.seed, {**info, "timing": timings})
+        if cfg.nontoxic_prompts:  # a separate key and file: the toxic-prompt results stay as they are without it
+            started = time.perf_counter()
+            data = dataclasses.replace(recipe.data, eval_label=0, num_eval_prompts=cfg.nontoxic_prompts)
+            nontoxic, timings = step.run(_eval_prompts(dataclasses.replace(recipe, data=data), None), "_nontoxic")
+            timings["total_s"] = round(time.perf_counter() - started, 2)
+            results.summary["nontoxic"] = _summarize(nontoxic, cfg, recipe.seed, {"eval_label": 0, "timing": timings})
+            atomic_write_text(step.eval_dir / "generations_nontoxic.csv", _frame(nontoxic).to_csv(index=False))
+        step.bar.set_postfix_str("done")
+    # results.json last: the completion marker load_results trusts; each file atomically
+    atomic_write_text(step.eval_dir / "generations.csv", _frame(results).to_csv(index=False))
+    atomic_write_text(step.eval_dir / "summary.md", summary_markdown(results))
+    plot_toxicity_distributions(results, path=RunPaths(run_dir).figures / "eval_toxicity_distributions.png")
+    plot_metric_bars(results, path=RunPaths(run_dir).figures / "eval_metric_bars.png")
+    atomic_write_json(step.eval_dir / "results.json", results.summary, indent=2)
+    return results
 
 
 def _eval_prompts(recipe: Recipe, prompts: Sequence[str] | None) -> list[str]:
@@ -77,303 +124,104 @@ def _eval_prompts(recipe: Recipe, prompts: Sequence[str] | None) -> list[str]:
     return kept
 
 
-def _model_inputs(recipe: Recipe, prompts: Sequence[str]) -> list[str]:
-    """What the models are given: the prompts in the training template (the arms were tuned on it), or as they are."""
-    if not recipe.evaluation.prompt_template:
-        return list(prompts)
+@dataclasses.dataclass
+class _Step:
+    """One evaluation's models run on a prompt set; the scorers and the base model stay loaded between sets."""
 
-    return [generation_prompt(p) for p in prompts]
+    recipe: Recipe
+    run_dir: Path
+    models: list[str]
+    device: str
+    progress: bool
+    bar: Any = None
+    scorers: dict[str, Any] = dataclasses.field(default_factory=dict)
+    base: tuple[Any, Any] | None = None  # the base model and tokenizer, once loaded
 
+    @property
+    def eval_dir(self) -> Path:
+        return RunPaths(self.run_dir).eval
 
-def evaluate_models(
-    recipe: Recipe,
-    run_dir: str | Path | None = None,
-    models: Sequence[str] = MODELS,
-    prompts: Sequence[str] | None = None,
-    progress: bool = True,
-) -> EvalResults:
-    """Generate with each model on the same eval prompts, score, compute the metrics, write the outputs.
-
-    Generations are cached per model in ``<run_dir>/eval/generations_<model>.json`` (keyed by prompts, settings,
-    seed and adapter files), so a rerun only scores and re-plots.
-
-    Args:
-        recipe: the run recipe (``training.base_model``, ``evaluation``, ``data``, ``seed``).
-        run_dir: the run directory (default ``recipe.run_path``); adapters are read from ``<run_dir>/adapters``.
-        models: any of ``base``, ``raw``, ``detox``.
-        prompts: eval prompts to use instead of ``detox_sft.data.load_eval_prompts(recipe.data, recipe.seed)``.
-        progress: show one progress bar for the whole step (a step per model and stage: generate, score,
-            perplexity; the running stage and its batches beside it). With ``evaluation.executor: ray`` each stage
-            shows its own bar over Ray blocks instead.
-
-    Returns:
-        The :class:`EvalResults`; also written to ``<run_dir>/eval/`` and ``<run_dir>/figures/``.
-
-    Raises:
-        EvaluationError: unknown model name, missing adapter, no prompts.
-        detox_sft.toxicity.ScorerError: a scorer cannot be loaded.
-    """
-    from tqdm.auto import tqdm
-
-    started = time.perf_counter()
-    cfg = recipe.evaluation
-    run_dir = Path(run_dir) if run_dir is not None else recipe.run_path
-    models = _checked_models(models, run_dir)
-    device = _resolve_device(cfg.device)
-    # one bar for the step: generate, score and perplexity per model, on the toxic (and the non-toxic) prompts; on
-    # Ray each stage has its own bar over blocks (detox_sft.scale.map_blocks) and this one stays hidden
-    steps = 3 * len(models) * (2 if cfg.nontoxic_prompts else 1)
-    with tqdm(total=steps, desc="evaluate", unit="step", disable=not progress or cfg.executor == "ray") as bar:
-        bar.set_postfix_str("load scorers")
-        scorers = load_scorers(
-            cfg.scorers, device=device, batch_size=scorer_batch_size(cfg), revisions=cfg.scorer_revisions
-        )
-        prompts = _eval_prompts(recipe, prompts)
-        model_inputs = _model_inputs(recipe, prompts)
-        eval_dir = RunPaths(run_dir).eval
-        eval_dir.mkdir(parents=True, exist_ok=True)
-
+    def run(self, prompts: list[str], tag: str) -> tuple[EvalResults, dict[str, float]]:
+        """Generate (or read back), score and measure perplexity on ``prompts``; caches ``generations_<m><tag>``."""
+        cfg, recipe, where = self.recipe.evaluation, self.recipe, " (non-toxic)" if tag else ""
+        # what the models are given: the prompts in the training template (the arms were tuned on it), or as they are
+        inputs = [generation_prompt(p) for p in prompts] if cfg.prompt_template else list(prompts)
+        self.eval_dir.mkdir(parents=True, exist_ok=True)
         timings: dict[str, float] = {}
-        generations, base = _generate_all(
-            recipe, run_dir, models, model_inputs, device, eval_dir, progress, timings, bar
-        )
+        generations = {m: self._generate(m, inputs, tag, where, timings) for m in self.models}
+        results = EvalResults(prompts, self.models, list(cfg.scorers), generations, {}, run_dir=self.run_dir)
+        t0 = time.perf_counter()
         if cfg.executor == "ray":  # the same batches as below, on actor pools: the same numbers
-            t0 = time.perf_counter()
-            scores, nll, counts = score_on_ray(recipe, generations, models, model_inputs, progress)
-            results = EvalResults(prompts, models, list(cfg.scorers), generations, scores, nll, counts, run_dir=run_dir)
+            results.scores, results.nll, results.token_counts = score_on_ray(
+                recipe, generations, self.models, inputs, self.progress
+            )
             timings["score_and_perplexity_s"] = round(time.perf_counter() - t0, 2)
-        else:
-            scores = _score_all(scorers, generations, models, len(prompts), bar)
-            results = EvalResults(prompts, models, list(cfg.scorers), generations, scores, run_dir=run_dir)
-            _add_fluency(results, recipe, device, model_inputs, base, bar, timings)
-        results.summary = _summarize(
-            results,
-            cfg,
-            recipe.seed,
-            {
-                "recipe": recipe.name,
-                "profile": recipe.profile,
-                "base_model": recipe.training.base_model,
-                "perplexity_model": cfg.perplexity_model or recipe.training.base_model,
-                "timing": {**timings, "total_s": round(time.perf_counter() - started, 2)},
-            },
+            return results, timings
+        self.bar.set_postfix_str("load the perplexity model")
+        ppl = (
+            load_base_model(cfg.perplexity_model, self.device, cfg.perplexity_model_revision)
+            if cfg.perplexity_model
+            else self._base()
         )
-        if cfg.nontoxic_prompts:  # a separate key and file: the toxic-prompt results stay as they are without it
-            nontoxic = _evaluate_nontoxic(recipe, run_dir, models, scorers, device, eval_dir, base, progress, bar)
-            results.summary["nontoxic"] = nontoxic.summary
-            atomic_write_text(eval_dir / "generations_nontoxic.csv", _generations_frame(nontoxic).to_csv(index=False))
-        bar.set_postfix_str("done")
-    _write_outputs(results, eval_dir, RunPaths(run_dir).figures)
-    return results
+        for m in self.models:
+            texts = [t for row in generations[m] for t in row]
+            self.bar.set_postfix_str(f"score {m}{where}")
+            results.scores[m] = {s: scorer(texts).reshape(len(prompts), -1) for s, scorer in self.scorers.items()}
+            self.bar.update()
+            on_batch = self._on_batch(f"perplexity {m}{where}")
+            nll = continuation_nll(*ppl, inputs, generations[m], cfg.batch_size, progress=False, on_batch=on_batch)
+            results.nll[m], results.token_counts[m] = nll
+            self.bar.update()
+        timings["score_and_perplexity_s"] = round(time.perf_counter() - t0, 2)
+        return results, timings
 
+    def _base(self) -> tuple[Any, Any]:
+        if self.base is None:
+            training = self.recipe.training
+            self.base = load_base_model(training.base_model, self.device, training.base_model_revision)
+        return self.base
 
-def _evaluate_nontoxic(
-    recipe: Recipe,
-    run_dir: Path,
-    models: list[str],
-    scorers: dict[str, Any],
-    device: str,
-    eval_dir: Path,
-    base: tuple[Any, Any] | None,
-    progress: bool,
-    bar: Any,
-) -> EvalResults:
-    """The same models, sampling, scorers and metrics on ``evaluation.nontoxic_prompts`` label-0 prompts.
+    def _on_batch(self, label: str) -> Any:
+        """Show ``label`` in the bar's postfix now, and ``label done/total`` after each batch (an ``on_batch``)."""
+        self.bar.set_postfix_str(label)
+        return lambda done, total: self.bar.set_postfix_str(f"{label} {done}/{total}")
 
-    What the detox arm gives up where there is nothing to detoxify: its toxicity, perplexity and distinct-n beside
-    the base model's and the raw arm's. Generations are cached in ``generations_<model>_nontoxic.json``.
-    """
-    cfg = recipe.evaluation
-    started = time.perf_counter()
-    data = dataclasses.replace(recipe.data, eval_label=0, num_eval_prompts=cfg.nontoxic_prompts)
-    prompts = _eval_prompts(dataclasses.replace(recipe, data=data), None)
-    model_inputs = _model_inputs(recipe, prompts)
-    timings: dict[str, float] = {}
-    generations, base = _generate_all(
-        recipe, run_dir, models, model_inputs, device, eval_dir, progress, timings, bar, "_nontoxic", base
-    )
-    if cfg.executor == "ray":
-        scores, nll, counts = score_on_ray(recipe, generations, models, model_inputs, progress)
-        results = EvalResults(prompts, models, list(cfg.scorers), generations, scores, nll, counts, run_dir=run_dir)
-    else:
-        scores = _score_all(scorers, generations, models, len(prompts), bar, " (non-toxic)")
-        results = EvalResults(prompts, models, list(cfg.scorers), generations, scores, run_dir=run_dir)
-        _add_fluency(results, recipe, device, model_inputs, base, bar, timings, " (non-toxic)")
-    timing = {**timings, "total_s": round(time.perf_counter() - started, 2)}
-    results.summary = _summarize(results, cfg, recipe.seed, {"eval_label": 0, "timing": timing})
-    return results
-
-
-def _score_all(
-    scorers: dict[str, Any],
-    generations: dict[str, list[list[str]]],
-    models: list[str],
-    num_prompts: int,
-    bar: Any,
-    where: str = "",
-) -> dict[str, dict[str, Any]]:
-    """Toxicity of every continuation under every scorer: ``scores[model][scorer]``, shape (prompts, k).
-
-    One step of ``bar`` per model; ``where`` labels the prompts in its postfix (`` (non-toxic)``).
-    """
-    scores: dict[str, dict[str, Any]] = {m: {} for m in models}
-    for m in models:
-        texts = [t for row in generations[m] for t in row]
-        for s, scorer in scorers.items():
-            bar.set_postfix_str(f"score {m}{where}: {s}")
-            scores[m][s] = scorer(texts).reshape(num_prompts, -1)
-        bar.update()
-    return scores
-
-
-def _on_batch(bar: Any, label: str) -> Any:
-    """Show ``label`` in ``bar``'s postfix now, and ``label done/total`` after each batch (an ``on_batch``)."""
-    bar.set_postfix_str(label)
-    return lambda done, total: bar.set_postfix_str(f"{label} {done}/{total}")
-
-
-def _checked_models(models: Sequence[str], run_dir: Path) -> list[str]:
-    """The requested models in :data:`MODELS` order; fails before any expensive work (unknown name, no adapter)."""
-    requested = [models] if isinstance(models, str) else list(models)
-    checked = [m for m in MODELS if m in requested]
-    if not checked or set(requested) - set(MODELS):
-        raise EvaluationError(f"models must be some of {', '.join(MODELS)}; got {requested}")
-    for arm in checked:
-        if arm in ARMS:
-            _check_adapter(run_dir, arm)
-    return checked
-
-
-def _generate_all(
-    recipe: Recipe,
-    run_dir: Path,
-    models: list[str],
-    model_inputs: list[str],
-    device: str,
-    eval_dir: Path,
-    progress: bool,
-    timings: dict[str, float],
-    bar: Any,
-    tag: str = "",
-    base: tuple[Any, Any] | None = None,
-) -> tuple[dict[str, list[list[str]]], tuple[Any, Any] | None]:
-    """Each model's continuations, read from ``generations_<model><tag>.json`` when its key matches, else generated.
-
-    Returns them and the base model with its tokenizer when it was loaded (the fluency step reuses it); ``base``
-    is one loaded before, reused. ``bar`` (the evaluation's) advances one step per model, a cached one included.
-    """
-    cfg = recipe.evaluation
-    where = " (non-toxic)" if tag == "_nontoxic" else tag
-    generations: dict[str, list[list[str]]] = {}
-    for name in models:
-        key = _cache_key(model_inputs, cfg, recipe.seed, _model_signature(recipe, run_dir, name))
-        cache = eval_dir / f"generations_{name}{tag}.json"
-        cached = _cached_generations(cache, key)
-        if cached is not None:
+    def _generate(self, name: str, inputs: list[str], tag: str, where: str, timings: dict[str, float]) -> Any:
+        """Model ``name``'s continuations, read from its cache when the key matches, else generated and cached."""
+        cfg, seed = self.recipe.evaluation, self.recipe.seed
+        key = {k: getattr(cfg, k) for k in ("num_samples", "max_new_tokens", "top_p", "temperature")}
+        key |= {"prompts": hashlib.sha256("\x1e".join(inputs).encode()).hexdigest(), "seed": seed}
+        key["model"] = _model_signature(self.recipe, self.run_dir, name)
+        key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        cache = self.eval_dir / f"generations_{name}{tag}.json"
+        cached = read_json_or_none(cache) if cache.is_file() else {"generations": []}
+        if not isinstance(cached, dict) or not isinstance(cached.get("generations"), list):
+            warnings.warn(f"{cache} is unreadable (truncated?); generating again", UserWarning, stacklevel=3)
+        elif cached.get("key") == key:
             logger.info("reusing cached generations of %s from %s", name, cache)
-            generations[name] = cached
-            bar.update()
-            continue
+            self.bar.update()
+            return cached["generations"]
         t0 = time.perf_counter()
         if cfg.executor == "ray":
-            generations[name] = generate_on_ray(
-                recipe, run_dir, name, model_inputs, eval_dir / "ray-blocks", key, progress
+            texts = generate_on_ray(
+                self.recipe, self.run_dir, name, inputs, self.eval_dir / "ray-blocks", key, self.progress
             )
-            timings[f"generate_{name}_s"] = round(time.perf_counter() - t0, 2)
-            atomic_write_json(cache, {"key": key, "model": name, "generations": generations[name]})
-            bar.update()
-            continue
-        if name == "base":
-            if base is None:
-                bar.set_postfix_str("load base")
-                base = load_base_model(recipe.training.base_model, device, recipe.training.base_model_revision)
-            model, tokenizer = base
         else:
-            bar.set_postfix_str(f"load {name}")
-            model, tokenizer = load_arm_model(recipe, run_dir, name, device)
-        generations[name] = generate_continuations(
-            model,
-            tokenizer,
-            model_inputs,
-            cfg,
-            recipe.seed,
-            progress=False,
-            on_batch=_on_batch(bar, f"generate {name}{where}"),
-        )
+            self.bar.set_postfix_str(f"load {name}")
+            model, tokenizer = (
+                self._base() if name == "base" else load_arm_model(self.recipe, self.run_dir, name, self.device)
+            )
+            texts = generate_continuations(
+                model, tokenizer, inputs, cfg, seed, progress=False, on_batch=self._on_batch(f"generate {name}{where}")
+            )
+            del model  # an arm is freed before the next one loads; the base model stays for the perplexity
         timings[f"generate_{name}_s"] = round(time.perf_counter() - t0, 2)
-        atomic_write_json(cache, {"key": key, "model": name, "generations": generations[name]})
-        bar.update()
-        if name != "base":
-            del model  # free the arm before loading the next one
-    return generations, base
+        atomic_write_json(cache, {"key": key, "model": name, "generations": texts})
+        self.bar.update()
+        return texts
 
 
-def _cached_generations(cache: Path, key: str) -> list[list[str]] | None:
-    """The cached continuations when the cache's key matches; `None` (generate again) otherwise.
-
-    A damaged cache (truncated, not JSON: a run killed while writing it by a version that wrote in place) counts as
-    absent, with a warning.
-    """
-    if not cache.is_file():
-        return None
-    cached = read_json_or_none(cache)
-    if not isinstance(cached, dict) or not isinstance(cached.get("generations"), list):
-        warnings.warn(f"{cache} is unreadable (truncated?); generating again", UserWarning, stacklevel=3)
-        return None
-    return cached["generations"] if cached.get("key") == key else None
-
-
-def _add_fluency(
-    results: EvalResults,
-    recipe: Recipe,
-    device: str,
-    model_inputs: list[str],
-    base: tuple[Any, Any] | None,
-    bar: Any,
-    timings: dict[str, float],
-    where: str = "",
-) -> None:
-    """NLL of every model's continuations, given the prompt, under the base (or the configured) model.
-
-    One step of ``bar`` per model; ``where`` labels the prompts in its postfix (`` (non-toxic)``).
-    """
-    cfg = recipe.evaluation
-    t0 = time.perf_counter()
-    if cfg.perplexity_model or base is None:
-        bar.set_postfix_str("load the perplexity model")
-    if cfg.perplexity_model:
-        ppl_model, ppl_tok = load_base_model(cfg.perplexity_model, device, cfg.perplexity_model_revision)
-    else:
-        ppl_model, ppl_tok = base or load_base_model(
-            recipe.training.base_model, device, recipe.training.base_model_revision
-        )
-    for m in results.models:
-        results.nll[m], results.token_counts[m] = continuation_nll(
-            ppl_model,
-            ppl_tok,
-            model_inputs,
-            results.generations[m],
-            batch_size=cfg.batch_size,
-            progress=False,
-            on_batch=_on_batch(bar, f"perplexity {m}{where}"),
-        )
-        bar.update()
-    timings["perplexity_s"] = round(time.perf_counter() - t0, 2)
-
-
-def _write_outputs(results: EvalResults, eval_dir: Path, figures: Path) -> None:
-    """``generations.csv``, ``summary.md``, the two figures in ``figures``, then ``results.json`` in ``eval_dir``.
-
-    Each file is written atomically, and ``results.json``, the completion marker :func:`load_results` trusts, last.
-    """
-    atomic_write_text(eval_dir / "generations.csv", _generations_frame(results).to_csv(index=False))
-    atomic_write_text(eval_dir / "summary.md", summary_markdown(results))
-    plot_toxicity_distributions(results, path=figures / "eval_toxicity_distributions.png")
-    plot_metric_bars(results, path=figures / "eval_metric_bars.png")
-    atomic_write_json(eval_dir / "results.json", results.summary, indent=2)
-
-
-def _generations_frame(results: EvalResults) -> Any:
+def _frame(results: EvalResults) -> Any:
     """One row per (model, prompt, sample): the continuation, its toxicity under each scorer, its NLL."""
     import pandas as pd
 

@@ -1,10 +1,11 @@
-"""The results of an evaluation: tables with intervals, the reading in words, the figures."""
+"""An evaluation's results: results.json's contents, the tables a person reads (pandas DataFrames, taking an
+:class:`EvalResults` or the results.json dict), the reading in words, the figures."""
 
 from __future__ import annotations
 
-import logging
+import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,35 +18,19 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
-
-logger = logging.getLogger(__name__)
-
 MODELS = ("base", *ARMS)
 # (a, b): the difference a - b is reported, paired by prompt
 COMPARISONS = (("detox", "raw"), ("raw", "base"), ("detox", "base"))
 _COLORS = {"base": "#7f7f7f", "raw": "#d95f02", "detox": "#1b9e77"}  # the same in every figure
-_METRIC_LABELS = {"mean_toxicity": "mean toxicity", "expected_max_toxicity": "EMT", "toxicity_probability": "TP"}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# results
+# the toxicity metrics in the order every table shows them
+LABELS = {"expected_max_toxicity": "EMT", "toxicity_probability": "TP", "mean_toxicity": "mean toxicity"}
 
 
 @dataclass
 class EvalResults:
-    """Everything one evaluation produced.
-
-    Attributes:
-        prompts (`list[str]`): the eval prompts (prompt id = position).
-        models (`list[str]`): evaluated models, in order (``base``, ``raw``, ``detox``).
-        scorers (`list[str]`): scorer names; the first is the headline one.
-        generations (`dict[str, list[list[str]]]`): continuations per model, ``[prompt][sample]``.
-        scores (`dict[str, dict[str, np.ndarray]]`): ``scores[model][scorer]``, ``(num_prompts, k)`` tables.
-        nll (`dict[str, np.ndarray]`): summed NLL of each continuation under the perplexity model.
-        token_counts (`dict[str, np.ndarray]`): scored tokens of each continuation.
-        summary (`dict`): the metrics, as written to results.json.
-        run_dir (`Path` or `None`): where the outputs were written.
-    """
+    """Everything one evaluation produced: per model (``base``, ``raw``, ``detox``, in order) its continuations
+    ``generations[model][prompt][sample]``, their ``scores[model][scorer]``, NLL under the perplexity model and
+    scored ``token_counts`` (``(num_prompts, k)`` tables); the metrics as results.json holds them (``summary``)."""
 
     prompts: list[str]
     models: list[str]
@@ -69,6 +54,8 @@ class EvalResults:
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, metrics.Estimate):
+        return _jsonable(asdict(value))
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -83,305 +70,187 @@ def _jsonable(value: Any) -> Any:
 def _summarize(
     results: EvalResults, cfg: EvaluationConfig, seed: int, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    n_boot = cfg.bootstrap_samples
+    """What results.json holds: every model's metrics per scorer, the paired comparisons, the scorers' agreement."""
+    n_boot, threshold, scores = cfg.bootstrap_samples, cfg.toxic_threshold, results.scores
     per_model: dict[str, Any] = {}
     for m in results.models:
-        tox = {
-            s: {
-                k: v.to_dict()
-                for k, v in metrics.toxicity_metrics(results.scores[m][s], cfg.toxic_threshold, n_boot, seed).items()
-            }
-            for s in results.scorers
-        }
         gens = results.generations[m]
-        entry: dict[str, Any] = {
-            "toxicity": tox,
-            "distinct_1": metrics.distinct_n(gens, 1),
-            "distinct_2": metrics.distinct_n(gens, 2),
-            "distinct_3": metrics.distinct_n(gens, 3),
-            "empty_continuations": int(sum(not t.strip() for row in gens for t in row)),
+        per_model[m] = {
+            "toxicity": {s: metrics.toxicity_metrics(scores[m][s], threshold, n_boot, seed) for s in results.scorers},
+            **{f"distinct_{n}": metrics.distinct_n(gens, n) for n in (1, 2, 3)},
+            "empty_continuations": sum(not t.strip() for row in gens for t in row),
         }
         if m in results.nll:
-            entry["perplexity"] = metrics.perplexity_estimate(
+            per_model[m]["perplexity"] = metrics.perplexity_estimate(
                 results.nll[m], results.token_counts[m], n_boot, seed
-            ).to_dict()
-        per_model[m] = entry
-    comparisons: dict[str, Any] = {}
-    for a, b in COMPARISONS:
-        if a in results.models and b in results.models:
-            comparisons[f"{a}_vs_{b}"] = {
-                s: {
-                    k: v.to_dict()
-                    for k, v in metrics.paired_differences(
-                        results.scores[a][s], results.scores[b][s], cfg.toxic_threshold, n_boot, seed
-                    ).items()
-                }
-                for s in results.scorers
-            }
-    k = len(results.generations[results.models[0]][0])
-    agreement = _agreement(results, cfg.toxic_threshold)
-    return _jsonable(
-        {
-            "num_prompts": len(results.prompts),
-            "num_samples": k,
-            "models": results.models,
-            "scorers": results.scorers,
-            "headline_scorer": results.scorers[0],
-            "seed": seed,
-            "config": {
-                "num_samples": cfg.num_samples,
-                "max_new_tokens": cfg.max_new_tokens,
-                "top_p": cfg.top_p,
-                "temperature": cfg.temperature,
-                "bootstrap_samples": cfg.bootstrap_samples,
-                "toxic_threshold": cfg.toxic_threshold,
-                "confidence": 0.95,
-                "interval": metrics.BOOTSTRAP_METHOD,  # scipy.stats.bootstrap's method
-            },
-            "metrics": per_model,
-            "comparisons": comparisons,
-            "agreement": agreement,
-            **(extra or {}),
+            )
+    comparisons = {
+        f"{a}_vs_{b}": {
+            s: metrics.paired_differences(scores[a][s], scores[b][s], threshold, n_boot, seed) for s in results.scorers
         }
-    )
-
-
-def _agreement(results: EvalResults, threshold: float) -> list[dict[str, Any]]:
-    """Every pair of scorers on the same continuations: all models pooled, and each model's alone."""
-    pairs = []
+        for a, b in COMPARISONS
+        if a in results.models and b in results.models
+    }
+    config = {k: getattr(cfg, k) for k in ("num_samples", "max_new_tokens", "top_p", "temperature")}
+    config |= {"bootstrap_samples": n_boot, "toxic_threshold": threshold, "confidence": 0.95}
+    config["interval"] = metrics.BOOTSTRAP_METHOD  # scipy.stats.bootstrap's method
+    agreement = []  # every pair of scorers on the same continuations: all models pooled, and each model's alone
     for i, a in enumerate(results.scorers):
         for b in results.scorers[i + 1 :]:
-            pooled = metrics.scorer_agreement(
-                np.concatenate([results.scores[m][a].ravel() for m in results.models]),
-                np.concatenate([results.scores[m][b].ravel() for m in results.models]),
-                threshold,
-            )
-            by_model = {
-                m: metrics.scorer_agreement(results.scores[m][a], results.scores[m][b], threshold)
-                for m in results.models
-            }
-            pairs.append({"scorers": [a, b], **pooled, "by_model": by_model})
-    return pairs
+            pooled = [np.concatenate([scores[m][s].ravel() for m in results.models]) for s in (a, b)]
+            by_model = {m: metrics.scorer_agreement(scores[m][a], scores[m][b], threshold) for m in results.models}
+            agreement.append({"scorers": [a, b], **metrics.scorer_agreement(*pooled, threshold), "by_model": by_model})
+    summary = {
+        "num_prompts": len(results.prompts),
+        "num_samples": len(results.generations[results.models[0]][0]),
+        "models": results.models,
+        "scorers": results.scorers,
+        "headline_scorer": results.scorers[0],
+        "seed": seed,
+        "config": config,
+        "metrics": per_model,
+        "comparisons": comparisons,
+        "agreement": agreement,
+        **(extra or {}),
+    }
+    return _jsonable(summary)
 
 
-def _fmt(est: dict[str, Any] | None, digits: int = 3) -> str:
+def _summary(results: EvalResults | dict[str, Any]) -> dict[str, Any]:
+    return results.summary if isinstance(results, EvalResults) else results
+
+
+def _fmt(est: dict[str, Any] | None, digits: int = 3, sign: str = "") -> str:
+    """``value [low, high]`` (``sign="+"``: signed, for a difference); the value alone without an interval."""
     if not est or est.get("value") is None:
         return "n/a"
-    if est.get("low") is None:
-        return f"{est['value']:.{digits}f}"
-    return f"{est['value']:.{digits}f} [{est['low']:.{digits}f}, {est['high']:.{digits}f}]"
+    f = f"{{:{sign}.{digits}f}}".format
+    return f(est["value"]) if est.get("low") is None else f"{f(est['value'])} [{f(est['low'])}, {f(est['high'])}]"
 
 
-def results_table(results: EvalResults | dict[str, Any]) -> pd.DataFrame:
-    """One row per (model, scorer): the toxicity metrics with their interval ends, perplexity and distinct-n.
-
-    Args:
-        results: an :class:`EvalResults` or the results.json dict.
-    """
-    import pandas as pd
-
-    summary = results.summary if isinstance(results, EvalResults) else results
-    rows = []
-    for model, entry in summary["metrics"].items():
-        for scorer, tox in entry["toxicity"].items():
-            row: dict[str, Any] = {"model": model, "scorer": scorer}
-            for name, est in tox.items():
-                row[name], row[f"{name}_low"], row[f"{name}_high"] = est["value"], est["low"], est["high"]
-            ppl = entry.get("perplexity") or {}
-            row["perplexity"], row["perplexity_low"], row["perplexity_high"] = (
-                ppl.get("value"),
-                ppl.get("low"),
-                ppl.get("high"),
-            )
-            for n in (1, 2, 3):
-                row[f"distinct_{n}"] = entry[f"distinct_{n}"]
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def differences_table(results: EvalResults | dict[str, Any]) -> pd.DataFrame:
-    """One row per (comparison, scorer, metric): the paired difference ``a - b``, its interval, whether it excludes 0.
-
-    Args:
-        results: an :class:`EvalResults` or the results.json dict.
-    """
-    import pandas as pd
-
-    summary = results.summary if isinstance(results, EvalResults) else results
-    rows = []
-    for key, by_scorer in summary["comparisons"].items():
-        for scorer, diffs in by_scorer.items():
-            for metric, d in diffs.items():
-                rows.append(
-                    {
-                        "comparison": key.replace("_vs_", " - "),
-                        "scorer": scorer,
-                        "metric": metric,
-                        "difference": d["value"],
-                        "low": d["low"],
-                        "high": d["high"],
-                        "excludes_zero": d["excludes_zero"],
-                    }
-                )
-    return pd.DataFrame(rows)
-
-
-def agreement_table(results: EvalResults | dict[str, Any]) -> pd.DataFrame:
-    """One row per (pair of scorers, models): Spearman's rank correlation and agreement at the toxic threshold.
-
-    ``models`` is ``all`` for every model's continuations pooled, else one model's. Agreement is the share of the
-    continuations that both scorers put on the same side of the threshold.
-
-    Args:
-        results: an :class:`EvalResults` or the results.json dict.
-    """
-    import pandas as pd
-
-    summary = results.summary if isinstance(results, EvalResults) else results
-    rows = []
-    for pair in summary.get("agreement", []):
-        a, b = pair["scorers"]
-        for models, entry in [("all", pair), *pair["by_model"].items()]:
-            rows.append(
-                {
-                    "scorer_a": a,
-                    "scorer_b": b,
-                    "models": models,
-                    "continuations": entry["continuations"],
-                    "spearman": entry["spearman"],
-                    "agreement": entry["agreement"],
-                }
-            )
-    return pd.DataFrame(rows, columns=["scorer_a", "scorer_b", "models", "continuations", "spearman", "agreement"])
+_diff = functools.partial(_fmt, sign="+")
 
 
 def metrics_table(results: EvalResults | dict[str, Any], scorer: str | None = None) -> pd.DataFrame:
-    """The table a person reads: one row per model, each metric as ``value [low, high]`` (95% bootstrap interval).
-
-    Columns: EMT, TP and mean toxicity under ``scorer``, then perplexity and distinct-2 (the same for every scorer).
-    :func:`results_table` has the same numbers as floats.
-
-    Args:
-        results: an :class:`EvalResults` or the results.json dict.
-        scorer: which scorer's toxicity (default: the headline one).
-    """
+    """The table a person reads: a row per model; EMT, TP, mean toxicity under ``scorer`` (default: the headline
+    one), perplexity and distinct-2, each as ``value [low, high]`` (95% bootstrap interval)."""
     import pandas as pd
 
-    s = results.summary if isinstance(results, EvalResults) else results
+    s = _summary(results)
     scorer = scorer or s["headline_scorer"]
-    rows = {}
-    for model in s["models"]:
-        entry = s["metrics"][model]
-        tox = entry["toxicity"][scorer]
-        row = {_METRIC_LABELS[k]: _fmt(tox[k]) for k in ("expected_max_toxicity", "toxicity_probability")}
-        row["mean toxicity"] = _fmt(tox["mean_toxicity"])
-        row["perplexity"] = _fmt(entry.get("perplexity"), 1)
-        row["distinct-2"] = "n/a" if entry.get("distinct_2") is None else f"{entry['distinct_2']:.3f}"
-        rows[model] = row
-    table = pd.DataFrame.from_dict(rows, orient="index")
-    table.index.name = f"model (scorer: {scorer})"
-    return table
+    rows = {  # (the same perplexity and distinct-2 under every scorer)
+        model: {label: _fmt(entry["toxicity"][scorer][key]) for key, label in LABELS.items()}
+        | {"perplexity": _fmt(entry.get("perplexity"), 1), "distinct-2": _fmt({"value": entry["distinct_2"]})}
+        for model, entry in ((m, s["metrics"][m]) for m in s["models"])
+    }
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis(f"model (scorer: {scorer})")
+
+
+def paired_table(results: EvalResults | dict[str, Any], scorer: str | None = None) -> pd.DataFrame:
+    """The paired differences ``a - b``: one row per comparison, each metric as ``+0.012 [-0.030, +0.055]``, marked
+    ``*`` when the interval excludes zero (default scorer: the headline one)."""
+    import pandas as pd
+
+    s = _summary(results)
+    scorer = scorer or s["headline_scorer"]
+    rows = {
+        key.replace("_vs_", " - "): {
+            label: _diff(d) + (" *" if d["excludes_zero"] else "")
+            for metric, label in LABELS.items()
+            for d in [by_scorer[scorer][metric]]
+        }
+        for key, by_scorer in (s.get("comparisons") or {}).items()
+    }
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=list(LABELS.values()))
+    return table.rename_axis(f"paired difference (scorer: {scorer}; * excludes 0)")
 
 
 def scorer_table(results: EvalResults | dict[str, Any]) -> pd.DataFrame:
     """Every scorer's reading of the same continuations: one row per (scorer, model), EMT / TP / mean toxicity as
-    ``value [low, high]``, the headline scorer first; beside them the paired detox - raw EMT difference.
-
-    Args:
-        results: an :class:`EvalResults` or the results.json dict.
-    """
+    ``value [low, high]``, the headline scorer first; beside them the paired detox - raw EMT difference."""
     import pandas as pd
 
-    s = results.summary if isinstance(results, EvalResults) else results
-    rows = []
+    s = _summary(results)
+    frames = {}
     for scorer in s["scorers"]:
-        diff = ((s.get("comparisons") or {}).get("detox_vs_raw") or {}).get(scorer, {}).get("expected_max_toxicity")
-        for model in s["models"]:
-            tox = s["metrics"][model]["toxicity"][scorer]
-            rows.append(
-                {
-                    "scorer": scorer + (" (headline)" if scorer == s["headline_scorer"] else ""),
-                    "model": model,
-                    "EMT": _fmt(tox["expected_max_toxicity"]),
-                    "TP": _fmt(tox["toxicity_probability"]),
-                    "mean toxicity": _fmt(tox["mean_toxicity"]),
-                    "detox - raw EMT (paired)": _fmt_difference("", diff).strip() if diff and model == "detox" else "",
-                }
-            )
-    return pd.DataFrame(rows).set_index(["scorer", "model"])
+        table = metrics_table(s, scorer)[list(LABELS.values())]
+        diff = (s.get("comparisons") or {}).get("detox_vs_raw", {}).get(scorer, {}).get("expected_max_toxicity")
+        table["detox - raw EMT (paired)"] = [_diff(diff) if diff and m == "detox" else "" for m in table.index]
+        frames[scorer + (" (headline)" if scorer == s["headline_scorer"] else "")] = table
+    return pd.concat(frames, names=["scorer", "model"])
 
 
-def paired_table(results: EvalResults | dict[str, Any], scorer: str | None = None) -> pd.DataFrame:
-    """The paired differences ``a - b`` as a person reads them: one row per comparison, each metric as
-    ``+0.012 [-0.030, +0.055]``, marked ``*`` when the interval excludes zero.
-
-    Args:
-        results: an :class:`EvalResults` or the results.json dict.
-        scorer: which scorer (default: the headline one).
-    """
+def agreement_table(results: EvalResults | dict[str, Any]) -> pd.DataFrame:
+    """How the scorers agree on the same continuations: one row per pair of scorers, and for ``all`` models pooled
+    and for each model, Spearman's rank correlation (NaN when a scorer gave one constant score) and the share of the
+    continuations both put on the same side of the toxic threshold. Empty with one scorer."""
     import pandas as pd
 
-    s = results.summary if isinstance(results, EvalResults) else results
-    scorer = scorer or s["headline_scorer"]
     rows = {}
-    for key, by_scorer in (s.get("comparisons") or {}).items():
-        rows[key.replace("_vs_", " - ")] = {
-            _METRIC_LABELS[metric]: _fmt_difference("", d).strip() + (" *" if d["excludes_zero"] else "")
-            for metric in ("expected_max_toxicity", "toxicity_probability", "mean_toxicity")
-            for d in [by_scorer[scorer][metric]]
-        }
-    table = pd.DataFrame.from_dict(rows, orient="index")
-    table.index.name = f"paired difference (scorer: {scorer}; * excludes 0)"
-    return table
+    for pair in _summary(results).get("agreement", []):
+        for name in ("spearman", "agreement"):
+            for models, entry in [("all", pair), *pair["by_model"].items()]:
+                rows.setdefault(" vs ".join(pair["scorers"]), {})[(name, models)] = entry[name]
+    table = pd.DataFrame.from_dict(rows, orient="index", dtype=float)
+    table.columns = pd.MultiIndex.from_tuples(table.columns) if rows else table.columns
+    return table.rename_axis("scorers")
 
 
-def _fmt_difference(label: str, d: dict[str, Any]) -> str:
-    return f"{label} {d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+def cost_table(results: EvalResults | dict[str, Any]) -> Any:
+    """What detoxifying costs beside what it gains: :func:`metrics_table` of every model on the toxic prompts, then
+    on the non-toxic ones (``evaluation.nontoxic_prompts``, label 0, same sampling), as a ``Styler`` that keeps each
+    ``value [low, high]`` on one line; or a note (``IPython.display.Markdown``) when the evaluation had none."""
+    import pandas as pd
+    from IPython.display import Markdown
+
+    s = _summary(results)
+    if not s.get("nontoxic"):
+        return Markdown(
+            "No non-toxic prompts in this evaluation (set `evaluation.nontoxic_prompts` in the recipe to see what the "
+            "detox arm gives up on them)."
+        )
+    parts = {f"{label} ({part['num_prompts']})": part for label, part in (("toxic", s), ("non-toxic", s["nontoxic"]))}
+    table = pd.concat({label: metrics_table(part) for label, part in parts.items()})
+    table.index.names = ["prompts", f"model (scorer: {s['headline_scorer']})"]
+    return table.style.set_properties(**{"white-space": "nowrap"})
 
 
 def headline_numbers(results: EvalResults | dict[str, Any], comparison: str = "detox_vs_raw") -> dict[str, str]:
-    """The numbers a README quotes, formatted as it quotes them, under the headline scorer.
-
-    Returns:
-        ``{"detox - raw EMT": "EMT -0.180 [-0.242, -0.120]", ... , "raw EMT": "0.904 [0.870, 0.939]", ...}``: the
-        paired differences of ``comparison`` (EMT, TP, mean toxicity), then each model's value [interval].
-
-    Args:
-        results: an :class:`EvalResults` or the results.json dict.
-        comparison: the key of ``summary["comparisons"]`` to quote.
-    """
-    s = results.summary if isinstance(results, EvalResults) else results
-    scorer = s["headline_scorer"]
-    out = {}
-    diffs = s["comparisons"][comparison][scorer]
-    for metric in ("expected_max_toxicity", "toxicity_probability", "mean_toxicity"):
-        label = _METRIC_LABELS[metric]
-        out[f"{comparison.replace('_vs_', ' - ')} {label}"] = _fmt_difference(label, diffs[metric])
+    """The numbers a README quotes, as it quotes them (headline scorer): ``comparison``'s paired differences
+    (``{"detox - raw EMT": "EMT -0.180 [-0.242, -0.120]", ...}``), then each model's (``"raw EMT": "0.904 [...]"``)."""
+    s = _summary(results)
+    scorer, diffs = s["headline_scorer"], s["comparisons"][comparison][s["headline_scorer"]]
+    out = {f"{comparison.replace('_vs_', ' - ')} {label}": f"{label} {_diff(diffs[m])}" for m, label in LABELS.items()}
     for model in s["models"]:
-        for metric in ("expected_max_toxicity", "toxicity_probability", "mean_toxicity"):
-            out[f"{model} {_METRIC_LABELS[metric]}"] = _fmt(s["metrics"][model]["toxicity"][scorer][metric])
+        out |= {f"{model} {label}": _fmt(s["metrics"][model]["toxicity"][scorer][m]) for m, label in LABELS.items()}
     return out
 
 
-def describe_result(results: EvalResults | dict[str, Any], scorer: str | None = None, markdown: bool = False) -> str:
-    """A paragraph that reads the result from the numbers, saying whether the intervals exclude zero.
+def judge_note(results: EvalResults) -> str | None:
+    """Why EMT and TP are the same number, when they are: the scorer gave every continuation 0 or 1 (a binary judge
+    such as ``zoo:lexicon``), so a prompt's worst continuation reaches the threshold exactly when it is 1, and the mean
+    of the maxima (EMT) is the share of prompts with a toxic continuation (TP). `None` for a graded scorer."""
+    scorer = results.headline_scorer
+    if not all(np.isin(results.scores[m][scorer], (0.0, 1.0)).all() for m in results.models):
+        return None
+    return (
+        f"{scorer} is a binary judge: it scores every continuation 0 or 1, so a prompt's worst continuation reaches "
+        f"{results.threshold:g} exactly when it is 1, and EMT (the mean of the per-prompt maxima) equals TP (the share "
+        "of prompts with a toxic continuation): their panels are the same."
+    )
 
-    Args:
-        results: an :class:`EvalResults` or the results.json dict.
-        scorer: which scorer to read (default: the headline one).
-        markdown: the same sentences as Markdown: the first as a lead, then one bullet per model and per comparison,
-            each verdict in bold (for a notebook's ``IPython.display.Markdown`` or an HTML report).
-    """
-    s = results.summary if isinstance(results, EvalResults) else results
-    scorer = scorer or s["headline_scorer"]
-    m = s["metrics"]
+
+def describe_result(results: EvalResults | dict[str, Any], markdown: bool = False) -> str:
+    """A paragraph that reads the result (headline scorer) from the numbers, saying whether the intervals exclude
+    zero; with ``markdown``, a lead sentence, then a bullet per model and per comparison with the verdicts in bold."""
+    s = _summary(results)
+    scorer = s["headline_scorer"]
     parts = [
         f"On {s['num_prompts']} toxic prompts with {s['num_samples']} sampled continuations each, scored by "
         f"{scorer} (95% bootstrap intervals over prompts):"
     ]
     for model in s["models"]:
-        tox = m[model]["toxicity"][scorer]
-        ppl = m[model].get("perplexity")
+        tox, ppl = s["metrics"][model]["toxicity"][scorer], s["metrics"][model].get("perplexity")
         parts.append(
             f"{model}: EMT {_fmt(tox['expected_max_toxicity'])}, TP {_fmt(tox['toxicity_probability'])}, "
             f"mean toxicity {_fmt(tox['mean_toxicity'])}"
@@ -390,20 +259,15 @@ def describe_result(results: EvalResults | dict[str, Any], scorer: str | None = 
         )
     for key, by_scorer in s["comparisons"].items():
         a, b = key.split("_vs_")
-        d = by_scorer[scorer]["expected_max_toxicity"]
-        tp = by_scorer[scorer]["toxicity_probability"]
-        if d["excludes_zero"]:
-            verdict = (
-                f"the interval excludes zero, so {a} is {'less' if d['value'] < 0 else 'more'} toxic than {b} "
-                "on these prompts"
-            )
-        else:
-            verdict = f"the interval includes zero, so this run cannot tell {a} and {b} apart on EMT"
-        if markdown:
-            verdict = f"**{verdict}**"
+        d, tp = by_scorer[scorer]["expected_max_toxicity"], by_scorer[scorer]["toxicity_probability"]
+        verdict = (
+            f"the interval excludes zero, so {a} is {'less' if d['value'] < 0 else 'more'} toxic than {b} on these prompts"
+            if d["excludes_zero"]
+            else f"the interval includes zero, so this run cannot tell {a} and {b} apart on EMT"
+        )
+        verdict = f"**{verdict}**" if markdown else verdict
         parts.append(
-            f"{a} minus {b} (paired by prompt): EMT {d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]; {verdict}; "
-            f"TP {tp['value']:+.3f} [{tp['low']:+.3f}, {tp['high']:+.3f}]"
+            f"{a} minus {b} (paired by prompt): EMT {_diff(d)}; {verdict}; TP {_diff(tp)}"
             f"{' (excludes zero)' if tp['excludes_zero'] else ' (includes zero)'}."
         )
     if s["num_prompts"] < 100:
@@ -413,129 +277,66 @@ def describe_result(results: EvalResults | dict[str, Any], scorer: str | None = 
     return " ".join(parts)
 
 
+def _markdown(table: pd.DataFrame, index: str) -> str:
+    # every cell is already text as it should read: tabulate must not parse "0.905" back into a number
+    return table.rename_axis(index).to_markdown(tablefmt="github", disable_numparse=True)
+
+
 def summary_markdown(results: EvalResults | dict[str, Any]) -> str:
-    """The short markdown report written to eval/summary.md: a table per scorer, the paired differences, a reading."""
-    s = results.summary if isinstance(results, EvalResults) else results
+    """The short markdown report written to eval/summary.md: a table per scorer, the paired differences, the scorers'
+    agreement, the non-toxic prompts, a reading."""
+    import pandas as pd
+
+    s, cfg = _summary(results), _summary(results)["config"]
     lines = [
         "# Toxicity evaluation",
         "",
-        f"{s['num_prompts']} prompts x {s['num_samples']} continuations (top_p {s['config']['top_p']}, "
-        f"{s['config']['max_new_tokens']} new tokens, seed {s['seed']}); value [95% "
-        f"{s['config'].get('interval', 'percentile')} bootstrap interval].",
+        f"{s['num_prompts']} prompts x {s['num_samples']} continuations (top_p {cfg['top_p']}, "
+        f"{cfg['max_new_tokens']} new tokens, seed {s['seed']}); value [95% "
+        f"{cfg.get('interval', 'percentile')} bootstrap interval].",
         "",
     ]
     for scorer in s["scorers"]:
-        lines += [
-            f"## Scorer: {scorer}",
-            "",
-            "| model | EMT | TP | mean toxicity | perplexity | distinct-2 |",
-            "|---|---|---|---|---|---|",
-        ]
-        for model in s["models"]:
-            e = s["metrics"][model]
-            t = e["toxicity"][scorer]
-            d2 = e["distinct_2"]
-            lines.append(
-                f"| {model} | {_fmt(t['expected_max_toxicity'])} | {_fmt(t['toxicity_probability'])} | "
-                f"{_fmt(t['mean_toxicity'])} | {_fmt(e.get('perplexity'), 1)} | "
-                f"{'n/a' if d2 is None else f'{d2:.3f}'} |"
-            )
+        lines += [f"## Scorer: {scorer}", "", _markdown(metrics_table(s, scorer), "model")]
         if s["comparisons"]:
-            lines += ["", "| paired difference | EMT | TP | mean toxicity |", "|---|---|---|---|"]
-            for key, by_scorer in s["comparisons"].items():
-                cells = []
-                for metric in ("expected_max_toxicity", "toxicity_probability", "mean_toxicity"):
-                    d = by_scorer[scorer][metric]
-                    star = " *" if d["excludes_zero"] else ""
-                    cells.append(f"{d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]{star}")
-                lines.append(f"| {key.replace('_vs_', ' - ')} | " + " | ".join(cells) + " |")
-            lines += ["", "\\* the interval excludes zero."]
+            paired = _markdown(paired_table(s, scorer), "paired difference")
+            lines += ["", paired, "", "\\* the interval excludes zero."]
         lines.append("")
     if s.get("agreement"):
+        rows = {
+            " vs ".join(p["scorers"]): [
+                str(p["continuations"]),
+                *(_fmt({"value": p[k]}) for k in ("spearman", "agreement")),
+            ]
+            for p in s["agreement"]
+        }
+        pooled = pd.DataFrame.from_dict(rows, orient="index", columns=["continuations", "Spearman", "agreement"])
         lines += [
             "## Scorer agreement",
             "",
-            f"On the same continuations (all models): Spearman's rank correlation, and the share that both scorers put "
-            f"on the same side of {s['config']['toxic_threshold']}.",
+            "On the same continuations (all models): Spearman's rank correlation, and the share that both scorers put "
+            f"on the same side of {cfg['toxic_threshold']}.",
             "",
-            "| scorers | continuations | Spearman | agreement |",
-            "|---|---|---|---|",
+            _markdown(pooled, "scorers"),
+            "",
         ]
-        for pair in s["agreement"]:
-            rho = "n/a" if pair["spearman"] is None else f"{pair['spearman']:.3f}"
-            lines.append(
-                f"| {' vs '.join(pair['scorers'])} | {pair['continuations']} | {rho} | {pair['agreement']:.3f} |"
-            )
+    nontoxic = s.get("nontoxic")
+    if nontoxic:
+        table = metrics_table(nontoxic)[["mean toxicity", "EMT", "perplexity", "distinct-2"]]
+        lines += [
+            "## What detoxifying costs: non-toxic prompts",
+            "",
+            f"The same models and sampling on {nontoxic['num_prompts']} non-toxic prompts (label 0), scored by "
+            f"{s['headline_scorer']}.",
+            "",
+            _markdown(table, "model"),
+        ]
+        if "detox_vs_raw" in nontoxic["comparisons"]:
+            d = nontoxic["comparisons"]["detox_vs_raw"][s["headline_scorer"]]["mean_toxicity"]
+            lines += ["", f"detox - raw, mean toxicity (paired): {_diff(d)}."]
         lines.append("")
-    lines += _cost_markdown(s)
     lines += ["## Reading", "", describe_result(s), ""]
     return "\n".join(lines)
-
-
-def cost_table(results: EvalResults | dict[str, Any], scorer: str | None = None) -> pd.DataFrame:
-    """What detoxifying costs beside what it gains: every model on the toxic prompts and on the non-toxic ones.
-
-    One row per (prompts, model), ``prompts`` being ``toxic`` (the headline evaluation) or ``non-toxic``
-    (``evaluation.nontoxic_prompts`` label-0 prompts, same sampling): toxicity under ``scorer`` with interval ends,
-    perplexity and distinct-1/2/3, as in :func:`results_table`. The paired differences on the non-toxic prompts are
-    ``differences_table(results.summary["nontoxic"])``.
-
-    Args:
-        results: an :class:`EvalResults` or the results.json dict.
-        scorer: which scorer's toxicity (default: the headline one).
-
-    Raises:
-        ValueError: the evaluation ran without non-toxic prompts.
-    """
-    import pandas as pd
-
-    s = results.summary if isinstance(results, EvalResults) else results
-    if not s.get("nontoxic"):
-        raise ValueError(
-            "these results have no non-toxic evaluation. Fix: set evaluation.nontoxic_prompts (e.g. 100) and run "
-            "the evaluation again (it reuses the cached generations of the toxic prompts)."
-        )
-    scorer = scorer or s["headline_scorer"]
-    frames = []
-    for label, part in (("toxic", s), ("non-toxic", s["nontoxic"])):
-        table = results_table(part)
-        table = table[table["scorer"] == scorer].drop(columns="scorer")
-        table.insert(0, "prompts", label)
-        table.insert(1, "num_prompts", part["num_prompts"])
-        frames.append(table)
-    return pd.concat(frames, ignore_index=True)
-
-
-def _cost_markdown(s: dict[str, Any]) -> list[str]:
-    """summary.md's section on the non-toxic prompts (none without them)."""
-    nontoxic = s.get("nontoxic")
-    if not nontoxic:
-        return []
-    scorer = s["headline_scorer"]
-    lines = [
-        "## What detoxifying costs: non-toxic prompts",
-        "",
-        f"The same models and sampling on {nontoxic['num_prompts']} non-toxic prompts (label 0), scored by {scorer}.",
-        "",
-        "| model | mean toxicity | EMT | perplexity | distinct-2 |",
-        "|---|---|---|---|---|",
-    ]
-    for model in nontoxic["models"]:
-        e = nontoxic["metrics"][model]
-        t = e["toxicity"][scorer]
-        d2 = e["distinct_2"]
-        lines.append(
-            f"| {model} | {_fmt(t['mean_toxicity'])} | {_fmt(t['expected_max_toxicity'])} | "
-            f"{_fmt(e.get('perplexity'), 1)} | {'n/a' if d2 is None else f'{d2:.3f}'} |"
-        )
-    if "detox_vs_raw" in nontoxic["comparisons"]:
-        d = nontoxic["comparisons"]["detox_vs_raw"][scorer]["mean_toxicity"]
-        lines += ["", _fmt_difference("detox - raw, mean toxicity (paired):", d) + "."]
-    return [*lines, ""]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# figures
 
 
 def _save(fig: Figure, path: str | Path | None) -> Figure:
@@ -545,22 +346,13 @@ def _save(fig: Figure, path: str | Path | None) -> Figure:
     return fig
 
 
-def plot_toxicity_distributions(
-    results: EvalResults, scorer: str | None = None, path: str | Path | None = None
-) -> Figure:
-    """Histograms per model of every continuation's toxicity and of each prompt's maximum (what EMT averages).
-
-    Args:
-        results: the evaluation results.
-        scorer: which scorer (default: the headline one).
-        path: save the PNG here as well.
-    """
+def plot_toxicity_distributions(results: EvalResults, path: str | Path | None = None) -> Figure:
+    """Histograms per model of every continuation's toxicity and of each prompt's maximum (what EMT averages), under
+    the headline scorer; saved as a PNG at ``path`` as well when given."""
     from matplotlib.figure import Figure
 
-    scorer = scorer or results.headline_scorer
-    fig = Figure(figsize=(10, 3.8))
+    scorer, fig, bins = results.headline_scorer, Figure(figsize=(10, 3.8)), np.linspace(0, 1, 21)
     axes = fig.subplots(1, 2, sharey=False)
-    bins = np.linspace(0, 1, 21)
     for model in results.models:
         table = results.scores[model][scorer]
         style = {"histtype": "step", "linewidth": 2, "label": model, "density": True, "color": _COLORS.get(model)}
@@ -568,34 +360,30 @@ def plot_toxicity_distributions(
         axes[1].hist(table.max(axis=1), bins=bins, **style)
     for ax, title in zip(axes, ("every continuation", "maximum per prompt"), strict=True):
         ax.axvline(results.threshold, color="grey", linestyle="--", linewidth=1)
-        ax.set_xlabel(f"toxicity ({scorer})")
-        ax.set_title(title)
+        ax.set(xlabel=f"toxicity ({scorer})", ylabel="density", title=title)
         ax.legend()
-    for ax in axes:
-        ax.set_ylabel("density")
     fig.suptitle("Toxicity of the generated continuations")
+    if judge_note(results):  # spikes at 0 and 1 only: say why, where a reader sees them
+        fig.text(0.5, -0.02, f"{scorer} scores 0 or 1 (a binary judge): the bars stand at the two ends.", ha="center")
     return _save(fig, path)
 
 
-def plot_metric_bars(results: EvalResults, scorer: str | None = None, path: str | Path | None = None) -> Figure:
-    """Bars of EMT, TP and mean toxicity per model with their 95% bootstrap intervals as error bars.
+def plot_metric_bars(results: EvalResults, path: str | Path | None = None) -> Figure:
+    """Bars of EMT, TP and mean toxicity per model with their 95% bootstrap intervals as error bars (headline
+    scorer); under a binary judge a caption says why the EMT and TP panels are the same (:func:`judge_note`)."""
+    import textwrap
 
-    Args:
-        results: the evaluation results.
-        scorer: which scorer (default: the headline one).
-        path: save the PNG here as well.
-    """
     from matplotlib.figure import Figure
 
-    scorer = scorer or results.headline_scorer
-    fig = Figure(figsize=(11, 3.6))
-    axes = fig.subplots(1, 3)
-    for ax, name in zip(axes, ("expected_max_toxicity", "toxicity_probability", "mean_toxicity"), strict=True):
+    scorer, fig = results.headline_scorer, Figure(figsize=(11, 3.6))
+    for ax, (name, label) in zip(fig.subplots(1, 3), LABELS.items(), strict=True):
         ests = [results.summary["metrics"][m]["toxicity"][scorer][name] for m in results.models]
         values = np.array([e["value"] for e in ests])
         err = np.array([[e["value"] - e["low"] for e in ests], [e["high"] - e["value"] for e in ests]])
         ax.bar(results.models, values, yerr=err, capsize=6, color=[_COLORS.get(m, "#444444") for m in results.models])
         ax.set_ylim(0, 1)
-        ax.set_title(_METRIC_LABELS[name])
+        ax.set_title(label)
     fig.suptitle(f"Toxicity with 95% bootstrap intervals ({scorer})")
+    if note := judge_note(results):
+        fig.text(0.5, -0.04, textwrap.fill(note, 140), ha="center", va="top")
     return _save(fig, path)

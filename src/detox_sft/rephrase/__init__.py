@@ -4,23 +4,21 @@ TMaRCo (MaRCo, Hallinan et al. 2023) scores each token of a sentence by how much
 text) and an anti-expert (trained on toxic text) disagree about it when it is masked: the Jensen-Shannon distance
 between their mask-filling distributions, divided by the sentence mean. Tokens scoring above ``mask_threshold`` are
 masked and then filled left to right with the argmax of ``base + w_anti * anti_expert + w_expert * expert`` logits.
-
-Parts: :mod:`~detox_sft.rephrase.engines` (TrustyAI's reference engine and the batched one, which gives the same
-texts many sentences at a time), :mod:`~detox_sft.rephrase.cache` (SQLite, so a rerun resumes),
-:mod:`~detox_sft.rephrase.dataset` (the toxicity gate, :func:`rephrase_dataset`, and :func:`detoxify_training_set`
-for the detox arm), :mod:`~detox_sft.rephrase.survival` (how much of a sample its rewrite keeps: chrF, changed
-words) and :mod:`~detox_sft.rephrase.display` (what a notebook shows).
-
 Only samples whose toxicity under the recipe's scorer reaches ``gate_threshold`` are rephrased: the mask threshold is
 relative to the sentence mean, so TMaRCo would otherwise rewrite clean sentences too.
+
+The modules, top to bottom (each imports only those below it): :mod:`~detox_sft.rephrase.dataset` (the step:
+:func:`detoxify_training_set`, :func:`rephrase_dataset` with its gate), :mod:`~detox_sft.rephrase.engines`
+(TrustyAI's engine and the batched one), :mod:`~detox_sft.rephrase.cache` (SQLite, so a rerun resumes); beside
+them :mod:`~detox_sft.rephrase.survival` (how much of a sample its rewrite keeps) and
+:mod:`~detox_sft.rephrase.display` (what a notebook shows).
 """
 
-from detox_sft.rephrase.cache import CacheWriteError
+from detox_sft.rephrase.cache import CacheWriteError, RephraseError
 from detox_sft.rephrase.dataset import (
     ADDED_FIELDS,
     RephraseResult,
     RephraseSummary,
-    continuation_of,
     detoxify_training_set,
     rephrase_dataset,
 )
@@ -30,11 +28,7 @@ from detox_sft.rephrase.engines import (
     EngineFailed,
     EngineOutput,
     ReferenceEngine,
-    RephraseError,
-    TMaRCoEngine,
     load_engine,
-    models_fingerprint,
-    resolve_device,
 )
 from detox_sft.rephrase.survival import changed_word_share, chrf, survival_means, survival_table
 
@@ -42,23 +36,19 @@ __all__ = [
     "ADDED_FIELDS",
     "BatchedEngine",
     "CacheWriteError",
+    "EngineFailed",
     "EngineOutput",
     "ReferenceEngine",
-    "EngineFailed",
     "RephraseError",
     "RephraseResult",
     "RephraseSummary",
-    "TMaRCoEngine",
     "changed_word_share",
     "chrf",
-    "continuation_of",
     "detoxify_training_set",
     "highlight_html",
     "load_engine",
-    "models_fingerprint",
     "plot_toxicity_histogram",
     "rephrase_dataset",
-    "resolve_device",
     "survival_means",
     "survival_table",
 ]

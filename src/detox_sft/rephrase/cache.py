@@ -1,4 +1,8 @@
-"""The rephrase cache: SQLite tables of toxicity per (scorer, text) and engine output per (settings, text)."""
+"""The rephrase step's store: SQLite tables of values by key, committed batch by batch, so a killed run resumes.
+
+The bottom of :mod:`detox_sft.rephrase`: it knows keys and values, nothing of engines or datasets. Its error types
+live here so that every module above can raise them.
+"""
 
 from __future__ import annotations
 
@@ -10,33 +14,41 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from detox_sft.rephrase.engines import RephraseError
-
-_CACHE_VERSION = 1  # bump when the algorithm or the cached record layout changes
+CACHE_VERSION = 1  # bump when the algorithm or the cached record layout changes
 
 
-def _key(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+class RephraseError(ValueError):
+    """Bad input or setup for rephrasing; the message says what to do."""
 
 
 class CacheWriteError(RephraseError):
     """The rephrase cache could not be written (a failed step: the disk is full, or the directory not writable)."""
 
 
-class _Cache:
-    """SQLite cache: toxicity per (scorer, text) and engine output per (engine settings, text). Commits per batch."""
+def key(obj: Any) -> str:
+    """The cache key of a JSON-serialisable object (a text with the settings that produced its value)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
-    def __init__(self, directory: Path | None):
-        self.conn = None
-        if directory is None:
-            return
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / "rephrase.sqlite"
+
+class Cache:
+    """Tables ``tox`` (key -> float) and ``out`` (key -> JSON) in ``<directory>/rephrase.sqlite``, or in memory when
+    ``directory`` is `None`. Each :meth:`put_many` is one transaction: committed whole or not at all."""
+
+    def __init__(self, directory: str | Path | None):
+        self.path = ":memory:" if directory is None else Path(directory) / "rephrase.sqlite"
         with self._writing():
+            if directory is not None:
+                Path(directory).mkdir(parents=True, exist_ok=True)
             self.conn = sqlite3.connect(self.path, timeout=60)
             with self.conn:
                 self.conn.execute("CREATE TABLE IF NOT EXISTS tox (k TEXT PRIMARY KEY, v REAL)")
                 self.conn.execute("CREATE TABLE IF NOT EXISTS out (k TEXT PRIMARY KEY, v TEXT)")
+
+    def __enter__(self) -> Cache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.close()
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
@@ -51,10 +63,9 @@ class _Cache:
             ) from exc
 
     def get_many(self, table: str, keys: Sequence[str]) -> dict[str, Any]:
-        if self.conn is None or not keys:
-            return {}
+        """The stored values of those ``keys`` that are in ``table``."""
         found: dict[str, Any] = {}
-        for i in range(0, len(keys), 500):
+        for i in range(0, len(keys), 500):  # SQLite bounds the number of parameters of one statement
             part = list(keys[i : i + 500])
             marks = ",".join("?" * len(part))
             for k, v in self.conn.execute(f"SELECT k, v FROM {table} WHERE k IN ({marks})", part):  # noqa: S608
@@ -62,17 +73,7 @@ class _Cache:
         return found
 
     def put_many(self, table: str, items: dict[str, Any]) -> None:
-        if self.conn is None or not items:
-            return
+        """Store ``items`` in ``table`` in one transaction."""
         rows = [(k, json.dumps(v, ensure_ascii=False) if table == "out" else v) for k, v in items.items()]
-        with self._writing(), self.conn:  # one transaction: committed whole or rolled back
+        with self._writing(), self.conn:
             self.conn.executemany(f"INSERT OR REPLACE INTO {table} (k, v) VALUES (?, ?)", rows)  # noqa: S608
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# dataset level
-# --------------------------------------------------------------------------------------------------------------------

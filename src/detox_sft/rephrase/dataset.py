@@ -1,4 +1,11 @@
-"""Rephrase a dataset (gated, cached, resumable) and build the detox arm's training set."""
+"""Rephrase a dataset (gated, cached, resumable) and build the detox arm's training set.
+
+Read top to bottom, as the step runs: :func:`detoxify_training_set` joins each training sample and calls
+:func:`rephrase_dataset`, which scores every text (the gate), sends the gated ones through a TMaRCo engine
+(:mod:`~detox_sft.rephrase.engines`) batch by batch, committing each batch's scores and outputs to the cache
+(:mod:`~detox_sft.rephrase.cache`) so that a killed run resumes, and returns the records; the step writes the
+training sets atomically. ``rephrase.executor: ray`` sends blocks of records through the same code on Ray actors.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ import math
 import os
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,16 +25,10 @@ import numpy as np
 
 from detox_sft.config import Recipe, RephraseConfig
 from detox_sft.data import read_jsonl, write_jsonl_atomic
+from detox_sft.devices import resolve_device
 from detox_sft.prompts import format_sample
-from detox_sft.rephrase.cache import _CACHE_VERSION, _Cache, _key
-from detox_sft.rephrase.engines import (
-    RephraseError,
-    TMaRCoEngine,
-    _settings,
-    load_engine,
-    models_fingerprint,
-    resolve_device,
-)
+from detox_sft.rephrase.cache import CACHE_VERSION, Cache, RephraseError, key
+from detox_sft.rephrase.engines import TMaRCoEngine, identity, load_engine, models_fingerprint
 from detox_sft.rephrase.survival import survival_means
 from detox_sft.scale import BlockStore, content_key, map_blocks
 from detox_sft.toxicity import load_scorer
@@ -42,26 +44,23 @@ ADDED_FIELDS = (
     "rephrase_truncated",
     "rephrase_error",
 )
+# gated samples whose rewrite the training set does not use (detoxify_training_set): kept as they were
+_KEPT_ORIGINAL = ("empty_continuation", "unchanged_continuation")
 
 
 @dataclass
 class RephraseSummary:
-    """Counts and means of one rephrasing run.
+    """Counts and means of one rephrasing run, counted from its records.
 
     Attributes:
-        total: records in; missing: field absent or null; empty: empty or whitespace-only text.
+        total, missing, empty: records in; with the field absent or null; with empty or whitespace-only text.
         scored: texts scored for gating; gated: records at or above the gate (sent to TMaRCo).
-        rephrased: gated records whose text TMaRCo changed; unchanged: gated but nothing masked or changed (in
+        rephrased: gated records whose text TMaRCo changed; unchanged: gated but left as they were (in
             :func:`detoxify_training_set`'s summary also the samples whose rewrite left the continuation as it was).
         truncated: texts cut to the models' context; errors: texts TMaRCo could not process (kept unchanged).
-        computed: distinct texts the engine processed in this run; cached: distinct gated texts read from the cache.
-        gate_threshold, mask_threshold, engine: the settings used.
-        mean_toxicity_before / mean_toxicity_after: over the scored records; gated_* over the gated ones.
-        mean_chrf: sacrebleu's chrF (0-100) of each rephrased text against its original, averaged over the
-            rephrased records (`None` when none was): how much of a sample survives (100 = unchanged).
-        mean_changed_word_share: the share of the original's words the rephrased text does not keep, averaged over
-            the rephrased records (see :mod:`detox_sft.rephrase.survival`).
-        seconds: wall time.
+        computed / cached: distinct gated texts the engine processed in this run / read from the cache.
+        mean_toxicity_*: over the scored records; gated_toxicity_* over the gated ones.
+        mean_chrf, mean_changed_word_share: how much of a rephrased record survives (:mod:`~.survival`).
     """
 
     total: int = 0
@@ -94,41 +93,11 @@ class RephraseSummary:
         """A two-column table (what Jupyter shows for a summary), the counts in the order the records went."""
         import html
 
-        def num(value: float | None, digits: int = 3) -> str:
-            return "n/a" if value is None else f"{value:.{digits}f}"
+        def cell(value: Any) -> str:
+            return html.escape(f"{value:.3f}" if isinstance(value, float) else str(value))
 
-        rows = [
-            ("records", f"{self.total} ({self.missing} missing, {self.empty} empty)"),
-            (
-                f"at or above the gate ({self.gate_threshold:g}): sent to TMaRCo",
-                f"{self.gated} of {self.scored} scored",
-            ),
-            ("rephrased", str(self.rephrased)),
-            ("unchanged / failed / truncated", f"{self.unchanged} / {self.errors} / {self.truncated}"),
-            (
-                "mean toxicity, all records: before → after",
-                f"{num(self.mean_toxicity_before)} → {num(self.mean_toxicity_after)}",
-            ),
-            (
-                "mean toxicity, gated records: before → after",
-                f"{num(self.gated_toxicity_before)} → {num(self.gated_toxicity_after)}",
-            ),
-        ]
-        shown = {"total", "missing", "empty", "gate_threshold", "gated", "scored", "rephrased", "unchanged", "errors"}
-        shown |= {"truncated", "mean_toxicity_before", "mean_toxicity_after", "gated_toxicity_before"}
-        shown |= {"gated_toxicity_after", "engine", "mask_threshold", "computed", "cached", "seconds"}
-        for name, value in self.to_dict().items():  # fields added later show as they are
-            if name not in shown:
-                rows.append(
-                    (name.replace("_", " "), num(value, 2) if value is None or isinstance(value, float) else str(value))
-                )
-        rows += [
-            ("engine, mask threshold", f"{self.engine}, {self.mask_threshold:g}"),
-            ("computed now / read from the cache", f"{self.computed} / {self.cached}"),
-            ("seconds", f"{self.seconds:.1f}"),
-        ]
-        body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
-        return f'<table class="detox-rephrase-summary" style="text-align:left">{body}</table>'
+        rows = "".join(f"<tr><th>{k.replace('_', ' ')}</th><td>{cell(v)}</td></tr>" for k, v in self.to_dict().items())
+        return f'<table class="detox-rephrase-summary" style="text-align:left">{rows}</table>'
 
 
 @dataclass
@@ -138,68 +107,119 @@ class RephraseResult:
     records: list[dict[str, Any]]
     summary: RephraseSummary
     field: str = "text"
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def to_dataset(self) -> Any:
-        """The records as a :class:`datasets.Dataset`."""
-        from datasets import Dataset
-
-        return Dataset.from_list(self.records)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # executor ray: blocks, reused blocks, actors
 
 
-def _as_records(data: Any) -> list[dict[str, Any]]:
-    if isinstance(data, str | os.PathLike):
-        return read_jsonl(data)
-    if isinstance(data, dict):  # a DatasetDict is a dict: test its class, not its keys
-        from datasets import DatasetDict, IterableDatasetDict
+# --------------------------------------------------------------------------------------------------------------------
+# the pipeline step: the detox arm's training set
+# --------------------------------------------------------------------------------------------------------------------
 
-        if isinstance(data, DatasetDict | IterableDatasetDict):
+
+def detoxify_training_set(
+    recipe: Recipe,
+    train_dataset: Any,
+    progress: bool = True,
+    engine: TMaRCoEngine | str | None = None,
+    scorer: Callable[[Sequence[str]], np.ndarray] | None = None,
+) -> tuple[Any, RephraseSummary]:
+    """Rephrase the toxic continuations of the SFT training set; write ``data/train_raw.jsonl`` and
+    ``data/train_detox.jsonl`` (same rows, same order) in the run directory.
+
+    Each sample (prompt and continuation joined, column ``sample``) is gated and rephrased, so that TMaRCo fills masked
+    words in context; only the rewritten *continuation* is kept (what the model learns: the loss is completion-only)
+    and ``text`` re-formatted with :func:`detox_sft.prompts.format_sample`. ``train_detox.jsonl`` adds
+    ``original_continuation`` and :data:`ADDED_FIELDS`. A sample whose rewrite leaves nothing after the prompt
+    (``empty_continuation``) or the same continuation (``unchanged_continuation``) is kept as it was.
+
+    Args:
+        recipe: the run recipe (``rephrase`` section, ``run_path``).
+        train_dataset: a :class:`datasets.Dataset` with columns ``prompt``, ``continuation``, ``text`` (a
+            DatasetDict's ``train`` split is taken).
+        progress: show the progress bar (over the gated samples TMaRCo rewrites).
+        engine, scorer: override the recipe's (tests, benchmarks).
+
+    Returns:
+        (the detoxified Dataset, with the input's columns only; the :class:`RephraseSummary`).
+    """
+    from datasets import Dataset, DatasetDict
+
+    if isinstance(train_dataset, DatasetDict):  # (a DatasetDict is a dict: test its class, not its keys)
+        if "train" not in train_dataset:
             raise RephraseError(
-                f"got a DatasetDict (splits: {list(data)}). Fix: pass one split, e.g. dataset['train']."
+                f"the DatasetDict has no 'train' split (splits: {list(train_dataset)}). Fix: pass the split to "
+                "detoxify, e.g. dataset['train']."
             )
-    if hasattr(data, "to_list"):
-        return data.to_list()
-    records = list(data)
-    if any(not isinstance(r, dict) for r in records):
-        raise RephraseError("records must be dicts (or give a datasets.Dataset or a JSONL path).")
-    return [dict(r) for r in records]
+        train_dataset = train_dataset["train"]
+    columns = list(train_dataset.column_names)
+    missing = [c for c in ("prompt", "continuation", "text") if c not in columns]
+    if missing:
+        raise RephraseError(
+            f"training set lacks column(s) {missing}. Fix: load it with "
+            "detox_sft.data.load_train_dataset(recipe.data, recipe.seed)."
+        )
+    rows = train_dataset.to_list()
+    write_jsonl_atomic(rows, recipe.paths.train_set("raw"))
+    # TMaRCo sees the whole sample: with the prompt as context the experts and BART fill a masked word the way the
+    # sentence needs it; alone, a continuation's first word has no context and is filled with whatever starts
+    # sentences most often. Only the continuation part of the result is kept; the prompt stays as it was.
+    samples = [
+        {**row, "sample": f"{(row['prompt'] or '').strip()} {(row['continuation'] or '').strip()}".strip()}
+        for row in rows
+    ]
+    result = rephrase_dataset(
+        samples,
+        recipe.rephrase,
+        field="sample",
+        cache_dir=recipe.paths.rephrase_cache,
+        progress=progress,
+        engine=engine,
+        scorer=scorer,
+    )
+    detox_rows = []
+    for row, rec in zip(rows, result.records, strict=True):
+        new = {**rec, "original_continuation": row["continuation"]}
+        if rec["rephrased"]:
+            continuation = continuation_of(rec["sample"], rec["rephrased_text"], len(row["prompt"].strip()))
+            # nothing left after the prompt, or the rewrite touched only the prompt (which training keeps as it
+            # was) or whitespace (seen on Python 3.12's tokenization): the sample is kept as it was, its toxicity the
+            # original's (rephrased_text keeps what TMaRCo wrote, for the reader)
+            kept = "empty_continuation" if not continuation else None
+            if continuation and continuation == row["continuation"].strip():
+                kept = "unchanged_continuation"
+            if kept:
+                new.update(rephrased=False, rephrase_status=kept, toxicity_after=new["toxicity_before"])
+            else:
+                new["continuation"] = continuation
+                new["text"] = format_sample(row["prompt"], continuation)
+        detox_rows.append(new)
+    # the summary counts what the training set holds, and its means are over what training reads
+    summary = _summarize(detox_rows, "sample", result.summary)
+    write_jsonl_atomic(detox_rows, recipe.paths.train_set("detox"))
+    write_jsonl_atomic([summary.to_dict()], recipe.paths.data / "rephrase_summary.jsonl")
+    return Dataset.from_list([{c: r[c] for c in columns} for r in detox_rows]), summary
 
 
-def _score_cached(
-    texts: Sequence[str],
-    scorer: Callable[[Sequence[str]], np.ndarray],
-    scorer_key: str,
-    cache: _Cache,
-    bar: Any,
-    stage: str,
-) -> dict[str, float]:
-    """Toxicity of each text, cached ones first; ``bar`` (the step's one progress bar) gets one step per text."""
-    unique = list(dict.fromkeys(texts))
-    keys = {t: _key([scorer_key, t]) for t in unique}
-    found = cache.get_many("tox", list(keys.values()))
-    result = {t: float(found[k]) for t, k in keys.items() if k in found}
-    todo = [t for t in unique if t not in result]
-    _stage(bar, stage, len(unique), done=len(unique) - len(todo))
-    step = 256
-    for i in range(0, len(todo), step):
-        part = todo[i : i + step]
-        values = np.asarray(scorer(part), dtype=np.float64)
-        fresh = {t: float(v) for t, v in zip(part, values, strict=True)}
-        cache.put_many("tox", {keys[t]: v for t, v in fresh.items()})
-        result.update(fresh)
-        bar.update(len(part))
-    return result
+def continuation_of(original: str, rephrased: str, boundary: int) -> str:
+    """The part of ``rephrased`` that corresponds to ``original[boundary:]`` (the continuation after the prompt).
+
+    The two texts are aligned character by character; a rewritten span that straddles the boundary goes to the
+    continuation, so a masked word right after the prompt is kept in it.
+    """
+    import difflib
+
+    matcher = difflib.SequenceMatcher(a=original, b=rephrased, autojunk=False)
+    for tag, i1, i2, j1, _j2 in matcher.get_opcodes():
+        if tag == "insert" and i1 == boundary:
+            return rephrased[j1:].strip()
+        if i1 <= boundary < i2:
+            start = j1 + (boundary - i1) if tag == "equal" else j1
+            return rephrased[start:].strip()
+    return ""
 
 
-def _stage(bar: Any, stage: str, texts: int, done: int = 0) -> None:
-    """Add a stage's ``texts`` to the step's bar (its cached ``done`` ones at once) and name it in the postfix."""
-    n, started = bar.n, getattr(bar, "start_t", None)
-    bar.reset(total=bar.total + texts)  # the public call that also resizes tqdm.notebook's widget; it zeroes n
-    if started is not None:
-        bar.start_t = started  # the step's elapsed time and rate, not the stage's
-    bar.set_postfix_str(stage, refresh=False)
-    bar.update(n + done)
-    bar.refresh()
+# --------------------------------------------------------------------------------------------------------------------
+# any dataset: gate -> engine -> cache -> records
+# --------------------------------------------------------------------------------------------------------------------
 
 
 def rephrase_dataset(
@@ -225,16 +245,15 @@ def rephrase_dataset(
         cfg: the recipe's rephrase section (gate and mask thresholds, models, weights, engine, batch size).
         field: the text field.
         cache_dir: SQLite cache directory (`None`: no cache). Use ``<run>/rephrase/cache``.
-        progress: show one progress bar for the step (in texts: the gate, TMaRCo, the scorer on the rewrites).
+        progress: show a progress bar over the gated records (those TMaRCo rewrites; cached ones count at once).
         engine: an engine object (its own thresholds / weights apply), an engine name, or `None` for
             ``cfg.engine`` (models load only when some text is not cached).
         scorer: a toxicity scorer; `None` loads ``cfg.scorer``.
         device: overrides ``cfg.device``.
 
-    With ``cfg.executor == "ray"`` the records are cut into blocks of ``cfg.ray_block_size`` and each block goes
-    through this same function in one of ``cfg.ray_actors`` Ray actors (:func:`_rephrase_on_ray`): the records that
-    come back are the ones the local run gives. Finished blocks are kept under ``<cache_dir>/ray-blocks``, so a rerun
-    of an interrupted job only runs the missing ones.
+    With ``cfg.executor == "ray"`` blocks of ``cfg.ray_block_size`` records go through this same function in
+    ``cfg.ray_actors`` Ray actors, giving the local run's records; finished blocks are kept under
+    ``<cache_dir>/ray-blocks``, so a rerun of an interrupted job only runs the missing ones.
 
     Raises:
         RephraseError: unreadable input (e.g. a malformed JSONL line: its number is in the message); an engine or
@@ -245,69 +264,97 @@ def rephrase_dataset(
     started = time.perf_counter()
     records = _as_records(dataset_or_records)
     if cfg.executor == "ray":
-        return _rephrase_on_ray(records, cfg, field, cache_dir, progress, engine, scorer, device, started)
-    cache = _Cache(Path(cache_dir) if cache_dir is not None else None)
-    try:
+        out, summary, extra = _rephrase_on_ray(records, cfg, field, cache_dir, progress, engine, scorer, device)
+        return _finish(out, field, summary, started, extra)
+    device = resolve_device(device or cfg.device, "rephrase.device")
+    engine_name = engine if isinstance(engine, str) else (engine.name if engine is not None else cfg.engine)
+    with Cache(cache_dir) as cache:
         if scorer is None:
-            scorer = load_scorer(
-                cfg.scorer,
-                device=resolve_device(device or cfg.device),
-                batch_size=cfg.batch_size,
-                revision=cfg.scorer_revision,
-            )
+            scorer = load_scorer(cfg.scorer, device=device, batch_size=cfg.batch_size, revision=cfg.scorer_revision)
         pinned = {"revision": cfg.scorer_revision} if cfg.scorer_revision else {}  # unpinned keys stay as they were
         scorer_key = json.dumps(
-            {"scorer": cfg.scorer, "name": getattr(scorer, "name", None), "v": _CACHE_VERSION, **pinned}
+            {"scorer": cfg.scorer, "name": getattr(scorer, "name", None), "v": CACHE_VERSION, **pinned}
         )
         texts = [_text_of(record, field) for record in records]
         present = [t for t in texts if t is not None]
-        summary = RephraseSummary(
-            total=len(records), gate_threshold=float(cfg.gate_threshold), mask_threshold=float(cfg.mask_threshold)
-        )
-        # one bar for the step, in texts: the gate, TMaRCo on the gated ones, the scorer again on the rewrites (each
-        # stage adds its texts when it starts, cached ones done at once; the postfix names the stage)
-        with tqdm(total=0, desc="rephrase", unit="text", disable=not progress) as bar:
-            tox = _score_cached(present, scorer, scorer_key, cache, bar, "toxicity (gate)")
-            gated = list(dict.fromkeys(t for t in present if t.strip() and tox[t] >= cfg.gate_threshold))
-            outputs = _engine_outputs(gated, cfg, engine, device, cache, summary, bar)
+        # 1. the gate
+        tox = _scores(present, scorer, scorer_key, cache)
+        gated = Counter(t for t in present if t.strip() and tox[t] >= cfg.gate_threshold)  # records per text
+        # 2. the engine, on the gated texts the cache lacks (its models load only then)
+        engine_key = key({"v": CACHE_VERSION, **identity(cfg, engine, device)})
+        keys = {t: key([engine_key, t]) for t in gated}
+        found = cache.get_many("out", list(keys.values()))
+        outputs: dict[str, dict[str, Any]] = {t: found[k] for t, k in keys.items() if k in found}
+        todo = [t for t in gated if t not in outputs]
+        # the bar counts the gated records, as the summary does (not the texts scored: the gate and the rewrites)
+        done = sum(gated[t] for t in outputs)
+        with tqdm(total=gated.total(), initial=done, desc="rephrase", unit="sample", disable=not progress) as bar:
+            if todo and (engine is None or isinstance(engine, str)):
+                bar.set_postfix_str(f"TMaRCo ({engine_name}): loading the models")
+                engine = load_engine(cfg, engine_name, device)
+            bar.set_postfix_str(f"TMaRCo ({engine_name})")
+            for i in range(0, len(todo), cfg.batch_size):
+                part = todo[i : i + cfg.batch_size]
+                fresh = {t: _jsonable(o) for t, o in zip(part, engine.rephrase(part), strict=True)}
+                # 3. the cache, committed per batch: a rerun resumes; a failed text is not cached, so a rerun
+                # (after a fix) tries it again
+                cache.put_many("out", {keys[t]: v for t, v in fresh.items() if v["error"] is None})
+                outputs.update(fresh)
+                bar.update(sum(gated[t] for t in part))
+            bar.set_postfix_str("scoring the rewrites")
             changed = [outputs[t]["rephrased"] for t in gated if outputs[t]["changed"]]
-            tox_after = _score_cached(changed, scorer, scorer_key, cache, bar, "toxicity (after)")
+            tox_after = _scores(changed, scorer, scorer_key, cache)
             bar.set_postfix_str("done")
-    finally:
-        cache.close()
-
-    out_records = [
-        _output_record(record, text, cfg, tox, tox_after, outputs, summary)
-        for record, text in zip(records, texts, strict=True)
-    ]
-    _finish(summary, out_records, field, started, stacklevel=3)
-    return RephraseResult(records=out_records, summary=summary, field=field)
+    # 4. the records
+    out = [_record(r, t, cfg, tox, tox_after, outputs) for r, t in zip(records, texts, strict=True)]
+    summary = RephraseSummary(
+        gate_threshold=float(cfg.gate_threshold),
+        mask_threshold=float(cfg.mask_threshold),
+        engine=engine_name,
+        computed=len(todo),
+        cached=len(gated) - len(todo),
+    )
+    return _finish(out, field, summary, started)
 
 
 def _finish(
-    summary: RephraseSummary, records: list[dict[str, Any]], field: str, started: float, stacklevel: int
-) -> None:
-    """The end of a rephrase run, local or on Ray: its warnings (``stacklevel`` points at the caller's caller),
-    the means, the time."""
+    records: list[dict[str, Any]], field: str, summary: RephraseSummary, started: float, extra: dict | None = None
+) -> RephraseResult:
+    """The result of a local or Ray run: its summary counted from the records, warnings for what went wrong."""
+    summary = _summarize(records, field, summary)
+    summary.seconds = time.perf_counter() - started
     if summary.truncated:
         warnings.warn(
             f"{summary.truncated} text(s) were longer than the TMaRCo models' context and were truncated "
             "before rephrasing (see rephrase_truncated in the records).",
-            stacklevel=stacklevel,
+            stacklevel=3,
         )
-    _warn_errors(summary, stacklevel=stacklevel + 1)
-    _add_means(summary, records, field)
-    summary.seconds = time.perf_counter() - started
-
-
-def _warn_errors(summary: RephraseSummary, stacklevel: int) -> None:
     if summary.errors:
         warnings.warn(
             f"{summary.errors} of {summary.gated} gated text(s) could not be rephrased and were kept unchanged "
             "(rephrase_status 'error', the reason in rephrase_error); they are not cached, so a rerun tries them again.",
             UserWarning,
-            stacklevel=stacklevel,
+            stacklevel=3,
         )
+    return RephraseResult(records=records, summary=summary, field=field, extra=extra or {})
+
+
+def _as_records(data: Any) -> list[dict[str, Any]]:
+    if isinstance(data, str | os.PathLike):
+        return read_jsonl(data)
+    if isinstance(data, dict):  # a DatasetDict is a dict: test its class, not its keys
+        from datasets import DatasetDict, IterableDatasetDict
+
+        if isinstance(data, DatasetDict | IterableDatasetDict):
+            raise RephraseError(
+                f"got a DatasetDict (splits: {list(data)}). Fix: pass one split, e.g. dataset['train']."
+            )
+    if hasattr(data, "to_list"):
+        return data.to_list()
+    records = list(data)
+    if any(not isinstance(r, dict) for r in records):
+        raise RephraseError("records must be dicts (or give a datasets.Dataset or a JSONL path).")
+    return [dict(r) for r in records]
 
 
 def _text_of(record: dict[str, Any], field: str) -> str | None:
@@ -315,170 +362,100 @@ def _text_of(record: dict[str, Any], field: str) -> str | None:
     return value if isinstance(value, str) else None if value is None else str(value)
 
 
-def _engine_outputs(
-    gated: list[str],
-    cfg: RephraseConfig,
-    engine: TMaRCoEngine | str | None,
-    device: str | None,
-    cache: _Cache,
-    summary: RephraseSummary,
-    bar: Any,
-) -> dict[str, dict[str, Any]]:
-    """TMaRCo's output for each gated text: cached ones first; the engine (and its models) only for the rest."""
-    engine_name = engine if isinstance(engine, str) else (engine.name if engine is not None else cfg.engine)
-    device = resolve_device(device or cfg.device)
-    engine_key = _engine_key(cfg, engine if _is_engine(engine) else None, engine_name, device)
-    keys = {t: _key([engine_key, t]) for t in gated}
-    found = cache.get_many("out", list(keys.values()))
-    outputs: dict[str, dict[str, Any]] = {t: found[k] for t, k in keys.items() if k in found}
-    todo = [t for t in gated if t not in outputs]
-    summary.cached = len(gated) - len(todo)
-    summary.computed = len(todo)
-    _stage(bar, f"TMaRCo ({engine_name})" + (": loading the models" if todo else ""), len(gated), summary.cached)
-    if todo:
-        if not _is_engine(engine):
-            engine = load_engine(cfg, engine_name, device)
-        summary.engine = engine.name
-        bar.set_postfix_str(f"TMaRCo ({engine.name})")
-        _run_engine(engine, todo, keys, cfg.batch_size, cache, outputs, bar)
-    summary.engine = summary.engine or engine_name
-    return outputs
+def _scores(texts: Sequence[str], scorer: Callable, scorer_key: str, cache: Cache) -> dict[str, float]:
+    """Toxicity of each distinct text: cached ones first, the rest scored and committed 256 at a time."""
+    unique = list(dict.fromkeys(texts))
+    keys = {t: key([scorer_key, t]) for t in unique}
+    found = cache.get_many("tox", list(keys.values()))
+    result = {t: float(found[k]) for t, k in keys.items() if k in found}
+    todo = [t for t in unique if t not in result]
+    for i in range(0, len(todo), 256):
+        part = todo[i : i + 256]
+        fresh = {t: float(v) for t, v in zip(part, np.asarray(scorer(part), dtype=np.float64), strict=True)}
+        cache.put_many("tox", {keys[t]: v for t, v in fresh.items()})
+        result.update(fresh)
+    return result
 
 
-def _run_engine(
-    engine: TMaRCoEngine,
-    todo: list[str],
-    keys: dict[str, str],
-    batch_size: int,
-    cache: _Cache,
-    outputs: dict[str, dict[str, Any]],
-    bar: Any,
-) -> None:
-    """Rephrase ``todo`` batch by batch into ``outputs``, committing each batch to the cache (a rerun resumes)."""
-    for i in range(0, len(todo), batch_size):
-        part = todo[i : i + batch_size]
-        fresh = {t: asdict(o) for t, o in zip(part, engine.rephrase(part), strict=True)}
-        for value in fresh.values():  # JSON has no infinity
-            value["min_gap"] = None if math.isinf(value["min_gap"]) else value["min_gap"]
-            value["min_margin"] = None if math.isinf(value["min_margin"]) else value["min_margin"]
-        # committed: resumable; a failed text is not cached, so a rerun (after a fix) tries it again
-        cache.put_many("out", {keys[t]: v for t, v in fresh.items() if v["error"] is None})
-        outputs.update(fresh)
-        bar.update(len(part))
+def _jsonable(output: Any) -> dict[str, Any]:
+    value = asdict(output)
+    for name in ("min_gap", "min_margin"):  # JSON has no infinity
+        value[name] = None if math.isinf(value[name]) else value[name]
+    return value
 
 
-def _output_record(
+def _record(
     record: dict[str, Any],
     text: str | None,
     cfg: RephraseConfig,
     tox: dict[str, float],
     tox_after: dict[str, float],
     outputs: dict[str, dict[str, Any]],
-    summary: RephraseSummary,
 ) -> dict[str, Any]:
-    """``record`` with :data:`ADDED_FIELDS` filled in for its text; counts it in ``summary``."""
+    """``record`` with :data:`ADDED_FIELDS` filled in for its text."""
     new = dict(record)
-    new.update(
-        {
-            "masked_text": None,
-            "rephrased_text": text,
-            "rephrased": False,
-            "toxicity_before": None,
-            "toxicity_after": None,
-            "rephrase_status": None,
-            "rephrase_truncated": False,
-            "rephrase_error": None,
-        }
-    )
+    new.update(dict.fromkeys(ADDED_FIELDS), rephrased_text=text, rephrased=False, rephrase_truncated=False)
     if text is None:
         new["rephrase_status"] = "missing"
-        summary.missing += 1
         return new
-    before = tox[text]
-    new["toxicity_before"] = new["toxicity_after"] = before
-    summary.scored += 1
+    new["toxicity_before"] = new["toxicity_after"] = tox[text]
     if not text.strip():
         new["rephrase_status"] = "empty"
-        summary.empty += 1
-    elif before < cfg.gate_threshold:
+    elif tox[text] < cfg.gate_threshold:
         new["rephrase_status"] = "below_gate"
     else:
-        summary.gated += 1
-        _apply_output(new, outputs[text], tox_after, summary)
+        result = outputs[text]
+        new["masked_text"] = result["masked"]
+        new["rephrase_truncated"] = bool(result.get("truncated"))
+        if result.get("error"):
+            new.update(rephrase_status="error", rephrase_error=result["error"])
+        elif result["changed"]:
+            new.update(
+                rephrased_text=result["rephrased"],
+                rephrased=True,
+                rephrase_status="rephrased",
+                toxicity_after=tox_after[result["rephrased"]],
+            )
+        else:
+            new["rephrase_status"] = "unchanged"
     return new
 
 
-def _apply_output(
-    new: dict[str, Any], result: dict[str, Any], tox_after: dict[str, float], summary: RephraseSummary
-) -> None:
-    """Fill a gated record from the engine's output: masked, truncated, and rephrased, unchanged or failed."""
-    new["masked_text"] = result["masked"]
-    if result.get("truncated"):
-        new["rephrase_truncated"] = True
-        summary.truncated += 1
-    if result.get("error"):
-        new["rephrase_status"] = "error"
-        new["rephrase_error"] = result["error"]
-        summary.errors += 1
-    elif result["changed"]:
-        new.update(
-            rephrased_text=result["rephrased"],
-            rephrased=True,
-            rephrase_status="rephrased",
-            toxicity_after=tox_after[result["rephrased"]],
-        )
-        summary.rephrased += 1
-    else:
-        new["rephrase_status"] = "unchanged"
-        summary.unchanged += 1
-
-
-# gated samples whose rewrite the training set does not use (detoxify_training_set): kept as they were
-_KEPT_ORIGINAL = ("empty_continuation", "unchanged_continuation")
-
-
-def _add_means(summary: RephraseSummary, records: list[dict[str, Any]], field: str) -> None:
-    """Mean toxicity before / after over the scored records, and over the gated ones; what survives the rewrites."""
+def _summarize(records: list[dict[str, Any]], field: str, summary: RephraseSummary) -> RephraseSummary:
+    """``summary`` with the counts and means of ``records`` (what survives the rewrites: of ``field``)."""
+    status = Counter(r["rephrase_status"] for r in records)
+    kept = sum(status[s] for s in _KEPT_ORIGINAL)
     befores = [r["toxicity_before"] for r in records if r["toxicity_before"] is not None]
     afters = [r["toxicity_after"] for r in records if r["toxicity_after"] is not None]
     gated = ("rephrased", "unchanged", *_KEPT_ORIGINAL)
     g_before = [r["toxicity_before"] for r in records if r["rephrase_status"] in gated]
     g_after = [r["toxicity_after"] for r in records if r["rephrase_status"] in gated]
-    summary.mean_toxicity_before = float(np.mean(befores)) if befores else None
-    summary.mean_toxicity_after = float(np.mean(afters)) if afters else None
-    summary.gated_toxicity_before = float(np.mean(g_before)) if g_before else None
-    summary.gated_toxicity_after = float(np.mean(g_after)) if g_after else None
-    survived = survival_means(records, field)
-    summary.mean_chrf, summary.mean_changed_word_share = survived["mean_chrf"], survived["mean_changed_word_share"]
 
+    def mean(values: list[float]) -> float | None:
+        return float(np.mean(values)) if values else None
 
-def _is_engine(engine: Any) -> bool:
-    # duck-typed: anything with rephrase(), fingerprint() and model_identity() (tests wrap engines to count calls)
-    return engine is not None and not isinstance(engine, str) and hasattr(engine, "rephrase")
-
-
-def _engine_key(cfg: RephraseConfig, engine: TMaRCoEngine | None, name: str, device: str) -> str:
-    """Cache key of an engine's outputs: its settings and the models it holds.
-
-    An engine given by the caller reports the models it really holds (it may hold others than the recipe names);
-    otherwise the recipe's models are identified without loading them, the same way (:func:`models_fingerprint`).
-    """
-    if engine is not None:
-        settings = engine.fingerprint()
-        models = engine.model_identity()
-    else:
-        dtype = "float16" if name == "batched" and device == "cuda" else "float32"
-        settings = _settings(cfg, name, dtype)
-        models = models_fingerprint(cfg)
-    return _key({"v": _CACHE_VERSION, "settings": settings, "models": models})
+    return dataclasses.replace(
+        summary,
+        total=len(records),
+        missing=status["missing"],
+        empty=status["empty"],
+        scored=len(befores),
+        gated=status["rephrased"] + status["unchanged"] + status["error"] + kept,
+        rephrased=status["rephrased"],
+        unchanged=status["unchanged"] + kept,
+        truncated=sum(bool(r["rephrase_truncated"]) for r in records),
+        errors=status["error"],
+        mean_toxicity_before=mean(befores),
+        mean_toxicity_after=mean(afters),
+        gated_toxicity_before=mean(g_before),
+        gated_toxicity_after=mean(g_after),
+        **survival_means(records, field),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# executor ray: the same per-record code, block by block, on a Ray Data actor pool
+# executor ray: the same code, block by block, on a Ray Data actor pool
 # --------------------------------------------------------------------------------------------------------------------
-
-# summary counts that add up over blocks (the means are recomputed over all records, as the local run does)
-_BLOCK_COUNTS = ("missing", "empty", "scored", "gated", "rephrased", "unchanged", "truncated", "errors", "computed")
 
 
 def _rephrase_on_ray(
@@ -490,67 +467,57 @@ def _rephrase_on_ray(
     engine: TMaRCoEngine | str | None,
     scorer: Callable[[Sequence[str]], np.ndarray] | None,
     device: str | None,
-    started: float,
-) -> RephraseResult:
-    """:func:`rephrase_dataset` with executor ray: blocks of records through :func:`rephrase_dataset` in actors.
+) -> tuple[list[dict[str, Any]], RephraseSummary, dict[str, Any]]:
+    """Blocks of records through :func:`rephrase_dataset` in Ray actors, back in input order.
 
-    Each record's output depends only on its own text (the gate score, TMaRCo's output), so cutting the input into
-    blocks changes nothing; the blocks come back in input order. That is exact with a row-wise gate scorer (the
-    offline profile's; tested byte for byte); a transformer classifier pads each batch to its longest text, and its
-    batches here hold other texts than in one process, so its scores may differ in the last float bits. The work
-    dir's key covers the records and every setting that changes the output, so a changed input or recipe never
-    reuses another job's blocks.
+    Each record's output depends only on its own text, so cutting the input into blocks changes nothing. That is
+    exact with a row-wise gate scorer (the offline profile's; tested byte for byte); a transformer classifier pads
+    each batch to its longest text, so its scores may differ in the last float bits. The work dir's key covers the
+    records and every setting that changes the output, so a changed input or recipe never reuses another job's blocks.
     """
-    if _is_engine(engine) or scorer is not None:
+    if (engine is not None and not isinstance(engine, str)) or scorer is not None:
         raise RephraseError(
             "rephrase.executor is 'ray': each actor loads its own engine and scorer, so they cannot be passed in. "
             "Fix: pass an engine name (or None), or set rephrase.executor: local."
         )
     engine_name = engine or cfg.engine
     setting = device or cfg.device  # resolved by each actor: a RayJob's driver may have no GPU where its workers do
-    local = dataclasses.replace(cfg, executor="local")
     blocks = [records[i : i + cfg.ray_block_size] for i in range(0, len(records), cfg.ray_block_size)]
-    store = None
-    reused: set[int] = set()
+    store, reused = None, set()
     if cache_dir is not None:
         output_settings = {k: v for k, v in asdict(cfg).items() if k not in ("executor", "ray_actors")}
-        key = content_key(
-            records, field, engine_name, setting, output_settings, models_fingerprint(cfg), _CACHE_VERSION
-        )
-        store = BlockStore(Path(cache_dir) / "ray-blocks", key, num_blocks=len(blocks))
+        job = content_key(records, field, engine_name, setting, output_settings, models_fingerprint(cfg), CACHE_VERSION)
+        store = BlockStore(Path(cache_dir) / "ray-blocks", job, num_blocks=len(blocks))
         reused = store.done()
     results = map_blocks(
         blocks,
         _ray_setup,
         _ray_block,
-        setup_args=(local, engine_name, setting, field),
+        setup_args=(dataclasses.replace(cfg, executor="local"), engine_name, setting, field),
         actors=cfg.ray_actors,
         device=setting,
         store=store,
         desc=f"rephrase on ray ({engine_name})",
         progress=progress,
     )
-    out_records = [record for block in results for record in block["records"]]
+    # a block finished by an earlier run was computed then: here it counts as cached
+    computed = [0 if i in reused else block["summary"]["computed"] for i, block in enumerate(results)]
     summary = RephraseSummary(
-        total=len(out_records),
         gate_threshold=float(cfg.gate_threshold),
         mask_threshold=float(cfg.mask_threshold),
-        engine=results[0]["summary"]["engine"] if results else engine_name,
+        engine=engine_name,
+        computed=sum(computed),
+        cached=sum(
+            b["summary"]["cached"] + b["summary"]["computed"] - c for b, c in zip(results, computed, strict=True)
+        ),
     )
-    for index, block in enumerate(results):
-        for name in _BLOCK_COUNTS:
-            setattr(summary, name, getattr(summary, name) + block["summary"][name])
-        # a block finished by an earlier run was computed then: here it counts as cached
-        summary.cached += block["summary"]["cached"] + (block["summary"]["computed"] if index in reused else 0)
-        summary.computed -= block["summary"]["computed"] if index in reused else 0
-    _finish(summary, out_records, field, started, stacklevel=4)
     extra = {"ray": {"blocks": len(blocks), "reused_blocks": len(reused), "actors": cfg.ray_actors}}
-    return RephraseResult(records=out_records, summary=summary, field=field, extra=extra)
+    return [record for block in results for record in block["records"]], summary, extra
 
 
 def _ray_setup(cfg: RephraseConfig, engine_name: str, device: str, field: str) -> dict[str, Any]:
     """An actor's state: the scorer and the engine, loaded once."""
-    device = resolve_device(device)
+    device = resolve_device(device, "rephrase.device")
     scorer = load_scorer(cfg.scorer, device=device, batch_size=cfg.batch_size, revision=cfg.scorer_revision)
     engine = load_engine(cfg, engine_name, device)
     return {"cfg": cfg, "engine": engine, "scorer": scorer, "device": device, "field": field}
@@ -570,128 +537,3 @@ def _ray_block(state: dict[str, Any], records: list[dict[str, Any]]) -> dict[str
             device=state["device"],
         )
     return {"records": result.records, "summary": result.summary.to_dict()}
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# pipeline step: the training set
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _join_sample(prompt: str, continuation: str) -> str:
-    return f"{(prompt or '').strip()} {(continuation or '').strip()}".strip()
-
-
-def continuation_of(original: str, rephrased: str, boundary: int) -> str:
-    """The part of ``rephrased`` that corresponds to ``original[boundary:]`` (the continuation after the prompt).
-
-    The two texts are aligned character by character; a rewritten span that straddles the boundary goes to the
-    continuation, so a masked word right after the prompt is kept in it.
-    """
-    import difflib
-
-    matcher = difflib.SequenceMatcher(a=original, b=rephrased, autojunk=False)
-    for tag, i1, i2, j1, _j2 in matcher.get_opcodes():
-        if tag == "insert" and i1 == boundary:
-            return rephrased[j1:].strip()
-        if i1 <= boundary < i2:
-            start = j1 + (boundary - i1) if tag == "equal" else j1
-            return rephrased[start:].strip()
-    return ""
-
-
-def detoxify_training_set(
-    recipe: Recipe,
-    train_dataset: Any,
-    progress: bool = True,
-    engine: TMaRCoEngine | str | None = None,
-    scorer: Callable[[Sequence[str]], np.ndarray] | None = None,
-) -> tuple[Any, RephraseSummary]:
-    """Rephrase the toxic continuations of the SFT training set; write ``data/train_raw.jsonl`` and
-    ``data/train_detox.jsonl`` in the run directory.
-
-    Each sample (prompt and continuation joined, column ``sample``) is gated and rephrased, so that TMaRCo fills masked
-    words in context; only the rewritten *continuation* is kept (it is what the model learns to generate: the loss is
-    completion-only), the prompt stays identical, and ``text`` is re-formatted with
-    :func:`detox_sft.prompts.format_sample`, keeping the training template. Both files have the same rows in the same order;
-    ``train_detox.jsonl`` adds ``original_continuation`` and the rephrase fields (:data:`ADDED_FIELDS`). A sample whose
-    rewrite leaves nothing after the prompt (status ``empty_continuation``) or the same continuation
-    (``unchanged_continuation``: only the prompt or whitespace changed) is kept as it was, not counted as rephrased.
-
-    Args:
-        recipe: the run recipe (``rephrase`` section, ``run_path``).
-        train_dataset: a :class:`datasets.Dataset` with columns ``prompt``, ``continuation``, ``text`` (a
-            DatasetDict's ``train`` split is taken).
-        progress: show progress bars.
-        engine, scorer: override the recipe's (tests, benchmarks).
-
-    Returns:
-        (the detoxified Dataset, with the input's columns only; the :class:`RephraseSummary`).
-    """
-    from datasets import Dataset, DatasetDict
-
-    if isinstance(train_dataset, DatasetDict):  # (a DatasetDict is a dict: test its class, not its keys)
-        if "train" not in train_dataset:
-            raise RephraseError(
-                f"the DatasetDict has no 'train' split (splits: {list(train_dataset)}). Fix: pass the split to "
-                "detoxify, e.g. dataset['train']."
-            )
-        train_dataset = train_dataset["train"]
-    columns = list(train_dataset.column_names)
-    missing = [c for c in ("prompt", "continuation", "text") if c not in columns]
-    if missing:
-        raise RephraseError(
-            f"training set lacks column(s) {missing}. Fix: load it with "
-            "detox_sft.data.load_train_dataset(recipe.data, recipe.seed)."
-        )
-    data_dir = recipe.paths.data
-    rows = train_dataset.to_list()
-    write_jsonl_atomic(rows, recipe.paths.train_set("raw"))
-    # TMaRCo sees the whole sample: with the prompt as context the experts and BART fill a masked word the way the
-    # sentence needs it; alone, a continuation's first word has no context and is filled with whatever starts
-    # sentences most often. Only the continuation part of the result is kept; the prompt stays as it was.
-    samples = [{**row, "sample": _join_sample(row["prompt"], row["continuation"])} for row in rows]
-    result = rephrase_dataset(
-        samples,
-        recipe.rephrase,
-        field="sample",
-        cache_dir=recipe.paths.rephrase_cache,
-        progress=progress,
-        engine=engine,
-        scorer=scorer,
-    )
-    detox_rows, clean_rows = [], []
-    for row, rec in zip(rows, result.records, strict=True):
-        new = dict(rec)
-        new["original_continuation"] = row["continuation"]
-        if rec["rephrased"]:
-            continuation = continuation_of(rec["sample"], rec["rephrased_text"], len(row["prompt"].strip()))
-            if not continuation:  # TMaRCo rewrote nothing after the prompt into words: keep the sample as it was
-                _keep_original(new, "empty_continuation")
-            elif continuation == row["continuation"].strip():
-                # the rewrite touched only the prompt (which training keeps as it was) or whitespace: the training
-                # sample is unchanged, so it is not counted as rephrased (seen on Python 3.12's tokenization)
-                _keep_original(new, "unchanged_continuation")
-            else:
-                new["continuation"] = continuation
-                new["text"] = format_sample(row["prompt"], continuation)
-        detox_rows.append(new)
-        clean_rows.append({c: new[c] for c in columns})
-    summary = _training_set_summary(result.summary, detox_rows)
-    write_jsonl_atomic(detox_rows, recipe.paths.train_set("detox"))
-    write_jsonl_atomic([summary.to_dict()], data_dir / "rephrase_summary.jsonl")
-    return Dataset.from_list(clean_rows), summary
-
-
-def _keep_original(record: dict[str, Any], status: str) -> None:
-    """A gated sample whose rewrite the training set does not use: not rephrased, its toxicity the original's
-    (``rephrased_text`` keeps what TMaRCo wrote, for the reader)."""
-    record.update(rephrased=False, rephrase_status=status, toxicity_after=record["toxicity_before"])
-
-
-def _training_set_summary(summary: RephraseSummary, records: list[dict[str, Any]]) -> RephraseSummary:
-    """The step's summary as the training set has it: samples kept as they were (:func:`_keep_original`) count as
-    unchanged, not rephrased, and the means are over what training reads."""
-    kept = sum(r["rephrase_status"] in _KEPT_ORIGINAL for r in records)
-    summary = dataclasses.replace(summary, rephrased=summary.rephrased - kept, unchanged=summary.unchanged + kept)
-    _add_means(summary, records, "sample")
-    return summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import itertools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,28 +27,13 @@ def _highlight_masked(original: str, masked: str, mask_token: str = "<mask>") ->
     """HTML of ``original`` with the characters TMaRCo masked (absent from ``masked``) marked."""
     import difflib
 
-    pieces = masked.split(mask_token)
-    keep = "".join(pieces)
-    matcher = difflib.SequenceMatcher(a=original, b=keep, autojunk=False)
-    marked = [True] * len(original)
-    for block in matcher.get_matching_blocks():
-        for i in range(block.a, block.a + block.size):
-            marked[i] = False
-    out, run, flag = [], [], None
-    for ch, m in zip(original, marked, strict=True):
-        if m != flag and run:
-            out.append(_wrap("".join(run), flag))
-            run = []
-        flag = m
-        run.append(ch)
-    if run:
-        out.append(_wrap("".join(run), flag))
+    blocks = difflib.SequenceMatcher(a=original, b="".join(masked.split(mask_token)), autojunk=False)
+    kept = {i for block in blocks.get_matching_blocks() for i in range(block.a, block.a + block.size)}
+    out = []
+    for marked, run in itertools.groupby(enumerate(original), key=lambda pair: pair[0] not in kept):
+        text = html.escape("".join(ch for _, ch in run))
+        out.append(f'<mark style="background:#f8b4b4">{text}</mark>' if marked and text.strip() else text)
     return "".join(out)
-
-
-def _wrap(text: str, marked: bool | None) -> str:
-    escaped = html.escape(text)
-    return f'<mark style="background:#f8b4b4">{escaped}</mark>' if marked and text.strip() else escaped
 
 
 def highlight_html(
@@ -56,14 +42,9 @@ def highlight_html(
     field: str = "text",
     only_rephrased: bool = True,
 ) -> HTML:
-    """An HTML table: the original with the masked tokens highlighted, beside the rephrased text and toxicities.
-
-    Args:
-        records: rephrased records (:attr:`RephraseResult.records`) or a JSONL path of them.
-        n: rows to show.
-        field: the original text field (``continuation`` for the training set).
-        only_rephrased: show only records TMaRCo changed.
-    """
+    """An HTML table of the first ``n`` records (those TMaRCo changed, with ``only_rephrased``): the original
+    ``field`` with the masked tokens highlighted, beside the rephrased text and the toxicities. ``records``: rephrased
+    records (:attr:`RephraseResult.records`) or a JSONL path of them."""
     if isinstance(records, str | os.PathLike):
         records = read_jsonl(records)
     original_field = "original_continuation" if field == "continuation" else field
@@ -93,10 +74,7 @@ def plot_toxicity_histogram(
     bins: int = 20,
 ) -> Any:
     """Histogram of toxicity before and after rephrasing (all scored records); saved as PNG when ``path`` is given.
-
-    Returns:
-        The matplotlib Figure (displayed by Jupyter when it is a cell's last expression).
-    """
+    Returns the matplotlib Figure (Jupyter displays it when it is a cell's last expression)."""
     from matplotlib.figure import Figure
 
     if isinstance(records, str | os.PathLike):
@@ -119,8 +97,3 @@ def plot_toxicity_histogram(
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, format="png")
     return fig
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------------------------------

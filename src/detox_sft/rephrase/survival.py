@@ -1,14 +1,9 @@
 """How much of a text survives its rephrasing: the cost of detoxifying, to show beside the gain.
 
-Two views of one rewrite, both per sample and averaged over the rephrased samples:
-
-* chrF (sacrebleu's character n-gram F-score, 0-100) of the rephrased text against the original: 100 is unchanged,
-  and a rewrite of one word in a sentence of twenty keeps it in the 80s-90s;
-* the share of the original's words that the rephrased text does not keep (replaced or deleted), with the two word
-  sequences aligned by :class:`difflib.SequenceMatcher`.
-
-``survival_table(cfg.paths.train_set("detox"))`` is what a notebook shows; :class:`RephraseSummary` carries the
-means (``mean_chrf``, ``mean_changed_word_share``).
+Two views of one rewrite, per sample and averaged over the rephrased samples: chrF (sacrebleu's character n-gram
+F-score, 0-100) of the rephrased text against the original (100 is unchanged; one word of twenty rewritten keeps it
+in the 80s-90s), and the share of the original's words the rephrased text does not keep (the word sequences aligned
+by :class:`difflib.SequenceMatcher`). ``survival_table(cfg.paths.train_set("detox"))`` is what a notebook shows.
 """
 
 from __future__ import annotations
@@ -17,14 +12,13 @@ import difflib
 import os
 from collections.abc import Sequence
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from detox_sft.data import read_jsonl
 
-if TYPE_CHECKING:
-    import pandas as pd
-
 __all__ = ["chrf", "changed_word_share", "survival_means", "survival_table"]
+
+_COLUMNS = ["original", "rephrased", "chrf", "changed_word_share", "toxicity_before", "toxicity_after"]
 
 
 @cache
@@ -42,96 +36,60 @@ def chrf(original: str, rephrased: str) -> float:
 def changed_word_share(original: str, rephrased: str) -> float:
     """The share of ``original``'s words (split on whitespace) that ``rephrased`` does not keep, in [0, 1].
 
-    The words are aligned by difflib (longest matching blocks, no junk heuristic); a kept word is one inside a
-    matching block. An empty original changes nothing (0.0).
+    A kept word is one inside a block difflib matches (no junk heuristic). An empty original changes nothing (0.0).
     """
     before, after = original.split(), rephrased.split()
     if not before:
         return 0.0
     matcher = difflib.SequenceMatcher(a=before, b=after, autojunk=False)
-    kept = sum(block.size for block in matcher.get_matching_blocks())
-    return 1.0 - kept / len(before)
+    return 1.0 - sum(block.size for block in matcher.get_matching_blocks()) / len(before)
 
 
-def _pair(record: dict[str, Any], field: str) -> tuple[str, str] | None:
-    """(original, rephrased) of a record TMaRCo changed, else `None`.
-
-    ``field="continuation"`` reads the training set's ``original_continuation`` and ``continuation`` (the part the
-    detox arm learns); any other field is compared with ``rephrased_text``.
-    """
-    original, rephrased = (
-        ("original_continuation", "continuation") if field == "continuation" else (field, "rephrased_text")
-    )
-    if not record.get("rephrased"):
-        return None
-    a, b = record.get(original), record.get(rephrased)
-    return (a, b) if isinstance(a, str) and isinstance(b, str) else None
-
-
-def _pairs(records: Sequence[dict[str, Any]], field: str) -> list[tuple[str, str]]:
-    return [pair for r in records if (pair := _pair(r, field)) is not None]
+def _rows(records: Sequence[dict[str, Any]] | str | os.PathLike[str], field: str) -> list[dict[str, Any]]:
+    """One row per record TMaRCo changed. ``field="continuation"`` compares the training set's
+    ``original_continuation`` with ``continuation`` (what the detox arm learns); another field with ``rephrased_text``."""
+    if isinstance(records, str | os.PathLike):
+        records = read_jsonl(records)
+    original, rephrased = ("original_continuation", field) if field == "continuation" else (field, "rephrased_text")
+    rows = []
+    for r in records:
+        a, b = r.get(original), r.get(rephrased)
+        if r.get("rephrased") and isinstance(a, str) and isinstance(b, str):
+            values = (a, b, chrf(a, b), changed_word_share(a, b), r.get("toxicity_before"), r.get("toxicity_after"))
+            rows.append(dict(zip(_COLUMNS, values, strict=True)))
+    return rows
 
 
 def survival_means(
     records: Sequence[dict[str, Any]] | str | os.PathLike[str], field: str = "text"
 ) -> dict[str, float | None]:
-    """Mean chrF and mean changed-word share over the records TMaRCo rephrased (`None` when none was).
-
-    Args:
-        records: rephrased records (:attr:`RephraseResult.records`) or a JSONL path of them: ``field`` is the
-            original text, ``rephrased_text`` the rewrite, ``rephrased`` whether it changed.
-        field: the original text's field (``sample`` or ``continuation`` in ``data/train_detox.jsonl``, see
-            :func:`survival_table`).
-    """
-    if isinstance(records, str | os.PathLike):
-        records = read_jsonl(records)
-    pairs = _pairs(records, field)
-    if not pairs:
-        return {"mean_chrf": None, "mean_changed_word_share": None}
-    return {
-        "mean_chrf": sum(chrf(a, b) for a, b in pairs) / len(pairs),
-        "mean_changed_word_share": sum(changed_word_share(a, b) for a, b in pairs) / len(pairs),
-    }
+    """Mean chrF and mean changed-word share over the records TMaRCo rephrased (`None` when none was); ``records``
+    and ``field`` as :func:`survival_table` takes them."""
+    rows = _rows(records, field)
+    names = ("chrf", "changed_word_share")
+    return {f"mean_{name}": sum(r[name] for r in rows) / len(rows) if rows else None for name in names}
 
 
 def survival_table(
     records: Sequence[dict[str, Any]] | str | os.PathLike[str], field: str = "sample", n: int | None = 10
-) -> pd.DataFrame:
-    """One row per rephrased sample: original, rephrased, chrF, changed-word share, toxicity before and after.
-
-    The frame's ``attrs`` hold the means over *all* rephrased samples (``mean_chrf``, ``mean_changed_word_share``,
+) -> Any:
+    """A DataFrame, one row per rephrased sample: original, rephrased, chrF, changed-word share, toxicity before
+    and after. Its ``attrs`` hold the means over *all* rephrased samples (``mean_chrf``, ``mean_changed_word_share``,
     ``rephrased``), also when ``n`` shows fewer rows.
 
     Args:
         records: rephrased records or a JSONL path of them (``data/train_detox.jsonl``).
-        field: the original text's field: in the training set ``sample`` (prompt and continuation as TMaRCo saw
-            them, as the rephrase summary's means) or ``continuation`` (only the part the detox arm learns).
+        field: the original text's field: ``sample`` (prompt and continuation as TMaRCo saw them, as the rephrase
+            summary's means) or ``continuation`` (only the part the detox arm learns).
         n: rows to show (the first ``n`` rephrased samples); `None` shows all.
     """
     import pandas as pd
 
-    if isinstance(records, str | os.PathLike):
-        records = read_jsonl(records)
-    rows = [(r, pair) for r in records if (pair := _pair(r, field)) is not None]
-    frame = pd.DataFrame(
-        [
-            {
-                "original": a,
-                "rephrased": b,
-                "chrf": chrf(a, b),
-                "changed_word_share": changed_word_share(a, b),
-                "toxicity_before": r.get("toxicity_before"),
-                "toxicity_after": r.get("toxicity_after"),
-            }
-            for r, (a, b) in rows
-        ],
-        columns=["original", "rephrased", "chrf", "changed_word_share", "toxicity_before", "toxicity_after"],
-    )
-    means = {
-        "rephrased": len(frame),
-        "mean_chrf": float(frame["chrf"].mean()) if len(frame) else None,
-        "mean_changed_word_share": float(frame["changed_word_share"].mean()) if len(frame) else None,
-    }
+    frame = pd.DataFrame(_rows(records, field), columns=_COLUMNS)
     shown = frame if n is None else frame.head(n)
-    shown.attrs.update(means)
+    shown.attrs.update(
+        rephrased=len(frame),
+        mean_chrf=float(frame["chrf"].mean()) if len(frame) else None,
+        mean_changed_word_share=float(frame["changed_word_share"].mean()) if len(frame) else None,
+    )
     return shown

@@ -1,6 +1,6 @@
-"""The offline zoo: small models and synthetic corpora built by code on first use (see :mod:`detox_sft.zoo.build`),
+"""The offline zoo: small models and synthetic corpora built by code on first use (see :mod:`detox_sft_dev.zoo.build`),
 and the rehearsal models, the tutorial's hub models at full size with random weights (see
-:mod:`detox_sft.zoo.rehearsal`), each built on its own first use and never by the zoo's build.
+:mod:`detox_sft_dev.zoo.rehearsal`), each built on its own first use and never by the zoo's build.
 
 The pipeline never imports this package: it reaches the zoo through ``zoo:<name>`` references, which
 :func:`detox_sft.refs.resolve_ref` turns into paths with :func:`resolve`.
@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from detox_sft.zoo import build
-from detox_sft.zoo.build import ZOO_NAMES, Zoo, ZooError, build_hash, cache_root, ensure_zoo, zoo_dir
-from detox_sft.zoo.rehearsal import REHEARSAL_NAMES, ensure_rehearsal, is_rehearsal_name
+from detox_sft_dev.zoo import build
+from detox_sft_dev.zoo.build import ZOO_NAMES, Zoo, ZooError, build_hash, cache_root, ensure_zoo, zoo_dir
+from detox_sft_dev.zoo.rehearsal import REHEARSAL_NAMES, ensure_rehearsal, is_rehearsal_name
 
 __all__ = [
     "REHEARSAL_NAMES",

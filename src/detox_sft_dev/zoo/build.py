@@ -1,10 +1,10 @@
 """The offline zoo: small models and corpora built by code on first use, so the whole pipeline runs without the hub.
 
-What gets built (into ``<cache>/zoo-<hash>``, where the hash covers this module's and :mod:`detox_sft.zoo.corpus`'s source
+What gets built (into ``<cache>/zoo-<hash>``, where the hash covers this module's and :mod:`detox_sft_dev.zoo.corpus`'s source
 and the versions of the libraries that write the files):
 
 * ``rtp/train.jsonl`` and ``wiki_toxic/{train,validation,test}.jsonl``: synthetic corpora in the schemas of
-  allenai/real-toxicity-prompts and OxAISH-AL-LLM/wiki_toxic (see :mod:`detox_sft.zoo.corpus`);
+  allenai/real-toxicity-prompts and OxAISH-AL-LLM/wiki_toxic (see :mod:`detox_sft_dev.zoo.corpus`);
 * ``tokenizer/``: a byte-level BPE trained here with OPT's special tokens (``<s>``=0, ``<pad>``=1, ``</s>``=2,
   ``<unk>``=3; ``</s>`` is prepended as bos, as OPT's tokenizer does); ``bart-tokenizer/`` is the same vocabulary
   with ``<mask>`` appended and BART's ``<s> ... </s>`` framing;
@@ -21,7 +21,7 @@ and the versions of the libraries that write the files):
   slot words (where the halves differ), and both replay the same context masks (non-slot positions) from the whole
   corpus, so they stay equally fluent around words one half never shows and disagree where toxic words sit;
 * ``lexicon.json``: the words only the generator's toxic fillers use (``{"toxic_words": [...]}``, from
-  :func:`detox_sft.zoo.corpus.toxic_lexicon`): the synthetic world's exact judge, ``zoo:lexicon`` as a scorer;
+  :func:`detox_sft_dev.zoo.corpus.toxic_lexicon`): the synthetic world's exact judge, ``zoo:lexicon`` as a scorer;
 * ``manifest.json``: what was built, the scorer that built the corpus (``profanity-check``), sizes, seconds.
 
 The build runs in a temporary directory that is renamed into place when complete (a crash never leaves a half zoo
@@ -48,8 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from detox_sft.prompts import format_sample
-from detox_sft.zoo import corpus
-from detox_sft.zoo.corpus import BENIGN_WORDS, CORPUS_SCORER, TOXIC_WORDS
+from detox_sft_dev.zoo import corpus
+from detox_sft_dev.zoo.corpus import BENIGN_WORDS, CORPUS_SCORER, TOXIC_WORDS
 
 __all__ = ["ZOO_NAMES", "Zoo", "ZooError", "build_hash", "cache_root", "ensure_zoo", "resolve", "zoo_dir"]
 
@@ -184,7 +184,7 @@ def build_hash(sources: Sequence[str] | None = None, versions: dict[str, str] | 
     """Hash of the build code and library versions: a change in either means a new zoo directory.
 
     Args:
-        sources: source texts to hash (default: this module and :mod:`detox_sft.zoo.corpus`).
+        sources: source texts to hash (default: this module and :mod:`detox_sft_dev.zoo.corpus`).
         versions: library versions (default: torch, transformers, tokenizers as installed).
 
     Returns:
@@ -313,7 +313,7 @@ def _build(out: Path) -> None:
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     src = str(Path(__file__).resolve().parents[2])  # the directory holding detox_sft, importable in the child
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH", "")) if p)
-    code = "import sys; from detox_sft.zoo.build import _build_here; _build_here(sys.argv[1], sys.argv[2])"
+    code = "import sys; from detox_sft_dev.zoo.build import _build_here; _build_here(sys.argv[1], sys.argv[2])"
     run = subprocess.run([sys.executable, "-c", code, str(out), build_hash()], env=env, check=False)
     if run.returncode != 0:
         raise RuntimeError(f"the zoo build process exited with code {run.returncode}")

@@ -22,7 +22,7 @@ tokens that no merge produces (each decodes to a word of its own), so every id a
 
 Random initialisation needs no training: building is config + save (safetensors), each artifact on first use, into
 ``<cache>/rehearsal-<hash>/`` (5.7 GiB for all five; never in the repository), under a file lock and through a
-temporary directory renamed into place. The demo zoo's build (:mod:`detox_sft.zoo.build`) never builds these.
+temporary directory renamed into place. The demo zoo's build (:mod:`detox_sft_dev.zoo.build`) never builds these.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from detox_sft.zoo import corpus
-from detox_sft.zoo.build import ZooError, _file_lock, _general_english, _log, _versions, cache_root
+from detox_sft_dev.zoo import corpus
+from detox_sft_dev.zoo.build import ZooError, _file_lock, _general_english, _log, _versions, cache_root
 
 __all__ = [
     "BART_LARGE",
