@@ -191,46 +191,6 @@ def _linear4bit_after_eval(shim: bool):
     return packed, before, x.grad
 
 
-# TRL SFTConfig checkpointing names --------------------------------------------------------------------------------
-
-_CPU_SFT = {"use_cpu": True, "bf16": False, "fp16": False, "report_to": "none"}
-
-
-def test_sft_checkpointing_shim_still_needed(tmp_path):
-    import dataclasses
-    import warnings
-
-    from trl import SFTConfig
-
-    # fails when TRL stops defaulting the old name or transformers drops the deprecation: drop the shim then
-    fields = {f.name: f for f in dataclasses.fields(SFTConfig)}
-    assert fields["gradient_checkpointing"].default is True and "activation_checkpointing" in fields
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        SFTConfig(output_dir=str(tmp_path), **_CPU_SFT)
-    assert any("`gradient_checkpointing` is deprecated" in str(w.message) for w in caught)
-
-
-@pytest.mark.parametrize(
-    ("recipe_sft", "expected"),
-    [({}, True), ({"gradient_checkpointing": False}, False), ({"activation_checkpointing": False}, False)],
-)
-def test_sft_checkpointing_shim_keeps_the_value_without_the_warning(tmp_path, recipe_sft, expected):
-    import warnings
-
-    from trl import SFTConfig
-
-    from detox_sft.compat import sft_checkpointing_kwargs
-
-    kwargs = sft_checkpointing_kwargs({**recipe_sft, "output_dir": str(tmp_path), **_CPU_SFT})
-    assert "gradient_checkpointing" not in kwargs
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        config = SFTConfig(**kwargs)
-    assert not [w for w in caught if "checkpointing" in str(w.message)]
-    assert config.activation_checkpointing is expected and config.gradient_checkpointing is expected
-
-
 def test_bnb_cpu_eval_shim_still_needed():
     from bitsandbytes.backends.cpu.ops import has_avx512bf16
 

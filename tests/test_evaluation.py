@@ -107,7 +107,7 @@ def test_continuation_nll_counts_only_continuation_tokens(lm):
 
     model, tok = lm
     prompts, conts = ["you are a", "what a"], [[" lovely day", ""], [" dog", " quick brown fox"]]
-    nll, counts = evaluation.continuation_nll(model, tok, prompts, conts, batch_size=3, progress=False)
+    nll, counts = evaluation.continuation_nll(model, tok, prompts, conts, batch_size=3)
     assert counts[0, 1] == 0 and nll[0, 1] == 0.0
     for i, j in [(0, 0), (1, 0), (1, 1)]:
         p_ids = tok(prompts[i])["input_ids"]
@@ -166,7 +166,7 @@ def test_evaluate_models_end_to_end_and_resumes(recipe, lm_dir, make_adapter, mo
     def _no_generation(*args, **kwargs):
         raise AssertionError("regenerated despite the cache")
 
-    monkeypatch.setattr(evaluation.evaluate, "generate_continuations", _no_generation)  # where the step calls it
+    monkeypatch.setattr(evaluation.generation, "generate_continuations", _no_generation)  # where the step calls it
     again = evaluation.evaluate_models(recipe, prompts=PROMPTS, progress=False)
     assert again.generations == res.generations
     assert again.summary["metrics"] == res.summary["metrics"]

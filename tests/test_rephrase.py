@@ -707,3 +707,22 @@ def test_a_cache_that_cannot_be_written_is_a_typed_error_and_keeps_what_was_comm
 
     with Cache(tmp_path) as again:
         assert again.get_many("out", ["first", "k0"]) == {"first": {"text": "kept"}}  # the failed batch left nothing
+
+
+def test_token_scores_figure_marks_the_masked_tokens():
+    from matplotlib.figure import Figure
+
+    from detox_sft import rephrase
+
+    class Tokenizer:
+        def tokenize(self, text):
+            return text.split()
+
+        def convert_tokens_to_string(self, tokens):
+            return " ".join(tokens)
+
+    fig = rephrase.plot_token_scores(Tokenizer(), "you are a idiot", [0.5, 0.8, 0.6, 2.1], 1.2)
+    assert isinstance(fig, Figure)
+    bars = fig.axes[0].patches
+    assert [b.get_facecolor()[0] > 0.8 and b.get_facecolor()[1] < 0.3 for b in bars] == [False, False, False, True]
+    assert "1 of 4 tokens" in fig.axes[0].get_title()

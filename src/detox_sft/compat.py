@@ -237,42 +237,6 @@ __all__ += [
 ]
 
 
-# --- TRL 1.16 SFTConfig on transformers 5.24 (gradient_checkpointing renamed) ----------------------------------------
-# transformers 5.24 renamed TrainingArguments.gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs) and
-# warns (FutureWarning, "removed in v6") whenever the old name is set and the new one is not. TRL's SFTConfig sets the
-# old name's default to True, so every SFTConfig warned, in every notebook run, whatever the recipe said.
-
-
-def sft_checkpointing_kwargs(kwargs: dict) -> dict:
-    """SFTConfig keyword arguments with ``gradient_checkpointing(_kwargs)`` passed under their new names.
-
-    Breakage: transformers 5.24 deprecated ``gradient_checkpointing`` for ``activation_checkpointing``; TRL 1.16's
-    SFTConfig still defaults the old name (to True). A recipe's value moves to the new name (the new name wins when
-    both are given); when the recipe sets neither, SFTConfig's default is passed under the new name. The old
-    attributes still mirror the new ones on the built config. On a transformers without the new names, unchanged.
-    """
-    import dataclasses
-
-    from trl import SFTConfig
-
-    fields = {f.name: f for f in dataclasses.fields(SFTConfig)}
-    if "activation_checkpointing" not in fields:
-        return dict(kwargs)
-    out = dict(kwargs)
-    for old, new in (
-        ("gradient_checkpointing", "activation_checkpointing"),
-        ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
-    ):
-        if old in out:
-            out.setdefault(new, out.pop(old))
-        elif new not in out and old in fields and fields[old].default not in (None, dataclasses.MISSING):
-            out[new] = fields[old].default
-    return out
-
-
-__all__ += ["sft_checkpointing_kwargs"]
-
-
 # --- caikit runtime (caikit 0.28 / caikit-nlp 0.5.15 installed --no-deps on NumPy 2) -------------------------------
 # caikit's HTTP server builds its pydantic request models with `np.issubclass_` (removed in NumPy 2.0): without it
 # the runtime dies while starting the HTTP server. Its HTTP server binds "0.0.0.0" and its gRPC server "[::]", both

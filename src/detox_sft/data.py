@@ -1,12 +1,8 @@
-"""Training samples and evaluation prompts, for both profiles, from a hub id or a local path.
+"""Training samples and evaluation prompts from a hub id, a local path (JSONL, Parquet, CSV, a directory of
+``<split>.<ext>`` files, a ``save_to_disk`` directory) or ``zoo:rtp`` / ``zoo:wiki_toxic``.
 
-Training data follows allenai/real-toxicity-prompts (``prompt.text``, ``continuation.text``, ``prompt.toxicity``
-with some nulls); evaluation prompts follow OxAISH-AL-LLM/wiki_toxic (``comment_text``, ``label``). Your own data
-keeps its columns: the recipe's ``data`` section maps them (``prompt_field`` + ``continuation_field``, or one
-``text_field``; ``toxicity_field``; ``eval_text_field``, ``eval_label_field``). A reference is a hub id (read at
-``data.train_revision`` / ``data.eval_revision``), a local path (a JSONL, Parquet or CSV file, a directory of
-``<split>.jsonl`` / ``.parquet`` / ``.csv`` files, or a directory written by ``datasets.save_to_disk``) or ``zoo:rtp``
-/ ``zoo:wiki_toxic`` for the bundled synthetic corpora.
+The default schemas are allenai/real-toxicity-prompts and OxAISH-AL-LLM/wiki_toxic; the recipe's ``data`` section
+maps your own columns (``prompt_field`` + ``continuation_field`` or ``text_field``, ``toxicity_field``, ``eval_*``).
 """
 
 from __future__ import annotations
@@ -21,20 +17,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from detox_sft.files import atomic_writer
+from detox_sft.files import atomic_write_text
 from detox_sft.prompts import format_sample
 from detox_sft.refs import resolve_ref, revision_kwargs
-
-__all__ = [
-    "DataError",
-    "read_jsonl",
-    "read_records",
-    "write_jsonl_atomic",
-    "check_output",
-    "load_rows",
-    "load_train_dataset",
-    "load_eval_prompts",
-]
 
 
 class DataError(ValueError):
@@ -42,11 +27,7 @@ class DataError(ValueError):
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read a JSONL file of objects (blank lines skipped).
-
-    Raises:
-        DataError: a line is not UTF-8, not valid JSON or not an object; the message gives the line number.
-    """
+    """Read a JSONL file of objects (blank lines skipped); a bad line raises :class:`DataError` with its number."""
     with open(path, "rb") as fh:  # decoded line by line, so that a bad byte is reported with its line
         return _jsonl_records(fh, path)
 
@@ -56,51 +37,36 @@ def _jsonl_records(lines: Iterable[bytes], path: Any) -> list[dict[str, Any]]:
     for number, raw in enumerate(lines, 1):
         try:
             line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(
-                f"{path}: line {number} is not UTF-8 (byte {exc.start + 1}: {exc.reason}). "
-                "Fix: save the file as UTF-8, one JSON object per line."
-            ) from None
-        if not line.strip():
-            continue
-        try:
+            if not line.strip():
+                continue
             value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{path}: line {number} is not valid JSON ({exc.msg} at column {exc.colno}). "
-                "Fix: one JSON object per line."
-            ) from exc
-        except RecursionError:
-            raise DataError(
-                f"{path}: line {number} nests JSON too deeply to read. Fix: one flat JSON object per line."
-            ) from None
-        if not isinstance(value, dict):
-            raise DataError(
-                f"{path}: line {number} is a JSON {type(value).__name__}, not an object. Fix: one JSON object per line."
+            why = None if isinstance(value, dict) else f"a JSON {type(value).__name__}, not an object"
+        except UnicodeDecodeError as exc:
+            why = f"not UTF-8 (byte {exc.start + 1}: {exc.reason})"
+        except (json.JSONDecodeError, RecursionError) as exc:
+            why = (
+                f"not valid JSON ({exc.msg} at column {exc.colno})"
+                if isinstance(exc, ValueError)
+                else "nested too deep"
             )
+        if why:
+            raise DataError(f"{path}: line {number} is {why}. Fix: save it as UTF-8, one JSON object per line.")
         records.append(value)
     return records
 
 
 def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Read records from a JSONL file (as :func:`read_jsonl`) or a Parquet file, local or ``s3://bucket/key``.
-
-    S3 is reached with the data connection's variables (``AWS_S3_ENDPOINT``, ``AWS_ACCESS_KEY_ID``,
-    ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``) through pyarrow's S3 filesystem, as Ray Data reads S3.
-
-    Raises:
-        DataError: a bad JSONL line (its number is in the message).
-        OSError: the file or the object cannot be read.
-    """
+    """Records of a JSONL or Parquet file, local or ``s3://bucket/key`` (pyarrow's S3 filesystem, configured from
+    the data connection's ``AWS_*`` variables, as Ray Data reads S3)."""
     import pyarrow.parquet as pq
 
     text = str(path)
-    if not text.startswith("s3://"):
-        return pq.read_table(text).to_pylist() if text.endswith(".parquet") else read_jsonl(path)
-    filesystem, key = _s3_filesystem(), text.removeprefix("s3://")
+    filesystem = _s3_filesystem() if text.startswith("s3://") else None
     if text.endswith(".parquet"):
-        return pq.read_table(key, filesystem=filesystem).to_pylist()
-    with filesystem.open_input_stream(key) as stream:
+        return pq.read_table(text.removeprefix("s3://"), filesystem=filesystem).to_pylist()
+    if filesystem is None:
+        return read_jsonl(path)
+    with filesystem.open_input_stream(text.removeprefix("s3://")) as stream:
         return _jsonl_records(io.BytesIO(stream.read()), text)  # split as a local file is: at newlines only
 
 
@@ -120,23 +86,15 @@ def _s3_filesystem() -> Any:
 
 
 def write_jsonl_atomic(records: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> Path | str:
-    """Write records as JSONL, complete or absent: a local file through a temporary file and a rename; an
-    ``s3://bucket/key`` through the filesystem :func:`read_records` reads S3 with, as one object shown only whole.
-
-    Raises:
-        DataError: the S3 object cannot be written (the message names the fix).
-    """
+    """Write records as JSONL, complete or absent: locally through a rename, to ``s3://bucket/key`` as one object."""
+    data = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     if not str(path).startswith("s3://"):
-        with atomic_writer(path) as fh:
-            for record in records:
-                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-        return Path(path)
-    data = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode()
+        return atomic_write_text(path, data)
     try:
         # the finished bytes in one write: pyarrow sends one PUT below its part size (10 MiB), else a multipart
         # upload it completes at close only once every part is stored, so S3 never shows a partial object
         with _s3_filesystem().open_output_stream(str(path).removeprefix("s3://")) as out:
-            out.write(data)
+            out.write(data.encode())
     except OSError as exc:
         raise DataError(f"Cannot write {path} ({exc}). {_S3_FIX}") from None
     return str(path)
@@ -149,11 +107,7 @@ _S3_FIX = (
 
 
 def check_output(path: str | os.PathLike[str]) -> None:
-    """Before a long step: an ``s3://bucket/key`` output's bucket must be reachable (a local path passes as it is).
-
-    Raises:
-        DataError: the server, the credentials or the bucket are wrong (the message names the fix).
-    """
+    """Before a long step, raise :class:`DataError` unless an ``s3://`` output's bucket is reachable."""
     if not str(path).startswith("s3://"):
         return
     from pyarrow import fs
@@ -167,12 +121,10 @@ def check_output(path: str | os.PathLike[str]) -> None:
         raise DataError(f"Cannot write {path}: bucket {bucket!r} does not exist. {_S3_FIX}")
 
 
-# a local file's format by its suffix (data.format: auto)
 _FILE_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv"}
 
 
 def _read_file(path: Path, kind: str) -> Any:
-    """A JSONL (line-numbered errors), Parquet or CSV file as a :class:`datasets.Dataset`."""
     from datasets import Dataset
 
     if kind == "jsonl":
@@ -180,25 +132,14 @@ def _read_file(path: Path, kind: str) -> Any:
     try:
         return Dataset.from_parquet(str(path)) if kind == "parquet" else Dataset.from_csv(str(path))
     except Exception as exc:  # pyarrow and pandas raise many kinds for a malformed file
-        raise DataError(
-            f"{path}: cannot read it as {kind} ({type(exc).__name__}: {exc}). Fix: check the file, or set "
-            "data.format (auto, jsonl, parquet, csv, hub) to its real format."
-        ) from exc
+        raise DataError(f"{path}: not readable as {kind} ({exc!r}). Fix: check it, or set data.format.") from exc
 
 
 def load_rows(ref: str, split: str, format: str = "auto", revision: str | None = None) -> Any:
-    """Load one split of a dataset as a :class:`datasets.Dataset`.
+    """One split of a dataset reference (see the module) as a :class:`datasets.Dataset`.
 
-    Args:
-        ref: hub id, local path (a JSONL, Parquet or CSV file; a directory of ``<split>.jsonl`` / ``.parquet`` /
-            ``.csv`` files; a ``save_to_disk`` directory) or ``zoo:<name>``.
-        split: the split to read (a single file is taken as the requested split).
-        format: ``auto`` (by the reference), ``jsonl``, ``parquet``, ``csv`` (read a file as that format, whatever its
-            name) or ``hub`` (``datasets.load_dataset`` on the reference, a hub id or a local dataset directory).
-        revision: the hub commit to read (``data.train_revision``); ignored for ``zoo:`` references.
-
-    Raises:
-        DataError: the dataset or the split cannot be found; the message says what to do.
+    ``format``: ``auto`` (by the name), ``jsonl``, ``parquet``, ``csv`` or ``hub`` (``datasets.load_dataset``); a
+    single file is taken as the split; ``revision`` pins a hub dataset.
     """
     from datasets import DatasetDict, load_from_disk
 
@@ -209,23 +150,17 @@ def load_rows(ref: str, split: str, format: str = "auto", revision: str | None =
     if path.is_file():
         kind = _FILE_FORMATS.get(path.suffix.lower()) if format == "auto" else format
         if kind is None:
-            raise DataError(
-                f"dataset {ref!r}: {path} is not a JSONL, Parquet or CSV file by its name. Fix: give a .jsonl, "
-                ".parquet or .csv file (or set data.format to its format), a directory of <split>.jsonl files or a "
-                "datasets.save_to_disk directory."
-            )
+            raise DataError(f"dataset {ref!r}: {path} is not .jsonl, .parquet or .csv. Fix: set data.format.")
         return _read_file(path, kind)
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             saved = load_from_disk(str(path))
-            if isinstance(saved, DatasetDict):
-                if split not in saved:
-                    raise DataError(
-                        f"dataset {ref!r} has no split {split!r} (has {sorted(saved)}). "
-                        "Fix: set the split in the recipe's data section."
-                    )
-                return saved[split]
-            return saved
+            if isinstance(saved, DatasetDict) and split not in saved:
+                raise DataError(
+                    f"dataset {ref!r} has no split {split!r} (has {sorted(saved)}). "
+                    "Fix: set the split in the recipe's data section."
+                )
+            return saved[split] if isinstance(saved, DatasetDict) else saved
         for suffix, kind in _FILE_FORMATS.items():
             candidate = path / f"{split}{suffix}"
             if candidate.is_file() and format in ("auto", kind):
@@ -238,14 +173,12 @@ def load_rows(ref: str, split: str, format: str = "auto", revision: str | None =
     looks_local = ref.startswith((".", "/", "~")) or Path(ref).suffix.lower() in _FILE_FORMATS or ref.count("/") != 1
     if looks_local:
         raise DataError(
-            f"dataset {ref!r} not found (no such file or directory). Fix: give an existing path, a hub "
-            "id such as allenai/real-toxicity-prompts, or zoo:rtp / zoo:wiki_toxic."
+            f"dataset {ref!r} not found. Fix: give an existing path, a hub id, or zoo:rtp / zoo:wiki_toxic."
         )
     return _load_hub(ref, resolved, split, revision)
 
 
 def _load_hub(ref: str, resolved: str, split: str, revision: str | None) -> Any:
-    """``datasets.load_dataset`` on a hub id (at ``revision``) or a local dataset directory."""
     from datasets import load_dataset
 
     try:
@@ -263,36 +196,22 @@ def _load_hub(ref: str, resolved: str, split: str, revision: str | None) -> Any:
         ) from exc
 
 
-def _field(row: dict[str, Any], dotted: str) -> Any:
+def _has(row: dict[str, Any], dotted: str) -> bool:
     value: Any = row
     for part in dotted.split("."):
         if not isinstance(value, dict) or part not in value:
-            raise KeyError(dotted)
+            return False
         value = value[part]
-    return value
-
-
-def _has(row: dict[str, Any], dotted: str) -> bool:
-    try:
-        _field(row, dotted)
-    except KeyError:
-        return False
     return True
 
 
 def _fields_of(row: dict[str, Any], prefix: str = "") -> list[str]:
-    """A row's field names, nested mappings as dotted names (``prompt.text``), for error messages."""
-    names: list[str] = []
-    for key, value in row.items():
-        if isinstance(value, dict) and value:
-            names += _fields_of(value, f"{prefix}{key}.")
-        else:
-            names.append(f"{prefix}{key}")
-    return names
+    """A row's field names, nested ones dotted (``prompt.text``)."""
+    nested = {k: _fields_of(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [prefix + k] for k, v in row.items()}
+    return [name for names in nested.values() for name in names]
 
 
 def _column(ds: Any, dotted: str) -> list[Any]:
-    """Every row's value of a (dotted) field; null where a row's nested mapping lacks it."""
     top, _, rest = dotted.partition(".")
     values = list(ds[top])
     for part in rest.split(".") if rest else []:
@@ -300,20 +219,7 @@ def _column(ds: Any, dotted: str) -> list[Any]:
     return values
 
 
-def _require(first: dict[str, Any], names: list[str], ref: str) -> None:
-    """The default schema's fields (no column mapping in the recipe) are there."""
-    for name in names:
-        if not _has(first, name):
-            raise DataError(
-                f"dataset {ref!r} has no field {name!r} (columns: {', '.join(_fields_of(first))}). Fix: map your "
-                "columns (data.prompt_field and data.continuation_field, or data.text_field; data.toxicity_field), "
-                "or use a dataset in the allenai/real-toxicity-prompts schema (prompt.text, continuation.text, "
-                "prompt.toxicity)."
-            )
-
-
 def _require_mapped(first: dict[str, Any], field: str, column: str, ref: str) -> None:
-    """A column the recipe's ``field`` names is there."""
     if not _has(first, column):
         raise DataError(
             f"{field}: {column!r} is not a column of {ref!r} (columns: {', '.join(_fields_of(first))}). "
@@ -322,7 +228,6 @@ def _require_mapped(first: dict[str, Any], field: str, column: str, ref: str) ->
 
 
 def _texts(values: list[Any], field: str, column: str) -> list[str | None]:
-    """The values of a text column; anything but text or null is an error naming the recipe field."""
     for i, value in enumerate(values):
         if value is not None and not isinstance(value, str):
             raise DataError(
@@ -333,7 +238,7 @@ def _texts(values: list[Any], field: str, column: str) -> list[str | None]:
 
 
 def _scores(values: list[Any], field: str, column: str) -> list[float | None]:
-    """The values of a toxicity column as floats (null and NaN -> `None`); anything else outside [0, 1] is an error."""
+    """A toxicity column as floats (null and NaN -> `None`); a value outside [0, 1] is an error."""
     out: list[float | None] = []
     for i, value in enumerate(values):
         if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -349,9 +254,7 @@ def _scores(values: list[Any], field: str, column: str) -> list[float | None]:
 
 
 def _train_columns(data_cfg: Any, first: dict[str, Any]) -> dict[str, tuple[str, str]]:
-    """Role (``prompt``, ``continuation`` or ``text``, ``toxicity``, ``continuation_toxicity``) -> (the recipe field
-    that names it, the dotted column): the recipe's column mapping, else the allenai/real-toxicity-prompts schema
-    (nested ``prompt.text`` ... or flat ``prompt`` ...)."""
+    """Role -> (the recipe field naming it, the dotted column): the recipe's mapping, else the RTP schema."""
     ref = data_cfg.train_dataset
     mapped = {
         role: (f"data.{role}_field", column)
@@ -363,15 +266,16 @@ def _train_columns(data_cfg: Any, first: dict[str, Any]) -> dict[str, tuple[str,
     nested = isinstance(first.get("prompt"), dict)
     prompt, continuation = ("prompt.text", "continuation.text") if nested else ("prompt", "continuation")
     if not {"prompt", "text"} & set(mapped):
-        _require(first, [prompt, continuation], ref)
-        mapped["prompt"], mapped["continuation"] = (
-            ("data.prompt_field", prompt),
-            ("data.continuation_field", continuation),
-        )
-    if "toxicity" not in mapped:
-        found = [c for c in ("prompt.toxicity", "toxicity") if _has(first, c)]
-        if found:
-            mapped["toxicity"] = ("data.toxicity_field", found[0])
+        for name in (prompt, continuation):
+            if not _has(first, name):
+                raise DataError(
+                    f"dataset {ref!r} has no field {name!r} (columns: {', '.join(_fields_of(first))}). Fix: map your "
+                    "columns (data.prompt_field and data.continuation_field, or data.text_field; "
+                    "data.toxicity_field), or use the allenai/real-toxicity-prompts schema."
+                )
+        mapped |= {"prompt": ("data.prompt_field", prompt), "continuation": ("data.continuation_field", continuation)}
+    if "toxicity" not in mapped and (found := [c for c in ("prompt.toxicity", "toxicity") if _has(first, c)]):
+        mapped["toxicity"] = ("data.toxicity_field", found[0])
     if "text" not in mapped and data_cfg.prompt_field is None:  # the schema's continuation toxicity, when present
         column = "continuation.toxicity" if nested else "continuation_toxicity"
         if _has(first, column):
@@ -380,23 +284,10 @@ def _train_columns(data_cfg: Any, first: dict[str, Any]) -> dict[str, tuple[str,
 
 
 def load_train_dataset(data_cfg: Any, seed: int) -> Any:
-    """The SFT samples as ``DatasetDict(train, test)``.
+    """The SFT samples as ``DatasetDict(train, test)``, filtered, drawn with ``seed`` and split as ``data_cfg`` says.
 
-    Columns: ``prompt``, ``continuation``, ``toxicity`` (the prompt's, nulls -> 0.0), ``toxicity_missing`` (was it
-    null), ``continuation_toxicity`` (nulls -> 0.0) and ``text`` (:func:`format_sample`). The dataset's columns are
-    the recipe's mapping (``data.prompt_field`` + ``data.continuation_field``, or ``data.text_field`` split after
-    ``data.text_prompt_words`` words; ``data.toxicity_field``), else the allenai/real-toxicity-prompts schema.
-    Samples with a null or empty prompt or continuation, below ``data_cfg.min_toxicity`` or with a text longer than
-    ``data_cfg.max_chars`` are dropped, then ``num_train_samples`` are drawn with ``seed`` and ``test_size`` of them
-    held out.
-
-    Args:
-        data_cfg: a :class:`detox_sft.config.DataConfig`.
-        seed: the recipe's seed (same seed, same samples and split).
-
-    Raises:
-        DataError: the dataset or a mapped column is missing (the message names the recipe field and the columns
-            there are), a column holds the wrong type, or no sample survives the filters.
+    Columns: ``prompt``, ``continuation``, ``toxicity`` (nulls -> 0.0), ``toxicity_missing``,
+    ``continuation_toxicity`` and ``text`` (:func:`format_sample`).
     """
     from datasets import Dataset, DatasetDict
 
@@ -424,9 +315,7 @@ def load_train_dataset(data_cfg: Any, seed: int) -> Any:
         if prompt is None or cont is None or not prompt.strip() or not cont.strip():
             continue
         text = format_sample(prompt, cont)
-        if len(text) > data_cfg.max_chars:
-            continue
-        if data_cfg.min_toxicity is not None and (tox or 0.0) < data_cfg.min_toxicity:
+        if len(text) > data_cfg.max_chars or (tox or 0.0) < (data_cfg.min_toxicity or 0.0):
             continue
         records.append(
             {
@@ -446,14 +335,12 @@ def load_train_dataset(data_cfg: Any, seed: int) -> Any:
             "raise data.max_chars" + (" or lower data.text_prompt_words." if words else ".")
         )
     random.Random(seed).shuffle(records)
-    if data_cfg.num_train_samples is not None:
-        if data_cfg.num_train_samples > len(records):
+    if (wanted := data_cfg.num_train_samples) is not None:
+        if wanted > len(records):
             warnings.warn(
-                f"data.num_train_samples={data_cfg.num_train_samples} but only {len(records)} samples pass "
-                "the filters; using all of them",
-                stacklevel=2,
+                f"data.num_train_samples={wanted}, but only {len(records)} samples pass the filters", stacklevel=2
             )
-        records = records[: data_cfg.num_train_samples]
+        records = records[:wanted]
     n_test = max(1, round(len(records) * data_cfg.test_size))
     if n_test >= len(records):
         raise DataError(
@@ -464,21 +351,8 @@ def load_train_dataset(data_cfg: Any, seed: int) -> Any:
 
 
 def load_eval_prompts(data_cfg: Any, seed: int) -> list[str]:
-    """The evaluation prompts: the first ``eval_prompt_words`` words of comments with label ``eval_label``.
-
-    The comments are the column ``data.eval_text_field`` (``comment_text``), the labels ``data.eval_label_field``
-    (``label``), as in OxAISH-AL-LLM/wiki_toxic.
-
-    ``num_eval_prompts`` comments are drawn with ``seed`` (same seed, same prompts, same order); fewer when the split
-    has fewer.
-
-    Args:
-        data_cfg: a :class:`detox_sft.config.DataConfig`.
-        seed: the recipe's seed.
-
-    Raises:
-        DataError: the dataset or a field is missing, or no comment has the label.
-    """
+    """``num_eval_prompts`` prompts drawn with ``seed``: the first ``eval_prompt_words`` words of the comments
+    labelled ``eval_label``."""
     ds = load_rows(data_cfg.eval_dataset, data_cfg.eval_split, data_cfg.eval_format, data_cfg.eval_revision)
     if len(ds) == 0:
         raise DataError(f"dataset {data_cfg.eval_dataset!r} split {data_cfg.eval_split!r} is empty.")
@@ -499,7 +373,6 @@ def load_eval_prompts(data_cfg: Any, seed: int) -> list[str]:
     random.Random(seed).shuffle(order)
     if data_cfg.num_eval_prompts > len(prompts):
         warnings.warn(
-            f"data.num_eval_prompts={data_cfg.num_eval_prompts} but only {len(prompts)} prompts; using all",
-            stacklevel=2,
+            f"data.num_eval_prompts={data_cfg.num_eval_prompts} but only {len(prompts)} prompts", stacklevel=2
         )
     return [prompts[i] for i in order[: data_cfg.num_eval_prompts]]

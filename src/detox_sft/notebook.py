@@ -35,7 +35,6 @@ __all__ = [
     "compare_arms",
     "ConfigView",
     "show_config",
-    "plot_token_scores",
     "training_table",
     "bucket_table",
     "survival_table",
@@ -280,37 +279,6 @@ def show_config(config: Any, always: Any = ()) -> ConfigView:
         if f.name in always or default is dataclasses.MISSING or value != default:
             fields[f.name] = value
     return ConfigView(name, fields)
-
-
-def plot_token_scores(tokenizer: Any, sentence: str, scores: Any, threshold: float) -> Any:
-    """TMaRCo's score of each token of ``sentence`` as bars, the mask threshold as a line; masked tokens in red.
-
-    Args:
-        tokenizer: TMaRCo's tokenizer (``tmarco.tokenizer``): the tokens are its ``tokenize(sentence)``, as in
-            ``TMaRCo.score`` and ``TMaRCo.mask``.
-        sentence: the sentence that was scored.
-        scores: ``tmarco.score([sentence])[0]``: one score per token (the experts' disagreement over its mean).
-        threshold: the mask threshold (``rephrase.mask_threshold``): TMaRCo masks the tokens scoring above it.
-
-    Returns:
-        The figure.
-    """
-    from matplotlib.figure import Figure
-
-    tokens = tokenizer.tokenize(sentence)
-    labels = [tokenizer.convert_tokens_to_string([t]).strip() or repr(t) for t in tokens]
-    values = [float(v) for v in scores]
-    masked = [v > threshold for v in values]
-    fig = Figure(figsize=(min(14.0, max(6.0, 0.42 * len(tokens))), 3.4))
-    ax = fig.subplots()
-    ax.bar(range(len(values)), values, color=["#d62728" if m else "#9e9e9e" for m in masked])
-    ax.axhline(threshold, color="black", linestyle="--", linewidth=1, label=f"mask threshold {threshold:g}")
-    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=9)
-    ax.set_ylabel("disagreement / sentence mean")
-    ax.set_title(f"TMaRCo token scores: {sum(masked)} of {len(tokens)} tokens above the threshold (red) are masked")
-    ax.legend(loc="upper left", frameon=False)
-    fig.tight_layout()
-    return fig
 
 
 def training_table(train_results: dict[str, Any]) -> Any:

@@ -1,17 +1,10 @@
-"""S3 storage for the exported model: ``upload_dir``, ``download_prefix``, ``list_prefix`` (and ``upload_export``).
+"""S3 storage for the exported model: :func:`upload_dir`, :func:`download_prefix`, :func:`list_prefix`.
 
-The connection comes from explicit arguments that default to the data-connection variables (AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_S3_ENDPOINT, AWS_S3_BUCKET, AWS_DEFAULT_REGION), read when called; secrets are never printed.
-
-An upload runs on boto3's transfer manager (files and multipart parts in parallel). Each object carries its
-full-object CRC32 (botocore's ``ChecksumCRC32``; botocore adds each part's), which the server checks on receipt
-(BadDigest) and keeps. A file whose object S3 reports with the same size and CRC32 (or the same plain-MD5 ETag) is
-skipped, so a rerun resumes. The completion marker ``<prefix>/.detox-sft-upload.json`` (each file's size, CRC32, ETag)
-is deleted first and written last: a failed upload never looks done. One writer per prefix is expected (no lock), and
-an upload never aborts a multipart upload it did not start (a bucket lifecycle rule clears a killed run's parts).
-
-A download needs the marker unless ``require_complete=False`` (``--allow-incomplete``: the objects as they are). Each
-file goes to a temporary name, is checked against its CRC32 and renamed into place; a rerun skips the files there.
+Connection settings default to the data-connection variables (``AWS_*``), read when called; secrets never printed.
+Uploads run on boto3's transfer manager, each object with its CRC32 (botocore's ``ChecksumCRC32``, checked by the
+server); unchanged files are skipped, so a rerun resumes. The completion marker ``<prefix>/.detox-sft-upload.json`` is
+deleted first and written last; one writer per prefix is expected (no lock). Downloads need the marker unless
+``require_complete=False``, and check each file's CRC32 before renaming it into place.
 """
 
 from __future__ import annotations
@@ -23,7 +16,6 @@ import hashlib
 import json
 import os
 import re
-import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -38,8 +30,6 @@ MARKER_NAME = ".detox-sft-upload.json"
 DEFAULT_PREFIX = "models/opt-350m-detox"  # = StorageConfig.prefix; the manifests reference it
 _PART_SUFFIX = ".detox-sft-part"  # a download's temporary file: .<name>.detox-sft-part (s3transfer adds its own)
 _PART_SIZE = 8 * 2**20
-_SESSION_LOCK = threading.Lock()
-_SESSION = None  # one boto3 Session, made on first use: a new one reloads the service model (~0.1 s)
 
 
 class StorageError(RuntimeError):
@@ -68,16 +58,8 @@ class ChecksumMismatchError(StorageError):
 
 @dataclass(frozen=True, repr=False)
 class S3Settings:
-    """Where and how to reach S3: an OpenShift AI data connection (:meth:`from_env`), or explicit values.
-
-    Attributes:
-        endpoint: endpoint URL (``AWS_S3_ENDPOINT``); `None` means AWS itself.
-        bucket: bucket name (``AWS_S3_BUCKET``).
-        access_key, secret_key: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``; `None` lets boto3 look elsewhere.
-        region: ``AWS_DEFAULT_REGION``.
-        connect_timeout, read_timeout: seconds; max_attempts: per request (botocore's "standard" retries).
-        verify_tls: verify the endpoint's certificate; a path is a CA bundle.
-    """
+    """Where and how to reach S3: a data connection (:meth:`from_env`) or explicit values; ``endpoint`` `None` is
+    AWS, ``verify_tls`` may be a CA bundle path, ``max_attempts`` is per request (botocore's standard retries)."""
 
     endpoint: str | None = None
     bucket: str | None = None
@@ -128,7 +110,6 @@ class S3Settings:
 
     def client(self, max_pool_connections: int = 10) -> Any:
         """A boto3 S3 client; path-style addressing with a custom endpoint (MinIO, Ceph, SeaweedFS)."""
-        global _SESSION
         import boto3
         from botocore.config import Config
 
@@ -140,17 +121,15 @@ class S3Settings:
             retries={"mode": "standard", "max_attempts": self.max_attempts},
             max_pool_connections=max_pool_connections,
         )
-        with _SESSION_LOCK:  # creating clients from one session is not thread-safe
-            _SESSION = _SESSION or boto3.session.Session()
-            return _SESSION.client(
-                "s3",
-                endpoint_url=self.endpoint,
-                aws_access_key_id=self.access_key,
-                aws_secret_access_key=self.secret_key,
-                region_name=self.region,
-                verify=self.verify_tls,
-                config=config,
-            )
+        return boto3.session.Session().client(  # a session of its own: sessions are not thread-safe
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=self.region,
+            verify=self.verify_tls,
+            config=config,
+        )
 
 
 def _connect(settings: S3Settings | None, bucket: str | None, concurrency: int = 8) -> tuple[S3Settings, Any]:
@@ -164,7 +143,7 @@ _AUTH_CODES = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken", "E
 
 
 def _translate(exc: BaseException, settings: S3Settings, what: str) -> StorageError | None:
-    """A botocore error as a StorageError that names the fix (secrets scrubbed); None if it is not one."""
+    """A botocore error as a StorageError naming the fix (secrets scrubbed); `None` if it is not one."""
     from botocore import exceptions as bexc
 
     where = f"the S3 endpoint {settings.endpoint or 'AWS'}"
@@ -173,10 +152,8 @@ def _translate(exc: BaseException, settings: S3Settings, what: str) -> StorageEr
     if isinstance(exc, bexc.SSLError):
         return S3UnavailableError(f"{what}: TLS verification failed for {where}. Fix: pass its CA (--ca-bundle).")
     if isinstance(exc, bexc.ConnectionError | bexc.HTTPClientError | ConnectionError):
-        return S3UnavailableError(
-            f"{what}: cannot reach {where} ({type(exc).__name__}). Fix: check AWS_S3_ENDPOINT of the data "
-            "connection and that the server is running; rerun the same command to resume."
-        )
+        fix = "Fix: check AWS_S3_ENDPOINT and that the server is running; rerun to resume."
+        return S3UnavailableError(f"{what}: cannot reach {where} ({type(exc).__name__}). {fix}")
     if not isinstance(exc, bexc.ClientError):  # s3transfer wraps some failures: look at the cause
         cause = getattr(exc, "last_exception", None) or exc.__cause__
         return _translate(cause, settings, what) if isinstance(cause, Exception) else None
@@ -187,19 +164,14 @@ def _translate(exc: BaseException, settings: S3Settings, what: str) -> StorageEr
     detail = f"{code}{': ' + message if message else ''}"
     if code == "BadDigest":
         return ChecksumMismatchError(
-            f"{what}: the server refused bytes that do not match the local file's CRC32 ({detail}): was a file "
-            "changed during the upload? Fix: rerun the upload."
+            f"{what}: CRC32 refused by the server ({detail}): a file changed during the upload?"
         )
     if code in _AUTH_CODES:
-        return S3AuthError(
-            f"{what}: {where} refused the credentials ({detail}). Fix: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
-            "of the data connection (and that this user may read and write the bucket)."
-        )
+        fix = "Fix: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (and this user's rights on the bucket)."
+        return S3AuthError(f"{what}: {where} refused the credentials ({detail}). {fix}")
     if code in ("NoSuchBucket", "404", "NotFound"):
-        return BucketNotFoundError(
-            f"{what}: bucket {settings.bucket!r} does not exist at {where}. Fix: check AWS_S3_BUCKET of the data "
-            "connection, or create it (--create-bucket)."
-        )
+        fix = "Fix: check AWS_S3_BUCKET, or create it (--create-bucket)."
+        return BucketNotFoundError(f"{what}: bucket {settings.bucket!r} does not exist at {where}. {fix}")
     if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
         return S3UnavailableError(f"{what}: {where} failed ({detail}). Fix: check the server; rerun to resume.")
     return StorageError(f"{what}: S3 error {detail}.")
@@ -212,8 +184,7 @@ def _s3_errors(settings: S3Settings, what: str):
     except StorageError:
         raise
     except Exception as exc:
-        mapped = _translate(exc, settings, what)
-        if mapped is None:
+        if (mapped := _translate(exc, settings, what)) is None:
             raise
         raise mapped from None  # botocore's chain can carry request details; the message is enough
 
@@ -282,8 +253,7 @@ class S3Object:
 
 @dataclass
 class UploadReport:
-    """What :func:`upload_dir` did: keys uploaded and skipped (unchanged), their bytes, the objects under the prefix
-    that are not in the directory (deleted only with ``delete_extra``), the completion marker, the wall time."""
+    """What :func:`upload_dir` did; ``extra_keys``: objects under the prefix that are not in the directory."""
 
     bucket: str
     prefix: str
@@ -306,8 +276,7 @@ class UploadReport:
 
 @dataclass
 class DownloadReport:
-    """What :func:`download_prefix` did: files fetched and skipped (already there with their CRC32), how many were
-    checked against a CRC32 (``unverified``: no checksum known, checked by size), whether the marker was there."""
+    """What :func:`download_prefix` did; ``unverified``: files with no CRC32 known (checked by size)."""
 
     bucket: str
     prefix: str
@@ -330,8 +299,8 @@ class DownloadReport:
 
 
 def ensure_bucket(create: bool = False, *, settings: S3Settings | None = None, bucket: str | None = None) -> str:
-    """Check that the bucket exists and the credentials work (a LIST: a HEAD's 403 has no body to say why); create a
-    missing bucket when asked. Raises BucketNotFoundError, S3AuthError or S3UnavailableError with the fix."""
+    """Check the bucket and credentials (a LIST: a HEAD's 403 has no body to say why); create a missing bucket when
+    asked."""
     from botocore.exceptions import ClientError
 
     settings, client = _connect(settings, bucket)
@@ -375,22 +344,13 @@ def upload_dir(
     delete_extra: bool = False,
     max_bandwidth: int | None = None,
 ) -> UploadReport:
-    """Upload a directory under a prefix: parallel multipart transfers, CRC32-checked, unchanged files skipped.
+    """Upload a directory under ``prefix`` (default ``recipe.storage.prefix``): CRC32-checked, unchanged files skipped.
 
-    Args:
-        local_dir: the directory; its relative paths become keys under ``prefix``.
-        prefix: default ``recipe.storage.prefix``; :func:`model_prefixes` gives the ``/caikit`` and ``/hf`` ones.
-        settings, bucket: connection (default: the data connection) and a bucket that overrides its own.
-        recipe: supplies the defaults of ``prefix`` and ``max_concurrency`` (storage section).
-        max_concurrency: parallel requests (files and parts).
-        create_bucket: create the bucket if it is missing.
-        progress: show a tqdm bar.
-        delete_extra: delete the objects under the prefix that are not in the directory.
-        max_bandwidth: bytes per second (s3transfer's limiter), for a shared link.
+    ``delete_extra`` deletes objects under the prefix that are not in the directory; ``max_bandwidth`` is in bytes/s.
 
     Raises:
         FileNotFoundError: ``local_dir`` is missing or empty.
-        StorageError: its subclasses name the cause and the fix; the completion marker is then absent: rerun.
+        StorageError: a subclass naming the cause and the fix; the completion marker is then absent: rerun.
     """
     start, local = time.perf_counter(), Path(local_dir)
     files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != MARKER_NAME) if local.is_dir() else []
@@ -468,8 +428,7 @@ def _safe_dest(root: Path, rel: str) -> Path:
 
 
 def _wanted(client: Any, bucket: str, prefix: str, what: str, require_complete: bool) -> list[tuple]:
-    """(key, size, expected CRC32 or None) per object: the manifest's, or with ``require_complete`` false every
-    object listed now, with the CRC32 S3 reports for it."""
+    """(key, size, expected CRC32 or None) per object: the marker's manifest, or every object listed now."""
     listing = _list(client, bucket, prefix)
     marker, fix = listing.pop(_join(prefix, MARKER_NAME), None), "Fix: rerun `detox-sft upload` for this prefix"
     if not require_complete:
@@ -507,16 +466,8 @@ def download_prefix(
 ) -> DownloadReport:
     """Download the objects under ``prefix/`` into ``local_dir``: CRC32-verified, atomic per file, resumable.
 
-    Args:
-        prefix: key prefix, e.g. ``models/opt-350m-detox/caikit``.
-        local_dir: destination (created); relative key paths are kept.
-        settings, bucket, max_concurrency, progress: as in :func:`upload_dir`.
-        require_complete: refuse a prefix without its completion marker, or whose objects changed since. With False,
-            the objects listed now, each checked against the CRC32 S3 reports for it (when it keeps one).
-
-    Raises:
-        StorageError: its subclasses name the cause and the fix; a file that fails its check is not kept.
-        OSError: no room on the disk; the files in place are complete, a rerun fetches the rest.
+    ``require_complete`` refuses a prefix without its completion marker or changed since; without it, the objects
+    listed now, each checked against the CRC32 S3 reports (when it keeps one).
     """
     start, prefix, root = time.perf_counter(), _norm_prefix(prefix), Path(local_dir)
     settings, client = _connect(settings, bucket, max_concurrency)
@@ -567,11 +518,7 @@ def download_prefix(
 def upload_export(
     recipe: Recipe, *, settings: S3Settings | None = None, create_bucket: bool = False, progress: bool = True
 ) -> dict[str, UploadReport]:
-    """Upload the run's exports: ``export/caikit/<model_id>`` to ``<prefix>/caikit``, ``export/hf`` to ``<prefix>/hf``.
-
-    Raises:
-        FileNotFoundError: neither export exists (run the export step first).
-    """
+    """Upload the run's Caikit and HF exports to ``<prefix>/caikit`` and ``<prefix>/hf`` (:func:`model_prefixes`)."""
     sources = {"caikit": recipe.paths.caikit_export(recipe.export.model_id), "hf": recipe.paths.hf_export}
     present = {kind: path for kind, path in sources.items() if path.is_dir()}
     if not present:
@@ -588,8 +535,7 @@ def upload_export(
 
 
 def upload_prefix(local_dir: str | os.PathLike[str], base: str = DEFAULT_PREFIX) -> str:
-    """The key prefix a directory goes under: ``<base>/caikit`` for a Caikit directory (``config.yml``),
-    ``<base>/hf`` for a Hugging Face one (``config.json``), ``<base>`` for anything else."""
+    """``<base>/caikit`` for a Caikit directory, ``<base>/hf`` for a Hugging Face one, else ``<base>``."""
     local, prefixes = Path(local_dir), model_prefixes(base)
     if (local / "config.yml").is_file():
         return prefixes["caikit"]

@@ -1,12 +1,8 @@
-"""Toxicity scorers: the roberta hate-speech classifier (tutorial), two offline classifiers shipped in PyPI packages
-(alt-profanity-check, HateSonar) and the offline zoo's exact judge (its generator's toxic lexicon).
+"""Toxicity scorers: ``load_scorer(name)(texts)`` is a float array of P(toxic), one per text, in order.
 
-Every scorer maps a list of texts to a float array of toxicity probabilities in [0, 1], in order, in batches.
-:func:`load_scorer` takes ``profanity-check``, ``hatesonar``, ``zoo:lexicon`` (or the path of such a lexicon JSON
-file), or a hub id / local directory of a sequence classifier.
-The same scorers are offered through the `evaluate` API by the local measurement module in
-``detox_sft/measurements/toxicity`` (see :func:`load_measurement`), which works offline and on transformers 5, unlike
-``evaluate.load("toxicity")`` (hub-only, and its script breaks on current pipeline outputs).
+Names: ``profanity-check`` and ``hatesonar`` (offline classifiers from PyPI), ``zoo:lexicon`` (the offline zoo's exact
+judge) or a lexicon JSON path, a hub id or local directory of a sequence classifier. :func:`load_measurement` offers
+them through the `evaluate` API (``evaluate.load("toxicity")`` needs the hub and breaks on transformers 5).
 """
 
 from __future__ import annotations
@@ -23,23 +19,6 @@ import numpy as np
 from detox_sft.compat import hatesonar_session
 from detox_sft.devices import resolve_device
 from detox_sft.refs import is_hub_ref, resolve_ref, revision_kwargs
-
-__all__ = [
-    "OFFLINE_SCORER",
-    "HATESONAR_SCORER",
-    "LEXICON_SCORER",
-    "HATE_SPEECH_SCORER",
-    "MEASUREMENT_DIR",
-    "Scorer",
-    "ProfanityCheckScorer",
-    "HateSonarScorer",
-    "LexiconScorer",
-    "HateSpeechScorer",
-    "ScorerError",
-    "load_scorer",
-    "load_scorers",
-    "load_measurement",
-]
 
 OFFLINE_SCORER = "profanity-check"
 HATESONAR_SCORER = "hatesonar"
@@ -94,12 +73,7 @@ class ProfanityCheckScorer:
 
 @dataclass
 class HateSonarScorer:
-    """HateSonar's classifier, shipped as ONNX in the PyPI package hatesonar (offline): toxicity = 1 - P(neither).
-
-    A TF-IDF + logistic regression model trained on Davidson et al. (2017)'s tweets labelled hate speech / offensive
-    language / neither; the session comes from :func:`detox_sft.compat.hatesonar_session` (the shipped graph needs a
-    locale most machines lack).
-    """
+    """HateSonar's ONNX classifier (Davidson et al. 2017, offline): toxicity = 1 - P(neither)."""
 
     name: str = HATESONAR_SCORER
     _session: object = field(default=None, repr=False)
@@ -123,18 +97,10 @@ class HateSonarScorer:
 
 @dataclass
 class LexiconScorer:
-    """1.0 when a text holds a word or phrase of a toxic lexicon (whole words, any case, any spacing), else 0.0.
+    """1.0 when a text holds a whole word or phrase of the lexicon (any case, any spacing), else 0.0.
 
-    With the offline zoo's ``lexicon.json`` (``zoo:lexicon``) this is the synthetic world's exact judge: the words that
-    only the corpus generator's toxic fillers use, which it inserts verbatim (a capital first letter and trailing
-    punctuation are all it changes), so a generated sentence holds one exactly when the generator made it toxic (see
-    :func:`detox_sft_dev.zoo.corpus.toxic_lexicon`). It shares nothing with the classifiers that gate the training data or
-    built the corpus.
-
-    Attributes:
-        path (`str`): a JSON file ``{"toxic_words": ["idiot", "what the hell", ...]}`` (an entry of several words
-            matches with any whitespace between them).
-        name (`str`, defaults to ``"zoo:lexicon"``): the name results are reported under.
+    ``path``: a JSON file ``{"toxic_words": [...]}``. With ``zoo:lexicon`` this is the synthetic corpus's exact judge
+    (the words only its generator's toxic fillers use), independent of the gate and the corpus's classifiers.
     """
 
     path: str
@@ -166,19 +132,9 @@ class LexiconScorer:
 
 @dataclass
 class HateSpeechScorer:
-    """A sequence classifier whose toxicity is P(label), e.g. facebook/roberta-hate-speech-dynabench-r4-target.
+    """A text-classification pipeline's P(``toxic_label``) (`None`: the first known toxic label the model has).
 
-    A transformers ``pipeline("text-classification", top_k=None)``: every label's probability (softmax over the
-    labels for a multi-label head), of which the toxic label's is kept.
-
-    Attributes:
-        name (`str`): hub id or local path of the classifier.
-        device (`str`, defaults to ``"cpu"``): ``cpu``, ``cuda`` or ``auto``.
-        batch_size (`int`, defaults to 32): texts per forward pass (texts are sorted by length to limit padding).
-        toxic_label (`str` or `None`): the label whose probability is the toxicity; `None` picks the first of
-            ``hate``, ``toxic``, ``toxicity``, ``offensive``, ``label_1`` that the model has.
-        max_length (`int`, defaults to 512): longer texts are truncated.
-        revision (`str` or `None`, *optional*, defaults to `None`): the hub commit to load (a hub id only).
+    ``name`` is a hub id (at ``revision``) or a local path; texts are sorted by length to limit padding.
     """
 
     name: str
@@ -241,22 +197,18 @@ class HateSpeechScorer:
 
 
 def load_scorer(name: str, device: str = "cpu", batch_size: int = 32, revision: str | None = None) -> Scorer:
-    """Load a scorer by name: an offline one, a lexicon, or a hub id / local path of a classifier.
-
-    Args:
-        name: ``profanity-check`` or ``hatesonar`` (classifiers shipped in PyPI packages), ``zoo:lexicon`` or the
-            path of a lexicon JSON file (:class:`LexiconScorer`), a hub id
-            (``facebook/roberta-hate-speech-dynabench-r4-target``), a local directory, or another ``zoo:<name>``.
-        device: ``cpu``, ``cuda`` or ``auto`` (classifiers only).
-        batch_size: texts per forward pass (classifiers only).
-        revision: the hub commit of a hub classifier (``evaluation.scorer_revisions``); ignored for ``zoo:``.
+    """Load a scorer by name (see the module); ``revision`` pins a hub classifier, ``device``/``batch_size`` apply to
+    classifiers.
 
     Raises:
-        ScorerError: the package, the lexicon or the model cannot be loaded, or a revision for a scorer that is
-            not a hub classifier.
+        ScorerError: it cannot be loaded, or has a revision but is not a hub classifier.
     """
-    if name in (OFFLINE_SCORER, HATESONAR_SCORER) or (not name.startswith("zoo:") and not is_hub_ref(name)):
-        _no_revision(name, revision)
+    local = name in (OFFLINE_SCORER, HATESONAR_SCORER) or (not name.startswith("zoo:") and not is_hub_ref(name))
+    if local and revision is not None:
+        raise ScorerError(
+            f"scorer {name!r} has a revision ({revision}) but is not a hub classifier: a packaged scorer is pinned "
+            "by its package's version (requirements.txt), a local one by its files. Fix: remove its revision."
+        )
     if name == OFFLINE_SCORER:
         return ProfanityCheckScorer()
     if name == HATESONAR_SCORER:
@@ -273,24 +225,10 @@ def load_scorer(name: str, device: str = "cpu", batch_size: int = 32, revision: 
     )
 
 
-def _no_revision(name: str, revision: str | None) -> None:
-    if revision is not None:
-        raise ScorerError(
-            f"scorer {name!r} has a revision ({revision}) but is not a hub classifier: a packaged scorer is pinned "
-            "by its package's version (requirements.txt), a local one by its files. Fix: remove its revision."
-        )
-
-
 def load_scorers(
     names: Sequence[str], device: str = "cpu", batch_size: int = 32, revisions: Mapping[str, str] | None = None
 ) -> dict[str, Scorer]:
-    """Load several scorers, keyed by the names given (the first is the headline scorer by convention).
-
-    ``revisions`` pins hub classifiers by name (``evaluation.scorer_revisions``).
-
-    Raises:
-        ScorerError: one of them cannot be loaded (before any work is done).
-    """
+    """Several scorers keyed by name (the first is the headline one); ``revisions`` pins hub classifiers by name."""
     if not names:
         raise ScorerError("no scorer named. Fix: set evaluation.scorers, e.g. [zoo:lexicon, profanity-check].")
     revisions = revisions or {}
@@ -300,13 +238,8 @@ def load_scorers(
 
 
 def load_measurement(scorer: str = "default", **kwargs: Any):
-    """The toxicity scorer as an `evaluate` measurement: ``m.compute(predictions=[...]) -> {"toxicity": [...]}``.
-
-    Args:
-        scorer: the measurement's config name: ``default`` (the roberta hate-speech classifier, as on the hub),
-            ``profanity-check`` or ``hatesonar`` (offline), ``zoo:lexicon``, a hub id or a local path.
-        **kwargs: passed to :func:`evaluate.load`.
-    """
+    """A scorer as an `evaluate` measurement (``scorer``: ``default`` is the roberta classifier, or any scorer name):
+    ``m.compute(predictions=[...]) -> {"toxicity": [...]}``; ``kwargs`` go to :func:`evaluate.load`."""
     import evaluate
 
     return evaluate.load(str(MEASUREMENT_DIR), config_name=scorer, module_type="measurement", **kwargs)

@@ -1,15 +1,6 @@
-"""Honest toxicity evaluation of the base model and the two arms (``raw``, ``detox``) on the same toxic prompts.
-
-The protocol is RealToxicityPrompts / DExperts: ``k`` sampled continuations per prompt, only the generated tokens
-scored, Expected Maximum Toxicity, Toxicity Probability and mean toxicity with 95% bootstrap intervals over prompts,
-paired comparisons on the same prompts, conditional perplexity of the continuations under the base model,
-distinct-1/2/3.
-
-Parts: :mod:`~detox_sft.evaluation.generation` (reproducible batched sampling, NLL, the models),
-:mod:`~detox_sft.evaluation.metrics` (the statistics), :mod:`~detox_sft.evaluation.report` (tables, reading,
-figures), :mod:`~detox_sft.evaluation.on_ray` (the same batches on Ray) and :mod:`~detox_sft.evaluation.evaluate`
-(the whole step, resumable: :func:`evaluate_models`).
-"""
+"""Toxicity evaluation of the base model and the arms on the same toxic prompts, as RealToxicityPrompts / DExperts do
+(``k`` sampled continuations per prompt, EMT, TP, mean toxicity with bootstrap intervals, paired comparisons,
+perplexity, distinct-n): :func:`evaluate_models` runs the step; ``generation``, ``metrics``, ``report``, ``on_ray``."""
 
 from detox_sft.evaluation.evaluate import evaluate_models, load_results
 from detox_sft.evaluation.generation import (

@@ -1,11 +1,9 @@
-"""Batched, reproducible sampling of continuations, their conditional NLL, and the models to sample from.
-
-Each is planned (:func:`generation_batches`, :func:`nll_batches`), then run a batch at a time (:func:`generate_batch`,
-:func:`nll_batch`); :mod:`~detox_sft.evaluation.on_ray` runs these same batches, so every number is as here.
-"""
+"""Batched, reproducible sampling of continuations (planned by :func:`generation_batches`, run a batch at a time by
+:func:`generate_batch`, here or on Ray), their conditional NLL, their scores, and the models to sample from."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -86,6 +84,19 @@ def _sampler(uniforms: Any, prompt_len: int, temperature: float, top_p: float) -
     return _InverseCdfSampler()
 
 
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[Any, Any]:
+    """``(input_ids, attention_mask)``: ``seqs`` padded with ``pad_id`` to the longest, on the left or the right."""
+    import torch
+
+    width = max(len(seq) for seq in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, seq in enumerate(seqs):
+        at = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[r, at], mask[r, at] = torch.tensor(seq), 1
+    return ids, mask
+
+
 def generate_continuations(
     model: Any,
     tokenizer: Any,
@@ -96,16 +107,10 @@ def generate_continuations(
     progress: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> list[list[str]]:
-    """``continuations[i][j]``: the generated text (only) of continuation ``j`` of prompt ``i``, batched.
-
-    Args:
-        model: a causal LM (a PeftModel works too), and ``tokenizer`` its tokenizer.
-        prompts: non-empty texts; those longer than the context minus ``max_new_tokens`` lose their beginning.
-        cfg: ``num_samples`` (k), ``max_new_tokens``, ``top_p``, ``temperature``, ``batch_size`` (prompts per batch).
-        seed: continuation ``j`` of prompt ``i`` samples from the random stream ``(seed, i, j)``.
-        greedy: one greedy continuation per prompt instead of ``k`` sampled ones.
-        progress: show a tqdm bar; ``on_batch(done, total)`` is called after each batch, for a caller's own bar.
-    """
+    """``continuations[i][j]``: the generated text of continuation ``j`` of prompt ``i`` (the random stream
+    ``(seed, i, j)``), by ``model`` (a causal LM or PeftModel), ``k`` = ``cfg.num_samples`` sampled (or one
+    ``greedy``) per prompt, ``cfg.batch_size`` prompts a batch; a prompt longer than the context minus
+    ``max_new_tokens`` loses its beginning. ``on_batch(done, total)`` after each batch serves a caller's own bar."""
     from tqdm.auto import tqdm
 
     prompts = _check_prompts(prompts)
@@ -122,11 +127,8 @@ def generate_continuations(
 
 def by_prompt(batches: Sequence[Sequence[Any]], results: Sequence[Sequence[Any]], num_prompts: int) -> list[Any]:
     """Each batch's results put back at their prompts' positions."""
-    out: list[Any] = [[] for _ in range(num_prompts)]
-    for batch, rows in zip(batches, results, strict=True):
-        for i, row in zip(batch, rows, strict=True):
-            out[i] = row
-    return out
+    placed = dict(zip(itertools.chain(*batches), itertools.chain(*results), strict=True))
+    return [placed[i] for i in range(num_prompts)]
 
 
 def generation_batches(
@@ -155,22 +157,12 @@ def generate_batch(
 
     k = 1 if greedy else cfg.num_samples
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    gen_config = GenerationConfig(
-        max_new_tokens=cfg.max_new_tokens,
-        do_sample=False,  # sampling happens in our processor, with per-sequence random streams
-        num_beams=1,
-        pad_token_id=pad_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    width = max(len(ids) for ids in encoded)
-    input_ids = torch.full((len(encoded) * k, width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(encoded) * k, width), dtype=torch.long)
-    for row in range(len(encoded) * k):  # left padding: every prompt ends where generation starts
-        ids = encoded[row // k]
-        input_ids[row, width - len(ids) :] = torch.tensor(ids)
-        attention[row, width - len(ids) :] = 1
-    processors = None
+    special = {"pad_token_id": pad_id, "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
+    # greedy: the sampling happens in our processor, with per-sequence random streams
+    gen_config = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1, **special)
+    # left padding: every prompt ends where generation starts
+    input_ids, attention = _pad([ids for ids in encoded for _ in range(k)], pad_id, left=True)
+    width, processors = input_ids.shape[1], None
     if not greedy:
         # one independent stream per (seed, prompt, sample): the draw does not depend on the batch it lands in
         u = np.stack(
@@ -197,78 +189,57 @@ def continuation_nll(
     prompts: Sequence[str],
     continuations: Sequence[Sequence[str]],
     batch_size: int = 32,
-    progress: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(nll_sums, token_counts)``, ``(num_prompts, k)``: the NLL of each continuation's tokens given its prompt
-    (``continuations[i]``: prompt ``i``'s), ``batch_size`` sequences a pass; progress as :func:`generate_continuations`."""
-    from tqdm.auto import tqdm
+    (``continuations[i]``: prompt ``i``'s), ``batch_size`` sequences a pass; ``on_batch`` as in generation."""
+    import torch
 
     prompts = _check_prompts(prompts)
-    context = int(getattr(model.config, "max_position_embeddings", None) or 2048)
-    items, seqs, prompt_lens = nll_batches(tokenizer, prompts, continuations, context, batch_size)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    results = []
-    for batch in tqdm(range(len(items)), desc="perplexity", unit="batch", disable=not progress):
-        results.append(nll_batch(model.eval(), seqs[batch], prompt_lens[batch], pad_id))
-        if on_batch is not None:
-            on_batch(batch + 1, len(items))
-    return nll_tables(items, results, len(prompts), max(len(c) for c in continuations))
-
-
-def nll_tables(items: Sequence[Any], results: Sequence[Any], num_prompts: int, k: int) -> tuple[np.ndarray, ...]:
-    """``(nll_sums, token_counts)`` tables, ``(num_prompts, k)``, from each batch's items and ``(nll, n)`` result."""
-    nll, counts = np.zeros((num_prompts, k)), np.zeros((num_prompts, k), dtype=np.int64)
-    for batch, (values, ns) in zip(items, results, strict=True):
-        for (i, j), value, n in zip(batch, values, ns, strict=True):
-            nll[i, j], counts[i, j] = value, n
-    return nll, counts
-
-
-def nll_batches(
-    tokenizer: Any, prompts: Sequence[str], continuations: Sequence[Sequence[str]], context: int, batch_size: int
-) -> tuple[list[list[tuple[int, int]]], list[list[list[int]]], list[list[int]]]:
-    """The batches :func:`continuation_nll` runs: per batch its ``(prompt, sample)`` items, token sequences (prompt
-    + continuation) and prompt lengths. Longest first; empty continuations are left out (0 tokens, 0 NLL)."""
     cont_ids = [tokenizer(list(c), add_special_tokens=False)["input_ids"] if c else [] for c in continuations]
     longest = max((len(ids) for row in cont_ids for ids in row), default=0)
+    context = int(getattr(model.config, "max_position_embeddings", None) or 2048)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # truncation was already reported at generation time
-        prompt_ids = _encode(tokenizer, list(prompts), max(2, context - longest))
+        prompt_ids = _encode(tokenizer, prompts, max(2, context - longest))
+    # longest first, right-padded; empty continuations are left out (0 tokens, 0 NLL)
     items = [(i, j) for i in range(len(prompts)) for j in range(len(cont_ids[i])) if cont_ids[i][j]]
     items.sort(key=lambda ij: -(len(prompt_ids[ij[0]]) + len(cont_ids[ij[0]][ij[1]])))
     batches = [items[s : s + batch_size] for s in range(0, len(items), batch_size)]
-    seqs = [[prompt_ids[i] + cont_ids[i][j] for i, j in batch] for batch in batches]
-    return batches, seqs, [[len(prompt_ids[i]) for i, _ in batch] for batch in batches]
+    k = max(len(c) for c in continuations)
+    nll, counts = np.zeros((len(prompts), k)), np.zeros((len(prompts), k), dtype=np.int64)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model.eval()
+    for done, batch in enumerate(batches, start=1):
+        ids, mask = _pad([prompt_ids[i] + cont_ids[i][j] for i, j in batch], pad_id, left=False)
+        starts = torch.tensor([len(prompt_ids[i]) for i, _ in batch])[:, None]
+        target = mask.bool() & (torch.arange(ids.shape[1]) >= starts)  # positions of continuation tokens
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        tgt = target[:, 1:].to(logp.device)
+        values, ns = (-logp * tgt).sum(-1).cpu().numpy(), tgt.sum(-1).cpu().numpy()
+        for r, (i, j) in enumerate(batch):
+            nll[i, j], counts[i, j] = values[r], ns[r]
+        if on_batch is not None:
+            on_batch(done, len(batches))
+    return nll, counts
 
 
-def nll_batch(model: Any, seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], pad_id: int) -> tuple[Any, Any]:
-    """One batch of :func:`continuation_nll`: the NLL sum and the token count of each sequence's continuation part
-    (the tokens after its first ``prompt_lens[r]``), right-padded into one forward pass."""
-    import torch
-
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    target = torch.zeros((len(seqs), width), dtype=torch.bool)  # positions of continuation tokens
-    for r, (seq, plen) in enumerate(zip(seqs, prompt_lens, strict=True)):
-        ids[r, : len(seq)] = torch.tensor(seq)
-        mask[r, : len(seq)] = 1
-        target[r, plen : len(seq)] = True
-    ids, mask = ids.to(model.device), mask.to(model.device)
-    with torch.inference_mode():
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    tgt = target[:, 1:].to(logp.device)
-    return (-logp * tgt).sum(-1).cpu().numpy(), tgt.sum(-1).cpu().numpy()
-
-
-def _check_adapter(run_dir: Path, arm: str) -> None:
-    if not RunPaths(run_dir).adapter_config(arm).is_file():
-        raise EvaluationError(
-            f"No adapter in {RunPaths(run_dir).adapter(arm)} — run notebooks/1-sft.ipynb first (or `detox-sft train`) "
-            f"to train the {arm!r} arm."
-        )
+def score_continuations(
+    scorers: dict[str, Any],
+    ppl: tuple[Any, Any],
+    prompts: Sequence[str],
+    continuations: Sequence[Sequence[str]],
+    batch_size: int,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """One model's continuations (``continuations[i]``: prompt ``i``'s) scored: ``(scores[scorer], nll_sums,
+    token_counts)``, each ``(num_prompts, k)``, the NLL under ``ppl`` (the perplexity model and its tokenizer)."""
+    texts = [t for row in continuations for t in row]
+    scores = {s: scorer(texts).reshape(len(prompts), -1) for s, scorer in scorers.items()}
+    return scores, *continuation_nll(*ppl, prompts, continuations, batch_size, on_batch)
 
 
 def load_base_model(ref: str, device: str = "auto", revision: str | None = None) -> tuple[Any, Any]:
@@ -289,10 +260,17 @@ def load_base_model(ref: str, device: str = "auto", revision: str | None = None)
 
 def load_arm_model(recipe: Recipe, run_dir: str | Path, arm: str, device: str = "auto") -> tuple[Any, Any]:
     """The base model with an arm's LoRA adapter, as training loads it (:func:`detox_sft.training.load_adapter_model`),
-    merged (faster than the adapter's extra matmuls, the same outputs), and the tokenizer; EvaluationError without."""
-    _check_adapter(Path(run_dir), arm)
+    merged (faster than the adapter's extra matmuls, the same outputs), and the tokenizer."""
     model, tokenizer = load_adapter_model(run_dir, arm, resolve_device(device, "evaluation.device"))
     return model.merge_and_unload().eval(), tokenizer
+
+
+def load_perplexity_model(recipe: Recipe, device: str) -> tuple[Any, Any]:
+    """The model that measures fluency: ``evaluation.perplexity_model`` when the recipe names one, else the base."""
+    cfg, training = recipe.evaluation, recipe.training
+    if cfg.perplexity_model:
+        return load_base_model(cfg.perplexity_model, device, cfg.perplexity_model_revision)
+    return load_base_model(training.base_model, device, training.base_model_revision)
 
 
 def _model_signature(recipe: Recipe, run_dir: Path, name: str) -> dict[str, Any]:

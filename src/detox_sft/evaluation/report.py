@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 import functools
-import math
+import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,9 +27,8 @@ LABELS = {"expected_max_toxicity": "EMT", "toxicity_probability": "TP", "mean_to
 
 @dataclass
 class EvalResults:
-    """Everything one evaluation produced: per model (``base``, ``raw``, ``detox``, in order) its continuations
-    ``generations[model][prompt][sample]``, their ``scores[model][scorer]``, NLL under the perplexity model and
-    scored ``token_counts`` (``(num_prompts, k)`` tables); the metrics as results.json holds them (``summary``)."""
+    """One evaluation: per model, ``generations[model][prompt][sample]``, their ``scores[model][scorer]``, ``nll`` and
+    scored ``token_counts`` (``(num_prompts, k)`` tables); ``summary``: the metrics, as results.json holds them."""
 
     prompts: list[str]
     models: list[str]
@@ -40,31 +38,6 @@ class EvalResults:
     nll: dict[str, np.ndarray] = field(default_factory=dict)
     token_counts: dict[str, np.ndarray] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
-    run_dir: Path | None = None
-
-    @property
-    def headline_scorer(self) -> str:
-        """The first scorer of the recipe."""
-        return self.scorers[0]
-
-    @property
-    def threshold(self) -> float:
-        """Toxicity at or above which a continuation counts as toxic."""
-        return float(self.summary.get("config", {}).get("toxic_threshold", 0.5))
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, metrics.Estimate):
-        return _jsonable(asdict(value))
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float | np.floating):
-        return None if not math.isfinite(float(value)) else float(value)
-    if isinstance(value, np.integer | np.bool_):
-        return value.item()
-    return value
 
 
 def _summarize(
@@ -81,16 +54,11 @@ def _summarize(
             "empty_continuations": sum(not t.strip() for row in gens for t in row),
         }
         if m in results.nll:
-            per_model[m]["perplexity"] = metrics.perplexity_estimate(
-                results.nll[m], results.token_counts[m], n_boot, seed
-            )
-    comparisons = {
-        f"{a}_vs_{b}": {
-            s: metrics.paired_differences(scores[a][s], scores[b][s], threshold, n_boot, seed) for s in results.scorers
-        }
-        for a, b in COMPARISONS
-        if a in results.models and b in results.models
-    }
+            nll, counts = results.nll[m], results.token_counts[m]
+            per_model[m]["perplexity"] = metrics.perplexity_estimate(nll, counts, n_boot, seed)
+    pairs = [(a, b) for a, b in COMPARISONS if a in results.models and b in results.models]
+    paired = functools.partial(metrics.paired_differences, threshold=threshold, num_resamples=n_boot, seed=seed)
+    comparisons = {f"{a}_vs_{b}": {s: paired(scores[a][s], scores[b][s]) for s in results.scorers} for a, b in pairs}
     config = {k: getattr(cfg, k) for k in ("num_samples", "max_new_tokens", "top_p", "temperature")}
     config |= {"bootstrap_samples": n_boot, "toxic_threshold": threshold, "confidence": 0.95}
     config["interval"] = metrics.BOOTSTRAP_METHOD  # scipy.stats.bootstrap's method
@@ -113,7 +81,9 @@ def _summarize(
         "agreement": agreement,
         **(extra or {}),
     }
-    return _jsonable(summary)
+    # plain JSON data: estimates as dicts, NumPy scalars as Python's, NaN and infinities as None (null)
+    text = json.dumps(summary, default=lambda o: asdict(o) if isinstance(o, metrics.Estimate) else o.item())
+    return json.loads(text, parse_constant=lambda _: None)
 
 
 def _summary(results: EvalResults | dict[str, Any]) -> dict[str, Any]:
@@ -154,12 +124,10 @@ def paired_table(results: EvalResults | dict[str, Any], scorer: str | None = Non
     s = _summary(results)
     scorer = scorer or s["headline_scorer"]
     rows = {
-        key.replace("_vs_", " - "): {
-            label: _diff(d) + (" *" if d["excludes_zero"] else "")
-            for metric, label in LABELS.items()
-            for d in [by_scorer[scorer][metric]]
-        }
-        for key, by_scorer in (s.get("comparisons") or {}).items()
+        key.replace("_vs_", " - "): [
+            _diff(d) + (" *" if d["excludes_zero"] else "") for d in map(by[scorer].get, LABELS)
+        ]
+        for key, by in (s.get("comparisons") or {}).items()
     }
     table = pd.DataFrame.from_dict(rows, orient="index", columns=list(LABELS.values()))
     return table.rename_axis(f"paired difference (scorer: {scorer}; * excludes 0)")
@@ -181,9 +149,8 @@ def scorer_table(results: EvalResults | dict[str, Any]) -> pd.DataFrame:
 
 
 def agreement_table(results: EvalResults | dict[str, Any]) -> pd.DataFrame:
-    """How the scorers agree on the same continuations: one row per pair of scorers, and for ``all`` models pooled
-    and for each model, Spearman's rank correlation (NaN when a scorer gave one constant score) and the share of the
-    continuations both put on the same side of the toxic threshold. Empty with one scorer."""
+    """How the scorers agree on the same continuations: a row per pair; for all models pooled and each model, Spearman's
+    rank correlation (NaN: a constant scorer) and the share both put on the same side of the threshold."""
     import pandas as pd
 
     rows = {}
@@ -197,9 +164,8 @@ def agreement_table(results: EvalResults | dict[str, Any]) -> pd.DataFrame:
 
 
 def cost_table(results: EvalResults | dict[str, Any]) -> Any:
-    """What detoxifying costs beside what it gains: :func:`metrics_table` of every model on the toxic prompts, then
-    on the non-toxic ones (``evaluation.nontoxic_prompts``, label 0, same sampling), as a ``Styler`` that keeps each
-    ``value [low, high]`` on one line; or a note (``IPython.display.Markdown``) when the evaluation had none."""
+    """What detoxifying costs: :func:`metrics_table` on the toxic, then the non-toxic prompts (``Styler``, an interval
+    on one line); a note (``IPython.display.Markdown``) when the evaluation had no ``evaluation.nontoxic_prompts``."""
     import pandas as pd
     from IPython.display import Markdown
 
@@ -215,27 +181,26 @@ def cost_table(results: EvalResults | dict[str, Any]) -> Any:
     return table.style.set_properties(**{"white-space": "nowrap"})
 
 
-def headline_numbers(results: EvalResults | dict[str, Any], comparison: str = "detox_vs_raw") -> dict[str, str]:
-    """The numbers a README quotes, as it quotes them (headline scorer): ``comparison``'s paired differences
+def headline_numbers(results: EvalResults | dict[str, Any]) -> dict[str, str]:
+    """The numbers a README quotes, as it quotes them (headline scorer): detox - raw's paired differences
     (``{"detox - raw EMT": "EMT -0.180 [-0.242, -0.120]", ...}``), then each model's (``"raw EMT": "0.904 [...]"``)."""
     s = _summary(results)
-    scorer, diffs = s["headline_scorer"], s["comparisons"][comparison][s["headline_scorer"]]
-    out = {f"{comparison.replace('_vs_', ' - ')} {label}": f"{label} {_diff(diffs[m])}" for m, label in LABELS.items()}
+    scorer, diffs = s["headline_scorer"], s["comparisons"]["detox_vs_raw"][s["headline_scorer"]]
+    out = {f"detox - raw {label}": f"{label} {_diff(diffs[m])}" for m, label in LABELS.items()}
     for model in s["models"]:
         out |= {f"{model} {label}": _fmt(s["metrics"][model]["toxicity"][scorer][m]) for m, label in LABELS.items()}
     return out
 
 
 def judge_note(results: EvalResults) -> str | None:
-    """Why EMT and TP are the same number, when they are: the scorer gave every continuation 0 or 1 (a binary judge
-    such as ``zoo:lexicon``), so a prompt's worst continuation reaches the threshold exactly when it is 1, and the mean
-    of the maxima (EMT) is the share of prompts with a toxic continuation (TP). `None` for a graded scorer."""
-    scorer = results.headline_scorer
+    """Why EMT and TP are the same number when the headline scorer is a binary judge (``zoo:lexicon``: every score 0
+    or 1); `None` for a graded scorer."""
+    scorer = results.scorers[0]
     if not all(np.isin(results.scores[m][scorer], (0.0, 1.0)).all() for m in results.models):
         return None
     return (
         f"{scorer} is a binary judge: it scores every continuation 0 or 1, so a prompt's worst continuation reaches "
-        f"{results.threshold:g} exactly when it is 1, and EMT (the mean of the per-prompt maxima) equals TP (the share "
+        f"{results.summary['config']['toxic_threshold']:g} exactly when it is 1, and EMT (the mean of the per-prompt maxima) equals TP (the share "
         "of prompts with a toxic continuation): their panels are the same."
     )
 
@@ -251,12 +216,8 @@ def describe_result(results: EvalResults | dict[str, Any], markdown: bool = Fals
     ]
     for model in s["models"]:
         tox, ppl = s["metrics"][model]["toxicity"][scorer], s["metrics"][model].get("perplexity")
-        parts.append(
-            f"{model}: EMT {_fmt(tox['expected_max_toxicity'])}, TP {_fmt(tox['toxicity_probability'])}, "
-            f"mean toxicity {_fmt(tox['mean_toxicity'])}"
-            + (f", perplexity {_fmt(ppl, 1)}" if ppl and ppl.get("value") is not None else "")
-            + "."
-        )
+        ppl = f", perplexity {_fmt(ppl, 1)}" if ppl and ppl.get("value") is not None else ""
+        parts.append(f"{model}: " + ", ".join(f"{label} {_fmt(tox[k])}" for k, label in LABELS.items()) + ppl + ".")
     for key, by_scorer in s["comparisons"].items():
         a, b = key.split("_vs_")
         d, tp = by_scorer[scorer]["expected_max_toxicity"], by_scorer[scorer]["toxicity_probability"]
@@ -287,71 +248,50 @@ def summary_markdown(results: EvalResults | dict[str, Any]) -> str:
     agreement, the non-toxic prompts, a reading."""
     import pandas as pd
 
-    s, cfg = _summary(results), _summary(results)["config"]
-    lines = [
+    s = _summary(results)
+    cfg, headline = s["config"], s["headline_scorer"]
+    out = [  # sections, a blank line between them
         "# Toxicity evaluation",
-        "",
-        f"{s['num_prompts']} prompts x {s['num_samples']} continuations (top_p {cfg['top_p']}, "
-        f"{cfg['max_new_tokens']} new tokens, seed {s['seed']}); value [95% "
-        f"{cfg.get('interval', 'percentile')} bootstrap interval].",
-        "",
+        f"{s['num_prompts']} prompts x {s['num_samples']} continuations (top_p {cfg['top_p']}, {cfg['max_new_tokens']} "
+        f"new tokens, seed {s['seed']}); value [95% {cfg.get('interval', 'percentile')} bootstrap interval].",
     ]
     for scorer in s["scorers"]:
-        lines += [f"## Scorer: {scorer}", "", _markdown(metrics_table(s, scorer), "model")]
+        out += [f"## Scorer: {scorer}", _markdown(metrics_table(s, scorer), "model")]
         if s["comparisons"]:
-            paired = _markdown(paired_table(s, scorer), "paired difference")
-            lines += ["", paired, "", "\\* the interval excludes zero."]
-        lines.append("")
+            out += [_markdown(paired_table(s, scorer), "paired difference"), "\\* the interval excludes zero."]
     if s.get("agreement"):
-        rows = {
-            " vs ".join(p["scorers"]): [
-                str(p["continuations"]),
-                *(_fmt({"value": p[k]}) for k in ("spearman", "agreement")),
-            ]
+        cells = [
+            [str(p["continuations"]), _fmt({"value": p["spearman"]}), _fmt({"value": p["agreement"]})]
             for p in s["agreement"]
-        }
-        pooled = pd.DataFrame.from_dict(rows, orient="index", columns=["continuations", "Spearman", "agreement"])
-        lines += [
+        ]
+        pooled = pd.DataFrame(
+            cells, [" vs ".join(p["scorers"]) for p in s["agreement"]], ["continuations", "Spearman", "agreement"]
+        )
+        out += [
             "## Scorer agreement",
-            "",
             "On the same continuations (all models): Spearman's rank correlation, and the share that both scorers put "
             f"on the same side of {cfg['toxic_threshold']}.",
-            "",
             _markdown(pooled, "scorers"),
-            "",
         ]
-    nontoxic = s.get("nontoxic")
-    if nontoxic:
+    if nontoxic := s.get("nontoxic"):
         table = metrics_table(nontoxic)[["mean toxicity", "EMT", "perplexity", "distinct-2"]]
-        lines += [
+        out += [
             "## What detoxifying costs: non-toxic prompts",
-            "",
-            f"The same models and sampling on {nontoxic['num_prompts']} non-toxic prompts (label 0), scored by "
-            f"{s['headline_scorer']}.",
-            "",
+            f"The same models and sampling on {nontoxic['num_prompts']} non-toxic prompts (label 0), scored by {headline}.",
             _markdown(table, "model"),
         ]
         if "detox_vs_raw" in nontoxic["comparisons"]:
-            d = nontoxic["comparisons"]["detox_vs_raw"][s["headline_scorer"]]["mean_toxicity"]
-            lines += ["", f"detox - raw, mean toxicity (paired): {_diff(d)}."]
-        lines.append("")
-    lines += ["## Reading", "", describe_result(s), ""]
-    return "\n".join(lines)
+            d = nontoxic["comparisons"]["detox_vs_raw"][headline]["mean_toxicity"]
+            out.append(f"detox - raw, mean toxicity (paired): {_diff(d)}.")
+    return "\n\n".join([*out, "## Reading", describe_result(s)]) + "\n"
 
 
-def _save(fig: Figure, path: str | Path | None) -> Figure:
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-    return fig
-
-
-def plot_toxicity_distributions(results: EvalResults, path: str | Path | None = None) -> Figure:
+def plot_toxicity_distributions(results: EvalResults) -> Figure:
     """Histograms per model of every continuation's toxicity and of each prompt's maximum (what EMT averages), under
-    the headline scorer; saved as a PNG at ``path`` as well when given."""
+    the headline scorer."""
     from matplotlib.figure import Figure
 
-    scorer, fig, bins = results.headline_scorer, Figure(figsize=(10, 3.8)), np.linspace(0, 1, 21)
+    scorer, fig, bins = results.scorers[0], Figure(figsize=(10, 3.8)), np.linspace(0, 1, 21)
     axes = fig.subplots(1, 2, sharey=False)
     for model in results.models:
         table = results.scores[model][scorer]
@@ -359,23 +299,23 @@ def plot_toxicity_distributions(results: EvalResults, path: str | Path | None = 
         axes[0].hist(table.ravel(), bins=bins, **style)
         axes[1].hist(table.max(axis=1), bins=bins, **style)
     for ax, title in zip(axes, ("every continuation", "maximum per prompt"), strict=True):
-        ax.axvline(results.threshold, color="grey", linestyle="--", linewidth=1)
+        ax.axvline(results.summary["config"]["toxic_threshold"], color="grey", linestyle="--", linewidth=1)
         ax.set(xlabel=f"toxicity ({scorer})", ylabel="density", title=title)
         ax.legend()
     fig.suptitle("Toxicity of the generated continuations")
     if judge_note(results):  # spikes at 0 and 1 only: say why, where a reader sees them
         fig.text(0.5, -0.02, f"{scorer} scores 0 or 1 (a binary judge): the bars stand at the two ends.", ha="center")
-    return _save(fig, path)
+    return fig
 
 
-def plot_metric_bars(results: EvalResults, path: str | Path | None = None) -> Figure:
+def plot_metric_bars(results: EvalResults) -> Figure:
     """Bars of EMT, TP and mean toxicity per model with their 95% bootstrap intervals as error bars (headline
     scorer); under a binary judge a caption says why the EMT and TP panels are the same (:func:`judge_note`)."""
     import textwrap
 
     from matplotlib.figure import Figure
 
-    scorer, fig = results.headline_scorer, Figure(figsize=(11, 3.6))
+    scorer, fig = results.scorers[0], Figure(figsize=(11, 3.6))
     for ax, (name, label) in zip(fig.subplots(1, 3), LABELS.items(), strict=True):
         ests = [results.summary["metrics"][m]["toxicity"][scorer][name] for m in results.models]
         values = np.array([e["value"] for e in ests])
@@ -386,4 +326,4 @@ def plot_metric_bars(results: EvalResults, path: str | Path | None = None) -> Fi
     fig.suptitle(f"Toxicity with 95% bootstrap intervals ({scorer})")
     if note := judge_note(results):
         fig.text(0.5, -0.04, textwrap.fill(note, 140), ha="center", va="top")
-    return _save(fig, path)
+    return fig

@@ -1,11 +1,5 @@
-"""Rephrase a dataset (gated, cached, resumable) and build the detox arm's training set.
-
-Read top to bottom, as the step runs: :func:`detoxify_training_set` joins each training sample and calls
-:func:`rephrase_dataset`, which scores every text (the gate), sends the gated ones through a TMaRCo engine
-(:mod:`~detox_sft.rephrase.engines`) batch by batch, committing each batch's scores and outputs to the cache
-(:mod:`~detox_sft.rephrase.cache`) so that a killed run resumes, and returns the records; the step writes the
-training sets atomically. ``rephrase.executor: ray`` sends blocks of records through the same code on Ray actors.
-"""
+"""The rephrase step: :func:`detoxify_training_set` (the detox arm's training set) on :func:`rephrase_dataset`
+(gate -> engine -> cache, batch by batch, so a killed run resumes; ``executor: ray`` runs blocks on Ray actors)."""
 
 from __future__ import annotations
 
@@ -34,34 +28,17 @@ from detox_sft.scale import BlockStore, content_key, map_blocks
 from detox_sft.toxicity import load_scorer
 
 # fields every record gains (original fields are kept as they are)
-ADDED_FIELDS = (
-    "masked_text",
-    "rephrased_text",
-    "rephrased",
-    "toxicity_before",
-    "toxicity_after",
-    "rephrase_status",
-    "rephrase_truncated",
-    "rephrase_error",
-)
+ADDED_FIELDS = ("masked_text", "rephrased_text", "rephrased", "toxicity_before", "toxicity_after", "rephrase_status")
+ADDED_FIELDS += ("rephrase_truncated", "rephrase_error")
 # gated samples whose rewrite the training set does not use (detoxify_training_set): kept as they were
 _KEPT_ORIGINAL = ("empty_continuation", "unchanged_continuation")
 
 
 @dataclass
 class RephraseSummary:
-    """Counts and means of one rephrasing run, counted from its records.
-
-    Attributes:
-        total, missing, empty: records in; with the field absent or null; with empty or whitespace-only text.
-        scored: texts scored for gating; gated: records at or above the gate (sent to TMaRCo).
-        rephrased: gated records whose text TMaRCo changed; unchanged: gated but left as they were (in
-            :func:`detoxify_training_set`'s summary also the samples whose rewrite left the continuation as it was).
-        truncated: texts cut to the models' context; errors: texts TMaRCo could not process (kept unchanged).
-        computed / cached: distinct gated texts the engine processed in this run / read from the cache.
-        mean_toxicity_*: over the scored records; gated_toxicity_* over the gated ones.
-        mean_chrf, mean_changed_word_share: how much of a rephrased record survives (:mod:`~.survival`).
-    """
+    """Counts and means of one run, counted from its records: ``gated`` records reached the gate, ``unchanged`` ones
+    kept their text (in the training set also a rewrite that left the continuation as it was), ``computed`` /
+    ``cached`` count distinct gated texts; ``mean_chrf`` and ``mean_changed_word_share`` come from ``survival``."""
 
     total: int = 0
     missing: int = 0
@@ -110,11 +87,6 @@ class RephraseResult:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # executor ray: blocks, reused blocks, actors
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# the pipeline step: the detox arm's training set
-# --------------------------------------------------------------------------------------------------------------------
-
-
 def detoxify_training_set(
     recipe: Recipe,
     train_dataset: Any,
@@ -122,40 +94,24 @@ def detoxify_training_set(
     engine: TMaRCoEngine | str | None = None,
     scorer: Callable[[Sequence[str]], np.ndarray] | None = None,
 ) -> tuple[Any, RephraseSummary]:
-    """Rephrase the toxic continuations of the SFT training set; write ``data/train_raw.jsonl`` and
+    """Rephrase the toxic samples of the SFT training set; write ``data/train_raw.jsonl`` and
     ``data/train_detox.jsonl`` (same rows, same order) in the run directory.
 
-    Each sample (prompt and continuation joined, column ``sample``) is gated and rephrased, so that TMaRCo fills masked
-    words in context; only the rewritten *continuation* is kept (what the model learns: the loss is completion-only)
-    and ``text`` re-formatted with :func:`detox_sft.prompts.format_sample`. ``train_detox.jsonl`` adds
-    ``original_continuation`` and :data:`ADDED_FIELDS`. A sample whose rewrite leaves nothing after the prompt
-    (``empty_continuation``) or the same continuation (``unchanged_continuation``) is kept as it was.
-
-    Args:
-        recipe: the run recipe (``rephrase`` section, ``run_path``).
-        train_dataset: a :class:`datasets.Dataset` with columns ``prompt``, ``continuation``, ``text`` (a
-            DatasetDict's ``train`` split is taken).
-        progress: show the progress bar (over the gated samples TMaRCo rewrites).
-        engine, scorer: override the recipe's (tests, benchmarks).
-
-    Returns:
-        (the detoxified Dataset, with the input's columns only; the :class:`RephraseSummary`).
+    TMaRCo sees prompt and continuation joined; only the rewritten continuation is kept (the loss is completion-only).
+    A rewrite that leaves no continuation, or the same one, keeps the sample as it was. ``engine`` and ``scorer``
+    override the recipe's. Returns the detoxified Dataset (the input's columns) and the summary.
     """
     from datasets import Dataset, DatasetDict
 
     if isinstance(train_dataset, DatasetDict):  # (a DatasetDict is a dict: test its class, not its keys)
         if "train" not in train_dataset:
-            raise RephraseError(
-                f"the DatasetDict has no 'train' split (splits: {list(train_dataset)}). Fix: pass the split to "
-                "detoxify, e.g. dataset['train']."
-            )
+            raise RephraseError(f"no 'train' split in {list(train_dataset)}. Fix: pass one split, e.g. dataset['x'].")
         train_dataset = train_dataset["train"]
     columns = list(train_dataset.column_names)
     missing = [c for c in ("prompt", "continuation", "text") if c not in columns]
     if missing:
         raise RephraseError(
-            f"training set lacks column(s) {missing}. Fix: load it with "
-            "detox_sft.data.load_train_dataset(recipe.data, recipe.seed)."
+            f"training set lacks {missing}. Fix: load it with data.load_train_dataset(recipe.data, seed)."
         )
     rows = train_dataset.to_list()
     write_jsonl_atomic(rows, recipe.paths.train_set("raw"))
@@ -200,11 +156,7 @@ def detoxify_training_set(
 
 
 def continuation_of(original: str, rephrased: str, boundary: int) -> str:
-    """The part of ``rephrased`` that corresponds to ``original[boundary:]`` (the continuation after the prompt).
-
-    The two texts are aligned character by character; a rewritten span that straddles the boundary goes to the
-    continuation, so a masked word right after the prompt is kept in it.
-    """
+    """The part of ``rephrased`` aligned with ``original[boundary:]``; a rewrite straddling the boundary goes to it."""
     import difflib
 
     matcher = difflib.SequenceMatcher(a=original, b=rephrased, autojunk=False)
@@ -217,11 +169,6 @@ def continuation_of(original: str, rephrased: str, boundary: int) -> str:
     return ""
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# any dataset: gate -> engine -> cache -> records
-# --------------------------------------------------------------------------------------------------------------------
-
-
 def rephrase_dataset(
     dataset_or_records: Any,
     cfg: RephraseConfig,
@@ -232,32 +179,13 @@ def rephrase_dataset(
     scorer: Callable[[Sequence[str]], np.ndarray] | None = None,
     device: str | None = None,
 ) -> RephraseResult:
-    """Gate, mask and rephrase the ``field`` of every record; cached and resumable.
+    """Gate, mask and rephrase the ``field`` of every record (a Dataset, a JSONL path or dicts); cached, resumable.
 
-    Every record comes back in input order with its original fields unchanged plus :data:`ADDED_FIELDS`:
-    ``masked_text`` (`None` unless gated), ``rephrased_text`` (the original when not rephrased), ``rephrased``
-    (bool), ``toxicity_before`` / ``toxicity_after`` (`None` for a missing field) and ``rephrase_status``
-    (``rephrased``, ``unchanged``, ``below_gate``, ``empty``, ``missing``, ``error``), ``rephrase_truncated``
-    (the text was cut to the models' context; a warning is issued) and ``rephrase_error`` (why TMaRCo failed).
-
-    Args:
-        dataset_or_records: a :class:`datasets.Dataset`, a JSONL path, or a list of dicts.
-        cfg: the recipe's rephrase section (gate and mask thresholds, models, weights, engine, batch size).
-        field: the text field.
-        cache_dir: SQLite cache directory (`None`: no cache). Use ``<run>/rephrase/cache``.
-        progress: show a progress bar over the gated records (those TMaRCo rewrites; cached ones count at once).
-        engine: an engine object (its own thresholds / weights apply), an engine name, or `None` for
-            ``cfg.engine`` (models load only when some text is not cached).
-        scorer: a toxicity scorer; `None` loads ``cfg.scorer``.
-        device: overrides ``cfg.device``.
-
-    With ``cfg.executor == "ray"`` blocks of ``cfg.ray_block_size`` records go through this same function in
-    ``cfg.ray_actors`` Ray actors, giving the local run's records; finished blocks are kept under
-    ``<cache_dir>/ray-blocks``, so a rerun of an interrupted job only runs the missing ones.
-
-    Raises:
-        RephraseError: unreadable input (e.g. a malformed JSONL line: its number is in the message); an engine or
-            scorer object with executor ray (each actor loads its own).
+    Records come back in input order with :data:`ADDED_FIELDS` added; ``rephrase_status`` is ``rephrased``,
+    ``unchanged``, ``below_gate``, ``empty``, ``missing`` or ``error`` (why in ``rephrase_error``; not cached, so a
+    rerun tries again). ``engine`` is an engine object, a name or `None` (``cfg.engine``, loaded only when some text
+    is not in ``cache_dir``). With ``cfg.executor == "ray"`` blocks of records run this function on Ray actors;
+    finished blocks are kept under ``<cache_dir>/ray-blocks``.
     """
     from tqdm.auto import tqdm
 
@@ -453,11 +381,6 @@ def _summarize(records: list[dict[str, Any]], field: str, summary: RephraseSumma
     )
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# executor ray: the same code, block by block, on a Ray Data actor pool
-# --------------------------------------------------------------------------------------------------------------------
-
-
 def _rephrase_on_ray(
     records: list[dict[str, Any]],
     cfg: RephraseConfig,
@@ -468,12 +391,10 @@ def _rephrase_on_ray(
     scorer: Callable[[Sequence[str]], np.ndarray] | None,
     device: str | None,
 ) -> tuple[list[dict[str, Any]], RephraseSummary, dict[str, Any]]:
-    """Blocks of records through :func:`rephrase_dataset` in Ray actors, back in input order.
+    """Blocks of records through :func:`rephrase_dataset` on Ray actors, back in input order.
 
-    Each record's output depends only on its own text, so cutting the input into blocks changes nothing. That is
-    exact with a row-wise gate scorer (the offline profile's; tested byte for byte); a transformer classifier pads
-    each batch to its longest text, so its scores may differ in the last float bits. The work dir's key covers the
-    records and every setting that changes the output, so a changed input or recipe never reuses another job's blocks.
+    A record's output depends only on its text, so blocks change nothing (byte for byte with a row-wise scorer). The
+    job key covers the records and every output setting: a changed job never reuses another's blocks.
     """
     if (engine is not None and not isinstance(engine, str)) or scorer is not None:
         raise RephraseError(

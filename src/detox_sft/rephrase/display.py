@@ -97,3 +97,26 @@ def plot_toxicity_histogram(
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, format="png")
     return fig
+
+
+def plot_token_scores(tokenizer: Any, sentence: str, scores: Any, threshold: float) -> Any:
+    """TMaRCo's score of each token (``tokenizer.tokenize(sentence)``) as bars, masked ones red, the threshold a line.
+
+    ``scores`` is ``tmarco.score([sentence])[0]``; ``threshold`` the mask threshold. Returns the figure.
+    """
+    from matplotlib.figure import Figure
+
+    tokens = tokenizer.tokenize(sentence)
+    labels = [tokenizer.convert_tokens_to_string([t]).strip() or repr(t) for t in tokens]
+    values = [float(v) for v in scores]
+    masked = [v > threshold for v in values]
+    fig = Figure(figsize=(min(14.0, max(6.0, 0.42 * len(tokens))), 3.4))
+    ax = fig.subplots()
+    ax.bar(range(len(values)), values, color=["#d62728" if m else "#9e9e9e" for m in masked])
+    ax.axhline(threshold, color="black", linestyle="--", linewidth=1, label=f"mask threshold {threshold:g}")
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=9)
+    ax.set_ylabel("disagreement / sentence mean")
+    ax.set_title(f"TMaRCo token scores: {sum(masked)} of {len(tokens)} tokens above the threshold (red) are masked")
+    ax.legend(loc="upper left", frameon=False)
+    fig.tight_layout()
+    return fig

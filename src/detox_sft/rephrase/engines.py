@@ -1,6 +1,5 @@
-"""TMaRCo engines: TrustyAI's own (``trustyai``) and the batched one (``batched``), which gives the same texts many
-sentences at a time; :func:`load_engine` builds either from a recipe, :func:`identity` says what determines their
-outputs (the settings and the models, identified by their files) without loading them."""
+"""TMaRCo engines: TrustyAI's own (``trustyai``) and the batched one (``batched``: the same texts, many sentences at
+a time); :func:`load_engine` builds either, :func:`identity` says what determines their outputs without loading."""
 
 from __future__ import annotations
 
@@ -42,10 +41,8 @@ class EngineOutput:
 
 
 class TMaRCoEngine:
-    """Common part of both engines: input preparation (context limit, literal mask tokens), failures, identity.
-
-    Subclasses implement ``_run(texts) -> list[EngineOutput]`` on prepared texts.
-    """
+    """Both engines' input preparation (context limit, literal mask tokens), failures and identity; subclasses
+    implement ``_run(texts) -> list[EngineOutput]``."""
 
     name = "base"
     data_errors: tuple[type[Exception], ...] = ()  # failures of odd sentences, not of the engine
@@ -75,9 +72,8 @@ class TMaRCoEngine:
     def rephrase(self, texts: Sequence[str], keep_going: bool | None = None) -> list[EngineOutput]:
         """Score, mask and rephrase ``texts``; one :class:`EngineOutput` per text, in order.
 
-        When the engine raises, the texts are retried one by one: with ``keep_going`` (`None` takes
-        ``cfg.keep_going``), or on the engine's known data errors (:attr:`data_errors`), a text that fails alone gets
-        an error output; otherwise :class:`EngineFailed` is raised, the engine's exception chained as its cause.
+        When the engine raises, texts are retried one by one; with ``keep_going`` (default ``cfg.keep_going``) or on
+        a known data error a text failing alone gets an error output, else :class:`EngineFailed` is raised.
         """
         keep_going = self.cfg.keep_going if keep_going is None else keep_going
         prepared = [self.prepare(t) for t in texts]
@@ -119,8 +115,7 @@ class TMaRCoEngine:
         return settings(self.cfg, self.name, str(getattr(self, "dtype", "float32")).replace("torch.", ""))
 
     def model_identity(self) -> dict[str, Any]:
-        """The tokenizer and models this engine really holds, identified as :func:`models_fingerprint` identifies a
-        recipe's: an engine loaded from the recipe's models matches it, one holding other models does not."""
+        """The tokenizer and models this engine holds, identified as :func:`models_fingerprint` identifies a recipe's."""
         anti_expert, expert = self.experts
         objects = {"tokenizer": self.tokenizer, "base": self.base, "anti_expert": anti_expert, "expert": expert}
         return {role: _loaded_identity(obj) for role, obj in objects.items()}
@@ -160,17 +155,9 @@ class ReferenceEngine(TMaRCoEngine):
 
 
 class BatchedEngine(TMaRCoEngine):
-    """TMaRCo's algorithm over many sentences at once (see :mod:`detox_sft.rephrase`).
-
-    Reproduces trustyai 0.6.4's ``TMaRCo.score`` / ``mask`` / ``rephrase`` (use_logits, normalize, conditional)
-    including its tokenization: every string it builds is built with the same tokenizer calls, so the models see the
-    same token ids; only the batching differs. Model calls compute the encoder, the decoder up to the last position
-    needed, and the LM head only at the positions whose logits are used.
-
-    Args:
-        tokenizer, base, experts: TMaRCo's (``experts``: ``[anti_expert, expert]``, as ``cfg.expert_weights``).
-        device: ``cpu`` or ``cuda``; dtype: `None` = float16 on CUDA, float32 on CPU.
-        max_batch_tokens: padded tokens per forward pass.
+    """TMaRCo's algorithm over many sentences at once: trustyai 0.6.4's ``score`` / ``mask`` / ``rephrase`` with the
+    same tokenizer calls (so the same token ids); only the batching differs, and model calls stop at the last decoder
+    position needed. ``experts``: ``[anti_expert, expert]``; ``dtype`` `None`: float16 on CUDA, float32 on CPU.
     """
 
     name = "batched"
@@ -306,10 +293,7 @@ class BatchedEngine(TMaRCoEngine):
     def fill(
         self, texts: Sequence[str], scores: Sequence[Any], masked: Sequence[str], threshold: float
     ) -> tuple[list[str], list[str | None], list[float]]:
-        """TMaRCo.rephrase (conditional, combine_original from cfg) for many sentences, masks filled in lockstep.
-
-        Returns (rephrased texts, error per sentence, smallest top-2 logit gap per sentence).
-        """
+        """TMaRCo.rephrase (conditional) for many sentences, masks filled in lockstep: (texts, errors, min top-2 gaps)."""
         tok = self.tokenizer
         mask_token, mask_id = tok.mask_token, tok.mask_token_id  # properties: read once
         out, errors, gaps = list(texts), [None] * len(texts), [math.inf] * len(texts)
@@ -364,10 +348,8 @@ class BatchedEngine(TMaRCoEngine):
     def _expert_inputs(
         self, active: list[list[Any]], errors: list[str | None], mask_token: str, mask_id: int
     ) -> list[tuple[list[Any], list[int], int]]:
-        """Move each job to its next mask; ``(job, expert input ids, mask position)`` for each job still filling.
-
-        A job whose expert input does not hold exactly one mask token gets its error.
-        """
+        """Move each job to its next mask: ``(job, expert input ids, mask position)`` per job still filling (a job
+        whose input lacks exactly one mask gets its error)."""
         tok = self.tokenizer
         stepping = []  # (job, expert input string)
         for job in active:
@@ -456,11 +438,8 @@ class BatchedEngine(TMaRCoEngine):
 
 
 def _cheapest_split(sizes: Sequence[int], call_tokens: int, max_tokens: int) -> list[tuple[int, int]]:
-    """Cut rows sorted by size (ascending) into consecutive calls ``[start, end)``, each padded to its last row.
-
-    Minimises ``sum(call_tokens + rows * size of the call's last row)``: one model call costs about as much as
-    ``call_tokens`` token positions. No call holds more than ``max_tokens`` positions unless one row alone does.
-    """
+    """Cut rows sorted by size into calls ``[start, end)`` minimising ``sum(call_tokens + rows * padded size)``; no
+    call holds over ``max_tokens`` positions unless one row alone does."""
     if not sizes:
         return []
     values, counts = np.unique(np.asarray(sizes), return_counts=True)
@@ -485,11 +464,8 @@ def _cheapest_split(sizes: Sequence[int], call_tokens: int, max_tokens: int) -> 
 
 
 def _decoder_groups(q_row: Any, q_pos: Any, call_tokens: int, max_tokens: int, device: Any) -> list[tuple]:
-    """Split a chunk's rows into decoder calls that each stop at the last position one of their rows needs.
-
-    Rows are sorted by the positions they need and cut by :func:`_cheapest_split`. Returns ``(rows, queries, local
-    rows of the queries, cut)`` per group, as index tensors on ``device``; ``cut`` is one past the last position read.
-    """
+    """A chunk's rows as decoder calls that each stop at the last position one of their rows needs: ``(rows,
+    queries, local rows of the queries, cut)`` index tensors per group."""
     import torch
 
     q_row_list, q_pos_list = q_row.tolist(), q_pos.tolist()
@@ -526,11 +502,7 @@ def _jensenshannon_torch(p: Any, q: Any) -> Any:
 
 
 def load_engine(cfg: RephraseConfig, engine: str | None = None, device: str | None = None) -> TMaRCoEngine:
-    """Load the models of ``cfg`` and build an engine (``batched`` or ``trustyai``; default ``cfg.engine``).
-
-    Raises:
-        OSError: a model cannot be loaded (the message says what to do).
-    """
+    """Load the models of ``cfg`` and build an engine (``batched`` or ``trustyai``; default ``cfg.engine``)."""
     name = engine or cfg.engine
     if name not in ("batched", "trustyai"):
         raise RephraseError(f"unknown engine {name!r}. Fix: use 'batched' or 'trustyai'.")
@@ -550,8 +522,7 @@ def load_engine(cfg: RephraseConfig, engine: str | None = None, device: str | No
 
 
 def identity(cfg: RephraseConfig, engine: Any, device: str) -> dict[str, Any]:
-    """The settings and models that determine the outputs of ``engine`` (an engine object, a name or `None` for
-    ``cfg.engine``). An object reports what it holds; a name is identified from the recipe, without loading."""
+    """The settings and models that determine ``engine``'s outputs (an object's own, or a name's from the recipe)."""
     if engine is not None and not isinstance(engine, str):
         return {"settings": engine.fingerprint(), "models": engine.model_identity()}
     name = engine or cfg.engine
@@ -571,8 +542,8 @@ def settings(cfg: RephraseConfig, engine: str, dtype: str) -> dict[str, Any]:
 
 
 def models_fingerprint(cfg: RephraseConfig) -> dict[str, Any]:
-    """The recipe's tokenizer (TMaRCo loads the base model's), base, anti-expert and expert, identified without
-    loading them: by their directory's files, a hub id by its cached snapshot, else by name (and revision)."""
+    """The recipe's tokenizer, base, anti-expert and expert, identified without loading: by their directory's files,
+    a hub id by its cached snapshot, else by name (and revision)."""
     refs = {"tokenizer": (cfg.base_model, cfg.base_model_revision), "base": (cfg.base_model, cfg.base_model_revision)}
     refs |= {"anti_expert": (cfg.anti_expert, cfg.anti_expert_revision), "expert": (cfg.expert, cfg.expert_revision)}
     return {role: _ref_identity(ref, revision) for role, (ref, revision) in refs.items()}
@@ -599,8 +570,7 @@ def _ref_identity(ref: str, revision: str | None = None) -> dict[str, Any]:
 
 
 def _loaded_identity(obj: Any) -> dict[str, Any]:
-    """A loaded model's or tokenizer's identity: as :func:`_ref_identity` gives it for the directory (or hub commit)
-    it was loaded from; one built in memory by its content (config and weights, or vocabulary and special tokens)."""
+    """A loaded object's identity: its source directory's (as :func:`_ref_identity`), else a hash of its content."""
     ref = str(obj.name_or_path or "")
     commit = getattr(getattr(obj, "config", None), "_commit_hash", None)  # the hub commit transformers loaded
     found = _ref_identity(ref, commit if isinstance(commit, str) else None) if ref else {}
