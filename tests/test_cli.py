@@ -1,4 +1,5 @@
 import importlib
+import os
 import pkgutil
 import subprocess
 import sys
@@ -240,4 +241,30 @@ def test_no_room_on_the_disk_is_a_message_with_the_fix_not_a_traceback(monkeypat
     assert main(["export", "--recipe", "offline", "--run-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert f"no room to write {tmp_path / 'export' / 'model.safetensors'}" in err and "rerun the same command" in err
+    assert "Traceback" not in err
+
+
+def test_a_missing_hub_is_one_message_naming_the_fix(tmp_path):
+    """Issue 24: the tutorial recipe without the hub (HF_HUB_OFFLINE=1, nothing cached) gives our message, no
+    traceback. The gate (profanity-check) runs, then TMaRCo's BART load raises transformers' OSError."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "you are a stupid idiot"}\n')
+    argv = ["rephrase", "--recipe", "tutorial", "--input", str(src), "--output", str(tmp_path / "out.jsonl")]
+    argv += ["--run-dir", str(tmp_path / "run"), "--no-progress", "--device", "cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # an empty cache
+    done = subprocess.run([sys.executable, "-m", "detox_sft.cli", *argv], capture_output=True, text=True, env=env)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "the Hugging Face hub cannot be reached (HF_HUB_OFFLINE or no network); use --recipe offline" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr[-2000:]
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_zoo_reference_without_the_dev_package_is_bad_input(monkeypatch, tmp_path, capsys):
+    """zoo: references resolve through detox_sft_dev's entry point; without it, exit 2 and the fix, no traceback."""
+    from detox_sft import refs
+
+    monkeypatch.setattr(refs, "entry_points", lambda **kwargs: [])
+    assert main(["rephrase", "--recipe", "offline", "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "detox-sft rephrase: zoo:<name> references need the offline zoo" in err and "Fix: install" in err
     assert "Traceback" not in err

@@ -196,6 +196,14 @@ def test_vllm_unknown_model(scripted):
         VllmClient(server.url).generate("x", "hi")
 
 
+@pytest.mark.parametrize("body", [{"choices": []}, {"choices": [{"text": 3}]}, {"usage": {}}])
+def test_vllm_malformed_completion_is_a_model_server_error(scripted, body):
+    """openai builds its answer models without validating them: a malformed answer is still a typed error."""
+    server = scripted((200, body))
+    with pytest.raises(ModelServerError, match="unexpected .* response"):
+        VllmClient(server.url, retries=0).generate("m", "hi")
+
+
 def test_tls_is_verified_by_default(tmp_path):
     assert CaikitHttpClient("https://model.example.com").session.verify is True
     bundle = tmp_path / "ca.pem"

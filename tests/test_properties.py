@@ -22,7 +22,6 @@ from detox_sft.clients import (
     ModelServerError,
     error_detail,
     parse_caikit_result,
-    parse_completion,
     parse_sse,
 )
 from detox_sft.data import DataError, read_jsonl, write_jsonl_atomic
@@ -190,13 +189,6 @@ caikit_like = st.fixed_dictionaries(
         "input_token_count": json_values,
     },
 )
-completion_like = st.fixed_dictionaries(
-    {},
-    optional={
-        "choices": json_values | st.lists(st.fixed_dictionaries({}, optional={"text": json_values}), max_size=2),
-        "usage": json_values | st.fixed_dictionaries({}, optional={"prompt_tokens": json_values}),
-    },
-)
 
 
 def _check_result(result):
@@ -226,20 +218,6 @@ def test_caikit_result_keeps_the_answer(text, tokens):
     body = json.dumps({"generated_text": text, "generated_tokens": tokens, "finish_reason": "EOS_TOKEN"}).encode()
     result = parse_caikit_result(body)
     assert (result.text, result.generated_tokens, result.finish_reason) == (text, tokens, "EOS_TOKEN")
-
-
-@PROPERTY
-@given(wire | completion_like | completion_like.map(json.dumps))
-@example(DEEP.encode())
-@example({"choices": "abc"})
-@example({"choices": [{"text": "ok", "finish_reason": "length"}], "usage": {"completion_tokens": 2}})
-def test_completion_parses_or_raises_model_server_error(body):
-    try:
-        result = parse_completion(body)
-    except ModelServerError:
-        pass
-    else:
-        _check_result(result)
 
 
 sse_lines = st.lists(

@@ -1,16 +1,13 @@
 """The `detox-sft` command: one subcommand per pipeline step, each a small function over the step's Python API.
 
-The steps that run on a recipe (rephrase, train, evaluate, export) take every recipe field as a flag, parsed by
-jsonargparse from the recipe's dataclasses (:func:`detox_sft.config.recipe_parser`: the type from the annotation, the
-help from the field's docstring entry), and any trl.SFTConfig / peft.LoraConfig field under ``--training.sft.`` /
-``--training.lora.``::
+The recipe steps (rephrase, train, evaluate, export) take every recipe field as a flag (:func:`detox_sft.config.
+recipe_parser`), and any trl.SFTConfig / peft.LoraConfig field under ``--training.sft.`` / ``--training.lora.``::
 
     detox-sft train --recipe offline --training.sft.learning_rate 1e-4 --training.lora.r 8 --seed 3
     detox-sft evaluate --recipe offline --evaluation.num_samples 2 --run-dir runs/x
 
-The values are read by the field's type and checked when the recipe loads, as the YAML's are; a bad key names the
-closest field. Exit codes: 0 done; 1 a step failed; 2 a bad command line, recipe or input file; 130 interrupted.
-The package's errors reach the user as their message, which says what to do, never as a traceback.
+Exit codes: 0 done; 1 a step failed; 2 a bad command line, recipe or input file; 130 interrupted. The package's errors
+reach the user as their message, which says what to do, never as a traceback.
 """
 
 from __future__ import annotations
@@ -20,43 +17,21 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from detox_sft.clients import (
-    CaikitHttpClient,
-    GenerationParams,
-    InsecureTokenError,
-    ModelServerError,
-    connect,
-    read_token,
-)
-from detox_sft.config import (
-    ARMS,
-    ExportConfig,
-    Recipe,
-    RecipeError,
-    ServingConfig,
-    StorageConfig,
-    load_recipe,
-    recipe_parser,
-)
+from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+from detox_sft import clients, config, storage
+from detox_sft.config import ARMS, Recipe, RecipeError, load_recipe, recipe_parser
 from detox_sft.data import DataError, check_output, load_train_dataset, read_records, write_jsonl_atomic
 from detox_sft.devices import DeviceError
 from detox_sft.evaluation import MODELS, EvaluationError, evaluate_models, summary_markdown
 from detox_sft.export import ExportError, export_model
 from detox_sft.files import no_room_hint
+from detox_sft.refs import ZooUnavailable
 from detox_sft.rephrase import CacheWriteError, EngineFailed, RephraseError, detoxify_training_set, rephrase_dataset
-from detox_sft.storage import (
-    DEFAULT_PREFIX,
-    S3Settings,
-    StorageError,
-    download_prefix,
-    upload_dir,
-    upload_export,
-    upload_prefix,
-)
 from detox_sft.toxicity import ScorerError
 from detox_sft.training import TrainingError, is_main_process, load_arm_datasets, plot_loss_curves, train_arms
 
@@ -64,34 +39,27 @@ __all__ = ["SUBCOMMANDS", "INPUT_ERRORS", "STEP_ERRORS", "build_parser", "add_re
 
 # The package's typed errors; their messages name the fix. A bad recipe, flag or input file exits 2, a failed step 1
 # (a step error wins: EngineFailed is a RephraseError, so that callers catching RephraseError still catch it).
-INPUT_ERRORS: tuple[type[Exception], ...] = (RecipeError, DataError, DeviceError, RephraseError, TrainingError)
-STEP_ERRORS: tuple[type[Exception], ...] = (
-    CacheWriteError,
-    EngineFailed,
-    ScorerError,
-    EvaluationError,
-    ExportError,
-    StorageError,
-    ModelServerError,
-    InsecureTokenError,
+INPUT_ERRORS: tuple[type[Exception], ...] = (
+    RecipeError,
+    DataError,
+    DeviceError,
+    RephraseError,
+    TrainingError,
+    ZooUnavailable,
 )
-# The zoo is reached through refs.resolve_ref only (an entry point of detox_sft_dev), so its ZooError is known by its
-# module.
+STEP_ERRORS: tuple[type[Exception], ...] = (CacheWriteError, EngineFailed, ScorerError, EvaluationError, ExportError)
+STEP_ERRORS += (storage.StorageError, clients.ModelServerError, clients.InsecureTokenError)
+# The zoo is reached through refs.resolve_ref only (an entry point of detox_sft_dev): its errors are known by module.
 _ZOO_MODULE = "detox_sft_dev.zoo"
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Recipe fields as flags
-# --------------------------------------------------------------------------------------------------------------------
-
+_NO_HUB = (
+    "the Hugging Face hub cannot be reached (HF_HUB_OFFLINE or no network); use --recipe offline or a local path "
+    "(or connect once to fill the cache)"
+)
 _DEST = "recipe:"  # the shortcut flags' dest prefix (--run-dir, --engine, --ray): each stands for a recipe field
 
 
 class _HelpWithRecipeFields(argparse.Action):
     """``-h`` of a recipe step: the step's own flags, then every recipe field (:func:`recipe_parser`'s help)."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="show this help and exit")
 
     def __call__(self, parser, namespace, values, option_string=None):
         parser.print_help()
@@ -100,14 +68,10 @@ class _HelpWithRecipeFields(argparse.Action):
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser, aliases: Mapping[str, str]) -> None:
-    """``--recipe``, ``-h`` with the recipe's fields, and shortcut flags for some fields; every other flag is left to
-    :func:`detox_sft.config.load_recipe` (``--seed 3``, ``--training.sft.learning_rate 1e-4``).
-
-    Args:
-        parser: the subcommand's parser (made with ``add_help=False``).
-        aliases: shortcut flags for fields (``{"--run-dir": "run_dir"}``).
-    """
-    parser.add_argument("-h", "--help", action=_HelpWithRecipeFields)
+    """``--recipe``, ``-h`` with the recipe's fields, and shortcut flags for fields (``{"--run-dir": "run_dir"}``);
+    every other flag is left to :func:`detox_sft.config.load_recipe` (``--seed 3``)."""
+    help_ = "show this help and exit"
+    parser.add_argument("-h", "--help", action=_HelpWithRecipeFields, nargs=0, default=argparse.SUPPRESS, help=help_)
     parser.add_argument("--recipe", default="offline", help="recipe name (offline, tutorial) or YAML path")
     group = parser.add_argument_group(
         "recipe fields",
@@ -116,12 +80,9 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, aliases: Mapping[str, 
         "peft.LoraConfig, e.g. --training.sft.learning_rate 1e-4 --training.lora.r 8.",
     )
     for alias, target in aliases.items():
+        metavar = target.rsplit(".", 1)[-1].upper()
         group.add_argument(
-            alias,
-            dest=_DEST + target,
-            default=argparse.SUPPRESS,
-            metavar=target.rsplit(".", 1)[-1].upper(),
-            help=f"shortcut for --{target}",
+            alias, dest=_DEST + target, default=argparse.SUPPRESS, metavar=metavar, help=f"shortcut for --{target}"
         )
 
 
@@ -130,39 +91,33 @@ def _recipe(args: argparse.Namespace) -> Recipe:
     return load_recipe(args.recipe, [*shortcuts, *args.recipe_args])
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# The subcommands
-# --------------------------------------------------------------------------------------------------------------------
+def _optional_recipe(args: argparse.Namespace) -> Recipe | None:
+    # serving and storage commands run without a recipe too: loading one checks training.sft against trl (slow)
+    return load_recipe(args.recipe) if args.recipe else None
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    print(f"detox-sft {args.command}: {message}", file=sys.stderr)
+    return code
 
 
 def _add_rephrase(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input",
-        default=None,
-        help="input JSONL (one object per line) or Parquet file, local or s3://bucket/key; omitted: the recipe's "
-        "training set (its data section, column mapping included), written to <run>/data/train_raw.jsonl and "
-        "train_detox.jsonl for `detox-sft train`",
+        help="input JSONL or Parquet file, local or s3://bucket/key; omitted: the recipe's training set, written to "
+        "<run>/data/train_raw.jsonl and train_detox.jsonl for `detox-sft train`",
     )
-    parser.add_argument("--output", default=None, help="output JSONL, local or s3://bucket/key (atomic); with --input")
+    parser.add_argument("--output", help="output JSONL, local or s3://bucket/key (atomic); with --input")
     parser.add_argument("--field", default="text", help="the text field to detoxify (default: text)")
-    parser.add_argument("--cache-dir", default=None, help="cache directory (default: <run>/rephrase/cache)")
+    parser.add_argument("--cache-dir", help="cache directory (default: <run>/rephrase/cache)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument(
-        "--ray",
-        dest=_DEST + "rephrase.executor",
-        action="store_const",
-        const="ray",
-        default=argparse.SUPPRESS,
-        help="shortcut for --rephrase.executor ray (a Ray Data pipeline; joins the cluster when RAY_ADDRESS is set)",
-    )
-    parser.add_argument(
-        "--keep-going",
-        dest=_DEST + "rephrase.keep_going",
-        action="store_const",
-        const="true",
-        default=argparse.SUPPRESS,
-        help="shortcut for --rephrase.keep_going true (engine errors become counted error rows instead of failing)",
-    )
+    for flag, field, value in (("--ray", "executor", "ray"), ("--keep-going", "keep_going", "true")):
+        dest, text = _DEST + "rephrase." + field, f"shortcut for --rephrase.{field} {value}"
+        parser.add_argument(flag, dest=dest, action="store_const", const=value, default=argparse.SUPPRESS, help=text)
 
 
 def _rephrase(args: argparse.Namespace) -> int:
@@ -170,28 +125,22 @@ def _rephrase(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     if args.input is None:
         if args.output is not None or args.cache_dir is not None:
-            print("detox-sft rephrase: --output and --cache-dir go with --input.", file=sys.stderr)
-            return 2
+            return _fail(args, "--output and --cache-dir go with --input.", 2)
         dataset = load_train_dataset(recipe.data, recipe.seed)
         _, summary = detoxify_training_set(recipe, dataset["train"], progress=not args.no_progress)
         where = f"{recipe.paths.train_set('raw')} and {recipe.paths.train_set('detox')}"
         print(f"{summary.total} training samples -> {where}: {_summary_text(summary)}")
         return 0
     if args.output is None:
-        print("detox-sft rephrase: --output is required with --input.", file=sys.stderr)
-        return 2
+        return _fail(args, "--output is required with --input.", 2)
     check_output(args.output)  # an unreachable s3:// output fails now, not after the rephrase
     try:
         records = read_records(args.input)
     except OSError as exc:
-        print(f"detox-sft rephrase: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args, str(exc), 2)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else recipe.paths.rephrase_cache
     result = rephrase_dataset(
-        records,
-        recipe.rephrase,
-        field=args.field,
-        cache_dir=Path(args.cache_dir) if args.cache_dir else recipe.paths.rephrase_cache,
-        progress=not args.no_progress,
+        records, recipe.rephrase, field=args.field, cache_dir=cache_dir, progress=not args.no_progress
     )
     write_jsonl_atomic(result.records, args.output)
     print(f"{result.summary.total} records -> {args.output}: {_summary_text(result.summary)}")
@@ -222,8 +171,7 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     with contextlib.suppress(TrainingError):
         plot_loss_curves(recipe.run_path)
-    print("| arm | path | train loss | eval loss | wall s | samples/s | peak MiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| arm | path | train loss | eval loss | wall s | samples/s | peak MiB |\n|---|---|---|---|---|---|---|")
     for arm, r in results.items():
         m = r.metrics
         print(
@@ -255,8 +203,7 @@ def _add_export(parser: argparse.ArgumentParser) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     result = export_model(_recipe(args), arm=args.arm)
-    print(f"Hugging Face directory: {result.hf_dir}")
-    print(f"Caikit directory:       {result.caikit_dir}")
+    print(f"Hugging Face directory: {result.hf_dir}\nCaikit directory:       {result.caikit_dir}")
     print(f"check generation:       {result.sample!r}")
     return 0
 
@@ -276,25 +223,14 @@ def _add_s3_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _s3_settings(args: argparse.Namespace) -> S3Settings:
-    return S3Settings.from_env(
-        endpoint=args.endpoint,
-        bucket=args.bucket,
-        region=args.region,
-        **({"verify_tls": args.ca_bundle} if args.ca_bundle else {}),
-    )
-
-
-def _optional_recipe(args: argparse.Namespace) -> Recipe | None:
-    # serving and storage commands run without a recipe too: loading one checks training.sft against trl (slow)
-    return load_recipe(args.recipe) if args.recipe else None
+def _s3_settings(args: argparse.Namespace) -> storage.S3Settings:
+    tls = {"verify_tls": args.ca_bundle} if args.ca_bundle else {}
+    return storage.S3Settings.from_env(endpoint=args.endpoint, bucket=args.bucket, region=args.region, **tls)
 
 
 def _add_upload(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", nargs="?", help="directory to upload; omitted: the recipe's export (caikit and hf)")
-    parser.add_argument(
-        "--prefix", help="key prefix (default: <recipe prefix>/caikit for a Caikit dir, /hf for a Hugging Face dir)"
-    )
+    parser.add_argument("--prefix", help="key prefix (default: <recipe prefix>/caikit for a Caikit dir, /hf for HF)")
     parser.add_argument("--create-bucket", action="store_true", help="create the bucket if it does not exist")
     parser.add_argument("--delete-extra", action="store_true", help="delete objects under the prefix not in DIR")
     _add_s3_arguments(parser)
@@ -302,38 +238,29 @@ def _add_upload(parser: argparse.ArgumentParser) -> None:
 
 def _upload(args: argparse.Namespace) -> int:
     recipe = _optional_recipe(args)
-    settings = _s3_settings(args)
+    settings, progress = _s3_settings(args), not args.no_progress
     if args.dir is None and recipe is None:
-        print("detox-sft upload: give a DIR, or --recipe to upload that run's export.", file=sys.stderr)
-        return 2
+        return _fail(args, "give a DIR, or --recipe to upload that run's export.", 2)
     try:
         if args.dir is None:
-            for report in upload_export(
-                recipe, settings=settings, create_bucket=args.create_bucket, progress=not args.no_progress
-            ).values():
-                print(report)
+            reports = storage.upload_export(
+                recipe, settings=settings, create_bucket=args.create_bucket, progress=progress
+            )
+            print(*reports.values(), sep="\n")
             return 0
-        base = recipe.storage.prefix if recipe else DEFAULT_PREFIX
-        report = upload_dir(
-            args.dir,
-            args.prefix if args.prefix is not None else upload_prefix(Path(args.dir), base),
-            settings=settings,
-            recipe=recipe,
-            max_concurrency=args.max_concurrency,
-            create_bucket=args.create_bucket,
-            progress=not args.no_progress,
-            delete_extra=args.delete_extra,
+        prefix = args.prefix
+        if prefix is None:
+            prefix = storage.upload_prefix(Path(args.dir), recipe.storage.prefix if recipe else storage.DEFAULT_PREFIX)
+        options = dict(max_concurrency=args.max_concurrency, create_bucket=args.create_bucket, progress=progress)
+        report = storage.upload_dir(
+            args.dir, prefix, settings=settings, recipe=recipe, delete_extra=args.delete_extra, **options
         )
     except FileNotFoundError as exc:  # DIR, or the recipe's export, is not there
-        print(f"detox-sft upload: {exc}", file=sys.stderr)
-        return 1
+        return _fail(args, str(exc), 1)
     print(report)
     if report.extra_keys and not args.delete_extra:
-        print(
-            f"note: {len(report.extra_keys)} objects under the prefix are not in {args.dir} "
-            "(--delete-extra removes them).",
-            file=sys.stderr,
-        )
+        extra = f"{len(report.extra_keys)} objects under the prefix are not in {args.dir} (--delete-extra removes them)"
+        print(f"note: {extra}.", file=sys.stderr)
     return 0
 
 
@@ -341,24 +268,18 @@ def _add_download(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prefix", help="key prefix, e.g. models/opt-350m-detox/caikit")
     parser.add_argument("dir", help="destination directory")
     parser.add_argument(
-        "--allow-incomplete",
-        action="store_true",
-        help="download even without a completion marker (objects uploaded by another tool)",
+        "--allow-incomplete", action="store_true", help="download even without a completion marker (another tool's)"
     )
     _add_s3_arguments(parser)
 
 
 def _download(args: argparse.Namespace) -> int:
     recipe = _optional_recipe(args)
-    storage = recipe.storage if recipe else StorageConfig()
-    report = download_prefix(
-        args.prefix,
-        args.dir,
-        settings=_s3_settings(args),
-        max_concurrency=args.max_concurrency or storage.max_concurrency,
-        require_complete=not args.allow_incomplete,
-        progress=not args.no_progress,
+    concurrency = args.max_concurrency or (recipe.storage if recipe else config.StorageConfig()).max_concurrency
+    options = dict(
+        max_concurrency=concurrency, require_complete=not args.allow_incomplete, progress=not args.no_progress
     )
+    report = storage.download_prefix(args.prefix, args.dir, settings=_s3_settings(args), **options)
     print(report)
     return 0
 
@@ -375,96 +296,62 @@ class _RefuseTokenArgument(argparse.Action):
 
 
 def _add_query(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("text", metavar="TEXT", help="the prompt to continue")
-    parser.add_argument("--url", default=None, help="server base URL (default: serving.url of the recipe)")
-    parser.add_argument("--model-id", default=None, help="served model id (default: export.model_id of the recipe)")
-    parser.add_argument(
-        "--token-env",
-        default=None,
-        metavar="VAR",
-        help="environment variable holding the bearer token (default: serving.token_env, MODEL_TOKEN)",
-    )
-    parser.add_argument(
-        "--token-file", default=None, metavar="PATH", help="file holding the bearer token (serving.token_file)"
-    )
-    parser.add_argument("--token", nargs="?", action=_RefuseTokenArgument, help=argparse.SUPPRESS)
-    parser.add_argument(
+    add = parser.add_argument
+    add("text", metavar="TEXT", help="the prompt to continue")
+    add("--url", help="server base URL (default: serving.url of the recipe)")
+    add("--model-id", help="served model id (default: export.model_id of the recipe)")
+    add("--token-env", metavar="VAR", help="variable holding the bearer token (default: serving.token_env)")
+    add("--token-file", metavar="PATH", help="file holding the bearer token (serving.token_file)")
+    add("--token", nargs="?", action=_RefuseTokenArgument, help=argparse.SUPPRESS)
+    add(
         "--grpc",
-        default=None,
         metavar="HOST:PORT",
         help="query over caikit gRPC instead of HTTP (grpc://HOST:PORT plaintext, grpcs://HOST:PORT TLS; a bare "
         "HOST:PORT is plaintext to this machine only)",
     )
-    parser.add_argument("--kind", choices=("caikit", "vllm"), default="caikit", help="server API (default caikit)")
-    parser.add_argument("--ca-bundle", default=None, help="CA bundle (PEM) to verify the server's certificate")
-    parser.add_argument("--insecure", action="store_true", help="do not verify TLS certificates (test clusters only)")
-    parser.add_argument("--recipe", default=None, help="recipe name or path (serving and export sections)")
-    parser.add_argument("--max-new-tokens", type=int, default=20)
-    parser.add_argument("--sampling", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--truncate-input-tokens", type=int, default=None)
-    parser.add_argument("--stream", action="store_true", help="stream (caikit HTTP; falls back when unsupported)")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds per request")
+    add("--kind", choices=("caikit", "vllm"), default="caikit", help="server API (default caikit)")
+    add("--ca-bundle", help="CA bundle (PEM) to verify the server's certificate")
+    add("--insecure", action="store_true", help="do not verify TLS certificates (test clusters only)")
+    add("--recipe", help="recipe name or path (serving and export sections)")
+    add("--max-new-tokens", type=int, default=20)
+    add("--sampling", action="store_true", help="sample instead of greedy decoding")
+    add("--top-p", type=float)
+    add("--temperature", type=float)
+    add("--seed", type=int)
+    add("--truncate-input-tokens", type=int)
+    add("--stream", action="store_true", help="stream (caikit HTTP; falls back when unsupported)")
+    add("--timeout", type=float, help="seconds per request")
 
 
 def _query(args: argparse.Namespace) -> int:
     """Print the generated text."""
     recipe = _optional_recipe(args)
-    model_id = args.model_id or (recipe.export if recipe else ExportConfig()).model_id
-    serving = recipe.serving if recipe else ServingConfig()
+    model_id = args.model_id or (recipe.export if recipe else config.ExportConfig()).model_id
+    serving = recipe.serving if recipe else config.ServingConfig()
     serving = replace(
-        serving,
-        token_env=args.token_env or serving.token_env,
-        token_file=args.token_file or serving.token_file,
+        serving, token_env=args.token_env or serving.token_env, token_file=args.token_file or serving.token_file
     )
-    params = GenerationParams(
-        max_new_tokens=args.max_new_tokens,
-        decoding="sampling" if args.sampling else "greedy",
-        top_p=args.top_p,
-        temperature=args.temperature,
-        seed=args.seed,
-        truncate_input_tokens=args.truncate_input_tokens,
-    )
+    sampling = {key: getattr(args, key) for key in ("top_p", "temperature", "seed", "truncate_input_tokens")}
+    decoding = "sampling" if args.sampling else "greedy"
+    params = clients.GenerationParams(max_new_tokens=args.max_new_tokens, decoding=decoding, **sampling)
+    options = dict(url=args.url, grpc_target=args.grpc, kind=args.kind, ca_bundle=args.ca_bundle, timeout=args.timeout)
     try:
-        client = connect(
-            recipe,
-            url=args.url,
-            grpc_target=args.grpc,
-            kind=args.kind,
-            token=read_token(serving),
-            ca_bundle=args.ca_bundle,
-            verify=False if args.insecure else None,
-            timeout=args.timeout,
-        )
-        if args.stream and isinstance(client, CaikitHttpClient):
+        verify, token = False if args.insecure else None, clients.read_token(serving)
+        client = clients.connect(recipe, token=token, verify=verify, **options)
+        if args.stream and isinstance(client, clients.CaikitHttpClient):
             for piece in client.generate_stream(model_id, args.text, params, fallback=True):
                 print(piece, end="", flush=True)
             print()
         else:
             print(client.generate(model_id, args.text, params).text)
     except (ValueError, OSError) as exc:  # no URL, an unreadable token file or CA bundle
-        print(f"detox-sft query: {exc}", file=sys.stderr)
-        return 1
+        return _fail(args, str(exc), 1)
     return 0
 
 
-def _fmt(value: float | None, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-@dataclass(frozen=True)
-class Subcommand:
-    """One `detox-sft` subcommand.
-
-    Attributes:
-        help (`str`): the one-line help (argparse %-formats it: ``%%`` for a percent sign).
-        add_arguments (`Callable`): adds the step's own arguments (those that are not recipe fields).
-        run (`Callable`): runs the step on the parsed arguments; returns the exit code.
-        recipe_aliases (`dict` or `None`): `None`, or the command takes ``--recipe`` and every recipe field as a
-            flag, with these shortcuts (``--run-dir`` for ``--run_dir``).
-    """
+class Subcommand(NamedTuple):
+    """One `detox-sft` subcommand: its one-line help (argparse %-formats it), a function adding its own arguments,
+    the step, and `None` or the shortcut flags of the recipe fields it takes (then every field is a flag)."""
 
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
@@ -472,33 +359,31 @@ class Subcommand:
     recipe_aliases: dict[str, str] | None = None
 
 
-_RUN_DIR = {"--run-dir": "run_dir"}
+def _shortcuts(*fields: str) -> dict[str, str]:
+    """Shortcut flags of recipe fields, named by the field's last part: ``--run-dir`` for ``run_dir``, ..."""
+    return {"--" + name.rsplit(".", 1)[-1].replace("_", "-"): name for name in ("run_dir", *fields)}
+
 
 SUBCOMMANDS: dict[str, Subcommand] = {
     "rephrase": Subcommand(
         "detoxify a JSONL file (or the recipe's training set) with TrustyAI TMaRCo (gated, batched, resumable)",
         _add_rephrase,
         _rephrase,
-        {**_RUN_DIR, "--engine": "rephrase.engine", "--device": "rephrase.device"},
+        _shortcuts("rephrase.engine", "rephrase.device"),
     ),
     "train": Subcommand(
-        "QLoRA-tune the base model on the raw and/or the detoxified data",
-        _add_train,
-        _train,
-        {**_RUN_DIR, "--device": "training.device"},
+        "QLoRA-tune the base model on raw and/or detoxified data", _add_train, _train, _shortcuts("training.device")
     ),
     "evaluate": Subcommand(
         "generate on toxic prompts; toxicity with 95%% intervals",
         _add_evaluate,
         _evaluate,
-        {**_RUN_DIR, "--device": "evaluation.device"},
+        _shortcuts("evaluation.device"),
     ),
     "export": Subcommand(
-        "merge the detox adapter; write the Hugging Face and the Caikit directories", _add_export, _export, _RUN_DIR
+        "merge the detox adapter; write the HF and the Caikit directories", _add_export, _export, _shortcuts()
     ),
-    "upload": Subcommand(
-        "upload a directory to S3 (the data connection), checksummed and resumable", _add_upload, _upload
-    ),
+    "upload": Subcommand("upload a directory to S3 (the data connection), checksummed", _add_upload, _upload),
     "download": Subcommand("download an S3 prefix to a directory", _add_download, _download),
     "query": Subcommand("query a served model over HTTP (caikit or vLLM) or gRPC", _add_query, _query),
 }
@@ -527,9 +412,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _is_package_error(exc: BaseException) -> bool:
-    """One of the package's typed errors, whose message says what to do (anything else is a bug: traceback)."""
-    return isinstance(exc, INPUT_ERRORS + STEP_ERRORS) or type(exc).__module__.startswith(_ZOO_MODULE)
+def _hub_unreachable(exc: BaseException | None) -> bool:
+    """Whether loading a hub id failed because the hub cannot be reached: huggingface_hub raises these when a file is
+    neither in the cache nor downloadable; transformers re-raises them as a bare OSError (the cause kept)."""
+    for _ in range(20):  # the chain of causes, bounded
+        if exc is None or isinstance(exc, LocalEntryNotFoundError | OfflineModeIsEnabled):
+            return exc is not None
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _error_message(exc: Exception) -> tuple[str, int] | None:
+    """The message and exit code of an error the user can act on; `None` for a bug (it keeps its traceback)."""
+    hint = no_room_hint(exc) if isinstance(exc, OSError) else None
+    if hint is not None:  # what the steps finished is complete (atomic writes)
+        where = f" {exc.filename}" if exc.filename else ""
+        reason = f"{exc.strerror or os.strerror(exc.errno)}: {hint}"
+        fix = "free disk space (or raise the limit), then rerun the same command: it resumes"
+        return f"no room to write{where} ({reason}). What finished before is kept complete. Fix: {fix}.", 1
+    if _hub_unreachable(exc):
+        return _NO_HUB, 1
+    if isinstance(exc, INPUT_ERRORS + STEP_ERRORS) or type(exc).__module__.startswith(_ZOO_MODULE):
+        return str(exc), 2 if isinstance(exc, INPUT_ERRORS) and not isinstance(exc, STEP_ERRORS) else 1
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -541,30 +446,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     command = SUBCOMMANDS[args.command]
     try:
-        if command.recipe_aliases is None:
-            if extras:
-                parser.error(f"unrecognized arguments: {' '.join(extras)}")
-        else:
-            args.recipe_args = extras  # the recipe's fields, parsed by load_recipe
+        if command.recipe_aliases is None and extras:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        args.recipe_args = extras  # the recipe's fields, parsed by load_recipe
         return int(command.run(args) or 0)
     except KeyboardInterrupt:
-        print(f"detox-sft {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
-        return 130
+        return _fail(args, "interrupted; rerun the same command to resume.", 130)
     except Exception as exc:  # the package's typed errors become a message and an exit code; anything else is a bug
-        hint = no_room_hint(exc) if isinstance(exc, OSError) else None
-        if hint is not None:  # not a bug: the machine has no room; what the steps finished is complete (atomic writes)
-            where = f" {exc.filename}" if exc.filename else ""
-            print(
-                f"detox-sft {args.command}: no room to write{where} ({exc.strerror or os.strerror(exc.errno)}: "
-                f"{hint}). What finished before "
-                "is kept complete. Fix: free disk space (or raise the limit), then rerun the same command: it resumes.",
-                file=sys.stderr,
-            )
-            return 1
-        if not _is_package_error(exc):
+        known = _error_message(exc)
+        if known is None:
             raise
-        print(f"detox-sft {args.command}: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, INPUT_ERRORS) and not isinstance(exc, STEP_ERRORS) else 1
+        return _fail(args, *known)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,9 @@
 """Run configuration: dataclasses filled from the YAML recipes in `recipes/`, parsed and type-checked by jsonargparse.
 
-``load_recipe("offline", ["--training.sft.learning_rate", "1e-4"])`` reads ``recipes/offline.yaml`` and applies
-overrides given as flags (what `detox-sft` passes) or as a mapping (``dotted={"evaluation.num_samples": "2"}``).
-jsonargparse checks each value against its annotation, ``__post_init__`` what needs the field's meaning; a bad value
-raises :class:`RecipeError` naming the field and the fix. ``training.sft`` / ``training.lora`` hold keyword arguments
-of :class:`trl.SFTConfig` / :class:`peft.LoraConfig`, read by those classes' own field annotations. Model and dataset
-references are hub ids, local paths or ``zoo:<name>`` (:func:`detox_sft.refs.resolve_ref`), each with a
-``<field>_revision`` to pin a hub commit. The field docs are the `detox-sft --help` text (:func:`recipe_parser`).
-This module imports nothing from the package.
+``load_recipe("offline", ["--training.sft.learning_rate", "1e-4"])`` reads ``recipes/offline.yaml`` with overrides;
+a bad value raises :class:`RecipeError` naming the field and the fix. ``training.sft`` / ``training.lora`` are keyword
+arguments of trl.SFTConfig / peft.LoraConfig, read by those classes' annotations. References are hub ids, local paths
+or ``zoo:<name>`` (:func:`detox_sft.refs.resolve_ref`). The field docs are `detox-sft --help`'s text.
 """
 
 from __future__ import annotations
@@ -104,8 +100,8 @@ def _check_revision(revision: str | None, ref: str | None, name: str, ref_name: 
         f"got {revision!r}, expected a full commit id (40 hex digits; a branch or tag can move)",
         "copy the commit id from the repository's history on huggingface.co, or set it to null (the newest)",
     )
-    local = ref is not None and (ref.startswith((".", "/", "~")) or Path(ref).suffix in (".jsonl", ".json", ".csv"))
-    local = local or Path(ref or "").suffix == ".parquet" or (bool(ref) and Path(ref).expanduser().exists())
+    local = (ref or "").startswith((".", "/", "~")) or Path(ref or "").suffix in (".jsonl", ".json", ".csv", ".parquet")
+    local = local or (bool(ref) and Path(ref).expanduser().exists())
     problem = (
         f"{ref_name} is {ref!r}, a local path: a revision pins a hub repository" if ref else f"{ref_name} is unset"
     )
@@ -184,20 +180,13 @@ class DataConfig(_Checked):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        pair = (self.prompt_field, self.continuation_field)
-        _check(
-            self.text_field is None or pair == (None, None),
-            "data.text_field",
-            f"is set together with data.prompt_field / data.continuation_field {pair}",
-            "map either one text column (data.text_field) or a prompt and a continuation column, not both",
-        )
-        for given, other in (("prompt_field", "continuation_field"), ("continuation_field", "prompt_field")):
-            _check(
-                getattr(self, given) is None or getattr(self, other) is not None,
-                f"data.{other}",
-                f"is unset while data.{given} is {getattr(self, given)!r}",
-                "name both columns (data.prompt_field and data.continuation_field), or one data.text_field",
-            )
+        pair = ("prompt_field", "continuation_field")
+        fix = "map one text_field, or a prompt_field and a continuation_field"
+        given = {name: getattr(self, name) for name in pair if getattr(self, name) is not None}
+        _check(self.text_field is None or not given, "data.text_field", f"is set together with {given}", fix)
+        for name, other in (pair, pair[::-1]):
+            value = getattr(self, other)
+            _check(name in given or value is None, f"data.{name}", f"is unset while data.{other} is {value!r}", fix)
 
 
 @dataclass

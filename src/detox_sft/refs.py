@@ -14,17 +14,21 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from pathlib import Path
 
-__all__ = ["ZOO_PREFIX", "ENTRY_POINT_GROUP", "resolve_ref", "is_hub_ref", "revision_kwargs"]
+__all__ = ["ZOO_PREFIX", "ENTRY_POINT_GROUP", "ZooUnavailable", "resolve_ref", "is_hub_ref", "revision_kwargs"]
 
 ZOO_PREFIX = "zoo:"
 ENTRY_POINT_GROUP = "detox_sft.refs"
+
+
+class ZooUnavailable(LookupError):
+    """A ``zoo:<name>`` reference without the development package that resolves it; the message says the fix."""
 
 
 def _zoo_resolver():
     """The registered ``zoo`` resolver (a callable name -> path), or an error that says how to get one."""
     found = entry_points(group=ENTRY_POINT_GROUP, name="zoo")
     if not found:
-        raise LookupError(
+        raise ZooUnavailable(
             "zoo:<name> references need the offline zoo, which the development package detox_sft_dev provides. "
             "Fix: install the repository (`pip install -e .` or `make setup`), or give a hub id or a local path."
         )

@@ -152,7 +152,7 @@ def _translate(exc: BaseException, settings: S3Settings, what: str) -> StorageEr
     if isinstance(exc, bexc.SSLError):
         return S3UnavailableError(f"{what}: TLS verification failed for {where}. Fix: pass its CA (--ca-bundle).")
     if isinstance(exc, bexc.ConnectionError | bexc.HTTPClientError | ConnectionError):
-        fix = "Fix: check AWS_S3_ENDPOINT and that the server is running; rerun to resume."
+        fix = "Fix: check AWS_S3_ENDPOINT and that the server is running; rerun the same command to resume."
         return S3UnavailableError(f"{what}: cannot reach {where} ({type(exc).__name__}). {fix}")
     if not isinstance(exc, bexc.ClientError):  # s3transfer wraps some failures: look at the cause
         cause = getattr(exc, "last_exception", None) or exc.__cause__

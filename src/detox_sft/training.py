@@ -1,8 +1,5 @@
-"""QLoRA fine-tuning of the base model, two arms (``raw``, ``detox``), one recipe.
-
-Notebook 1 builds the configs and ``SFTTrainer`` in its cells and calls the steps here around it; ``detox-sft train``
-(:func:`train_arms`) makes the same calls with the configs from the pure mappers (``get_*_config``).
-"""
+"""QLoRA fine-tuning of two arms (``raw``, ``detox``), one recipe: notebook 1 builds the configs and ``SFTTrainer`` in
+its cells and calls the steps here around it; ``detox-sft train`` (:func:`train_arms`) makes the same calls."""
 
 from __future__ import annotations
 
@@ -60,7 +57,6 @@ class TrainingError(ValueError):
 class TrainResult:
     """One arm's outcome: its adapter directory, ``metrics.json``'s content, and whether it was already trained."""
 
-    arm: str
     adapter_dir: Path
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
     skipped: bool = False
@@ -85,11 +81,11 @@ def linear_module_names(model_or_module_names: Any) -> list[str]:
     import torch
 
     if isinstance(model_or_module_names, torch.nn.Module):
-        from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers; PEFT's LoRA takes them too
+        from transformers.pytorch_utils import (
+            Conv1D,
+        )  # GPT-2's linear layers (bitsandbytes' Linear4bit is an nn.Linear)
 
-        # bitsandbytes' Linear4bit subclasses nn.Linear, so quantised models count too.
-        linear = (torch.nn.Linear, Conv1D)
-        names = [n for n, m in model_or_module_names.named_modules() if isinstance(m, linear)]
+        names = [n for n, m in model_or_module_names.named_modules() if isinstance(m, torch.nn.Linear | Conv1D)]
     else:
         names = list(model_or_module_names)
     # TRL computes log-probs from lm_head.weight directly: an adapter there would never train.
@@ -100,25 +96,19 @@ def lora_targets(cfg: TrainingConfig, model_or_module_names: Any) -> list[str] |
     """``training.lora.target_modules`` checked against the model's linear layers; null: the model type's default."""
     model_type = getattr(getattr(model_or_module_names, "config", None), "model_type", None)  # names alone have none
     default = list(LORA_TARGET_MODULES.get(model_type or "", ())) or "all-linear"
-    targets = cfg.lora.get("target_modules")
-    if targets is None:
-        targets = default
-    elif isinstance(targets, str) and targets != "all-linear":
-        targets = [targets]
-    if isinstance(targets, str):
+    targets = cfg.lora.get("target_modules") or default
+    if targets == "all-linear":
         return targets
-    targets, real = list(targets), linear_module_names(model_or_module_names)
+    targets, real = [targets] if isinstance(targets, str) else list(targets), linear_module_names(model_or_module_names)
     unknown = [t for t in targets if t not in real]
     if unknown:
         kind = f" ({model_type})" if model_type else ""
-        fallback = f" ({default if isinstance(default, str) else ', '.join(default)})" if model_type else ""
         raise TrainingError(
             f"training.lora.target_modules: {', '.join(unknown)} not in the model{kind}; its linear layers are "
             f"{', '.join(real)}. Fix: use those names (OPT's attention output is out_proj, not o_proj), or set "
-            f"training.lora.target_modules to null for the model type's default{fallback}."
+            f"training.lora.target_modules to null for the model type's default "
+            f"({default if isinstance(default, str) else ', '.join(default)})."
         )
-    if not targets:
-        raise TrainingError(f"training.lora.target_modules is empty. Fix: name some of {', '.join(real)}.")
     return targets
 
 
@@ -126,17 +116,11 @@ def get_peft_config(cfg: TrainingConfig, model_or_module_names: Any) -> LoraConf
     """The causal-LM LoraConfig: ``training.lora`` with :func:`lora_targets`."""
     from peft import LoraConfig
 
-    targets = lora_targets(cfg, model_or_module_names)
-    try:
-        return LoraConfig(**{**cfg.lora, "target_modules": targets}, task_type="CAUSAL_LM")
-    except TypeError as exc:
-        raise TrainingError(f"training.lora: {exc}. Fix: use peft.LoraConfig keyword arguments.") from exc
+    return LoraConfig(**{**cfg.lora, "target_modules": lora_targets(cfg, model_or_module_names)}, task_type="CAUSAL_LM")
 
 
 def precision_kwargs(cfg: TrainingConfig, device: str) -> dict[str, Any]:
-    """The SFTConfig fields that follow the device: mixed precision and how SFTTrainer loads the base model.
-
-    Plain data because SFTConfig refuses bf16 without a GPU: the CUDA mapping is unit-tested as data."""
+    """The SFTConfig fields that follow the device (plain data: SFTConfig refuses bf16 on a machine without a GPU)."""
     if device == "cuda":
         import torch
 
@@ -151,8 +135,7 @@ def precision_kwargs(cfg: TrainingConfig, device: str) -> dict[str, Any]:
 
 
 def get_sft_config(cfg: TrainingConfig, output_dir: str | os.PathLike[str], seed: int, device: str) -> SFTConfig:
-    """The SFTConfig: ``training.sft`` plus the checkpoint dir, one seed and sample order for both arms, the
-    completion-only loss and :func:`precision_kwargs`."""
+    """``training.sft`` plus what the experiment fixes: checkpoints, one seed and sample order, loss, precision."""
     from trl import SFTConfig
 
     try:
@@ -176,7 +159,7 @@ def _require_text(dataset: Any, name: str) -> None:
     if "text" not in columns:
         raise TrainingError(
             f"{name} has no 'text' column (columns: {', '.join(columns) or 'none'}). Fix: build it with "
-            "detox_sft.data.load_train_dataset (text = detox_sft.prompts.format_sample(prompt, continuation))."
+            "detox_sft.data.load_train_dataset or detox_sft.prompts.format_sample."
         )
 
 
@@ -192,7 +175,6 @@ def _require_marker(texts: list[str], name: str) -> None:
 
 def to_prompt_completion(dataset: Dataset) -> Dataset:
     """The ``text`` column split at the template's marker into TRL's ``prompt`` / ``completion`` columns (only)."""
-    _require_text(dataset, "dataset")
     _require_marker(dataset["text"], "dataset")
 
     def split(example: dict[str, Any]) -> dict[str, str]:
@@ -261,9 +243,9 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _check_arm(arm: str) -> None:
-    if arm not in ARMS:
-        raise TrainingError(f"unknown arm {arm!r}. Fix: use one of {', '.join(ARMS)}.")
+def _check_arm(*arms: str) -> None:
+    if unknown := [arm for arm in arms if arm not in ARMS]:
+        raise TrainingError(f"unknown arm {', '.join(unknown)}. Fix: use one of {', '.join(ARMS)}.")
 
 
 def _base_revision(cfg: TrainingConfig) -> dict[str, str]:
@@ -296,12 +278,10 @@ _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "log_histo
 def finished_arm(adapter_dir: str | os.PathLike[str], overwrite: bool = False) -> TrainResult | None:
     """The arm's result if it finished before (it is not retrained), else `None`; ``overwrite`` empties its directory."""
     out = Path(adapter_dir)
-    if overwrite:
-        if out.exists() and is_main_process():
-            shutil.rmtree(out)
-        return None
+    if overwrite and is_main_process():
+        shutil.rmtree(out, ignore_errors=True)
     marker = out / "metrics.json"
-    if not marker.exists():
+    if overwrite or not marker.exists():
         return None
     metrics = read_json_or_none(marker)
     missing = [name for name in _ADAPTER_FILES if not (out / name).is_file()]
@@ -309,10 +289,8 @@ def finished_arm(adapter_dir: str | os.PathLike[str], overwrite: bool = False) -
         print(f"[train {out.name}] already trained ({marker}); skipping. Pass overwrite=True (--overwrite) to retrain.")
         if is_main_process():  # a run killed while it removed its checkpoints leaves some
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        return TrainResult(arm=out.name, adapter_dir=out, metrics=metrics, skipped=True)
-    problem = (
-        "is unreadable (truncated?)" if not isinstance(metrics, dict) else f"has no {', '.join(missing)} beside it"
-    )
+        return TrainResult(out, metrics, skipped=True)
+    problem = f"has no {', '.join(missing)} beside it" if isinstance(metrics, dict) else "is unreadable (truncated?)"
     warnings.warn(f"{marker} {problem}: the arm is not finished; training it again.", UserWarning, stacklevel=2)
     if is_main_process():
         marker.unlink(missing_ok=True)
@@ -374,8 +352,9 @@ def prepare_trainer(trainer: Any, device: str) -> None:
                 param.data = param.data.float()
     if is_main_process():
         lora = next(iter(model.peft_config.values()))
-        targets = lora.target_modules
-        targets = targets if isinstance(targets, str) else ", ".join(sorted(targets))
+        targets = (
+            lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(sorted(lora.target_modules))
+        )
         quantised = "4-bit NF4 base, " if getattr(model, "is_loaded_in_4bit", False) else ""
         print(
             f"[train {Path(args.output_dir).parent.name}] on {device}: {quantised}LoRA r={lora.r} on {targets}; "
@@ -385,10 +364,8 @@ def prepare_trainer(trainer: Any, device: str) -> None:
 
 
 def last_complete_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> str | None:
-    """The newest checkpoint with its ``trainer_state.json`` (written last), or `None`; newer, cut-short ones are removed.
-
-    transformers' ``get_last_checkpoint`` returns a cut-short one, and resuming from it crashes.
-    """
+    """The newest checkpoint with its ``trainer_state.json`` (written last), or `None`; newer, cut-short ones are removed
+    (transformers' ``get_last_checkpoint`` returns those, and resuming from one crashes)."""
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     ckpt_dir = Path(checkpoint_dir)
@@ -407,9 +384,7 @@ def last_complete_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> str | No
 def save_arm(
     trainer: Any, adapter_dir: str | os.PathLike[str], recipe: Recipe, dataset: DatasetDict, stats: Any
 ) -> TrainResult:
-    """Write the adapter, tokenizer, ``log_history.json`` and ``metrics.json`` last; remove the checkpoints.
-
-    Every rank calls it; rank 0 alone writes. ``stats`` is the :func:`train_stats` callback the trainer ran with."""
+    """Write the adapter, tokenizer, ``log_history.json`` and ``metrics.json`` last (rank 0); remove the checkpoints."""
     out = Path(adapter_dir)
     trainer.save_model(str(out))  # every rank calls it: the Trainer itself saves on the main process only
     metrics = _metrics(trainer, recipe, out.name, dataset, stats)
@@ -429,7 +404,7 @@ def save_arm(
             f"peak memory {stats.peak_bytes / 2**20:.0f} MiB -> {out}",
             flush=True,
         )
-    return TrainResult(arm=out.name, adapter_dir=out, metrics=metrics)
+    return TrainResult(out, metrics)
 
 
 def _metrics(trainer: Any, recipe: Recipe, arm: str, dataset: DatasetDict, stats: Any) -> dict[str, Any]:
@@ -440,13 +415,10 @@ def _metrics(trainer: Any, recipe: Recipe, arm: str, dataset: DatasetDict, stats
     session = next((e for e in reversed(log_history) if "train_runtime" in e), {})
     runtime = session.get("train_runtime")
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    if stats.device == "cuda":
-        path = "CUDA QLoRA" if cfg.load_in_4bit else "CUDA LoRA"
-    else:
-        path = "CPU QLoRA" if cfg.load_in_4bit else "CPU LoRA fp32"
+    quant = "QLoRA" if cfg.load_in_4bit else "LoRA" if stats.device == "cuda" else "LoRA fp32"
     return {
         "arm": arm,
-        "path": path,
+        "path": f"{'CUDA' if stats.device == 'cuda' else 'CPU'} {quant}",
         "device": stats.device,
         "base_model": cfg.base_model,
         "base_model_revision": cfg.base_model_revision,
@@ -506,10 +478,7 @@ def _loss_curve(log_history: list[dict[str, Any]]) -> dict[str, list[dict[str, f
 def train_arm(
     recipe: Recipe, arm: str, dataset: DatasetDict, overwrite: bool = False, callbacks: list[Any] | None = None
 ) -> TrainResult:
-    """Train one arm into ``recipe.paths.adapter(arm)`` with notebook 1's calls, resuming an interrupted run.
-
-    A finished arm is not retrained unless ``overwrite``; ``callbacks`` are extra ``TrainerCallback`` objects.
-    """
+    """Train one arm into ``recipe.paths.adapter(arm)`` with notebook 1's calls; a finished arm only if ``overwrite``."""
     from trl import SFTTrainer
 
     _check_arm(arm)
@@ -544,25 +513,21 @@ def train_arm(
 
 def train_arms(recipe: Recipe, datasets: Mapping[str, DatasetDict], overwrite: bool = False) -> dict[str, TrainResult]:
     """Train the given arms, ``raw`` first, with the same recipe and seed (:func:`train_arm` each)."""
-    for arm in datasets:
-        _check_arm(arm)
+    _check_arm(*datasets)
     order = [a for a in ARMS if a in datasets]
     return {arm: train_arm(recipe, arm, datasets[arm], overwrite=overwrite) for arm in order}
 
 
 def load_arm_datasets(recipe: Recipe, arms: Iterable[str] = ARMS) -> dict[str, DatasetDict]:
-    """The arms' data: raw from :func:`~detox_sft.data.load_train_dataset`, detox from the rephrase step's output;
-    both with the raw held-out split."""
+    """The arms' data: the raw samples, and the rephrase step's output; both with the raw held-out split."""
     from datasets import DatasetDict, load_dataset
 
     arms = list(arms)
-    for arm in arms:
-        _check_arm(arm)
+    _check_arm(*arms)
     detox_path = recipe.paths.train_set("detox")
     if "detox" in arms and not detox_path.is_file():
         raise TrainingError(
-            f"No detoxified training set at {detox_path} — run `detox-sft rephrase` (or notebooks/1-sft.ipynb "
-            "up to the rephrase step) first."
+            f"No detoxified training set at {detox_path} — run `detox-sft rephrase` (or notebook 1's rephrase) first."
         )
     raw = load_train_dataset(recipe.data, recipe.seed)
     out = {"raw": raw} if "raw" in arms else {}
@@ -595,10 +560,10 @@ def plot_loss_curves(run_dir: str | os.PathLike[str]) -> Figure:
     colors = {"raw": "tab:red", "detox": "tab:green"}
     for arm, history in logs.items():
         for curve, points in _loss_curve(history).items():
+            line, marker = ("-", ".") if curve == "train" else ("--", "o")
+            steps, losses = [p["step"] for p in points], [p["loss"] for p in points]
             if points:
-                style = {"marker": "."} if curve == "train" else {"linestyle": "--", "marker": "o"}
-                steps, losses = [p["step"] for p in points], [p["loss"] for p in points]
-                ax.plot(steps, losses, color=colors[arm], label=f"{arm} {curve}", **style)
+                ax.plot(steps, losses, color=colors[arm], linestyle=line, marker=marker, label=f"{arm} {curve}")
     ax.set(xlabel="step", ylabel="cross-entropy loss", title="SFT loss, raw vs detoxified data (same recipe)")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -609,8 +574,7 @@ def plot_loss_curves(run_dir: str | os.PathLike[str]) -> Figure:
 
 
 def load_adapter_model(run_dir: str | os.PathLike[str], arm: str, device: str = "auto") -> tuple[Any, Any]:
-    """The base model (full precision, as it will be merged) with the arm's adapter, in eval mode, and its tokenizer
-    (left padding, for generation)."""
+    """The full-precision base model with the arm's adapter, in eval mode, and its tokenizer (left padding)."""
     _check_arm(arm)
     paths = RunPaths(Path(run_dir))
     out = paths.adapter(arm)

@@ -105,13 +105,15 @@ def detoxify_training_set(
 
     if isinstance(train_dataset, DatasetDict):  # (a DatasetDict is a dict: test its class, not its keys)
         if "train" not in train_dataset:
-            raise RephraseError(f"no 'train' split in {list(train_dataset)}. Fix: pass one split, e.g. dataset['x'].")
+            raise RephraseError(
+                f"no 'train' split (splits: {list(train_dataset)}). Fix: pass one, e.g. dataset['train']."
+            )
         train_dataset = train_dataset["train"]
     columns = list(train_dataset.column_names)
     missing = [c for c in ("prompt", "continuation", "text") if c not in columns]
     if missing:
         raise RephraseError(
-            f"training set lacks {missing}. Fix: load it with data.load_train_dataset(recipe.data, seed)."
+            f"training set lacks column(s) {missing}. Fix: load it with data.load_train_dataset(recipe.data, seed)."
         )
     rows = train_dataset.to_list()
     write_jsonl_atomic(rows, recipe.paths.train_set("raw"))
