@@ -368,7 +368,7 @@ def test_notebook_4_shows_one_plain_request_with_its_bearer_header_then_the_clie
     request = _cell(nb, "requests.post(")
     assert 'f"Bearer {token}"' in "".join(request["source"])
     assert "generated_text" in _shown(nb, "requests.post(")
-    assert "token=<set>" in _shown(nb, "clients.connect(")  # the demo run sets MODEL_TOKEN
+    assert "token=<set>" in _shown(nb, "http = clients.connect(")  # the demo run sets MODEL_TOKEN
     # issue 24: the answers' token counts are what the request allowed (20 at most), not the local module's
     # generated_tokens (prompt included), which is shown under its own label
     from detox_sft.notebook import recorded
