@@ -42,8 +42,8 @@ def test_rehearsal_models_have_the_hub_models_sizes():
 
 
 def test_the_demo_zoo_never_builds_them_and_zoo_refs_reach_them(monkeypatch, tmp_path):
-    from detox_sft_dev import zoo
     from detox_sft.refs import resolve_ref
+    from detox_sft_dev import zoo
 
     assert not set(zoo.ZOO_NAMES) & set(zoo.REHEARSAL_NAMES)
     asked = []
@@ -106,11 +106,11 @@ def test_the_tokenizers_have_the_real_vocabulary_size_and_special_ids(tmp_path):
 @pytest.mark.service
 def test_the_shortened_rehearsal_runs_the_four_notebooks_at_full_model_size(tmp_path):
     """recipes/rehearsal-cpu.yaml through `detox-sft-dev demo`: builds the rehearsal models on first use (about 6 GB)."""
+    from detox_sft.notebook import recorded
+    from detox_sft.refs import resolve_ref
     from detox_sft_dev import zoo
     from detox_sft_dev.demo import NOTEBOOKS, run_demo
     from detox_sft_dev.rehearsal import rehearsal_report
-    from detox_sft.notebook import recorded
-    from detox_sft.refs import resolve_ref
 
     started = time.perf_counter()
     built = {name: json.loads((zoo.resolve(name) / "manifest.json").read_text()) for name in zoo.REHEARSAL_NAMES}

@@ -26,9 +26,9 @@ from detox_sft.clients import (
     ServerUnavailable,
     StreamingNotSupported,
 )
+from detox_sft.export import CHECK_PROMPT
 from detox_sft_dev.model_server import LocalModelServer, PortInUseError, ServingError
 from detox_sft_dev.s3 import free_port, port_in_use
-from detox_sft.export import CHECK_PROMPT
 
 pytestmark = pytest.mark.service
 

@@ -7,7 +7,7 @@ recipe_parser`), and any trl.SFTConfig / peft.LoraConfig field under ``--trainin
     detox-sft evaluate --recipe offline --evaluation.num_samples 2 --run-dir runs/x
 
 Exit codes: 0 done; 1 a step failed; 2 a bad command line, recipe or input file; 130 interrupted. The package's errors
-reach the user as their message, which says what to do, never as a traceback.
+reach the user as their message, never as a traceback.
 """
 
 from __future__ import annotations
@@ -39,14 +39,8 @@ __all__ = ["SUBCOMMANDS", "INPUT_ERRORS", "STEP_ERRORS", "build_parser", "add_re
 
 # The package's typed errors; their messages name the fix. A bad recipe, flag or input file exits 2, a failed step 1
 # (a step error wins: EngineFailed is a RephraseError, so that callers catching RephraseError still catch it).
-INPUT_ERRORS: tuple[type[Exception], ...] = (
-    RecipeError,
-    DataError,
-    DeviceError,
-    RephraseError,
-    TrainingError,
-    ZooUnavailable,
-)
+INPUT_ERRORS: tuple[type[Exception], ...] = (RecipeError, DataError, DeviceError, RephraseError, TrainingError)
+INPUT_ERRORS += (ZooUnavailable,)
 STEP_ERRORS: tuple[type[Exception], ...] = (CacheWriteError, EngineFailed, ScorerError, EvaluationError, ExportError)
 STEP_ERRORS += (storage.StorageError, clients.ModelServerError, clients.InsecureTokenError)
 # The zoo is reached through refs.resolve_ref only (an entry point of detox_sft_dev): its errors are known by module.
@@ -68,22 +62,17 @@ class _HelpWithRecipeFields(argparse.Action):
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser, aliases: Mapping[str, str]) -> None:
-    """``--recipe``, ``-h`` with the recipe's fields, and shortcut flags for fields (``{"--run-dir": "run_dir"}``);
-    every other flag is left to :func:`detox_sft.config.load_recipe` (``--seed 3``)."""
-    help_ = "show this help and exit"
-    parser.add_argument("-h", "--help", action=_HelpWithRecipeFields, nargs=0, default=argparse.SUPPRESS, help=help_)
+    """``--recipe``, ``-h`` with the recipe's fields, and shortcut flags for fields (``{"--run-dir": "run_dir"}``)."""
+    parser.add_argument("-h", "--help", action=_HelpWithRecipeFields, nargs=0, default=argparse.SUPPRESS)
     parser.add_argument("--recipe", default="offline", help="recipe name (offline, tutorial) or YAML path")
     group = parser.add_argument_group(
         "recipe fields",
-        "--FIELD VALUE overrides the recipe's value of any field listed below (read by the field's type, checked as "
-        "the YAML's are), and --training.sft.FIELD / --training.lora.FIELD any field of trl.SFTConfig and "
-        "peft.LoraConfig, e.g. --training.sft.learning_rate 1e-4 --training.lora.r 8.",
+        "--FIELD VALUE overrides any field listed below, --training.sft.FIELD / --training.lora.FIELD any field of "
+        "trl.SFTConfig / peft.LoraConfig, e.g. --training.sft.learning_rate 1e-4 --training.lora.r 8.",
     )
     for alias, target in aliases.items():
-        metavar = target.rsplit(".", 1)[-1].upper()
-        group.add_argument(
-            alias, dest=_DEST + target, default=argparse.SUPPRESS, metavar=metavar, help=f"shortcut for --{target}"
-        )
+        metavar, help_ = target.rsplit(".", 1)[-1].upper(), f"shortcut for --{target}"
+        group.add_argument(alias, dest=_DEST + target, default=argparse.SUPPRESS, metavar=metavar, help=help_)
 
 
 def _recipe(args: argparse.Namespace) -> Recipe:
@@ -106,15 +95,11 @@ def _fail(args: argparse.Namespace, message: str, code: int) -> int:
 
 
 def _add_rephrase(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--input",
-        help="input JSONL or Parquet file, local or s3://bucket/key; omitted: the recipe's training set, written to "
-        "<run>/data/train_raw.jsonl and train_detox.jsonl for `detox-sft train`",
-    )
-    parser.add_argument("--output", help="output JSONL, local or s3://bucket/key (atomic); with --input")
-    parser.add_argument("--field", default="text", help="the text field to detoxify (default: text)")
-    parser.add_argument("--cache-dir", help="cache directory (default: <run>/rephrase/cache)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--input", help="JSONL or Parquet, local or s3://; default: the recipe's training set")
+    parser.add_argument("--output", help="JSONL, local or s3:// (with --input)")
+    parser.add_argument("--field", default="text", help="the text field to detoxify")
+    parser.add_argument("--cache-dir", help="default: <run>/rephrase/cache")
+    parser.add_argument("--no-progress", action="store_true")
     for flag, field, value in (("--ray", "executor", "ray"), ("--keep-going", "keep_going", "true")):
         dest, text = _DEST + "rephrase." + field, f"shortcut for --rephrase.{field} {value}"
         parser.add_argument(flag, dest=dest, action="store_const", const=value, default=argparse.SUPPRESS, help=text)
@@ -122,12 +107,12 @@ def _add_rephrase(parser: argparse.ArgumentParser) -> None:
 
 def _rephrase(args: argparse.Namespace) -> int:
     """Every input record comes out, same order, with the rephrase fields added (or the recipe's training set's)."""
-    recipe = _recipe(args)
+    recipe, progress = _recipe(args), not args.no_progress
     if args.input is None:
         if args.output is not None or args.cache_dir is not None:
             return _fail(args, "--output and --cache-dir go with --input.", 2)
         dataset = load_train_dataset(recipe.data, recipe.seed)
-        _, summary = detoxify_training_set(recipe, dataset["train"], progress=not args.no_progress)
+        _, summary = detoxify_training_set(recipe, dataset["train"], progress=progress)
         where = f"{recipe.paths.train_set('raw')} and {recipe.paths.train_set('detox')}"
         print(f"{summary.total} training samples -> {where}: {_summary_text(summary)}")
         return 0
@@ -139,9 +124,7 @@ def _rephrase(args: argparse.Namespace) -> int:
     except OSError as exc:
         return _fail(args, str(exc), 2)
     cache_dir = Path(args.cache_dir) if args.cache_dir else recipe.paths.rephrase_cache
-    result = rephrase_dataset(
-        records, recipe.rephrase, field=args.field, cache_dir=cache_dir, progress=not args.no_progress
-    )
+    result = rephrase_dataset(records, recipe.rephrase, field=args.field, cache_dir=cache_dir, progress=progress)
     write_jsonl_atomic(result.records, args.output)
     print(f"{result.summary.total} records -> {args.output}: {_summary_text(result.summary)}")
     return 0
@@ -158,7 +141,7 @@ def _summary_text(s: Any) -> str:
 
 
 def _add_train(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arm", choices=[*ARMS, "both"], default="both", help="which arm(s) to train")
+    parser.add_argument("--arm", choices=[*ARMS, "both"], default="both")
     parser.add_argument("--overwrite", action="store_true", help="retrain arms that have finished before")
 
 
@@ -183,7 +166,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: base,raw,detox")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -198,7 +181,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_export(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arm", default="detox", choices=("detox", "raw"), help="adapter to export")
+    parser.add_argument("--arm", default="detox", choices=("detox", "raw"))
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -209,18 +192,14 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _add_s3_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "connection",
-        "default: the data-connection variables AWS_S3_ENDPOINT, AWS_S3_BUCKET, AWS_DEFAULT_REGION; "
-        "the keys are read from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY only (never from the command line)",
-    )
+    group = parser.add_argument_group("connection", "keys from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY only")
     group.add_argument("--endpoint", help="S3 endpoint URL (default $AWS_S3_ENDPOINT)")
     group.add_argument("--bucket", help="bucket (default $AWS_S3_BUCKET)")
     group.add_argument("--region", help="region (default $AWS_DEFAULT_REGION or us-east-1)")
     group.add_argument("--ca-bundle", help="CA bundle to verify the endpoint's TLS certificate")
-    parser.add_argument("--recipe", help="recipe name or path: default prefix and concurrency (storage section)")
-    parser.add_argument("--max-concurrency", type=int, help="parallel requests (default: storage.max_concurrency)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--recipe", help="recipe name or path (storage section)")
+    parser.add_argument("--max-concurrency", type=int, help="default: storage.max_concurrency")
+    parser.add_argument("--no-progress", action="store_true")
 
 
 def _s3_settings(args: argparse.Namespace) -> storage.S3Settings:
@@ -231,7 +210,7 @@ def _s3_settings(args: argparse.Namespace) -> storage.S3Settings:
 def _add_upload(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", nargs="?", help="directory to upload; omitted: the recipe's export (caikit and hf)")
     parser.add_argument("--prefix", help="key prefix (default: <recipe prefix>/caikit for a Caikit dir, /hf for HF)")
-    parser.add_argument("--create-bucket", action="store_true", help="create the bucket if it does not exist")
+    parser.add_argument("--create-bucket", action="store_true")
     parser.add_argument("--delete-extra", action="store_true", help="delete objects under the prefix not in DIR")
     _add_s3_arguments(parser)
 
@@ -252,9 +231,8 @@ def _upload(args: argparse.Namespace) -> int:
         if prefix is None:
             prefix = storage.upload_prefix(Path(args.dir), recipe.storage.prefix if recipe else storage.DEFAULT_PREFIX)
         options = dict(max_concurrency=args.max_concurrency, create_bucket=args.create_bucket, progress=progress)
-        report = storage.upload_dir(
-            args.dir, prefix, settings=settings, recipe=recipe, delete_extra=args.delete_extra, **options
-        )
+        options["delete_extra"] = args.delete_extra
+        report = storage.upload_dir(args.dir, prefix, settings=settings, recipe=recipe, **options)
     except FileNotFoundError as exc:  # DIR, or the recipe's export, is not there
         return _fail(args, str(exc), 1)
     print(report)
@@ -267,20 +245,15 @@ def _upload(args: argparse.Namespace) -> int:
 def _add_download(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prefix", help="key prefix, e.g. models/opt-350m-detox/caikit")
     parser.add_argument("dir", help="destination directory")
-    parser.add_argument(
-        "--allow-incomplete", action="store_true", help="download even without a completion marker (another tool's)"
-    )
+    parser.add_argument("--allow-incomplete", action="store_true", help="download without a completion marker")
     _add_s3_arguments(parser)
 
 
 def _download(args: argparse.Namespace) -> int:
     recipe = _optional_recipe(args)
     concurrency = args.max_concurrency or (recipe.storage if recipe else config.StorageConfig()).max_concurrency
-    options = dict(
-        max_concurrency=concurrency, require_complete=not args.allow_incomplete, progress=not args.no_progress
-    )
-    report = storage.download_prefix(args.prefix, args.dir, settings=_s3_settings(args), **options)
-    print(report)
+    options = dict(max_concurrency=concurrency, require_complete=not args.allow_incomplete, settings=_s3_settings(args))
+    print(storage.download_prefix(args.prefix, args.dir, progress=not args.no_progress, **options))
     return 0
 
 
@@ -288,11 +261,7 @@ class _RefuseTokenArgument(argparse.Action):
     """``--token`` is refused (without echoing it): a token on the command line shows in ``ps`` and shell history."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.error(
-            "--token is not accepted: a token on the command line shows in `ps` and the shell history. Fix: put it "
-            "in the variable MODEL_TOKEN (or the one --token-env / serving.token_env names), or in a file "
-            "(--token-file / serving.token_file)."
-        )
+        parser.error("--token is not accepted (it shows in `ps`). Fix: use $MODEL_TOKEN, --token-env or --token-file.")
 
 
 def _add_query(parser: argparse.ArgumentParser) -> None:
@@ -303,18 +272,13 @@ def _add_query(parser: argparse.ArgumentParser) -> None:
     add("--token-env", metavar="VAR", help="variable holding the bearer token (default: serving.token_env)")
     add("--token-file", metavar="PATH", help="file holding the bearer token (serving.token_file)")
     add("--token", nargs="?", action=_RefuseTokenArgument, help=argparse.SUPPRESS)
-    add(
-        "--grpc",
-        metavar="HOST:PORT",
-        help="query over caikit gRPC instead of HTTP (grpc://HOST:PORT plaintext, grpcs://HOST:PORT TLS; a bare "
-        "HOST:PORT is plaintext to this machine only)",
-    )
-    add("--kind", choices=("caikit", "vllm"), default="caikit", help="server API (default caikit)")
+    add("--grpc", metavar="HOST:PORT", help="caikit gRPC instead of HTTP (grpc:// plaintext, grpcs:// TLS)")
+    add("--kind", choices=("caikit", "vllm"), default="caikit")
     add("--ca-bundle", help="CA bundle (PEM) to verify the server's certificate")
     add("--insecure", action="store_true", help="do not verify TLS certificates (test clusters only)")
     add("--recipe", help="recipe name or path (serving and export sections)")
     add("--max-new-tokens", type=int, default=20)
-    add("--sampling", action="store_true", help="sample instead of greedy decoding")
+    add("--sampling", action="store_true", help="instead of greedy decoding")
     add("--top-p", type=float)
     add("--temperature", type=float)
     add("--seed", type=int)
@@ -328,9 +292,8 @@ def _query(args: argparse.Namespace) -> int:
     recipe = _optional_recipe(args)
     model_id = args.model_id or (recipe.export if recipe else config.ExportConfig()).model_id
     serving = recipe.serving if recipe else config.ServingConfig()
-    serving = replace(
-        serving, token_env=args.token_env or serving.token_env, token_file=args.token_file or serving.token_file
-    )
+    token_env, token_file = args.token_env or serving.token_env, args.token_file or serving.token_file
+    serving = replace(serving, token_env=token_env, token_file=token_file)
     sampling = {key: getattr(args, key) for key in ("top_p", "temperature", "seed", "truncate_input_tokens")}
     decoding = "sampling" if args.sampling else "greedy"
     params = clients.GenerationParams(max_new_tokens=args.max_new_tokens, decoding=decoding, **sampling)
@@ -350,8 +313,7 @@ def _query(args: argparse.Namespace) -> int:
 
 
 class Subcommand(NamedTuple):
-    """One `detox-sft` subcommand: its one-line help (argparse %-formats it), a function adding its own arguments,
-    the step, and `None` or the shortcut flags of the recipe fields it takes (then every field is a flag)."""
+    """A subcommand: help (%-formatted), its arguments, the step, and `None` or its recipe fields' shortcut flags."""
 
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
@@ -360,25 +322,19 @@ class Subcommand(NamedTuple):
 
 
 def _shortcuts(*fields: str) -> dict[str, str]:
-    """Shortcut flags of recipe fields, named by the field's last part: ``--run-dir`` for ``run_dir``, ..."""
+    """Shortcut flags of recipe fields, named by the field's last part: ``--run-dir`` for ``run_dir``."""
     return {"--" + name.rsplit(".", 1)[-1].replace("_", "-"): name for name in ("run_dir", *fields)}
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
     "rephrase": Subcommand(
-        "detoxify a JSONL file (or the recipe's training set) with TrustyAI TMaRCo (gated, batched, resumable)",
-        _add_rephrase,
-        _rephrase,
-        _shortcuts("rephrase.engine", "rephrase.device"),
+        "detoxify data with TrustyAI TMaRCo", _add_rephrase, _rephrase, _shortcuts("rephrase.engine", "rephrase.device")
     ),
     "train": Subcommand(
         "QLoRA-tune the base model on raw and/or detoxified data", _add_train, _train, _shortcuts("training.device")
     ),
     "evaluate": Subcommand(
-        "generate on toxic prompts; toxicity with 95%% intervals",
-        _add_evaluate,
-        _evaluate,
-        _shortcuts("evaluation.device"),
+        "toxicity of generations with 95%% intervals", _add_evaluate, _evaluate, _shortcuts("evaluation.device")
     ),
     "export": Subcommand(
         "merge the detox adapter; write the HF and the Caikit directories", _add_export, _export, _shortcuts()
@@ -413,8 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _hub_unreachable(exc: BaseException | None) -> bool:
-    """Whether loading a hub id failed because the hub cannot be reached: huggingface_hub raises these when a file is
-    neither in the cache nor downloadable; transformers re-raises them as a bare OSError (the cause kept)."""
+    """Whether the hub could not be reached (transformers re-raises huggingface_hub's errors as a bare OSError)."""
     for _ in range(20):  # the chain of causes, bounded
         if exc is None or isinstance(exc, LocalEntryNotFoundError | OfflineModeIsEnabled):
             return exc is not None

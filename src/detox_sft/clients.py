@@ -5,20 +5,20 @@ Usage::
     client = connect(recipe, url="https://opt-350m-detox.apps.example.com")  # token from $MODEL_TOKEN
     client.generate_text("opt-350m-detox", generation_prompt("you are"), max_new_tokens=20)
 
-A bearer token travels only over TLS or to this machine (:func:`check_token`, which a hand-written request calls too),
-is read from a variable or a file (:func:`read_token`), never from the command line, and never shown. Retries are the
-libraries' own (urllib3's ``Retry``, gRPC's ``retryPolicy``, openai's ``max_retries``); failures raise a
-:class:`ModelServerError` kind with the server's own message.
+A bearer token goes only over TLS or to this machine (:func:`check_token`) and is never shown; failures raise a
+:class:`ModelServerError` kind with the server's message.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import ipaddress
 import json
 import os
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -33,60 +33,43 @@ _TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 # gRPC's codes as the HTTP statuses the caikit runtime answers for the same failures
 _GRPC_STATUS = {"NOT_FOUND": 404, "INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}
 _GRPC_STATUS["UNAVAILABLE"] = 503
-_SERVER_FIX = "`detox-sft-dev serve`, or `oc get inferenceservice`"
 # Every message the clients raise, by kind; each says what went wrong and what to do.
 _MESSAGES = {
-    "token_chars": "the bearer token holds characters a token cannot have (spaces, quotes, line breaks, non-ASCII). "
-    "Fix: put only the token in the variable or file (`oc create token <service-account>` prints one).",
-    "plaintext": "refusing to send the bearer token to {where} in plaintext: anyone on the way could read and reuse "
-    "it. Fix: use the server's TLS endpoint (an https:// URL; for gRPC a grpcs:// target or plaintext=False), or send "
-    "no token. Plaintext with a token is allowed only to this machine (127.0.0.1, ::1, localhost).",
+    "token_chars": "the token holds characters a token cannot have (spaces, non-ASCII). Fix: store the token alone.",
+    "plaintext": "refusing to send the bearer token in plaintext to {where}. Fix: use the server's TLS endpoint.",
     "url": "url: got {where!r}. Fix: give the server's base URL, e.g. https://host or http://127.0.0.1:8080.",
-    "target": "grpc target: got {where!r}. Fix: give host:port, grpc://host:port (plaintext) or grpcs://host:port "
-    "(TLS), e.g. 127.0.0.1:8085.",
-    "no_url": "no server URL. Fix: pass --url (or set serving.url in the recipe); on OpenShift AI: "
-    "`oc get inferenceservice <name> -o jsonpath='{{.status.url}}'`.",
-    "token_file": "serving.token_file: {problem}. Fix: write the token into it (`oc create token "
-    "<service-account> > {where}`), or unset token_file to use ${env}.",
+    "target": "grpc target: got {where!r}. Fix: give host:port, grpc://host:port or grpcs://host:port.",
+    "no_url": "no server URL. Fix: pass --url (or set serving.url in the recipe).",
+    "token_file": "serving.token_file: {problem}. Fix: write the token into it, or unset token_file to use ${env}.",
     "kind": "kind: got {where!r}. Fix: use 'caikit' or 'vllm'.",
     "empty": "empty input text. Fix: give the prompt to continue.",
-    "not_json": "{where}: the server did not answer JSON ({detail!r}). Fix: check the URL (a proxy or a login page "
-    "answers HTML) and --kind.",
-    "unexpected": "unexpected {where} response: {detail}. Fix: check --url and --kind (vLLM answers /v1/completions).",
-    "unauthorized": "{where}: {status} {detail}. Fix: give a valid token in the variable serving.token_env "
-    "(MODEL_TOKEN) or the file serving.token_file (`--token-env`, `--token-file`): `oc create token "
-    "<service-account>`, or the token in the model's details.",
+    "not_json": "{where}: the server did not answer JSON ({detail!r}). Fix: check the URL and --kind.",
+    "unexpected": "unexpected {where} response: {detail}. Fix: check --url and --kind.",
+    "unauthorized": "{where}: {status} {detail}. Fix: give a valid token (serving.token_env or serving.token_file).",
     "no_endpoint": "{where}: no such endpoint. Fix: check --url (the base URL) and --kind.",
-    "not_found": "{detail} ({where}). Fix: use the served model id (the caikit folder name, the InferenceService "
-    "name; GET /info/models lists them).",
+    "not_found": "{detail} ({where}). Fix: use the served model id (GET /info/models lists them).",
     "bad_request": "bad request: {detail}",
-    "unavailable": "{where} unavailable after {attempts} attempts: {detail}. Fix: the server is (re)starting or "
-    f"overloaded: check {_SERVER_FIX}, retry later.",
+    "unavailable": "{where} unavailable after {attempts} attempts: {detail}. Fix: retry once the server is up.",
     "server_error": "{where}: server error {status}: {detail}.",
-    "too_long": "{where}: server error {status}: {detail}. The input is probably longer than the model's context: "
-    "set truncate_input_tokens.",
-    "unreachable": "cannot connect to {where} after {attempts} attempts ({detail}). Fix: check that the server runs "
-    f"({_SERVER_FIX}) and that the URL is right.",
+    "too_long": "{where}: server error {status}: {detail}. Input too long? Fix: set truncate_input_tokens.",
+    "unreachable": "cannot connect to {where} after {attempts} attempts ({detail}). Fix: check the server and URL.",
     "timeout": "{where} did not answer within {seconds:g} s. Fix: check the server, or raise the timeout.",
-    "dropped": "{where}: the connection closed before the server answered ({detail}); the request was not resent, as "
-    f"the server may have run it (or died of it). Fix: check the server's state and log ({_SERVER_FIX}), then retry.",
-    "tls": "TLS verification failed for {where}: {detail}. Fix: pass the cluster's CA bundle (--ca-bundle / "
-    "ca_bundle=), or --insecure for a throwaway test cluster only.",
+    "dropped": "{where}: connection closed before an answer ({detail}); not resent (the server may have run it). "
+    "Fix: check the server, then retry.",
+    "tls": "TLS verification failed for {where}: {detail}. Fix: pass the CA bundle (--ca-bundle), or --insecure.",
     "failed": "{where}: the request failed ({detail}).",
-    "no_stream": "the server could not stream {where!r} ({detail}): caikit-nlp's local module does not stream (the "
-    "TGIS-backed runtime does). Fix: use generate(), or fallback=True.",
+    "no_stream": "{where!r} cannot stream ({detail}). Fix: use generate(), or fallback=True.",
     "stream_failed": "streaming failed: {detail}",
     "no_caikit": "{where} does not serve caikit's text generation ({detail}). Fix: check the gRPC target.",
 }
 
 
 class ModelServerError(RuntimeError):
-    """The model server answered with an error (or not at all); ``status`` is the HTTP status or gRPC code name."""
+    """The server answered with an error (or not at all); ``status`` is the HTTP status or gRPC code name."""
 
     def __init__(self, message: str, status: int | str | None = None, detail: str | None = None) -> None:
         super().__init__(message)
-        self.status = status
-        self.detail = detail
+        self.status, self.detail = status, detail
 
 
 class ModelNotFound(ModelServerError):
@@ -102,26 +85,25 @@ class Unauthorized(ModelServerError):
 
 
 class ServerUnavailable(ModelServerError):
-    """The server could not be reached (refused, 503, timeout, dropped) within the bounded retries."""
+    """The server could not be reached (refused, 503, timeout, dropped) within the retries."""
 
 
 class StreamingNotSupported(ModelServerError):
-    """The served model cannot stream (caikit-nlp's local module); the TGIS-backed runtime can."""
+    """The served model cannot stream (caikit-nlp's local module)."""
 
 
 class InsecureTokenError(ValueError):
-    """A bearer token would be sent without TLS to a host other than this machine; raised before any connection."""
+    """A bearer token would go without TLS to another machine; raised before any connection."""
 
 
 def _error(cls: type[Exception], kind: str, status: Any = None, detail: str | None = None, **values: Any):
-    """An exception of class ``cls`` with the message ``_MESSAGES[kind]``."""
     message = _MESSAGES[kind].format(status=status, detail=detail, **values)
     return cls(message, status, detail) if issubclass(cls, ModelServerError) else cls(message)
 
 
 @dataclass
 class GenerationParams:
-    """Generation parameters of every client, by caikit's names; ``truncate_input_tokens`` keeps the last N tokens."""
+    """Generation parameters of every client, by caikit's names."""
 
     max_new_tokens: int = 20
     min_new_tokens: int | None = None
@@ -130,7 +112,6 @@ class GenerationParams:
     top_p: float | None = None
     temperature: float | None = None
     seed: int | None = None
-    repetition_penalty: float | None = None
     truncate_input_tokens: int | None = None
 
     def __post_init__(self) -> None:
@@ -142,35 +123,28 @@ class GenerationParams:
     def caikit(self) -> dict[str, Any]:
         """The caikit ``parameters`` (HTTP) / request fields (gRPC)."""
         values = {k: v for k, v in asdict(self).items() if v is not None and k != "decoding"}
-        values["decoding_method"] = self.decoding.upper()
         # the local module echoes the input by default, the TGIS module does not: ask both for the new text only
-        values["preserve_input_text"] = False
-        return values
+        return {**values, "decoding_method": self.decoding.upper(), "preserve_input_text": False}
 
     def openai(self) -> dict[str, Any]:
-        """Keyword arguments of ``openai.OpenAI().completions.create``; vLLM's own fields go in ``extra_body``."""
+        """Keyword arguments of ``openai.OpenAI().completions.create`` (vLLM's own in ``extra_body``)."""
         sampling = self.decoding == "sampling"
         values: dict[str, Any] = {"max_tokens": self.max_new_tokens, "seed": self.seed}
         values.update({"temperature": self.temperature, "top_p": self.top_p} if sampling else {"temperature": 0.0})
-        extra = {
-            "top_k": self.top_k if sampling else None,
-            "min_tokens": self.min_new_tokens,
-            "repetition_penalty": self.repetition_penalty,
-            "truncate_prompt_tokens": self.truncate_input_tokens,
-        }
+        extra = {"top_k": self.top_k if sampling else None, "min_tokens": self.min_new_tokens}
+        extra["truncate_prompt_tokens"] = self.truncate_input_tokens
         values["extra_body"] = {k: v for k, v in extra.items() if v is not None} or None
         return {k: v for k, v in values.items() if v is not None}
 
 
 @dataclass
 class GenerationResult:
-    """One generation: the new text only (the prompt is not repeated), and what the server said about it."""
+    """One generation: the new text only, and what the server said about it."""
 
     text: str
     generated_tokens: int | None = None
     finish_reason: str | None = None
     input_token_count: int | None = None
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 def _params(params: GenerationParams | None, overrides: dict[str, Any]) -> GenerationParams:
@@ -183,17 +157,13 @@ def _check_input(text: str) -> None:
 
 
 def is_loopback(host: str) -> bool:
-    """Whether ``host`` names this machine: ``localhost``, 127.0.0.0/8 or ::1 (IPv6 with or without brackets)."""
+    """Whether ``host`` names this machine: ``localhost``, 127.0.0.0/8 or ::1."""
     name = host.strip().strip("[]").rstrip(".").lower() if isinstance(host, str) else ""
-    if name == "localhost":
-        return True
     try:
         address = ipaddress.ip_address(name)
-    except ValueError:  # another name: it may resolve anywhere
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
+    except ValueError:  # a name other than localhost may resolve anywhere
+        return name == "localhost"
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
 
 def _check_token(token: str | None, tls: bool, host: str, where: str) -> str | None:
@@ -207,13 +177,9 @@ def _check_token(token: str | None, tls: bool, host: str, where: str) -> str | N
 
 
 def check_token(token: str | None, url: str) -> str | None:
-    """The rule every client applies: ``token`` goes over TLS (https) or to this machine only; call it before sending
-    a bearer token by hand. Returns the token, or `None` for none (send no header).
+    """``token`` if it may go to ``url`` (https, or this machine), else :class:`InsecureTokenError`; `None` for none.
 
-    Raises:
-        InsecureTokenError: ``url`` is plain ``http://`` to a host other than this machine.
-        ValueError: ``url`` is not an http(s) URL, or the token holds characters a bearer token cannot have.
-    """
+    Call it before sending a bearer token by hand; a malformed URL or token raises `ValueError`."""
     parsed = urlparse(url) if isinstance(url, str) else None
     if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise _error(ValueError, "url", where=url)
@@ -221,12 +187,8 @@ def check_token(token: str | None, url: str) -> str | None:
 
 
 def read_token(serving: ServingConfig | None = None) -> str | None:
-    """The bearer token of ``serving``: the file ``token_file`` when set, else the variable ``token_env`` (`None` when
-    unset or empty).
-
-    Raises:
-        ValueError: ``token_file`` is set but cannot be read, or is empty.
-    """
+    """The bearer token from the file ``token_file`` if set (`ValueError` if unreadable or empty), else the variable
+    ``token_env`` (`None` if unset)."""
     cfg = serving if serving is not None else ServingConfig()
     if not cfg.token_file:
         return os.environ.get(cfg.token_env, "").strip() or None if cfg.token_env else None
@@ -255,7 +217,6 @@ def _snippet(value: Any, limit: int = 300) -> str:
 
 
 def _json(body: Any, what: str) -> Any:
-    """``body`` (bytes or str off the wire) decoded as JSON; anything else is taken as already decoded."""
     if not isinstance(body, (bytes, bytearray, str)):
         return body
     try:
@@ -270,38 +231,24 @@ def _count(value: Any) -> int | None:
 
 
 def parse_caikit_result(body: Any) -> GenerationResult:
-    """A caikit text-generation answer (the HTTP body, or its decoded JSON) as a result; malformed counts are `None`.
-
-    Raises:
-        ModelServerError: the body is not JSON, or not an object whose ``generated_text`` (if any) is a string.
-    """
+    """A caikit text-generation answer (body or decoded JSON) as a result; :class:`ModelServerError` if malformed."""
     data = _json(body, "caikit text generation")
     if not isinstance(data, dict) or not isinstance(data.get("generated_text", ""), str):
         raise _error(ModelServerError, "unexpected", detail=_snippet(data), where="caikit")
-    reason = data.get("finish_reason")
-    return GenerationResult(
-        data.get("generated_text", ""),
-        _count(data.get("generated_tokens")),
-        reason if isinstance(reason, str) else None,
-        _count(data.get("input_token_count")),
-        data,
-    )
+    text, reason = data.get("generated_text", ""), data.get("finish_reason")
+    tokens, inputs = (_count(data.get(k)) for k in ("generated_tokens", "input_token_count"))
+    return GenerationResult(text, tokens, reason if isinstance(reason, str) else None, inputs)
 
 
 def parse_sse(lines: Iterable[bytes | str] | bytes | str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """The ``(event, data)`` pairs of a server-sent-event stream, given line by line or whole (UTF-8).
-
-    Raises:
-        ModelServerError: a ``data:`` line is not a JSON object.
-    """
-    if isinstance(lines, (bytes, bytearray)):
-        lines = lines.decode("utf-8", "replace")
+    """The ``(event, data)`` pairs of a server-sent-event stream, line by line or whole; :class:`ModelServerError` for
+    a ``data:`` line that is not a JSON object."""
+    lines = lines.decode("utf-8", "replace") if isinstance(lines, (bytes, bytearray)) else lines
     if isinstance(lines, str):  # SSE breaks lines at CR, LF and CRLF only (str.splitlines knows more breaks)
         lines = re.split(r"\r\n|\r|\n", lines)
     event = "message"
     for line in lines:
-        if isinstance(line, (bytes, bytearray)):
-            line = line.decode("utf-8", "replace")
+        line = line.decode("utf-8", "replace") if isinstance(line, (bytes, bytearray)) else line
         if not isinstance(line, str):
             raise _error(ModelServerError, "unexpected", detail=_snippet(line), where="stream line")
         line = line.rstrip("\r\n")
@@ -317,8 +264,7 @@ def parse_sse(lines: Iterable[bytes | str] | bytes | str) -> Iterator[tuple[str,
 
 
 def error_detail(body: Any) -> str:
-    """The server's explanation in an error body (caikit ``details``, FastAPI ``detail``, OpenAI ``error.message``),
-    at most 500 characters; the body's text when it is not JSON. Never raises."""
+    """The server's explanation in an error body, at most 500 characters. Never raises."""
     try:
         data = _json(body, "error")
     except ModelServerError:
@@ -338,7 +284,6 @@ def error_detail(body: Any) -> str:
 
 
 def _status_error(status: int, detail: str, where: str, attempts: int) -> ModelServerError:
-    """The typed error for an HTTP error answer (caikit or vLLM); ``detail`` is already redacted."""
     if status in (401, 403):
         return _error(Unauthorized, "unauthorized", status, detail or "unauthorized", where=where)
     if status == 404 and detail == "Not Found":  # FastAPI's own 404: the path is wrong, not the model id
@@ -354,34 +299,14 @@ def _status_error(status: int, detail: str, where: str, attempts: int) -> ModelS
 
 
 def _trust_env(url: str) -> bool:
-    """Whether to honour HTTP_PROXY: not for plaintext to this machine, which a proxy would carry (token and all) off it."""
+    # not for plaintext to this machine: a proxy would carry the request (token and all) off it
     parsed = urlparse(url)
     return not (parsed.scheme == "http" and is_loopback(parsed.hostname or ""))
 
 
-def _unreachable(where: str, attempts: int, reason: str) -> ServerUnavailable:
-    return _error(ServerUnavailable, "unreachable", 503, _snippet(reason, 200), where=where, attempts=attempts)
-
-
-def _timeout(where: str, seconds: float) -> ServerUnavailable:
-    return _error(ServerUnavailable, "timeout", "timeout", where=where, seconds=seconds)
-
-
-def _dropped(where: str, exc: BaseException) -> ServerUnavailable:
-    return _error(ServerUnavailable, "dropped", "disconnected", _snippet(str(exc), 200), where=where)
-
-
 class _Client:
-    """What every client shares: its settings, ``generate_text``, a context manager, a repr that hides the token.
-
-    Args:
-        url: base URL (``https://<inference service route>``, ``http://127.0.0.1:<port>``) or gRPC target.
-        token: bearer token or `None`; sent only as :func:`check_token` allows.
-        verify, ca_bundle: verify the server's TLS certificate, against this CA bundle when given.
-        timeout: seconds per request.
-        retries, backoff: the library's own retries (resent: refused connections, 502-504 / UNAVAILABLE); backoff
-            in seconds (the ``openai`` client keeps its own).
-    """
+    """Settings (``timeout`` and ``backoff`` in seconds; ``retries``: the library's), ``generate_text``, a context
+    manager, a repr that hides the token (sent only as :func:`check_token` allows)."""
 
     def __init__(
         self,
@@ -389,17 +314,14 @@ class _Client:
         *,
         token: str | None = None,
         verify: bool = True,
-        ca_bundle: str | os.PathLike[str] | None = None,
         timeout: float = 60.0,
         retries: int = 3,
+        ca_bundle: str | os.PathLike[str] | None = None,
         backoff: float = 0.5,
     ) -> None:
         self.timeout, self.retries, self.backoff, self.verify = timeout, max(0, int(retries)), backoff, verify
         self.ca_bundle = str(ca_bundle) if (ca_bundle and verify) else None
         self._open(url, token)
-
-    def _open(self, url: str, token: str | None) -> None:
-        raise NotImplementedError
 
     def generate_text(self, model_id: str, text: str, **params: Any) -> str:
         """Like ``generate``, returning the text only."""
@@ -411,6 +333,7 @@ class _Client:
 
     def close(self) -> None:
         """Close the connections."""
+        self._pool.close()
 
     def __enter__(self):
         return self
@@ -420,46 +343,41 @@ class _Client:
 
 
 class CaikitHttpClient(_Client):
-    """The caikit runtime's HTTP API (``POST /api/v1/task/text-generation``) over a ``requests`` session, with
-    urllib3's ``Retry``; arguments as for :class:`_Client`."""
+    """The caikit runtime's HTTP API over a ``requests`` session with urllib3's ``Retry``; arguments as for
+    :class:`_Client`."""
 
     def _open(self, url: str, token: str | None) -> None:
         import requests
+        import urllib3
         from requests.adapters import HTTPAdapter
         from urllib3.util import Retry
 
         self._token = check_token(token, url)
         self.url = url.rstrip("/")
+        # resent: refused connections (the request never left) and 502-504 (generation changes nothing on the server);
+        # not a request dropped after it went out (the server may have run it); the last 5xx is raised with its detail
         retry = Retry(
             total=self.retries,
-            connect=self.retries,  # refused / unreachable: the request never left, resending is safe
-            read=False,  # dropped after the request went out: not resent (the server may have run it, or died of it)
+            connect=self.retries,
+            read=False,
             status=self.retries,
             other=0,
-            # text generation changes nothing on the server: a POST answered 502-504 (restarting) is safe to resend
             allowed_methods=frozenset({"GET", "POST"}),
             status_forcelist=(502, 503, 504),
             backoff_factor=self.backoff,
             retry_after_max=max(1, int(self.timeout)),
-            raise_on_status=False,  # the last 5xx comes back, to be raised with the server's own detail
+            raise_on_status=False,
         )
-        self.session = requests.Session()
+        self.session = self._pool = requests.Session()
         self.session.mount("http://", HTTPAdapter(max_retries=retry))
         self.session.mount("https://", HTTPAdapter(max_retries=retry))
         self.session.headers["Accept"] = "application/json"
         if self._token:
             self.session.headers["Authorization"] = f"Bearer {self._token}"
-        # straight to this machine: a proxy from HTTP_PROXY would carry the plaintext request (token) off it
         self.session.trust_env = _trust_env(url)
         self.session.verify = self.ca_bundle or self.verify
         if not self.verify:
-            import urllib3
-
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-
-    def close(self) -> None:
-        """Close the connection pool."""
-        self.session.close()
 
     def _post(self, path: str, body: dict[str, Any], stream: bool = False):
         import requests
@@ -471,12 +389,13 @@ class CaikitHttpClient(_Client):
         except requests.exceptions.SSLError as exc:
             raise _error(ModelServerError, "tls", detail=str(exc), where=self.url) from exc
         except requests.exceptions.ReadTimeout as exc:
-            raise _timeout(url, self.timeout) from exc
+            raise _error(ServerUnavailable, "timeout", "timeout", where=url, seconds=self.timeout) from exc
         except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
             inner = exc.args[0] if exc.args else exc
             if isinstance(inner, urllib3.exceptions.MaxRetryError):
-                raise _unreachable(self.url, self.retries + 1, str(inner.reason or inner)) from exc
-            raise _dropped(url, exc) from exc
+                reason, attempts = _snippet(str(inner.reason or inner), 200), self.retries + 1
+                raise _error(ServerUnavailable, "unreachable", 503, reason, where=self.url, attempts=attempts) from exc
+            raise _error(ServerUnavailable, "dropped", "disconnected", _snippet(str(exc), 200), where=url) from exc
         except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
             detail = f"{type(exc).__name__}: {_snippet(str(exc))}"
             raise _error(ModelServerError, "failed", detail=detail, where=url) from exc
@@ -487,19 +406,17 @@ class CaikitHttpClient(_Client):
             raise _status_error(resp.status_code, detail, resp.url, attempts)
         return resp
 
-    def generate(
-        self, model_id: str, text: str, params: GenerationParams | None = None, **overrides: Any
-    ) -> GenerationResult:
-        """Generate a continuation of ``text`` (keywords override ``params``); the server judges the input."""
-        p = _params(params, overrides)
+    def generate(self, model_id: str, text: str, params: GenerationParams | None = None, **kw: Any) -> GenerationResult:
+        """Generate a continuation of ``text`` (keywords override ``params``)."""
+        p = _params(params, kw)
         resp = self._post(CAIKIT_TEXT_GENERATION, {"model_id": model_id, "inputs": text, "parameters": p.caikit()})
         return parse_caikit_result(resp.content)
 
     def generate_stream(
         self, model_id: str, text: str, params: GenerationParams | None = None, fallback: bool = False, **overrides: Any
     ) -> Iterator[str]:
-        """Stream the continuation in pieces (server-sent events); with ``fallback``, a model that cannot stream
-        (caikit-nlp's local module) yields the unary result once instead of raising :class:`StreamingNotSupported`."""
+        """Stream the continuation in pieces; with ``fallback``, a model that cannot stream yields the unary result
+        once instead of raising :class:`StreamingNotSupported`."""
         import requests
         import urllib3
 
@@ -526,14 +443,15 @@ class CaikitHttpClient(_Client):
                         yield piece
             except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
                 if isinstance(exc.args[0] if exc.args else None, urllib3.exceptions.ReadTimeoutError):
-                    raise _timeout(f"the stream from {self.url}", self.timeout) from exc
-                raise _dropped(f"{self.url}{CAIKIT_STREAMING}", exc) from exc
+                    where = f"the stream from {self.url}"
+                    raise _error(ServerUnavailable, "timeout", "timeout", where=where, seconds=self.timeout) from exc
+                where, detail = f"{self.url}{CAIKIT_STREAMING}", _snippet(str(exc), 200)
+                raise _error(ServerUnavailable, "dropped", "disconnected", detail, where=where) from exc
 
 
 class VllmClient(_Client):
-    """vLLM's OpenAI-compatible API (``POST /v1/completions``) through the ``openai`` client, whose own retries resend
-    connection failures, timeouts, 408/409/429 and 5xx. ``url`` may end in ``/v1``; no token sends no Authorization
-    header (never ``$OPENAI_API_KEY``); arguments as for :class:`_Client`."""
+    """vLLM's OpenAI-compatible API (``/v1/completions``) through the ``openai`` client and its retries; arguments as
+    for :class:`_Client`."""
 
     def _open(self, url: str, token: str | None) -> None:
         import httpx2
@@ -543,25 +461,22 @@ class VllmClient(_Client):
         self.url = url.rstrip("/").removesuffix("/v1")
         http = httpx2.Client(verify=self.ca_bundle or self.verify, trust_env=_trust_env(url))
         # api_key is passed explicitly: left None, openai would read $OPENAI_API_KEY and send it to this URL
-        self.openai = openai.OpenAI(
-            base_url=f"{self.url}/v1", api_key=self._token or "-", max_retries=self.retries,
-            timeout=self.timeout, http_client=http,
-        )  # fmt: skip
+        self.openai = self._pool = openai.OpenAI(
+            base_url=f"{self.url}/v1",
+            api_key=self._token or "-",
+            max_retries=self.retries,
+            timeout=self.timeout,
+            http_client=http,
+        )
         # no token: omit the header openai would build from the placeholder key
         self._headers = {} if self._token else {"Authorization": openai.Omit()}
 
-    def close(self) -> None:
-        """Close the connection pool."""
-        self.openai.close()
-
-    def generate(
-        self, model_id: str, text: str, params: GenerationParams | None = None, **overrides: Any
-    ) -> GenerationResult:
-        """Complete ``text`` with model ``model_id`` (the served model name)."""
+    def generate(self, model_id: str, text: str, params: GenerationParams | None = None, **kw: Any) -> GenerationResult:
+        """Complete ``text`` with the served model ``model_id``."""
         import openai
 
         _check_input(text)
-        p = _params(params, overrides)
+        p = _params(params, kw)
         where = f"{self.url}/v1/completions"
         try:
             completion = self.openai.completions.create(
@@ -572,38 +487,28 @@ class VllmClient(_Client):
             detail = _redact(error_detail(exc.response.content), self._token)
             error: ModelServerError = _status_error(exc.status_code, detail, where, int(retried) + 1)
         except openai.APITimeoutError:
-            error = _timeout(where, self.timeout)
+            error = _error(ServerUnavailable, "timeout", "timeout", where=where, seconds=self.timeout)
         except openai.APIConnectionError as exc:
-            error = _unreachable(self.url, self.openai.max_retries + 1, _redact(str(exc.__cause__ or exc), self._token))
+            reason, attempts = _snippet(_redact(str(exc.__cause__ or exc), self._token), 200), self.retries + 1
+            error = _error(ServerUnavailable, "unreachable", 503, reason, where=self.url, attempts=attempts)
         except openai.APIError as exc:  # e.g. a 200 answer that is not JSON
             error = _error(ModelServerError, "failed", detail=_snippet(_redact(str(exc), self._token)), where=where)
         else:
             # openai builds its models without validating them: a malformed answer shows as a missing attribute
-            try:
+            with contextlib.suppress(AttributeError, IndexError, TypeError, KeyError):
                 choice, usage = completion.choices[0], completion.usage
                 if isinstance(choice.text, str):
                     tokens = (_count(getattr(usage, k, None)) for k in ("completion_tokens", "prompt_tokens"))
                     reason = choice.finish_reason if isinstance(choice.finish_reason, str) else None
-                    return GenerationResult(choice.text, next(tokens), reason, next(tokens), completion.model_dump())
-            except (AttributeError, IndexError, TypeError, KeyError):
-                pass
-            error = _error(
-                ModelServerError, "unexpected", detail=_snippet(completion.model_dump(warnings=False)), where=where
-            )
+                    return GenerationResult(choice.text, next(tokens), reason, next(tokens))
+            detail = _snippet(completion.model_dump(warnings=False))
+            error = _error(ModelServerError, "unexpected", detail=detail, where=where)
         raise error
 
 
 class CaikitGrpcClient(_Client):
-    """The caikit runtime's gRPC API (``caikit.runtime.Nlp.NlpService/TextGenerationTaskPredict``, ``mm-model-id``),
-    message types by gRPC reflection; unlike caikit-nlp-client 0.0.8 it sends the bearer token and maps errors.
-
-    Args:
-        target: ``host:port`` (plaintext to a loopback host, else TLS), ``grpc://host:port`` (plaintext) or
-            ``grpcs://host:port`` (TLS, verified against ``ca_bundle`` or the system roots).
-        plaintext: overrides what the target says.
-        verify: with ``False`` the server's own certificate is fetched and trusted (throwaway clusters only).
-        **settings: as for :class:`_Client`; retries are gRPC's ``retryPolicy`` (at most 5 attempts in all).
-    """
+    """The caikit runtime's gRPC API by reflection; ``target`` is ``host:port`` (plaintext to this machine, else TLS),
+    ``grpc://`` or ``grpcs://``, unless ``plaintext`` says otherwise."""
 
     def __init__(self, target: str, *, plaintext: bool | None = None, **settings: Any) -> None:
         self.plaintext = plaintext
@@ -612,19 +517,16 @@ class CaikitGrpcClient(_Client):
     def _open(self, target: str, token: str | None) -> None:
         import grpc
 
-        plaintext = self.plaintext
-        scheme, sep, rest = target.partition("://") if isinstance(target, str) else ("", "", "")
-        host, _, port = (rest if sep else target if isinstance(target, str) else "").rpartition(":")
+        scheme, sep, rest = str(target).rpartition("://")
+        host, _, port = rest.rpartition(":")
         if (sep and scheme not in ("grpc", "grpcs", "http", "https")) or not host or not port.isdigit():
             raise _error(ValueError, "target", where=target)
-        if sep and plaintext is None:
-            plaintext = scheme in ("grpc", "http")
+        plaintext = scheme in ("grpc", "http") if sep and self.plaintext is None else self.plaintext
         self.url = f"{host}:{port}"
         self.plaintext = is_loopback(host) if plaintext is None else bool(plaintext)
         self._token = _check_token(token, not self.plaintext, host, self.url)
-        self._stubs: tuple[Any, Any] | None = None
         if self.plaintext and not self._token:
-            self.channel = grpc.insecure_channel(self.url, self._options())
+            self.channel = self._pool = grpc.insecure_channel(self.url, self._options())
             return
         if self.plaintext:
             # to this machine only (checked above): local credentials let gRPC attach call credentials without TLS,
@@ -639,10 +541,9 @@ class CaikitGrpcClient(_Client):
             creds = grpc.ssl_channel_credentials(root_certificates=root)
         if self._token:
             creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(self._token))
-        self.channel = grpc.secure_channel(self.url, creds, self._options())
+        self.channel = self._pool = grpc.secure_channel(self.url, creds, self._options())
 
     def _options(self) -> list[tuple[str, Any]]:
-        """Channel options: a default deadline and gRPC's own retries (``retryPolicy``) for caikit and reflection."""
         method: dict[str, Any] = {
             "name": [{"service": GRPC_SERVICE}, {"service": "grpc.reflection.v1alpha.ServerReflection"}],
             "timeout": f"{self.timeout:.3f}s",  # reflection calls (inside protobuf's descriptor pool) get one too
@@ -663,29 +564,20 @@ class CaikitGrpcClient(_Client):
             ("grpc.initial_reconnect_backoff_ms", max(1, int(self.backoff * 1000))),
         ]
 
-    def close(self) -> None:
-        """Close the channel."""
-        self.channel.close()
+    @functools.cached_property
+    def _stubs(self) -> tuple[Any, Any]:
+        from google.protobuf.descriptor_pool import DescriptorPool
+        from google.protobuf.message_factory import GetMessageClass
+        from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-    def _load_stubs(self) -> tuple[Any, Any]:
-        if self._stubs is None:
-            from google.protobuf.descriptor_pool import DescriptorPool
-            from google.protobuf.message_factory import GetMessageClass
-            from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-
-            pool = DescriptorPool(ProtoReflectionDescriptorDatabase(self.channel))
-            try:
-                req = GetMessageClass(pool.FindMessageTypeByName("caikit.runtime.Nlp.TextGenerationTaskRequest"))
-                res = GetMessageClass(pool.FindMessageTypeByName("caikit_data_model.nlp.GeneratedTextResult"))
-            except KeyError as exc:
-                raise _error(ModelServerError, "no_caikit", detail=str(exc), where=self.url) from exc
-            predict = self.channel.unary_unary(
-                f"/{GRPC_SERVICE}/TextGenerationTaskPredict",
-                request_serializer=req.SerializeToString,
-                response_deserializer=res.FromString,
-            )
-            self._stubs = (req, predict)
-        return self._stubs
+        pool = DescriptorPool(ProtoReflectionDescriptorDatabase(self.channel))
+        try:
+            req = GetMessageClass(pool.FindMessageTypeByName("caikit.runtime.Nlp.TextGenerationTaskRequest"))
+            res = GetMessageClass(pool.FindMessageTypeByName("caikit_data_model.nlp.GeneratedTextResult"))
+        except KeyError as exc:
+            raise _error(ModelServerError, "no_caikit", detail=str(exc), where=self.url) from exc
+        method, serialize = f"/{GRPC_SERVICE}/TextGenerationTaskPredict", req.SerializeToString
+        return req, self.channel.unary_unary(method, request_serializer=serialize, response_deserializer=res.FromString)
 
     def _call(self, fn):
         import grpc
@@ -693,28 +585,25 @@ class CaikitGrpcClient(_Client):
         try:
             return fn()  # retried by the channel's retryPolicy
         except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else None
+            name = getattr(exc.code(), "name", "UNKNOWN") if hasattr(exc, "code") else "UNKNOWN"
             details = _redact((exc.details() if hasattr(exc, "details") else str(exc)) or "", self._token)
         # raised outside the handler: our message has the code and the (redacted) details, the RpcError is not kept
-        name = code.name if code is not None else "UNKNOWN"
         if name == "DEADLINE_EXCEEDED":
-            raise _timeout(self.url, self.timeout)
+            raise _error(ServerUnavailable, "timeout", "timeout", where=self.url, seconds=self.timeout)
         status = _GRPC_STATUS.get(name, 500)
         attempts = min(self.retries + 1, 5) if status == 503 else 1  # gRPC caps attempts at 5
         error = _status_error(status, details, f"gRPC {name} from {self.url}", attempts)
         error.status = name
         raise error
 
-    def generate(
-        self, model_id: str, text: str, params: GenerationParams | None = None, **overrides: Any
-    ) -> GenerationResult:
-        """Generate a continuation of ``text`` (keywords override ``params``). An empty ``text`` is refused here: gRPC
-        cannot tell it from an unset field and would generate from nothing (HTTP answers 400)."""
+    def generate(self, model_id: str, text: str, params: GenerationParams | None = None, **kw: Any) -> GenerationResult:
+        """Generate a continuation of ``text`` (keywords override ``params``)."""
+        # an empty text is refused here: gRPC cannot tell it from an unset field (HTTP answers 400)
         from google.protobuf.json_format import MessageToDict
 
         _check_input(text)
-        p = _params(params, overrides)
-        request_type, predict = self._call(self._load_stubs)
+        p = _params(params, kw)
+        request_type, predict = self._call(lambda: self._stubs)
         fields = {f.name for f in request_type.DESCRIPTOR.fields}
         request = request_type(text=text, **{k: v for k, v in p.caikit().items() if k in fields})
         response = self._call(lambda: predict(request, metadata=[("mm-model-id", model_id)], timeout=self.timeout))
@@ -733,15 +622,8 @@ def connect(
     ca_bundle: str | None = None,
     verify: bool | None = None,
     timeout: float | None = None,
-    retries: int = 3,
 ):
-    """A client for the served model, unset arguments from ``recipe.serving`` (token: :func:`read_token`): gRPC when
-    ``grpc_target`` is given (its TLS follows the target), else caikit HTTP or (``kind="vllm"``) vLLM for ``url``.
-
-    Raises:
-        InsecureTokenError: the token would travel in plaintext to a host other than this machine.
-        ValueError: no URL, or an unknown ``kind``.
-    """
+    """A client for the served model (gRPC when ``grpc_target`` is set), unset arguments from ``recipe.serving``."""
     cfg = recipe.serving if recipe is not None else ServingConfig()
     if grpc_target is None and url is None:
         grpc_target = cfg.grpc_target
@@ -753,7 +635,6 @@ def connect(
         "verify": cfg.verify_tls if verify is None else verify,
         "ca_bundle": ca_bundle or cfg.ca_bundle,
         "timeout": timeout or cfg.timeout,
-        "retries": retries,
     }
     if kind == "caikit" and grpc_target:
         return CaikitGrpcClient(grpc_target, **settings)

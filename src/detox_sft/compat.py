@@ -13,7 +13,25 @@ from collections.abc import Iterator
 
 from detox_sft.refs import resolve_ref, revision_kwargs
 
-__all__: list[str] = []
+__all__ = [
+    "TMARCO_MAX_LENGTH",
+    "ensure_transformers_conversation",
+    "ensure_tmarco_argmax_on_cuda",
+    "import_tmarco",
+    "load_tmarco_model",
+    "load_tmarco",
+    "restore_numpy_issubclass",
+    "bind_caikit_to_host",
+    "keep_bnb_4bit_trainable_on_cpu",
+    "fix_caikit_nlp_generate_args",
+    "HATESONAR_LOCALE",
+    "hatesonar_session",
+    "drop_log_messages",
+    "ignore_warnings",
+    "library_progress_bars_off",
+    "PEFT_READS_IS_GRADIENT_CHECKPOINTING",
+    "BPE_CLEANUP_NOTICE",
+]
 
 
 # --- TrustyAI TMaRCo (trustyai 0.6.4 without its [detoxify] extra, transformers 5) -------------------------------
@@ -38,14 +56,7 @@ class _ConversationPlaceholder:
 
 
 def ensure_transformers_conversation() -> bool:
-    """Give ``transformers`` a placeholder ``Conversation`` so that trustyai's tmarco module defines TMaRCo.
-
-    Breakage: trustyai 0.6.4 imports ``transformers.Conversation`` (removed in transformers 4.42) in the try-block that
-    guards the whole TMaRCo class.
-
-    Returns:
-        True when the placeholder was installed now, False when ``transformers.Conversation`` already exists.
-    """
+    """Give ``transformers`` a placeholder ``Conversation`` so that trustyai defines TMaRCo; True if installed now."""
     import transformers
 
     if hasattr(transformers, "Conversation"):
@@ -72,16 +83,10 @@ class _NumpyArgmaxOnAnyDevice:
 
 
 def ensure_tmarco_argmax_on_cuda(module) -> bool:
-    """Let TMaRCo.rephrase pick its tokens from logits on a GPU.
+    """Let TMaRCo.rephrase pick its tokens from logits on a GPU; True if installed now.
 
-    Breakage: trustyai 0.6.4's ``rephrase`` (and ``print_token``) picks each token with ``np.argmax(logits)`` where
-    the logits are a torch tensor on the models' device; numpy cannot read a CUDA tensor, so on a GPU every sentence
-    with a masked token fails (TypeError: can't convert cuda:0 device type tensor to numpy; seen on an H200 with
-    torch 2.11). The module's ``np`` is replaced by numpy with an ``argmax`` that moves a tensor to the CPU first: the
-    same index, on the CPU exactly what numpy did.
-
-    Returns:
-        True when the shim was installed now, False when the module already had it.
+    trustyai's ``rephrase`` calls ``np.argmax`` on torch logits, which numpy cannot read on CUDA (TypeError, seen on an
+    H200): the module's ``np`` gets an ``argmax`` that moves a tensor to the CPU first (the same index).
     """
     if isinstance(module.np, _NumpyArgmaxOnAnyDevice):
         return False
@@ -90,12 +95,7 @@ def ensure_tmarco_argmax_on_cuda(module) -> bool:
 
 
 def import_tmarco() -> type:
-    """Import trustyai's ``TMaRCo`` class with the ``Conversation`` and ``argmax`` shims applied (reloading a
-    half-imported module).
-
-    Raises:
-        ImportError: trustyai (or torch / scipy / datasets) is not installed.
-    """
+    """Import trustyai's ``TMaRCo`` class with the ``Conversation`` and ``argmax`` shims applied."""
     import importlib
     import sys
 
@@ -121,22 +121,10 @@ def load_tmarco_model(
     dtype=None,
     revision: str | None = None,
 ):
-    """Load a BART-style seq2seq model (TMaRCo base or expert) the way trustyai means to, on transformers 5.
+    """Load a TMaRCo base or expert (hub id, local directory or ``zoo:<name>``) as trustyai means to, on transformers 5.
 
-    Breakage: trustyai passes ``max_length`` / ``forced_bos_token_id`` to ``from_pretrained``; transformers 5 rejects
-    them for BART (``__init__() got an unexpected keyword argument``). They are generation settings, so they go into
-    ``model.generation_config``. Local paths are made absolute (a bare relative name would be read as a hub id).
-
-    Args:
-        ref: hub id, local directory, or ``zoo:<name>``.
-        forced_bos_token_id: the tokenizer's BOS id (trustyai sets it on every model it loads).
-        max_length: generation max length (trustyai sets 150 on the base model only).
-        device: where to put the model.
-        dtype: torch dtype to load in; `None` keeps the checkpoint's float32.
-        revision: the hub commit to load (``rephrase.*_revision``); ignored for ``zoo:`` references.
-
-    Raises:
-        OSError: the model cannot be found (message says what to do).
+    ``max_length`` / ``forced_bos_token_id`` go into ``model.generation_config`` (BART's ``from_pretrained`` rejects
+    them); ``revision`` is the hub commit (ignored for ``zoo:``).
     """
     from transformers import AutoModelForSeq2SeqLM
 
@@ -166,27 +154,11 @@ def load_tmarco(
     max_length: int = TMARCO_MAX_LENGTH,
     revisions: tuple[str | None, str | None, str | None] = (None, None, None),
 ):
-    """Build trustyai's own ``TMaRCo`` with base, expert and anti-expert loaded through the shims above.
+    """trustyai's own ``TMaRCo`` with its three models loaded by :func:`load_tmarco_model`.
 
-    The tokenizer is loaded from the base model's path (at its revision) as TMaRCo's own loader does for
-    facebook/bart-large (``is_split_into_words=True, add_prefix_space=True``, pad token set to EOS).
-    ``tmarco.experts`` is ``[anti_expert, expert]``, matching ``expert_weights = [anti_weight, expert_weight]``.
-    Call ``tmarco.rephrase(texts, scores=..., masked_outputs=...)`` with keywords (its positional order differs from
-    ``mask``'s).
-
-    Args:
-        base_model: hub id, local path or ``zoo:`` reference of the BART base (``facebook/bart-large``).
-        expert: the non-toxic expert (``trustyai/gplus``).
-        anti_expert: the toxic anti-expert (``trustyai/gminus``).
-        device: ``cpu`` or ``cuda``.
-        expert_weights: ``[anti_expert_weight, expert_weight]``; `None` keeps TMaRCo's default ``[-0.5, 0.5]``.
-        max_length: the base model's generation max length (TMaRCo's default 150).
-        revisions: the hub commits of base model, expert and anti-expert (`None`: the newest).
-
-    Returns:
-        A ``trustyai.language.detoxify.TMaRCo`` ready for ``score`` / ``mask`` / ``rephrase``.
+    ``expert_weights`` is ``[anti_expert_weight, expert_weight]`` (`None`: TMaRCo's ``[-0.5, 0.5]``); ``revisions`` the
+    hub commits of base, expert, anti-expert. Call ``rephrase(texts, scores=..., masked_outputs=...)`` by keyword.
     """
-
     from transformers import AutoTokenizer
 
     tmarco_cls = import_tmarco()
@@ -227,16 +199,6 @@ def _without_bpe_cleanup_notice(rephrase):
     return run
 
 
-__all__ += [
-    "TMARCO_MAX_LENGTH",
-    "ensure_transformers_conversation",
-    "ensure_tmarco_argmax_on_cuda",
-    "import_tmarco",
-    "load_tmarco_model",
-    "load_tmarco",
-]
-
-
 # --- caikit runtime (caikit 0.28 / caikit-nlp 0.5.15 installed --no-deps on NumPy 2) -------------------------------
 # caikit's HTTP server builds its pydantic request models with `np.issubclass_` (removed in NumPy 2.0): without it
 # the runtime dies while starting the HTTP server. Its HTTP server binds "0.0.0.0" and its gRPC server "[::]", both
@@ -244,14 +206,7 @@ __all__ += [
 
 
 def restore_numpy_issubclass() -> bool:
-    """Give NumPy back ``np.issubclass_`` (removed in NumPy 2.0) for caikit's HTTP server.
-
-    Breakage: ``caikit.runtime.http_server.pydantic_wrapper`` calls ``np.issubclass_`` while building the request
-    models, so the caikit runtime cannot start its HTTP server on NumPy 2.
-
-    Returns:
-        True when the function was installed now, False when NumPy already has it.
-    """
+    """Give NumPy back ``np.issubclass_`` (removed in NumPy 2.0) for caikit's HTTP server; True if installed now."""
     import numpy as np
 
     if hasattr(np, "issubclass_"):
@@ -268,13 +223,9 @@ def restore_numpy_issubclass() -> bool:
 
 
 def bind_caikit_to_host(host: str = "127.0.0.1") -> None:
-    """Make the caikit runtime started in this process listen on ``host`` instead of all interfaces.
+    """Make the caikit runtime in this process listen on ``host``: wraps ``uvicorn.Config`` and ``grpc.server``.
 
-    Breakage: caikit 0.28 hard-codes ``host="0.0.0.0"`` for uvicorn (HTTP) and ``[::]:<port>`` for gRPC. This wraps
-    ``uvicorn.Config`` and ``grpc.server`` (process-wide: call it only in the process that runs the runtime).
-
-    Args:
-        host: the address to bind (an IPv4 address or a host name).
+    Process-wide: call it only in the process that runs the runtime.
     """
     import grpc
     import uvicorn
@@ -308,9 +259,6 @@ def bind_caikit_to_host(host: str = "127.0.0.1") -> None:
         grpc.server = server
 
 
-__all__ += ["restore_numpy_issubclass", "bind_caikit_to_host"]
-
-
 # --- bitsandbytes 0.50 4-bit layers on CPU (QLoRA training without CUDA) -------------------------------------------
 # On CPUs with AVX512-BF16, `Linear4bit.forward` repacks its weight in place into an inference-only layout the first
 # time it runs in eval mode without grad (an evaluation pass). From then on it calls `gemv_4bit`, which has no
@@ -320,28 +268,13 @@ __all__ += ["restore_numpy_issubclass", "bind_caikit_to_host"]
 
 
 def keep_bnb_4bit_trainable_on_cpu(model) -> int:
-    """Stop bitsandbytes' 4-bit layers of ``model`` from switching to the CPU inference-only layout.
-
-    Breakage: bitsandbytes 0.50 ``Linear4bit.forward`` converts the weight to ``packing_format_for_cpu`` in eval mode
-    on AVX512-BF16 CPUs; the kernel it then uses has no backward, so training after an evaluation loses the gradient
-    through the base layers (and layers with fewer than 64 inputs crash). Turning the per-module flag off keeps the
-    dequantise + matmul path, which is differentiable.
-
-    Args:
-        model: any ``torch.nn.Module`` (a PEFT model included).
-
-    Returns:
-        The number of 4-bit layers whose flag was turned off.
-    """
+    """Keep ``model``'s 4-bit layers on the differentiable dequantise + matmul path; returns how many were changed."""
     changed = 0
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
             changed += 1
     return changed
-
-
-__all__ += ["keep_bnb_4bit_trainable_on_cpu"]
 
 
 # caikit-nlp 0.5.15's local text generation builds `generate` arguments that go wrong on transformers 5 / our models:
@@ -352,15 +285,7 @@ __all__ += ["keep_bnb_4bit_trainable_on_cpu"]
 
 
 def fix_caikit_nlp_generate_args() -> bool:
-    """Make caikit-nlp's local text generation seed torch's RNG (not ``generate``) and decode greedily when asked.
-
-    Breakage: ``caikit_nlp.toolkit.text_generation.model_run_utils.__process_gen_args`` puts ``seed`` into the
-    ``generate`` keyword arguments (transformers 5 raises ValueError) and leaves ``do_sample`` to the model's
-    generation config for GREEDY.
-
-    Returns:
-        True when the wrapper was installed now, False when it already was.
-    """
+    """Make caikit-nlp seed torch's RNG (not ``generate``) and decode GREEDY greedily; True if installed now."""
     import inspect
 
     import torch
@@ -387,9 +312,6 @@ def fix_caikit_nlp_generate_args() -> bool:
     return True
 
 
-__all__ += ["fix_caikit_nlp_generate_args"]
-
-
 # --- HateSonar 0.1.0 (its ONNX model needs the en_US.UTF-8 locale) ------------------------------------------------
 # The package ships its classifier (TF-IDF + logistic regression, Davidson et al. 2017) as model/model.onnx. The
 # graph's StringNormalizer (lower-casing) has no `locale` attribute, so onnxruntime constructs en_US.UTF-8 and fails to
@@ -400,14 +322,7 @@ HATESONAR_LOCALE = "C.UTF-8"
 
 
 def hatesonar_session():
-    """An onnxruntime session of HateSonar's shipped model with the normaliser's locale set to C.UTF-8.
-
-    Breakage: ``hatesonar.Sonar()`` raises ``Failed to construct locale with name:en_US.UTF-8`` where that locale is
-    not installed.
-
-    Raises:
-        ImportError: hatesonar (or onnx, onnxruntime) is not installed.
-    """
+    """An onnxruntime session of HateSonar's shipped model with the normaliser's locale set to C.UTF-8."""
     from importlib.resources import files
 
     import onnx
@@ -420,32 +335,20 @@ def hatesonar_session():
     return onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-__all__ += ["HATESONAR_LOCALE", "hatesonar_session"]
-
-
 # --- Known upstream noise: silenced where it arises, and nowhere else ----------------------------------------------
 # Each caller says which upstream call makes the noise it silences. Everything is undone when the block ends: the
 # caller's warnings filters, loggers and progress-bar settings are as they were (importing the package changes none).
 
 
-class _DropMatching(logging.Filter):
-    def __init__(self, pattern: str) -> None:
-        super().__init__()
-        self.pattern = re.compile(pattern)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not self.pattern.search(record.getMessage())
-
-
 @contextlib.contextmanager
 def drop_log_messages(logger_name: str, pattern: str) -> Iterator[None]:
-    """Drop the records of the logger ``logger_name`` whose message matches ``pattern`` (a regex) inside the block.
-
-    The filter sits on that one logger (transformers logs each module's messages on its own logger, e.g.
-    ``transformers.generation.configuration_utils``): its other records, and every other logger's, pass as before.
-    """
+    """Drop the records of the logger ``logger_name`` (that one only) whose message matches the regex ``pattern``."""
     logger = logging.getLogger(logger_name)
-    dropper = _DropMatching(pattern)
+    regex = re.compile(pattern)
+
+    def dropper(record: logging.LogRecord) -> bool:
+        return not regex.search(record.getMessage())
+
     logger.addFilter(dropper)
     try:
         yield
@@ -455,8 +358,7 @@ def drop_log_messages(logger_name: str, pattern: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def ignore_warnings(*filters: tuple[str, type[Warning]]) -> Iterator[None]:
-    """Ignore the warnings matching ``(message regex, category)`` pairs inside the block (``warnings.catch_warnings``:
-    the caller's filters come back afterwards)."""
+    """Ignore the warnings matching ``(message regex, category)`` pairs inside the block; the caller's filters stay."""
     with warnings.catch_warnings():
         for message, category in filters:
             warnings.filterwarnings("ignore", message=message, category=category)
@@ -465,11 +367,9 @@ def ignore_warnings(*filters: tuple[str, type[Warning]]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def library_progress_bars_off() -> Iterator[None]:
-    """No progress bars from datasets (``map``, ``filter``, loading a JSON file) nor from transformers and
-    huggingface_hub (``Loading weights``, downloads) inside the block; their settings are restored afterwards.
+    """No progress bars from datasets, transformers and huggingface_hub inside the block; restored afterwards.
 
-    The package's own bars (tqdm) and the Trainer's are not affected. An environment variable that forces one
-    library's bars (``HF_DATASETS_DISABLE_PROGRESS_BARS``, ``HF_HUB_DISABLE_PROGRESS_BARS``) keeps its say.
+    Our own bars and the Trainer's are unaffected; ``HF_DATASETS_DISABLE_PROGRESS_BARS`` / ``HF_HUB_...`` keep their say.
     """
     import datasets
     import huggingface_hub.utils as hub
@@ -508,12 +408,3 @@ BPE_CLEANUP_NOTICE = (
 # transformers 5.24 deprecated PreTrainedModel.is_gradient_checkpointing (a FutureWarning on every read); peft 0.21's
 # PeftModel.__init__ still reads it, so building or loading any adapter warns. For ignore_warnings().
 PEFT_READS_IS_GRADIENT_CHECKPOINTING = (r"`is_gradient_checkpointing` is deprecated", FutureWarning)
-
-
-__all__ += [
-    "drop_log_messages",
-    "ignore_warnings",
-    "library_progress_bars_off",
-    "PEFT_READS_IS_GRADIENT_CHECKPOINTING",
-    "BPE_CLEANUP_NOTICE",
-]

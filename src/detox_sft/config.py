@@ -1,10 +1,5 @@
-"""Run configuration: dataclasses filled from the YAML recipes in `recipes/`, parsed and type-checked by jsonargparse.
-
-``load_recipe("offline", ["--training.sft.learning_rate", "1e-4"])`` reads ``recipes/offline.yaml`` with overrides;
-a bad value raises :class:`RecipeError` naming the field and the fix. ``training.sft`` / ``training.lora`` are keyword
-arguments of trl.SFTConfig / peft.LoraConfig, read by those classes' annotations. References are hub ids, local paths
-or ``zoo:<name>`` (:func:`detox_sft.refs.resolve_ref`). The field docs are `detox-sft --help`'s text.
-"""
+"""Run configuration: dataclasses filled from the YAML recipes in `recipes/` by jsonargparse; the field docs are
+`detox-sft --help`'s text. ``load_recipe("offline", ["--training.sft.learning_rate", "1e-4"])``."""
 
 from __future__ import annotations
 
@@ -91,7 +86,6 @@ _REVISION_OF = {"train_revision": "train_dataset", "eval_revision": "eval_datase
 
 
 def _check_revision(revision: str | None, ref: str | None, name: str, ref_name: str) -> None:
-    """A hub revision: null, or the full commit id of a hub reference (a ``zoo:`` reference ignores it)."""
     if revision is None or (ref or "").startswith("zoo:"):
         return
     _check(
@@ -457,8 +451,7 @@ def recipe_names() -> list[str]:
 
 @cache
 def recipe_parser() -> ArgumentParser:
-    """The recipe as a jsonargparse parser: one ``--<dotted name>`` flag per field, typed by its annotation and
-    documented by its docstring entry (the help `detox-sft` shows)."""
+    """The recipe as a jsonargparse parser: one ``--<dotted name>`` flag per field, documented by its docstring."""
     parser = ArgumentParser(
         prog="recipe fields", usage=argparse.SUPPRESS, exit_on_error=False, allow_abbrev=False, add_help=False
     )
@@ -481,8 +474,7 @@ def _library_class(name: str) -> tuple[str, type]:
 
 
 def _library_kwargs(name: str, values: Any) -> Any:
-    """``training.sft`` / ``training.lora`` read by jsonargparse against the field annotations of trl.SFTConfig /
-    peft.LoraConfig (``"1e-4"`` for a float field becomes 1e-4); only the keys given are kept."""
+    """``training.sft`` / ``training.lora`` typed by the annotations of trl.SFTConfig / peft.LoraConfig."""
     if not isinstance(values, dict):
         return values  # TrainingConfig.__post_init__ names the problem
     label, cls = _library_class(name)
@@ -508,8 +500,7 @@ def _library_kwargs(name: str, values: Any) -> Any:
 
 
 def _library_flags(flags: Sequence[str]) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Split ``--training.sft.FIELD VALUE`` / ``--training.lora.FIELD=VALUE`` off the other flags; each value is read
-    as YAML, except that YAML 1.1's yes/no/on/off stay text (TRL's ``eval_strategy no``)."""
+    """Split ``--training.{sft,lora}.FIELD VALUE`` off the other flags; values read as YAML but yes/no/on/off stay text."""
     library: dict[str, dict[str, Any]] = {}
     rest: list[str] = []
     tokens = iter(flags)
@@ -558,7 +549,18 @@ def _recipe_error(exc: ArgumentError, prefix: str = "") -> RecipeError:
     return RecipeError(f"{name}: {detail}. Fix: set {name} to a value of that type.")
 
 
-def _read_yaml(name_or_path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
+def load_recipe(
+    name_or_path: str | os.PathLike[str],
+    args: Sequence[str] = (),
+    *,
+    dotted: Mapping[str, Any] | None = None,
+    **overrides: Any,
+) -> Recipe:
+    """Load a recipe by name (``offline``, ``tutorial``) or YAML path; raises RecipeError naming the field and fix.
+
+    Applied in order: ``overrides`` (top-level fields; a dict merges into its section; `None` keeps the recipe's),
+    ``dotted`` (``{"evaluation.num_samples": "2"}``), then ``args`` (``["--seed", "3"]``).
+    """
     path = Path(name_or_path)
     if not path.suffix and not path.exists():
         path = RECIPES_DIR / f"{name_or_path}.yaml"
@@ -573,31 +575,6 @@ def _read_yaml(name_or_path: str | os.PathLike[str]) -> tuple[Path, dict[str, An
     except yaml.YAMLError as exc:
         raise RecipeError(f"recipe {path}: not valid YAML ({exc}). Fix: correct the YAML syntax.") from exc
     _check(isinstance(values, dict), "recipe", "is not a YAML mapping", "write the recipe as field: value pairs")
-    return path, values
-
-
-def load_recipe(
-    name_or_path: str | os.PathLike[str],
-    args: Sequence[str] = (),
-    *,
-    dotted: Mapping[str, Any] | None = None,
-    **overrides: Any,
-) -> Recipe:
-    """Load a recipe by name (``offline``, ``tutorial``) or from a YAML path, with overrides.
-
-    Args:
-        name_or_path: a name of a file in `recipes/` or a path to a YAML file.
-        args: flags, one per field (``["--seed", "3", "--training.sft.learning_rate=1e-4"]``), each text read by
-            its field's type (``null`` is `None`); ``training.sft`` / ``training.lora`` take any field of
-            trl.SFTConfig / peft.LoraConfig.
-        dotted: the same as a mapping of texts (``{"evaluation.num_samples": "2"}``), applied before ``args``.
-        **overrides: top-level fields (``run_dir="runs/x"``); a dict merges into its section; `None` keeps the
-            recipe's value. Applied first.
-
-    Raises:
-        RecipeError: no such recipe, or a value or a flag is invalid (the message names the field and the fix).
-    """
-    path, values = _read_yaml(name_or_path)
     values = {"name": path.stem, **values}
     for key, value in overrides.items():
         if isinstance(value, dict) and key in _SECTIONS:
@@ -633,6 +610,5 @@ def load_recipe(
         training_cfg = dataclasses.replace(sections["training"], sft=library[_LIBRARY[0]], lora=library[_LIBRARY[1]])
         return Recipe(**{**sections, "training": training_cfg})
     except TypeError as exc:  # a YAML null in a field that takes none, reaching a comparison in __post_init__
-        raise RecipeError(
-            f"recipe: {exc}. Fix: give every field a value of its type (null only where allowed)."
-        ) from exc
+        fix = "give every field a value of its type (null only where allowed)"
+        raise RecipeError(f"recipe: {exc}. Fix: {fix}.") from exc

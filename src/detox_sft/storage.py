@@ -1,10 +1,7 @@
 """S3 storage for the exported model: :func:`upload_dir`, :func:`download_prefix`, :func:`list_prefix`.
 
-Connection settings default to the data-connection variables (``AWS_*``), read when called; secrets never printed.
-Uploads run on boto3's transfer manager, each object with its CRC32 (botocore's ``ChecksumCRC32``, checked by the
-server); unchanged files are skipped, so a rerun resumes. The completion marker ``<prefix>/.detox-sft-upload.json`` is
-deleted first and written last; one writer per prefix is expected (no lock). Downloads need the marker unless
-``require_complete=False``, and check each file's CRC32 before renaming it into place.
+Settings default to the data-connection variables (``AWS_*``). Uploads send each object's CRC32 and skip unchanged
+files; the completion marker is deleted first and written last (one writer per prefix: no lock). Downloads need it.
 """
 
 from __future__ import annotations
@@ -58,8 +55,8 @@ class ChecksumMismatchError(StorageError):
 
 @dataclass(frozen=True, repr=False)
 class S3Settings:
-    """Where and how to reach S3: a data connection (:meth:`from_env`) or explicit values; ``endpoint`` `None` is
-    AWS, ``verify_tls`` may be a CA bundle path, ``max_attempts`` is per request (botocore's standard retries)."""
+    """Where and how to reach S3 (:meth:`from_env`: a data connection); ``endpoint`` `None` is AWS, ``verify_tls``
+    may be a CA bundle path."""
 
     endpoint: str | None = None
     bucket: str | None = None
@@ -73,9 +70,8 @@ class S3Settings:
 
     def __post_init__(self) -> None:
         if self.endpoint is not None and not re.match(r"^https?://[^/\s]+", self.endpoint):
-            raise StorageError(
-                f"S3 endpoint {self.endpoint!r} is not a URL. Fix: set AWS_S3_ENDPOINT to http(s)://host[:port]."
-            )
+            fix = "set AWS_S3_ENDPOINT to http(s)://host[:port]"
+            raise StorageError(f"S3 endpoint {self.endpoint!r} is not a URL. Fix: {fix}.")
         if (self.access_key is None) != (self.secret_key is None):
             missing = "AWS_SECRET_ACCESS_KEY" if self.secret_key is None else "AWS_ACCESS_KEY_ID"
             raise StorageError(f"S3 credentials incomplete: {missing} is not set. Fix: set both keys.")
@@ -88,19 +84,13 @@ class S3Settings:
         )
 
     @classmethod
-    def from_env(
-        cls, endpoint=None, bucket=None, access_key=None, secret_key=None, region=None, **options
-    ) -> S3Settings:
+    def from_env(cls, endpoint=None, bucket=None, access_key=None, secret_key=None, region=None, **options):
         """Explicit values first, then the data-connection variables (read now); ``options``: the other fields."""
-        env = os.environ
-        return cls(
-            endpoint=endpoint or env.get("AWS_S3_ENDPOINT") or None,
-            bucket=bucket or env.get("AWS_S3_BUCKET") or None,
-            access_key=access_key or env.get("AWS_ACCESS_KEY_ID") or None,
-            secret_key=secret_key or env.get("AWS_SECRET_ACCESS_KEY") or None,
-            region=region or env.get("AWS_DEFAULT_REGION") or "us-east-1",
-            **options,
-        )
+        env = os.environ.get
+        endpoint, bucket = endpoint or env("AWS_S3_ENDPOINT") or None, bucket or env("AWS_S3_BUCKET") or None
+        access_key, secret_key = access_key or env("AWS_ACCESS_KEY_ID"), secret_key or env("AWS_SECRET_ACCESS_KEY")
+        region = region or env("AWS_DEFAULT_REGION") or "us-east-1"
+        return cls(endpoint, bucket, access_key or None, secret_key or None, region, **options)
 
     def require_bucket(self) -> str:
         """The bucket name, or a :class:`StorageError` that says how to set it."""
@@ -121,14 +111,9 @@ class S3Settings:
             retries={"mode": "standard", "max_attempts": self.max_attempts},
             max_pool_connections=max_pool_connections,
         )
+        keys = {"aws_access_key_id": self.access_key, "aws_secret_access_key": self.secret_key}
         return boto3.session.Session().client(  # a session of its own: sessions are not thread-safe
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            region_name=self.region,
-            verify=self.verify_tls,
-            config=config,
+            "s3", endpoint_url=self.endpoint, region_name=self.region, verify=self.verify_tls, config=config, **keys
         )
 
 
@@ -181,10 +166,8 @@ def _translate(exc: BaseException, settings: S3Settings, what: str) -> StorageEr
 def _s3_errors(settings: S3Settings, what: str):
     try:
         yield
-    except StorageError:
-        raise
     except Exception as exc:
-        if (mapped := _translate(exc, settings, what)) is None:
+        if isinstance(exc, StorageError) or (mapped := _translate(exc, settings, what)) is None:
             raise
         raise mapped from None  # botocore's chain can carry request details; the message is enough
 
@@ -199,8 +182,7 @@ def _join(prefix: str, rel: str) -> str:
 
 def model_prefixes(prefix: str = DEFAULT_PREFIX) -> dict[str, str]:
     """Where the two exports go: ``{"caikit": "<prefix>/caikit", "hf": "<prefix>/hf"}``."""
-    prefix = _norm_prefix(prefix)
-    return {"caikit": _join(prefix, "caikit"), "hf": _join(prefix, "hf")}
+    return {kind: _join(_norm_prefix(prefix), kind) for kind in ("caikit", "hf")}
 
 
 def _checksums(path: Path, md5: bool = False) -> tuple[str, str | None]:
@@ -220,8 +202,10 @@ def _server_crc(client: Any, bucket: str, key: str) -> str | None:
     return head.get("ChecksumCRC32") if head.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT" else None
 
 
-def _transfer_manager(client: Any, concurrency: int, max_bandwidth: int | None = None) -> Any:
-    from boto3.s3.transfer import TransferConfig, create_transfer_manager
+def _transfers(client: Any, concurrency: int, total: int, desc: str, progress: bool, max_bandwidth: int | None = None):
+    """boto3's transfer manager, a tqdm byte bar and the s3transfer subscribers that feed it."""
+    from boto3.s3.transfer import ProgressCallbackInvoker, TransferConfig, create_transfer_manager
+    from tqdm.auto import tqdm
 
     config = TransferConfig(
         multipart_threshold=_PART_SIZE,
@@ -230,16 +214,8 @@ def _transfer_manager(client: Any, concurrency: int, max_bandwidth: int | None =
         max_bandwidth=max_bandwidth,
         preferred_transfer_client="classic",
     )
-    return create_transfer_manager(client, config)
-
-
-def _progress(total: int, desc: str, enabled: bool) -> tuple[Any, list[Any]]:
-    """A tqdm byte bar and the s3transfer subscribers that feed it."""
-    from boto3.s3.transfer import ProgressCallbackInvoker
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not enabled)
-    return bar, [ProgressCallbackInvoker(bar.update)]
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress)
+    return create_transfer_manager(client, config), bar, [ProgressCallbackInvoker(bar.update)]
 
 
 @dataclass(frozen=True)
@@ -299,8 +275,7 @@ class DownloadReport:
 
 
 def ensure_bucket(create: bool = False, *, settings: S3Settings | None = None, bucket: str | None = None) -> str:
-    """Check the bucket and credentials (a LIST: a HEAD's 403 has no body to say why); create a missing bucket when
-    asked."""
+    """Check the bucket and credentials (a LIST: a HEAD's 403 has no body to say why); ``create`` a missing one."""
     from botocore.exceptions import ClientError
 
     settings, client = _connect(settings, bucket)
@@ -347,10 +322,6 @@ def upload_dir(
     """Upload a directory under ``prefix`` (default ``recipe.storage.prefix``): CRC32-checked, unchanged files skipped.
 
     ``delete_extra`` deletes objects under the prefix that are not in the directory; ``max_bandwidth`` is in bytes/s.
-
-    Raises:
-        FileNotFoundError: ``local_dir`` is missing or empty.
-        StorageError: a subclass naming the cause and the fix; the completion marker is then absent: rerun.
     """
     start, local = time.perf_counter(), Path(local_dir)
     files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != MARKER_NAME) if local.is_dir() else []
@@ -365,7 +336,10 @@ def upload_dir(
     settings, client = _connect(settings, bucket, concurrency)
     name, paths = settings.bucket, {_join(prefix, p.relative_to(local).as_posix()): p for p in files}
     report = UploadReport(bucket=name, prefix=prefix, files=len(files), marker_key=_join(prefix, MARKER_NAME))
-    bar, subscribers = _progress(sum(p.stat().st_size for p in files), f"upload s3://{name}/{prefix}", progress)
+    total = sum(p.stat().st_size for p in files)
+    tm, bar, subscribers = _transfers(
+        client, concurrency, total, f"upload s3://{name}/{prefix}", progress, max_bandwidth
+    )
     with _s3_errors(settings, f"upload {local} to s3://{name}/{prefix}"), bar:
         ensure_bucket(create_bucket, settings=settings)
         existing = _list(client, name, prefix)
@@ -373,7 +347,7 @@ def upload_dir(
         client.delete_object(Bucket=name, Key=report.marker_key)
 
         def plan(key: str) -> tuple[str, int, str, bool]:
-            """(key, size, CRC32, whether S3 already holds these bytes: same size and CRC32, else plain-MD5 ETag)."""
+            """(key, size, CRC32, whether S3 holds these bytes: same size and CRC32, else same plain-MD5 ETag)."""
             path, obj = paths[key], existing.get(key)
             size, crc = path.stat().st_size, _checksums(path)[0]
             if obj is None or obj.size != size:
@@ -383,10 +357,7 @@ def upload_dir(
             return key, size, crc, re.fullmatch(r"[0-9a-f]{32}", obj.etag) and _checksums(path, True)[1] == obj.etag
 
         sizes, crcs, futures = {}, {}, {}
-        with (
-            ThreadPoolExecutor(min(concurrency, 8)) as pool,
-            _transfer_manager(client, concurrency, max_bandwidth) as tm,
-        ):
+        with ThreadPoolExecutor(min(concurrency, 8)) as pool, tm:
             for key, size, crc, unchanged in pool.map(plan, paths):  # each upload starts once its file is planned
                 sizes[key], crcs[key] = size, crc
                 if unchanged:
@@ -408,14 +379,11 @@ def upload_dir(
             batch = [{"Key": key} for key in report.extra_keys[i : i + 1000]]
             client.delete_objects(Bucket=name, Delete={"Objects": batch, "Quiet": True})
         rel = len(prefix) + 1 if prefix else 0
-        manifest = [
-            {"path": k[rel:], "size": sizes[k], "crc32": crcs[k], "etag": listed[k].etag} for k in sorted(paths)
-        ]
-        body = {"tool": "detox-sft", "completed_at": datetime.now(UTC).isoformat(timespec="seconds"), "files": manifest}
+        files = [{"path": k[rel:], "size": sizes[k], "crc32": crcs[k], "etag": listed[k].etag} for k in sorted(paths)]
+        body = {"tool": "detox-sft", "completed_at": datetime.now(UTC).isoformat(timespec="seconds"), "files": files}
         # last, in one PUT: S3 shows an object whole or not at all
         client.put_object(Bucket=name, Key=report.marker_key, Body=json.dumps(body, indent=1).encode())
-    report.uploaded.sort()
-    report.skipped.sort()
+    report.uploaded, report.skipped = sorted(report.uploaded), sorted(report.skipped)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -464,16 +432,12 @@ def download_prefix(
     require_complete: bool = True,
     progress: bool = True,
 ) -> DownloadReport:
-    """Download the objects under ``prefix/`` into ``local_dir``: CRC32-verified, atomic per file, resumable.
-
-    ``require_complete`` refuses a prefix without its completion marker or changed since; without it, the objects
-    listed now, each checked against the CRC32 S3 reports (when it keeps one).
-    """
+    """Download the objects under ``prefix/`` into ``local_dir``: CRC32-verified, atomic per file, resumable;
+    ``require_complete=False`` takes the objects listed now when the completion marker is missing or stale."""
     start, prefix, root = time.perf_counter(), _norm_prefix(prefix), Path(local_dir)
     settings, client = _connect(settings, bucket, max_concurrency)
     name, what = settings.bucket, f"download s3://{settings.bucket}/{prefix}"
     report = DownloadReport(bucket=name, prefix=prefix, local_dir=str(root), complete=require_complete)
-    temporaries: list[Path] = []
     with _s3_errors(settings, what):
         todo = []
         for key, size, crc in _wanted(client, name, prefix, what, require_complete):
@@ -486,15 +450,14 @@ def download_prefix(
             else:
                 todo.append((rel, key, size, crc, dest, dest.with_name(f".{dest.name}{_PART_SUFFIX}")))
         report.files, report.verified = len(report.skipped) + len(todo), len(report.skipped)
-        bar, subscribers = _progress(sum(t[2] for t in todo), what, progress)
+        tm, bar, subscribers = _transfers(client, max_concurrency, sum(t[2] for t in todo), what, progress)
+        temporaries = [t[-1] for t in todo]
         try:
-            with bar, _transfer_manager(client, max_concurrency) as tm:
-                futures = []
-                for rel, key, size, crc, dest, tmp in todo:
+            with bar, tm:
+                for *_, dest, _tmp in todo:
                     dest.parent.mkdir(parents=True, exist_ok=True)
-                    temporaries.append(tmp)
-                    futures.append((tm.download(name, key, str(tmp), subscribers=subscribers), rel, key, size, crc))
-                for (future, rel, key, size, crc), (*_, dest, tmp) in zip(futures, todo, strict=True):
+                futures = [tm.download(name, t[1], str(t[-1]), subscribers=subscribers) for t in todo]
+                for future, (rel, key, size, crc, dest, tmp) in zip(futures, todo, strict=True):
                     future.result()
                     if tmp.stat().st_size != size or (crc is not None and _checksums(tmp)[0] != crc):
                         raise ChecksumMismatchError(
@@ -509,8 +472,7 @@ def download_prefix(
         finally:
             for tmp in temporaries:
                 tmp.unlink(missing_ok=True)
-    report.downloaded.sort()
-    report.skipped.sort()
+    report.downloaded, report.skipped = sorted(report.downloaded), sorted(report.skipped)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -522,23 +484,15 @@ def upload_export(
     sources = {"caikit": recipe.paths.caikit_export(recipe.export.model_id), "hf": recipe.paths.hf_export}
     present = {kind: path for kind, path in sources.items() if path.is_dir()}
     if not present:
-        raise FileNotFoundError(
-            f"No export in {recipe.paths.export} — run notebooks/3-save_convert_model.ipynb first (or `detox-sft export`)."
-        )
+        fix = "run notebooks/3-save_convert_model.ipynb first (or `detox-sft export`)"
+        raise FileNotFoundError(f"No export in {recipe.paths.export} — {fix}.")
     prefixes = model_prefixes(recipe.storage.prefix)
-    return {
-        kind: upload_dir(
-            path, prefixes[kind], settings=settings, recipe=recipe, create_bucket=create_bucket, progress=progress
-        )
-        for kind, path in present.items()
-    }
+    options = {"settings": settings, "recipe": recipe, "create_bucket": create_bucket, "progress": progress}
+    return {kind: upload_dir(path, prefixes[kind], **options) for kind, path in present.items()}
 
 
 def upload_prefix(local_dir: str | os.PathLike[str], base: str = DEFAULT_PREFIX) -> str:
     """``<base>/caikit`` for a Caikit directory, ``<base>/hf`` for a Hugging Face one, else ``<base>``."""
     local, prefixes = Path(local_dir), model_prefixes(base)
-    if (local / "config.yml").is_file():
-        return prefixes["caikit"]
-    if (local / "config.json").is_file():
-        return prefixes["hf"]
-    return _norm_prefix(base)
+    caikit, hf = (local / "config.yml").is_file(), (local / "config.json").is_file()
+    return prefixes["caikit"] if caikit else prefixes["hf"] if hf else _norm_prefix(base)

@@ -94,7 +94,6 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `detox-sft-dev` console script; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)

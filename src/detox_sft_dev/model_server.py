@@ -33,8 +33,8 @@ from typing import Any
 
 from detox_sft import compat
 from detox_sft.config import ExportConfig
-from detox_sft_dev.s3 import free_port, port_in_use
 from detox_sft.storage import download_prefix
+from detox_sft_dev.s3 import free_port, port_in_use
 
 __all__ = [
     "ServingError",

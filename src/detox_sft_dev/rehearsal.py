@@ -27,10 +27,10 @@ import numpy as np
 
 from detox_sft.config import ARMS, Recipe, load_recipe
 from detox_sft.data import read_jsonl
-from detox_sft_dev.demo import NOTEBOOKS, execute_notebook
 from detox_sft.files import atomic_write_json, read_json_or_none
 from detox_sft.prompts import generation_prompt
 from detox_sft.refs import resolve_ref
+from detox_sft_dev.demo import NOTEBOOKS, execute_notebook
 
 __all__ = ["GpuMemoryPoll", "rehearsal_report", "run_rehearsal"]
 

@@ -29,8 +29,26 @@ from detox_sft.evaluation.report import (
 )
 
 __all__ = [
-    "ARMS", "COMPARISONS", "MODELS", "EvalResults", "EvaluationError", "agreement_table", "continuation_nll",
-    "cost_table", "describe_result", "evaluate_models", "generate_continuations", "headline_numbers", "judge_note",
-    "load_arm_model", "load_base_model", "load_results", "metrics_table", "paired_table", "plot_metric_bars",
-    "plot_toxicity_distributions", "scorer_table", "summary_markdown",
-]  # fmt: skip
+    "ARMS",
+    "COMPARISONS",
+    "MODELS",
+    "EvalResults",
+    "EvaluationError",
+    "agreement_table",
+    "continuation_nll",
+    "cost_table",
+    "describe_result",
+    "evaluate_models",
+    "generate_continuations",
+    "headline_numbers",
+    "judge_note",
+    "load_arm_model",
+    "load_base_model",
+    "load_results",
+    "metrics_table",
+    "paired_table",
+    "plot_metric_bars",
+    "plot_toxicity_distributions",
+    "scorer_table",
+    "summary_markdown",
+]

@@ -36,9 +36,8 @@ _KEPT_ORIGINAL = ("empty_continuation", "unchanged_continuation")
 
 @dataclass
 class RephraseSummary:
-    """Counts and means of one run, counted from its records: ``gated`` records reached the gate, ``unchanged`` ones
-    kept their text (in the training set also a rewrite that left the continuation as it was), ``computed`` /
-    ``cached`` count distinct gated texts; ``mean_chrf`` and ``mean_changed_word_share`` come from ``survival``."""
+    """Counts and means counted from a run's records (``computed`` / ``cached``: distinct gated texts; ``unchanged``
+    includes a training-set rewrite that left the continuation as it was)."""
 
     total: int = 0
     missing: int = 0
@@ -67,12 +66,10 @@ class RephraseSummary:
         return asdict(self)
 
     def _repr_html_(self) -> str:
-        """A two-column table (what Jupyter shows for a summary), the counts in the order the records went."""
+        """A two-column table (what Jupyter shows for a summary)."""
         import html
 
-        def cell(value: Any) -> str:
-            return html.escape(f"{value:.3f}" if isinstance(value, float) else str(value))
-
+        cell = lambda v: html.escape(f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
         rows = "".join(f"<tr><th>{k.replace('_', ' ')}</th><td>{cell(v)}</td></tr>" for k, v in self.to_dict().items())
         return f'<table class="detox-rephrase-summary" style="text-align:left">{rows}</table>'
 
@@ -94,12 +91,9 @@ def detoxify_training_set(
     engine: TMaRCoEngine | str | None = None,
     scorer: Callable[[Sequence[str]], np.ndarray] | None = None,
 ) -> tuple[Any, RephraseSummary]:
-    """Rephrase the toxic samples of the SFT training set; write ``data/train_raw.jsonl`` and
-    ``data/train_detox.jsonl`` (same rows, same order) in the run directory.
+    """Rephrase the toxic samples of the training set; write ``data/train_raw.jsonl`` and ``data/train_detox.jsonl``.
 
-    TMaRCo sees prompt and continuation joined; only the rewritten continuation is kept (the loss is completion-only).
-    A rewrite that leaves no continuation, or the same one, keeps the sample as it was. ``engine`` and ``scorer``
-    override the recipe's. Returns the detoxified Dataset (the input's columns) and the summary.
+    Only the rewritten continuation is kept; returns the detoxified Dataset (the input's columns) and the summary.
     """
     from datasets import Dataset, DatasetDict
 
@@ -117,9 +111,8 @@ def detoxify_training_set(
         )
     rows = train_dataset.to_list()
     write_jsonl_atomic(rows, recipe.paths.train_set("raw"))
-    # TMaRCo sees the whole sample: with the prompt as context the experts and BART fill a masked word the way the
-    # sentence needs it; alone, a continuation's first word has no context and is filled with whatever starts
-    # sentences most often. Only the continuation part of the result is kept; the prompt stays as it was.
+    # TMaRCo sees the whole sample: alone, a continuation's first masked word has no context and is filled with
+    # whatever starts sentences most often.
     samples = [
         {**row, "sample": f"{(row['prompt'] or '').strip()} {(row['continuation'] or '').strip()}".strip()}
         for row in rows
@@ -138,12 +131,9 @@ def detoxify_training_set(
         new = {**rec, "original_continuation": row["continuation"]}
         if rec["rephrased"]:
             continuation = continuation_of(rec["sample"], rec["rephrased_text"], len(row["prompt"].strip()))
-            # nothing left after the prompt, or the rewrite touched only the prompt (which training keeps as it
-            # was) or whitespace (seen on Python 3.12's tokenization): the sample is kept as it was, its toxicity the
-            # original's (rephrased_text keeps what TMaRCo wrote, for the reader)
+            # nothing left, or only the prompt or whitespace changed (Python 3.12's tokenization): keep the sample
             kept = "empty_continuation" if not continuation else None
-            if continuation and continuation == row["continuation"].strip():
-                kept = "unchanged_continuation"
+            kept = "unchanged_continuation" if continuation and continuation == row["continuation"].strip() else kept
             if kept:
                 new.update(rephrased=False, rephrase_status=kept, toxicity_after=new["toxicity_before"])
             else:
@@ -183,11 +173,8 @@ def rephrase_dataset(
 ) -> RephraseResult:
     """Gate, mask and rephrase the ``field`` of every record (a Dataset, a JSONL path or dicts); cached, resumable.
 
-    Records come back in input order with :data:`ADDED_FIELDS` added; ``rephrase_status`` is ``rephrased``,
-    ``unchanged``, ``below_gate``, ``empty``, ``missing`` or ``error`` (why in ``rephrase_error``; not cached, so a
-    rerun tries again). ``engine`` is an engine object, a name or `None` (``cfg.engine``, loaded only when some text
-    is not in ``cache_dir``). With ``cfg.executor == "ray"`` blocks of records run this function on Ray actors;
-    finished blocks are kept under ``<cache_dir>/ray-blocks``.
+    Records come back in input order with :data:`ADDED_FIELDS`; ``rephrase_status`` is ``rephrased``, ``unchanged``,
+    ``below_gate``, ``empty``, ``missing`` or ``error`` (not cached). ``engine`` loads only when the cache lacks a text.
     """
     from tqdm.auto import tqdm
 
@@ -205,18 +192,18 @@ def rephrase_dataset(
         scorer_key = json.dumps(
             {"scorer": cfg.scorer, "name": getattr(scorer, "name", None), "v": CACHE_VERSION, **pinned}
         )
-        texts = [_text_of(record, field) for record in records]
+        texts = [v if isinstance(v := r.get(field), str) or v is None else str(v) for r in records]
         present = [t for t in texts if t is not None]
         # 1. the gate
         tox = _scores(present, scorer, scorer_key, cache)
         gated = Counter(t for t in present if t.strip() and tox[t] >= cfg.gate_threshold)  # records per text
-        # 2. the engine, on the gated texts the cache lacks (its models load only then)
+        # 2. the engine, on the gated texts the cache lacks
         engine_key = key({"v": CACHE_VERSION, **identity(cfg, engine, device)})
         keys = {t: key([engine_key, t]) for t in gated}
         found = cache.get_many("out", list(keys.values()))
         outputs: dict[str, dict[str, Any]] = {t: found[k] for t, k in keys.items() if k in found}
         todo = [t for t in gated if t not in outputs]
-        # the bar counts the gated records, as the summary does (not the texts scored: the gate and the rewrites)
+        # the bar counts gated records, as the summary does
         done = sum(gated[t] for t in outputs)
         with tqdm(total=gated.total(), initial=done, desc="rephrase", unit="sample", disable=not progress) as bar:
             if todo and (engine is None or isinstance(engine, str)):
@@ -226,8 +213,7 @@ def rephrase_dataset(
             for i in range(0, len(todo), cfg.batch_size):
                 part = todo[i : i + cfg.batch_size]
                 fresh = {t: _jsonable(o) for t, o in zip(part, engine.rephrase(part), strict=True)}
-                # 3. the cache, committed per batch: a rerun resumes; a failed text is not cached, so a rerun
-                # (after a fix) tries it again
+                # 3. the cache, committed per batch so a rerun resumes; a failed text is not cached: a rerun retries it
                 cache.put_many("out", {keys[t]: v for t, v in fresh.items() if v["error"] is None})
                 outputs.update(fresh)
                 bar.update(sum(gated[t] for t in part))
@@ -236,29 +222,24 @@ def rephrase_dataset(
             tox_after = _scores(changed, scorer, scorer_key, cache)
             bar.set_postfix_str("done")
     # 4. the records
-    out = [_record(r, t, cfg, tox, tox_after, outputs) for r, t in zip(records, texts, strict=True)]
-    summary = RephraseSummary(
-        gate_threshold=float(cfg.gate_threshold),
-        mask_threshold=float(cfg.mask_threshold),
-        engine=engine_name,
-        computed=len(todo),
-        cached=len(gated) - len(todo),
-    )
-    return _finish(out, field, summary, started)
+    out = [_record(r, t, cfg.gate_threshold, tox, tox_after, outputs) for r, t in zip(records, texts, strict=True)]
+    return _finish(out, field, _summary(cfg, engine_name, len(todo), len(gated) - len(todo)), started)
+
+
+def _summary(cfg: RephraseConfig, engine: str, computed: int, cached: int) -> RephraseSummary:
+    thresholds = {"gate_threshold": float(cfg.gate_threshold), "mask_threshold": float(cfg.mask_threshold)}
+    return RephraseSummary(**thresholds, engine=engine, computed=computed, cached=cached)
 
 
 def _finish(
     records: list[dict[str, Any]], field: str, summary: RephraseSummary, started: float, extra: dict | None = None
 ) -> RephraseResult:
-    """The result of a local or Ray run: its summary counted from the records, warnings for what went wrong."""
+    """The run's result: its summary counted from the records, and a warning for what went wrong."""
     summary = _summarize(records, field, summary)
     summary.seconds = time.perf_counter() - started
     if summary.truncated:
-        warnings.warn(
-            f"{summary.truncated} text(s) were longer than the TMaRCo models' context and were truncated "
-            "before rephrasing (see rephrase_truncated in the records).",
-            stacklevel=3,
-        )
+        why = "were longer than the TMaRCo models' context and were truncated before rephrasing"
+        warnings.warn(f"{summary.truncated} text(s) {why} (see rephrase_truncated in the records).", stacklevel=3)
     if summary.errors:
         warnings.warn(
             f"{summary.errors} of {summary.gated} gated text(s) could not be rephrased and were kept unchanged "
@@ -287,11 +268,6 @@ def _as_records(data: Any) -> list[dict[str, Any]]:
     return [dict(r) for r in records]
 
 
-def _text_of(record: dict[str, Any], field: str) -> str | None:
-    value = record.get(field)
-    return value if isinstance(value, str) else None if value is None else str(value)
-
-
 def _scores(texts: Sequence[str], scorer: Callable, scorer_key: str, cache: Cache) -> dict[str, float]:
     """Toxicity of each distinct text: cached ones first, the rest scored and committed 256 at a time."""
     unique = list(dict.fromkeys(texts))
@@ -314,14 +290,7 @@ def _jsonable(output: Any) -> dict[str, Any]:
     return value
 
 
-def _record(
-    record: dict[str, Any],
-    text: str | None,
-    cfg: RephraseConfig,
-    tox: dict[str, float],
-    tox_after: dict[str, float],
-    outputs: dict[str, dict[str, Any]],
-) -> dict[str, Any]:
+def _record(record: dict, text: str | None, gate: float, tox: dict, tox_after: dict, outputs: dict) -> dict[str, Any]:
     """``record`` with :data:`ADDED_FIELDS` filled in for its text."""
     new = dict(record)
     new.update(dict.fromkeys(ADDED_FIELDS), rephrased_text=text, rephrased=False, rephrase_truncated=False)
@@ -331,7 +300,7 @@ def _record(
     new["toxicity_before"] = new["toxicity_after"] = tox[text]
     if not text.strip():
         new["rephrase_status"] = "empty"
-    elif tox[text] < cfg.gate_threshold:
+    elif tox[text] < gate:
         new["rephrase_status"] = "below_gate"
     else:
         result = outputs[text]
@@ -340,11 +309,9 @@ def _record(
         if result.get("error"):
             new.update(rephrase_status="error", rephrase_error=result["error"])
         elif result["changed"]:
+            after = tox_after[result["rephrased"]]
             new.update(
-                rephrased_text=result["rephrased"],
-                rephrased=True,
-                rephrase_status="rephrased",
-                toxicity_after=tox_after[result["rephrased"]],
+                rephrased_text=result["rephrased"], rephrased=True, rephrase_status="rephrased", toxicity_after=after
             )
         else:
             new["rephrase_status"] = "unchanged"
@@ -361,9 +328,7 @@ def _summarize(records: list[dict[str, Any]], field: str, summary: RephraseSumma
     g_before = [r["toxicity_before"] for r in records if r["rephrase_status"] in gated]
     g_after = [r["toxicity_after"] for r in records if r["rephrase_status"] in gated]
 
-    def mean(values: list[float]) -> float | None:
-        return float(np.mean(values)) if values else None
-
+    mean = lambda values: float(np.mean(values)) if values else None  # noqa: E731
     return dataclasses.replace(
         summary,
         total=len(records),
@@ -383,21 +348,9 @@ def _summarize(records: list[dict[str, Any]], field: str, summary: RephraseSumma
     )
 
 
-def _rephrase_on_ray(
-    records: list[dict[str, Any]],
-    cfg: RephraseConfig,
-    field: str,
-    cache_dir: str | os.PathLike[str] | None,
-    progress: bool,
-    engine: TMaRCoEngine | str | None,
-    scorer: Callable[[Sequence[str]], np.ndarray] | None,
-    device: str | None,
-) -> tuple[list[dict[str, Any]], RephraseSummary, dict[str, Any]]:
-    """Blocks of records through :func:`rephrase_dataset` on Ray actors, back in input order.
-
-    A record's output depends only on its text, so blocks change nothing (byte for byte with a row-wise scorer). The
-    job key covers the records and every output setting: a changed job never reuses another's blocks.
-    """
+def _rephrase_on_ray(records, cfg, field, cache_dir, progress, engine, scorer, device) -> tuple[list, Any, dict]:
+    """Blocks of records through :func:`rephrase_dataset` on Ray actors, back in input order (a record's output
+    depends only on its text; the job key covers the records and every output setting)."""
     if (engine is not None and not isinstance(engine, str)) or scorer is not None:
         raise RephraseError(
             "rephrase.executor is 'ray': each actor loads its own engine and scorer, so they cannot be passed in. "
@@ -425,15 +378,8 @@ def _rephrase_on_ray(
     )
     # a block finished by an earlier run was computed then: here it counts as cached
     computed = [0 if i in reused else block["summary"]["computed"] for i, block in enumerate(results)]
-    summary = RephraseSummary(
-        gate_threshold=float(cfg.gate_threshold),
-        mask_threshold=float(cfg.mask_threshold),
-        engine=engine_name,
-        computed=sum(computed),
-        cached=sum(
-            b["summary"]["cached"] + b["summary"]["computed"] - c for b, c in zip(results, computed, strict=True)
-        ),
-    )
+    cached = sum(b["summary"]["cached"] + b["summary"]["computed"] - c for b, c in zip(results, computed, strict=True))
+    summary = _summary(cfg, engine_name, sum(computed), cached)
     extra = {"ray": {"blocks": len(blocks), "reused_blocks": len(reused), "actors": cfg.ray_actors}}
     return [record for block in results for record in block["records"]], summary, extra
 
@@ -450,13 +396,5 @@ def _ray_block(state: dict[str, Any], records: list[dict[str, Any]]) -> dict[str
     """One block through :func:`rephrase_dataset` (no cache: the block store keeps finished blocks)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the driver warns once, for every block
-        result = rephrase_dataset(
-            records,
-            state["cfg"],
-            field=state["field"],
-            progress=False,
-            engine=state["engine"],
-            scorer=state["scorer"],
-            device=state["device"],
-        )
+        result = rephrase_dataset(records, progress=False, **state)  # state: rephrase_dataset's keyword arguments
     return {"records": result.records, "summary": result.summary.to_dict()}

@@ -1,8 +1,6 @@
-"""Finished blocks on disk: one JSON file per block, written atomically, found again by a rerun.
+"""Finished blocks on disk: ``<root>/<job key>/<index>.json``, written atomically, found again by a rerun.
 
-A job's work dir is ``<root>/<key>/``, where the key hashes the input and every setting that changes the output, so
-a rerun of the same job finds its finished blocks and a changed job never reads another's. A block's file is
-``<index>.json``; a crash leaves at most a temporary file, which is ignored and overwritten.
+The key hashes the input and every setting that changes the output, so a changed job never reads another's blocks.
 """
 
 from __future__ import annotations
@@ -11,7 +9,6 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +27,7 @@ def content_key(*parts: Any) -> str:
 
 
 class BlockStore:
-    """The finished blocks of one job: ``put`` writes a block's JSON result atomically, ``done`` lists them.
-
-    Args:
-        root: the directory that holds the work dirs of jobs (e.g. ``<run>/rephrase/cache/ray-blocks``).
-        key: this job's key (:func:`content_key` of its input and settings).
-        num_blocks: how many blocks the job has (recorded in ``job.json`` for a person looking at the dir).
-    """
+    """The finished blocks of job ``key`` under ``root``; ``num_blocks`` is also recorded in ``job.json``."""
 
     def __init__(self, root: str | os.PathLike[str], key: str, num_blocks: int) -> None:
         self.dir = Path(root) / key
@@ -68,6 +59,6 @@ class BlockStore:
         """Block ``index``'s result, parsed."""
         return json.loads(self.path(index).read_bytes())
 
-    def get_all(self, indices: Iterable[int] | None = None) -> list[Any]:
-        """The results of all blocks (or of ``indices``), in order."""
-        return [self.get(i) for i in (range(self.num_blocks) if indices is None else indices)]
+    def get_all(self) -> list[Any]:
+        """The results of all blocks, in order."""
+        return [self.get(i) for i in range(self.num_blocks)]

@@ -1,10 +1,5 @@
-"""Blocks of work on a Ray Data actor pool: each actor sets up once (loads its models), then processes blocks.
-
-:func:`map_blocks` is the whole pipeline: the pending blocks become a Ray dataset (one row per block, carrying its
-index), ``map_batches`` sends them to a pool of :class:`_BlockActor` (``compute=ActorPoolStrategy(size=N)``, one CPU
-each, one GPU each where the cluster has GPUs), and the driver writes each result as it comes back, so an interrupted
-job keeps its finished blocks. Results come back in block order whatever order the actors finish in.
-"""
+"""Blocks of work on a Ray Data actor pool (:func:`map_blocks`): each actor sets up once (loads its models), then
+processes blocks; the driver stores each result as it comes back, and results return in block order."""
 
 from __future__ import annotations
 
@@ -18,58 +13,42 @@ from typing import Any
 
 from detox_sft.scale.blocks import BlockStore
 
-__all__ = ["gpus_per_actor", "map_blocks", "ray_session", "start_local_ray"]
+__all__ = ["map_blocks", "ray_session", "start_local_ray"]
 
 logger = logging.getLogger(__name__)
 
 
-def _local_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def start_local_ray(num_cpus: int | None = None, attempts: int = 3) -> None:
-    """Start a local Ray (this machine's CPUs, no dashboard), trying again when its node is slow to come up.
-
-    On a machine with every core busy, Ray's raylet can give up waiting for its own agents (it allows them ~15-30 s):
-    that failure is transient, so it is retried; any other failure is raised at once.
-    """
+    """Start a local Ray (this machine's CPUs, no dashboard); retried only when its node is slow to come up."""
     import psutil
     import ray
 
     for attempt in range(1, attempts + 1):
         before = {child.pid for child in psutil.Process().children(recursive=True)}
         try:
-            ray.init(num_cpus=num_cpus or _local_cpus(), include_dashboard=False, log_to_driver=False)
+            cpus = num_cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+            ray.init(num_cpus=cpus or 1, include_dashboard=False, log_to_driver=False)
             return
         except Exception as exc:  # Ray raises a bare Exception when its node does not come up in time
             ray.shutdown()
             # a failed start leaves its GCS server, monitors and agents running: end those this attempt started
-            _end_processes([c for c in psutil.Process().children(recursive=True) if c.pid not in before])
+            started = [c for c in psutil.Process().children(recursive=True) if c.pid not in before]
+            for process in started:
+                with contextlib.suppress(psutil.Error):
+                    process.terminate()
+            for process in psutil.wait_procs(started, timeout=5)[1]:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+            # a busy machine's raylet can give up on its own agents (~15-30 s): transient, so retried
             if "timed out during startup" not in str(exc) or attempt == attempts:
                 raise
             logger.warning("local Ray did not come up in time (attempt %d of %d); trying again", attempt, attempts)
 
 
-def _end_processes(processes: list[Any]) -> None:
-    import psutil
-
-    for process in processes:
-        with contextlib.suppress(psutil.Error):
-            process.terminate()
-    _, alive = psutil.wait_procs(processes, timeout=5)
-    for process in alive:
-        with contextlib.suppress(psutil.Error):
-            process.kill()
-
-
 @contextlib.contextmanager
 def ray_session() -> Iterator[Any]:
-    """A Ray to run on: the one this process already joined, the cluster at ``RAY_ADDRESS`` (inside a RayJob
-    ``ray.init()`` joins it), else a local Ray with this machine's CPUs and no dashboard.
-
-    A Ray started here is shut down on exit; one that was already running (a notebook's, a test session's) is left
-    running.
-    """
+    """The Ray this process already joined (left running), else the ``RAY_ADDRESS`` cluster or a local Ray, shut
+    down on exit."""
     import ray
 
     if ray.is_initialized():
@@ -83,13 +62,6 @@ def ray_session() -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
-
-
-def gpus_per_actor(device: str) -> int:
-    """1 when the step may use a GPU (``device`` is ``auto`` or ``cuda``) and the Ray cluster has one, else 0."""
-    import ray
-
-    return 1 if device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
 
 
 class _BlockActor:
@@ -117,25 +89,11 @@ def map_blocks(
     desc: str = "blocks",
     progress: bool = True,
 ) -> list[Any]:
-    """``[process(state, p) for p in payloads]`` on a pool of Ray actors, each with ``state = setup(*setup_args)``.
+    """``[process(state, p) for p in payloads]`` on ``actors`` Ray actors, each with ``state = setup(*setup_args)``.
 
-    ``setup`` and ``process`` must be importable module-level functions (they are pickled by reference); a result
-    must be JSON data. With a ``store``, blocks already in it are not run again and each new result is written to it
-    as soon as it comes back: rerunning an interrupted job only runs the missing blocks.
-
-    Args:
-        payloads: one picklable payload per block, in order.
-        setup: builds an actor's state (loads the models) from ``setup_args``.
-        process: computes a block's result (JSON data) from the state and the payload.
-        setup_args: the arguments of ``setup``.
-        actors: the size of the actor pool (at most one per pending block).
-        device: the step's device setting: an actor asks Ray for a GPU unless it is ``cpu`` (and the cluster has one).
-        store: where finished blocks are kept; `None` keeps them in memory only.
-        desc: the progress bar's label.
-        progress: show a progress bar over blocks.
-
-    Returns:
-        The results, in the order of ``payloads``.
+    ``setup`` and ``process`` are module-level functions (pickled by reference); results are JSON data. Blocks in
+    ``store`` are not run again, and each new result is stored as it comes back. An actor asks for a GPU unless
+    ``device`` is ``cpu`` (and the cluster has one).
     """
     from tqdm.auto import tqdm
 
@@ -146,7 +104,7 @@ def map_blocks(
         import ray.data
 
         with ray_session() as ray:
-            gpus = gpus_per_actor(device)
+            gpus = 1 if device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1 else 0
             size = min(actors, len(pending))
             # a local Ray with fewer CPUs than actors: share them, or the pool would wait forever for the missing ones
             cpus = min(1.0, ray.cluster_resources().get("CPU", 1.0) / size)
