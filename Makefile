@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-$(shell cat requirements.txt requirements-caikit.txt pyproject.toml 2>/dev/null | sha1sum | cut -c1-12)
 RECIPE ?= offline
 PYTEST_ARGS ?=
+UV := uv==0.13.9
+FIND_LINKS := $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+UV_PIP = $(BIN)/uv pip install --quiet --python $(BIN)/python $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
 
 .PHONY: setup demo test lint lab bench slides clean setup-py312 check-py312 smoke-py312 test-py312
 
@@ -14,13 +17,15 @@ setup: $(STAMP)
 
 $(STAMP): requirements.txt requirements-caikit.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --upgrade pip $(UV)
+	# uv installs the pinned sets (the same pins; ~10x faster than pip on a fresh venv). It reads no pip.conf: a
+	# find-links folder that pip is given (this machine's CPU torch wheel) is passed on.
 	# torch first: on 3.11, the CPU wheel on this machine's disk, else a dependency pulls the CUDA build; on 3.12
 	# PyPI has only the CUDA build (nvidia-* wheels included) for Linux x86_64: it runs on the CPU all the same.
-	$(BIN)/python -m pip install --quiet "$$(grep -E '^torch==' requirements.txt)"
-	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(UV_PIP) "$$(grep -E '^torch==' requirements.txt)"
+	$(UV_PIP) -r requirements.txt
 	# The caikit stack pins old torch/transformers/numpy: installed beside the main stack without its pins.
-	$(BIN)/python -m pip install --quiet --no-deps -r requirements-caikit.txt
+	$(UV_PIP) --no-deps -r requirements-caikit.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.setup-*
 	touch $@
@@ -58,12 +63,11 @@ PYTHON312 ?= $(firstword $(lastword $(sort $(wildcard $(HOME)/.pyenv/versions/3.
 VENV312 ?= $(or $(DETOX_SFT_CACHE),$(HOME)/.cache/detox-sft)/venv-py312
 PY312 := $(VENV312)/bin/python
 # The tests that need no offline zoo (its hash holds torch's version, so 3.12 would build its own: minutes) and cover
-# each module's own unit tests: config and CLI parsing, prompts, devices, compat shims, metrics, files, storage on the
-# real S3 server, clients, the import contracts. The two deselected compat tests start fresh interpreters (~20 s each);
-# the full suite runs them on 3.11.
+# each module's own unit tests: config parsing, prompts, devices, compat shims, metrics, files, storage on the real
+# S3 server, clients (every module is imported by PY312_IMPORTS below). The two deselected compat tests start fresh
+# interpreters (~20 s each); the full suite runs them on 3.11.
 PY312_TESTS ?= tests/test_config.py tests/test_prompts.py tests/test_devices.py tests/test_compat.py \
-  tests/test_metrics.py tests/test_architecture.py tests/test_files.py tests/test_storage.py tests/test_local_s3.py \
-  tests/test_clients.py tests/test_properties.py \
+  tests/test_metrics.py tests/test_files.py tests/test_storage.py tests/test_clients.py tests/test_properties.py \
   --deselect tests/test_compat.py::test_conversation_shim_still_needed \
   --deselect tests/test_compat.py::test_numpy_issubclass_shim_still_needed
 PY312_FOUND = { [ -n "$(PYTHON312)" ] && "$(PYTHON312)" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null; }

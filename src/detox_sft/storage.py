@@ -127,6 +127,9 @@ def _connect(settings: S3Settings | None, bucket: str | None, concurrency: int =
 _AUTH_CODES = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken", "ExpiredToken", "AccessDenied", "403"}
 
 
+_SERVER_FIX = "Fix: check AWS_S3_ENDPOINT and that the server is running; rerun the same command to resume."
+
+
 def _translate(exc: BaseException, settings: S3Settings, what: str) -> StorageError | None:
     """A botocore error as a StorageError naming the fix (secrets scrubbed); `None` if it is not one."""
     from botocore import exceptions as bexc
@@ -137,8 +140,7 @@ def _translate(exc: BaseException, settings: S3Settings, what: str) -> StorageEr
     if isinstance(exc, bexc.SSLError):
         return S3UnavailableError(f"{what}: TLS verification failed for {where}. Fix: pass its CA (--ca-bundle).")
     if isinstance(exc, bexc.ConnectionError | bexc.HTTPClientError | ConnectionError):
-        fix = "Fix: check AWS_S3_ENDPOINT and that the server is running; rerun the same command to resume."
-        return S3UnavailableError(f"{what}: cannot reach {where} ({type(exc).__name__}). {fix}")
+        return S3UnavailableError(f"{what}: cannot reach {where} ({type(exc).__name__}). {_SERVER_FIX}")
     if not isinstance(exc, bexc.ClientError):  # s3transfer wraps some failures: look at the cause
         cause = getattr(exc, "last_exception", None) or exc.__cause__
         return _translate(cause, settings, what) if isinstance(cause, Exception) else None
@@ -158,7 +160,8 @@ def _translate(exc: BaseException, settings: S3Settings, what: str) -> StorageEr
         fix = "Fix: check AWS_S3_BUCKET, or create it (--create-bucket)."
         return BucketNotFoundError(f"{what}: bucket {settings.bucket!r} does not exist at {where}. {fix}")
     if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
-        return S3UnavailableError(f"{what}: {where} failed ({detail}). Fix: check the server; rerun to resume.")
+        # a server going away mid-upload answers 5xx as often as it drops the connection: the same fix
+        return S3UnavailableError(f"{what}: {where} failed ({detail}). {_SERVER_FIX}")
     return StorageError(f"{what}: S3 error {detail}.")
 
 
