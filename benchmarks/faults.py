@@ -624,6 +624,20 @@ STEP_DEFS: dict[str, Step] = {
 }
 
 
+# Progress a kill can wait for instead of a moment (tests/test_faults.py's quick trials): seen in the run directory, so
+# the kill lands inside the step's work whatever the machine's load. (What is awaited, whether the run shows it.)
+PROGRESS: dict[str, tuple[str, Callable[[Ctx], bool]]] = {
+    "rephrase": (
+        "a batch of TMaRCo outputs committed to the cache, `data/train_detox.jsonl` not yet written",
+        lambda ctx: bool(_rephrase_units(ctx)) and not STEP_DEFS["rephrase"].done(ctx),
+    ),
+    "export": (
+        "a file in export's hidden build directory, `export/` not yet in place",
+        lambda ctx: not (ctx.run / "export").exists() and any(_files(b) for b in ctx.run.glob(".export.*")),
+    ),
+}
+
+
 def _false_done(step: str, ctx: Ctx, ref: dict[str, Any]) -> list[str]:
     """What the kill left that its done marker vouches for but that is not the reference's output."""
     s = STEP_DEFS[step]
@@ -861,6 +875,23 @@ def _wall_until(pid: int, deadline: float, poll: float = 0.005) -> bool:
     return _cpu_seconds(pid) is not None
 
 
+def _seen_until(pid: int, seen: Callable[[], bool], what: str, timeout: float, poll: float = 0.02) -> bool:
+    """Wait until ``seen()``; whether ``pid`` is still running then (`False`: it ended first).
+
+    Raises:
+        TimeoutError: ``timeout`` wall seconds passed without it (the child is killed first).
+    """
+    deadline = time.monotonic() + timeout
+    while _cpu_seconds(pid) is not None:
+        if seen():
+            return _cpu_seconds(pid) is not None
+        if time.monotonic() > deadline:
+            _kill_group(pid)
+            raise TimeoutError(f"waited {timeout:.0f} s for {what}; the child still ran (killed): see its log")
+        time.sleep(poll)
+    return False
+
+
 def _kill_group(pid: int) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
@@ -1031,18 +1062,34 @@ class Harness:
     def record_path(self, step: str, trial: int) -> Path:
         return self.results / step / f"seed{self.seed}-{trial:02d}.json"
 
-    def trial(self, step: str, trial: int, fraction: float) -> dict[str, Any]:
-        """Kill ``step`` at ``fraction`` of its reference duration, rerun it, compare; returns (and writes) the record."""
+    def trial(
+        self,
+        step: str,
+        trial: int,
+        fraction: float | None = None,
+        progress: tuple[str, Callable] | None = None,
+        timeout: float = 600.0,
+    ) -> dict[str, Any]:
+        """Kill ``step`` at ``fraction`` of its reference duration, or once ``progress`` (an entry of :data:`PROGRESS`)
+        is seen (waiting at most ``timeout`` s), rerun it, compare; returns (and writes) the record."""
         s, ctx = STEP_DEFS[step], self.ctx()
         ref_s, ref = self.reference_s[step], self.reference_out[step]
         self._restore_inputs(step)
-        kill_after = fraction * ref_s
         name = f"{step}-{trial:02d}"
+        if self.zygote is None:
+            self.zygote = Zygote(self._env())  # its start-up (the imports) is not the step's time
         started = time.perf_counter()
         pid, _ = self._start(step, "trial", f"{name}-killed")
-        if CLOCK[step] == "cpu":
+        if progress is not None:
+            running = _seen_until(pid, lambda: progress[1](ctx), progress[0], timeout)
+            used = _cpu_seconds(pid) if CLOCK[step] == "cpu" else time.perf_counter() - started
+            kill_after = used if used is not None else ref_s  # the moment the progress was seen, on the step's clock
+            fraction = kill_after / ref_s
+        elif CLOCK[step] == "cpu":
+            kill_after = fraction * ref_s
             running = _cpu_until(pid, kill_after) is not None
         else:
+            kill_after = fraction * ref_s
             running = _wall_until(pid, started + kill_after)
         killed_at = time.perf_counter() - started
         if running:
@@ -1054,6 +1101,7 @@ class Harness:
             "seed": self.seed,
             "trial": trial,
             "fraction": round(fraction, 4),
+            **({"kill_on": progress[0]} if progress is not None else {}),
             "clock": CLOCK[step],
             "kill_after_s": round(kill_after, 2),
             "reference_s": round(ref_s, 2),
