@@ -44,8 +44,11 @@ lint: setup
 lab: setup
 	$(BIN)/jupyter lab notebooks/
 
+# bench reruns each record's own command (its provenance, else BENCHMARKS.md's Reproduce: line): the committed
+# figures' parameters, never the benchmarks' defaults.
 bench: setup
-	for b in rephrase training generation s3; do HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/$$b.py || exit 1; done
+	cmds=$$($(BIN)/python benchmarks/provenance.py --commands) || exit 1; \
+	echo "$$cmds" | while read -r cmd; do echo "+ $$cmd"; HF_HUB_OFFLINE=1 $(BIN)/python $$cmd < /dev/null || exit 1; done
 
 slides: setup
 	$(BIN)/detox-sft-dev slides slides/

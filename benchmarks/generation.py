@@ -38,6 +38,8 @@ import statistics
 import time
 from pathlib import Path
 
+import provenance
+
 __all__ = ["opt_350m_config", "build_tokenizer", "original_loop", "generate_baseline", "main"]
 
 RESULTS = Path(__file__).resolve().parent / "results" / "generation.json"
@@ -200,7 +202,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per path, alternating (median shown)")
     parser.add_argument("--parity-prompts", type=int, default=4, help="prompts of the greedy parity check")
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+    args = provenance.parse_args(parser, None)
+    prov = provenance.start(parser, args, RESULTS, __file__)
 
     import dataclasses
 
@@ -306,6 +309,7 @@ def main() -> int:
         for name in paths
     }
     result = {
+        "provenance": prov,
         "machine": {
             "cpu": _cpu_name(),
             "cores": os.cpu_count(),
@@ -336,8 +340,7 @@ def main() -> int:
         "greedy_parity": f"{len(few) - len(mismatches)}/{len(few)} identical",
         "greedy_differing_min_top2_logit_gap": near_ties,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
+    provenance.write(RESULTS, result)
     m = result["machine"]
     print(
         f"\nmachine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, device {args.device}, "

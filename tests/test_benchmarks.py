@@ -11,7 +11,18 @@ import pytest
 _BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "rephrase.py"
 
 
+def _provenance():
+    """benchmarks/provenance.py, under the name the benchmarks import it by."""
+    if "provenance" not in sys.modules:
+        path = _BENCH.with_name("provenance.py")
+        spec = importlib.util.spec_from_file_location("provenance", path)
+        sys.modules["provenance"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["provenance"])
+    return sys.modules["provenance"]
+
+
 def _bench_module():
+    _provenance()
     spec = importlib.util.spec_from_file_location("bench_rephrase", _BENCH)
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench_rephrase"] = module
@@ -121,3 +132,84 @@ def test_every_benchmark_section_names_a_committed_json_holding_its_headline_fig
             assert any(round(v, decimals) == wanted for v in candidates), (
                 f"{name}: **{match.group(0)}** not in {record}"
             )
+
+
+# --- records tied to the code they measured (benchmarks/provenance.py) ------------------------------------------------
+
+
+def _git(*args: str) -> str:
+    import subprocess
+
+    return subprocess.run(["git", *args], cwd=_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_every_record_was_measured_on_an_ancestor_of_head_or_says_re_measure():
+    """A record with provenance names a commit that HEAD descends from (a record from a rebased-away or foreign commit
+    cannot say what it measured); one without is reported "no provenance: re-measure", never passed as fresh."""
+    import json
+    import subprocess
+
+    prov = _provenance()
+    for path in prov.records():
+        record = json.loads(path.read_text())
+        if "provenance" not in record:
+            assert prov.status(record) == "no provenance: re-measure"
+            continue
+        commit = record["provenance"]["commit"]
+        ancestor = subprocess.run(["git", "merge-base", "--is-ancestor", commit, "HEAD"], cwd=_ROOT)
+        assert ancestor.returncode == 0, f"{path.name}: commit {commit} is not an ancestor of HEAD; re-measure"
+        assert prov.status(record) == "fresh" or prov.status(record).startswith("stale since ")
+
+
+def test_capture_names_the_commit_command_and_the_imported_modules_with_their_blobs():
+    """The s3 benchmark measures its own script, the storage module it imports and what that imports, found from the
+    import graph; each file's hash is git's blob hash of the file as it is now."""
+    prov = _provenance()
+    captured = prov.capture(_ROOT / "benchmarks" / "s3.py")
+    assert captured["commit"] == _git("rev-parse", "HEAD")
+    assert captured["clean"] == (_git("status", "--porcelain") == "")
+    assert captured["command"][1:] == sys.argv[1:]
+    files = captured["files"]
+    assert {"benchmarks/s3.py", "src/detox_sft/storage.py", "src/detox_sft/__init__.py", "src/detox_sft_dev/s3.py"} <= (
+        set(files)
+    )
+    assert "src/detox_sft/training.py" not in files  # not imported by the s3 benchmark
+    for path, blob in files.items():
+        assert blob == _git("hash-object", path)
+
+
+def test_a_record_whose_measured_file_changed_since_is_flagged_stale():
+    """Status compares each measured file's blob with HEAD's: equal is fresh; a file changed by a later commit makes
+    the record "stale since <that commit>"."""
+    prov = _provenance()
+    newest, older = _git("log", "-2", "--format=%H", "--", "README.md").split()
+    fresh = {"provenance": {"commit": newest, "files": {"README.md": _git("rev-parse", f"{newest}:README.md")}}}
+    assert prov.status(fresh) == "fresh"
+    measured_before = {"provenance": {"commit": older, "files": {"README.md": _git("rev-parse", f"{older}:README.md")}}}
+    assert prov.status(measured_before) == f"stale since {newest[:7]}: README.md"
+
+
+def test_a_benchmark_refuses_to_overwrite_a_record_made_with_other_parameters(tmp_path):
+    """start() names the differing parameter and the fix, and --force (or the same parameters) goes ahead."""
+    import argparse
+    import json
+
+    import pytest
+
+    prov = _provenance()
+    record = tmp_path / "s3.json"
+    record.write_text(json.dumps({"provenance": {"command": ["benchmarks/s3.py", "--repeat", "5"]}}))
+
+    def parser():
+        p = argparse.ArgumentParser()
+        p.add_argument("--repeat", type=int, default=3)
+        return p
+
+    script = _ROOT / "benchmarks" / "s3.py"
+    p = parser()
+    with pytest.raises(SystemExit, match=r"made by `benchmarks/s3.py --repeat 5`.*--repeat 5 -> 3.*--force"):
+        prov.start(p, prov.parse_args(p, []), record, script)
+    p = parser()
+    assert prov.start(p, prov.parse_args(p, ["--repeat", "5"]), record, script)["files"]
+    p = parser()
+    assert prov.start(p, prov.parse_args(p, ["--force"]), record, script)["files"]
