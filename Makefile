@@ -48,10 +48,11 @@ lab: setup
 	$(BIN)/jupyter lab notebooks/
 
 # bench reruns each record's own command (its provenance, else BENCHMARKS.md's Reproduce: line): the committed
-# figures' parameters, never the benchmarks' defaults.
+# figures' parameters, never the benchmarks' defaults; then BENCHMARKS.md's record-status block is rewritten.
 bench: setup
 	cmds=$$($(BIN)/python benchmarks/provenance.py --commands) || exit 1; \
-	echo "$$cmds" | while read -r cmd; do echo "+ $$cmd"; HF_HUB_OFFLINE=1 $(BIN)/python $$cmd < /dev/null || exit 1; done
+	echo "$$cmds" | while read -r cmd; do echo "+ $$cmd"; HF_HUB_OFFLINE=1 $(BIN)/python $$cmd < /dev/null || exit 1; done && \
+	$(BIN)/python benchmarks/provenance.py --pages
 
 slides: setup
 	$(BIN)/detox-sft-dev slides slides/
@@ -117,8 +118,9 @@ smoke-py312: setup-py312
 	HF_HUB_OFFLINE=1 $(PY312) -m pytest -q -p no:cacheprovider $(PY312_TESTS)
 
 .PHONY: faults
-# Kill each long step with SIGKILL at seeded moments, then fill the disk, kill the S3 server and the model server
-# under the steps and requests; rerun, compare; records in benchmarks/results/faults/, FAULTS.md.
+# Kill each long step with SIGKILL inside its work (4 interrupting kills in each third of its progress), then fill
+# the disk, kill the S3 server and the model server under the steps and requests; rerun, compare; records in
+# benchmarks/results/faults/, FAULTS.md.
 faults: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/faults.py --trials 10 --seed 0
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/faults_env.py --trials 4 --seed 0
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/faults.py --trials 4 --seed 0
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/faults_env.py --trials 2 --seed 0

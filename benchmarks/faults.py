@@ -1,28 +1,34 @@
-"""Fault injection: kill each long step with SIGKILL at seeded moments, rerun it, compare with an uninterrupted run.
+"""Fault injection: kill each long step with SIGKILL inside its work, rerun it, compare with an uninterrupted run.
 
 For each step (rephrase, train, evaluate, export, upload, download), on the offline recipe shrunk so that a run does
 a few seconds of work (:data:`SHRINK`):
 
-1. a reference run, uninterrupted, from the step's inputs (the previous step's reference output); its duration is D,
-   on the step's :data:`CLOCK`: the child's CPU time for the compute-bound steps (the wall time of one run varies
-   several-fold with the load of this shared box), wall time for upload and download (the shortest of three runs);
-2. ``--trials`` killed trials, each from the same inputs in the same run directory: the step runs in a child
-   process, forked from a :func:`zygote` that has imported the libraries once (so D is the step's own work), and its
-   process group is SIGKILLed once it has run for ``f * D``. The fractions are stratified seeded uniform draws, one in
-   each 1/n slice of [0, 0.95), so the kills spread over the whole run; a run that ends before its kill is recorded
-   as not interrupted and another trial takes its place;
-3. what the kill left is recorded (its phase, the finished units, whether the step's completion marker says done and
-   whether that output is complete), the step is rerun to the end, and its output is compared with the reference.
+1. a reference run, uninterrupted, from the step's inputs (the previous step's reference output). The step's child
+   writes a start file right before it calls the step; from then on the harness watches the step's unit of progress
+   (:data:`PROGRESS`, declared before any measurement) and records when each level was reached, on the step's
+   :data:`CLOCK` (the child's CPU time for the compute-bound steps, whose wall time varies several-fold with the load
+   of this shared box; wall time for upload and download);
+2. killed trials from the same inputs in the same run directory: the step runs in a child forked from a :func:`zygote`
+   that imported the libraries before any trial (its start-up is outside every clock). A trial draws its kill target
+   in progress space (seeded, in the third of the progress that has the fewest kills so far), waits until the
+   observed progress reaches the target's unit, then for the seeded part of that unit's reference duration, and
+   SIGKILLs the child's process group. The trial's third is the progress read right after the kill, not the plan. A
+   kill that found the step not started or done (its done marker written, or the child exited) is "not interrupted"
+   and does not count; trials go on until each third has ``--trials`` interrupting kills (bounded);
+3. what the kill left is recorded (the moment and the progress at the kill, its phase, the finished units, whether
+   the step's completion marker says done and whether that output is complete), the step is rerun to the end, and its
+   output is compared with the reference.
 
 What "lost" means is fixed per step in :data:`LOSS`, before any measurement. One JSON record per trial goes to
-``benchmarks/results/faults/<step>/seed<seed>-<trial>.json``; FAULTS.md is generated from those records
-(:func:`write_report`) and ``tests/test_faults.py`` checks it.
+``benchmarks/results/faults/<step>/seed<seed>-<trial>.json`` with the provenance of the run (benchmarks/provenance.py);
+FAULTS.md is generated from those records (:func:`write_report`) and ``tests/test_faults.py`` checks it.
 
-Run: ``make faults`` (= ``.venv/bin/python benchmarks/faults.py --trials 10``); ``--steps rephrase export`` for some
+Run: ``make faults`` (= ``.venv/bin/python benchmarks/faults.py --trials 4``); ``--steps rephrase export`` for some
 steps, ``--report`` to regenerate FAULTS.md only. Records already written for the same seed and trial are kept
 (``--redo`` to run them again), so an interrupted harness resumes. Upload and download run against a local S3 server
-(:class:`detox_sft_dev.s3.LocalS3`) started by the harness. The children run the steps' Python API, as the CLI and
-the notebooks do (:func:`child`), with the package's code and the offline zoo as the zygote imported them.
+(:class:`detox_sft_dev.s3.LocalS3`) started by the harness, through benchmarks/s3.py's ``DelayProxy`` (a round trip
+of :data:`TRANSFER` ``delay_s`` x 2), with s3transfer's bandwidth limit set in the child, so that a transfer takes
+several seconds. The children run the steps' Python API, as the CLI and the notebooks do (:func:`child`).
 """
 
 from __future__ import annotations
@@ -46,20 +52,35 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-__all__ = ["STEPS", "LOSS", "SHRINK", "Harness", "fractions", "load_records", "render_report", "write_report", "main"]
+__all__ = [
+    "STEPS",
+    "LOSS",
+    "PROGRESS",
+    "SHRINK",
+    "Harness",
+    "kill_target",
+    "plan_kill",
+    "third",
+    "thirds",
+    "load_records",
+    "render_report",
+    "write_report",
+    "main",
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "faults"
 REPORT = ROOT / "FAULTS.md"
-COMMAND = ".venv/bin/python benchmarks/faults.py --trials 10 --seed 0"  # what `make faults` runs first
-ENV_COMMAND = ".venv/bin/python benchmarks/faults_env.py --trials 4 --seed 0"  # and then (faults_env.COMMAND)
+COMMAND = ".venv/bin/python benchmarks/faults.py --trials 4 --seed 0"  # what `make faults` runs first
+ENV_COMMAND = ".venv/bin/python benchmarks/faults_env.py --trials 2 --seed 0"  # and then (faults_env.COMMAND)
 STEPS = ("rephrase", "train", "evaluate", "export", "upload", "download")
 ARMS = ("raw", "detox")  # detox_sft.config.ARMS (the harness process does not import torch or the package's steps)
 EVAL_MODELS = ("base", "raw", "detox")
-MAX_FRACTION = 0.95  # a kill later than this often lands after the end of the run
-# What a step's duration is measured in. CPU time (the child's, all threads) for the compute-bound steps: on this
-# shared box the wall time of the same run varies several-fold with the load, its CPU time little. Wall time for the
-# transfers, which mostly wait on the S3 server (another process).
+MAX_FRACTION = 0.95  # fractions(): the kill moments of benchmarks/faults_env.py
+# The clock a kill's delay inside a unit runs on. CPU time (the child's, all threads) for the compute-bound steps: on
+# this shared box the wall time of the same run varies several-fold with the load, its CPU time less (OpenMP threads
+# spinning still inflate it: rephrase 2.8 CPU s at a load of 1, 7.6 at 8; a trial scales by its own pace). Wall time
+# for the transfers, which mostly wait on the S3 server (another process).
 CLOCK = {"rephrase": "cpu", "train": "cpu", "evaluate": "cpu", "export": "cpu", "upload": "wall", "download": "wall"}
 
 # The offline recipe, cut down: 40 samples (32 train / 8 test: 4 QLoRA steps per arm, a checkpoint after each), TMaRCo
@@ -116,6 +137,11 @@ LOSS: dict[str, str] = {
 # outputs: reported as litter when the rerun keeps them
 _LITTER = (".tmp", ".detox-sft-part")
 _WALL_RUNS = 3  # a wall-clock step's duration: the shortest of this many uninterrupted runs (the load varies)
+# Upload and download: a round trip of 2 x delay_s through the DelayProxy (each request pays it, as between a workbench
+# and an object store), and s3transfer's own bandwidth limit (TransferConfig.max_bandwidth) in the child so that the
+# bytes flow over seconds: the export is a few MB, which loopback moves in milliseconds.
+TRANSFER = {"delay_s": 0.025, "bytes_per_s": 2**20}
+EXPORT_PHASES = ("merging, saving the merged model", "converting to Caikit", "checking the Caikit model")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -461,17 +487,7 @@ def _export_outputs(ctx: Ctx) -> dict[str, Any]:
 
 
 def _export_phase(ctx: Ctx, units: dict[str, Any]) -> str:
-    if (ctx.run / "export").is_dir():
-        return "finished"
-    building = sorted(ctx.run.glob(".export.*"))
-    if not building:
-        return "start-up / merging"
-    inside = _files(building[0])
-    if any(rel.endswith("config.yml") for rel in inside):
-        return "checking the Caikit model"
-    if any(rel.startswith("caikit/") for rel in inside):
-        return "converting to Caikit"
-    return "saving the merged model"
+    return "finished" if (ctx.run / "export").is_dir() else EXPORT_PHASES[_export_progress(ctx)]
 
 
 # -- upload / download ------------------------------------------------------------------------------------------------
@@ -624,18 +640,105 @@ STEP_DEFS: dict[str, Step] = {
 }
 
 
-# Progress a kill can wait for instead of a moment (tests/test_faults.py's quick trials): seen in the run directory, so
-# the kill lands inside the step's work whatever the machine's load. (What is awaited, whether the run shows it.)
-PROGRESS: dict[str, tuple[str, Callable[[Ctx], bool]]] = {
-    "rephrase": (
-        "a batch of TMaRCo outputs committed to the cache, `data/train_detox.jsonl` not yet written",
-        lambda ctx: bool(_rephrase_units(ctx)) and not STEP_DEFS["rephrase"].done(ctx),
+# -- progress: each step's unit, declared before measuring, and how the harness sees it while the child runs -----------
+
+
+def _count(path: Path | None) -> int:
+    """The count a child reports in its progress file (:class:`_Counter`); 0 before its first report."""
+    try:
+        return int(path.read_bytes()[:20] or 0) if path is not None else 0
+    except (OSError, ValueError):
+        return 0
+
+
+def _train_progress(ctx: Ctx) -> int:
+    done = 0
+    for arm in ARMS:
+        arm_dir = ctx.run / "adapters" / arm
+        metrics = _read_json(arm_dir / "metrics.json")
+        checkpoints = _complete_checkpoints(arm_dir)
+        done += (
+            int(metrics.get("global_step") or 0) if isinstance(metrics, dict) else checkpoints[-1] if checkpoints else 0
+        )
+    return done
+
+
+def _export_progress(ctx: Ctx) -> int:
+    """Export's phases finished: each part is swapped into its build directory whole (``files.dir_writer``)."""
+    if (ctx.run / "export").exists():
+        return len(EXPORT_PHASES)
+    for building in ctx.run.glob(".export.*"):
+        if not (building / "hf").is_dir():
+            return 0
+        caikit = building / "caikit"
+        return 2 if caikit.is_dir() and any(not p.name.startswith(".") for p in caikit.iterdir()) else 1
+    return 0
+
+
+# (the unit, its count in a run now: from what the step writes, or from the child's progress file where that is too
+# coarse). A kill's third is min(2, 3 x done // total), total being the reference run's final count.
+PROGRESS: dict[str, tuple[str, Callable[[Ctx, Path | None], int]]] = {
+    "rephrase": ("TMaRCo outputs committed to the cache (its rows)", lambda ctx, _: len(_rephrase_units(ctx))),
+    "train": (
+        "optimizer steps of both arms (an arm's newest complete checkpoint, its `global_step` once done)",
+        lambda ctx, _: _train_progress(ctx),
+    ),
+    "evaluate": (
+        "texts generated plus texts scored (the child counts each batch of generation and of scoring)",
+        lambda ctx, count: _count(count),
     ),
     "export": (
-        "a file in export's hidden build directory, `export/` not yet in place",
-        lambda ctx: not (ctx.run / "export").exists() and any(_files(b) for b in ctx.run.glob(".export.*")),
+        "named phases finished, in order: "
+        + "; ".join(EXPORT_PHASES)
+        + " (`hf/`, then `caikit/<model id>`, then `export/` itself appearing whole: each is swapped in complete)",
+        lambda ctx, _: _export_progress(ctx),
     ),
+    "upload": ("bytes sent (s3transfer's progress callbacks, in the child)", lambda ctx, count: _count(count)),
+    "download": ("bytes received (s3transfer's progress callbacks, in the child)", lambda ctx, count: _count(count)),
 }
+
+
+def _finished(step: str, ctx: Ctx) -> bool:
+    """Whether the step's completion marker says the whole step is done (a kill then interrupted nothing)."""
+    if step == "train":
+        return len(_train_done_parts(ctx)) == len(ARMS)
+    if step == "upload":
+        return len(_upload_done_parts(ctx)) == len(_KINDS)
+    return STEP_DEFS[step].done(ctx)
+
+
+def third(done: int, total: int) -> int:
+    """The third (0, 1, 2) of a step's progress that ``done`` of ``total`` units is in (export: the phase)."""
+    return min(2, 3 * done // total)
+
+
+def thirds(records: list[dict[str, Any]]) -> list[int]:
+    """Interrupting kills per third of the observed progress at the kill (not of the planned target)."""
+    counts = [0, 0, 0]
+    for r in records:
+        if r.get("interrupted"):
+            counts[third(r["progress"], r["total"])] += 1
+    return counts
+
+
+def kill_target(seed: int, step: str, trial: int, which: int) -> float:
+    """A trial's seeded kill target: a fraction of the step's progress, uniform in third ``which``."""
+    return (which + random.Random(f"{seed}:{step}:{trial}").random()) / 3
+
+
+def plan_kill(timeline: list[list[float]], target: float, clock: str) -> tuple[int, float]:
+    """(the progress to wait for, then the delay on the step's clock) that lands a kill at ``target`` of the progress.
+
+    ``timeline``: the reference run's ``[cpu s, wall s, units done]`` at each change, from the start ``[0, 0, 0]``. The
+    target falls in a unit (between two levels); the delay is the target's part of that unit's reference duration.
+    """
+    total = timeline[-1][2]
+    x = target * total
+    j = max(i for i, point in enumerate(timeline) if point[2] <= x)
+    at, after = timeline[j], timeline[min(j + 1, len(timeline) - 1)]
+    part = (x - at[2]) / (after[2] - at[2]) if after[2] > at[2] else 0.0
+    k = 0 if clock == "cpu" else 1
+    return int(at[2]), part * (after[k] - at[k])
 
 
 def _false_done(step: str, ctx: Ctx, ref: dict[str, Any]) -> list[str]:
@@ -660,12 +763,95 @@ def _false_done(step: str, ctx: Ctx, ref: dict[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def child(step: str, recipe_path: str, report_path: str, ref_prefix: str) -> int:
-    """Run one step to the end (the process the harness kills) and write what it did to ``report_path``."""
+class _Counter:
+    """The child's progress report: a running count, overwritten in place (20 digits) in its progress file."""
+
+    def __init__(self, path: str) -> None:
+        import threading
+
+        self.fd, self.value, self.lock = (
+            os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644),
+            0,
+            threading.Lock(),
+        )
+        self.set(0)
+
+    def set(self, value: int) -> None:
+        with self.lock:
+            self.value = value
+            os.pwrite(self.fd, b"%020d" % max(0, value), 0)
+
+    def add(self, amount: int) -> None:  # s3transfer calls it from its threads (negative on a retried chunk)
+        with self.lock:
+            self.value += amount
+            os.pwrite(self.fd, b"%020d" % max(0, self.value), 0)
+
+
+def _count_batches(fn: Callable, texts: Callable[[dict[str, Any]], int], counter: _Counter) -> Callable:
+    """``fn`` (a generation or scoring function with an ``on_batch(done, total)``), adding its texts to ``counter``."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        inner, base, n = bound.arguments.get("on_batch"), counter.value, texts(bound.arguments)
+
+        def on_batch(done: int, total: int) -> None:
+            counter.set(base + n * done // total)
+            if inner is not None:
+                inner(done, total)
+
+        bound.arguments["on_batch"] = on_batch
+        out = fn(*bound.args, **bound.kwargs)
+        counter.set(base + n)
+        return out
+
+    return counted
+
+
+def _report_progress(step: str, counter: _Counter) -> None:
+    """Where a step's own artifacts are too coarse, count its progress in this child (never in the package)."""
+    if step == "evaluate":
+        from detox_sft.evaluation import generation
+
+        generation.generate_continuations = _count_batches(
+            generation.generate_continuations, lambda a: len(a["prompts"]) * a["cfg"].num_samples, counter
+        )
+        generation.score_continuations = _count_batches(
+            generation.score_continuations, lambda a: sum(len(row) for row in a["continuations"]), counter
+        )
+    elif step in ("upload", "download"):
+        from boto3.s3.transfer import ProgressCallbackInvoker
+
+        from detox_sft import storage
+
+        transfers = storage._transfers
+
+        def limited(client: Any, concurrency: int, total: int, desc: str, progress: bool, max_bandwidth=None):
+            tm, bar, subscribers = transfers(client, concurrency, total, desc, progress, TRANSFER["bytes_per_s"])
+            return tm, bar, [*subscribers, ProgressCallbackInvoker(counter.add)]
+
+        storage._transfers = limited
+
+
+def child(step: str, recipe_path: str, report_path: str, ref_prefix: str, progress: str | None = None) -> int:
+    """Run one step to the end (the process the harness kills) and write what it did to ``report_path``.
+
+    With ``progress`` (a path), the child writes ``<progress>.start`` (its wall and CPU time) right before it calls
+    the step, and counts the step's progress in ``<progress>.count`` where :data:`PROGRESS` needs it.
+    """
     from detox_sft.config import load_recipe
 
     recipe = load_recipe(recipe_path)
     report: dict[str, Any] = {}
+    if progress is not None:
+        _report_progress(step, _Counter(f"{progress}.count"))
+        start = {"wall": time.time(), "cpu": time.process_time()}
+        Path(f"{progress}.start.tmp").write_text(json.dumps(start))
+        os.replace(f"{progress}.start.tmp", f"{progress}.start")
     if step == "rephrase":
         from detox_sft.data import load_train_dataset
         from detox_sft.rephrase import detoxify_training_set
@@ -747,7 +933,7 @@ _PREIMPORT = (
 def zygote() -> int:
     """Import the heavy libraries once, then fork one child per request line on stdin (the step's process).
 
-    Protocol, one JSON object a line: a request ``{step, recipe, report, ref_prefix, log}`` is answered with
+    Protocol, one JSON object a line: a request ``{step, recipe, report, ref_prefix, log, progress}`` is answered with
     ``{"pid": ...}`` as soon as the child runs, then ``{"rc": ..., "cpu": ...}`` when it has ended (killed or not).
     A child starts a session of its own (the harness kills its process group) and writes its output to ``log``.
     The parent runs no torch operation, so no OpenMP thread pool exists when it forks.
@@ -793,7 +979,13 @@ def zygote() -> int:
 
                     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (Python ignores it already; said for the reader)
                     resource.setrlimit(resource.RLIMIT_FSIZE, (request["fsize"], resource.RLIM_INFINITY))
-                rc = child(request["step"], request["recipe"], request["report"], request["ref_prefix"])
+                rc = child(
+                    request["step"],
+                    request["recipe"],
+                    request["report"],
+                    request["ref_prefix"],
+                    request.get("progress"),
+                )
             except BaseException as exc:  # the child must never return into the zygote's loop: report and exit
                 with contextlib.suppress(BaseException):  # the log may be past a file-size limit: the error, short
                     Path(request["report"]).write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"[:400]}))
@@ -857,39 +1049,68 @@ def _cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_until(pid: int, seconds: float, poll: float = 0.02) -> float | None:
-    """Wait until ``pid`` has used ``seconds`` of CPU; its CPU time then, or `None` if it ended first."""
-    while True:
-        used = _cpu_seconds(pid)
-        if used is None or used >= seconds:
-            return used
-        time.sleep(poll)
+class _Watch:
+    """The harness's view of one running child: its start file, its clock since then, its progress."""
 
+    def __init__(self, step: str, pid: int, ctx: Ctx, progress: Path) -> None:
+        self.step, self.pid, self.ctx, self.progress = step, pid, ctx, progress
+        self.start: dict[str, float] | None = None
+        self.last = (0.0, 0.0)  # the clock when last seen running
 
-def _wall_until(pid: int, deadline: float, poll: float = 0.005) -> bool:
-    """Wait until ``time.perf_counter()`` reaches ``deadline``; whether ``pid`` is still running then."""
-    while time.perf_counter() < deadline:
-        if _cpu_seconds(pid) is None:
-            return False
-        time.sleep(min(poll, max(0.0, deadline - time.perf_counter())))
-    return _cpu_seconds(pid) is not None
+    def alive(self) -> bool:
+        return _cpu_seconds(self.pid) is not None
 
+    def started(self) -> bool:
+        if self.start is None:
+            self.start = _read_json(Path(f"{self.progress}.start"))
+        return self.start is not None
 
-def _seen_until(pid: int, seen: Callable[[], bool], what: str, timeout: float, poll: float = 0.02) -> bool:
-    """Wait until ``seen()``; whether ``pid`` is still running then (`False`: it ended first).
+    def clock(self) -> tuple[float, float]:
+        """(the child's CPU seconds, wall seconds) since it started its step; the last seen once it has ended."""
+        cpu = _cpu_seconds(self.pid)
+        if cpu is not None and self.started():
+            self.last = (cpu - self.start["cpu"], time.time() - self.start["wall"])
+        return self.last
 
-    Raises:
-        TimeoutError: ``timeout`` wall seconds passed without it (the child is killed first).
-    """
-    deadline = time.monotonic() + timeout
-    while _cpu_seconds(pid) is not None:
-        if seen():
-            return _cpu_seconds(pid) is not None
-        if time.monotonic() > deadline:
-            _kill_group(pid)
-            raise TimeoutError(f"waited {timeout:.0f} s for {what}; the child still ran (killed): see its log")
-        time.sleep(poll)
-    return False
+    def done(self) -> int:
+        return PROGRESS[self.step][1](self.ctx, Path(f"{self.progress}.count"))
+
+    def until(self, units: int, timeout: float, poll: float = 0.005) -> bool:
+        """Wait until the step has started and done ``units``; whether the child still runs then.
+
+        Raises:
+            TimeoutError: ``timeout`` wall seconds passed without it (the child is killed first).
+        """
+        deadline = time.monotonic() + timeout
+        while self.alive():
+            if self.started() and self.done() >= units:
+                return self.alive()
+            if time.monotonic() > deadline:
+                _kill_group(self.pid)
+                raise TimeoutError(f"waited {timeout:.0f} s for {units} units of {self.step}; the child still ran")
+            time.sleep(poll)
+        return False
+
+    def wait(self, delay: float, clock: str, poll: float = 0.005) -> bool:
+        """Wait ``delay`` seconds on the step's ``clock`` from now; whether the child still runs then."""
+        k = 0 if clock == "cpu" else 1
+        end = self.clock()[k] + delay
+        while self.alive():
+            if self.clock()[k] >= end:
+                return self.alive()
+            time.sleep(poll)
+        return False
+
+    def timeline(self, poll: float = 0.01) -> list[list[float]]:
+        """Watch the run to its end: ``[cpu s, wall s, units done]`` at each change of progress, from the start."""
+        points = [[0.0, 0.0, 0]]
+        while self.alive():
+            if self.started() and (done := self.done()) > points[-1][2]:
+                points.append([*map(lambda v: round(v, 4), self.clock()), done])
+            time.sleep(poll)
+        if (done := self.done()) > points[-1][2]:  # reached between the last look and the exit: its CPU time is
+            points.append([None, round(time.time() - self.start["wall"], 4), done])  # the caller's (wait4's)
+        return points
 
 
 def _kill_group(pid: int) -> None:
@@ -906,9 +1127,12 @@ class Harness:
     Args:
         work: scratch directory (run directory, snapshots of each step's reference output, logs).
         results: where the trial records go.
-        seed: the kill moments' seed.
-        trials: trials per step.
+        seed: the kill targets' seed.
+        trials: interrupting kills wanted in each third of a step's progress (export: in each phase).
         s3: a started :class:`detox_sft_dev.s3.LocalS3` (needed by upload and download), or `None`.
+        command: how to make the records again (recorded in each).
+        endpoint: the S3 endpoint the children use (the DelayProxy's), default the server's own.
+        provenance: benchmarks/provenance.py's ``capture`` taken as the run started, stored in each record.
     """
 
     def __init__(
@@ -916,17 +1140,21 @@ class Harness:
         work: Path,
         results: Path = RESULTS,
         seed: int = 0,
-        trials: int = 10,
+        trials: int = 4,
         s3: Any = None,
         command: str = COMMAND,
+        endpoint: str | None = None,
+        provenance: dict[str, Any] | None = None,
     ) -> None:
         self.work, self.results, self.seed, self.trials, self.s3 = Path(work), Path(results), seed, trials, s3
-        self.command = command  # recorded in each trial: how to make it again
+        self.command, self.endpoint, self.provenance = command, endpoint, provenance
         self.run = self.work / "run"
         self.logs = self.work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.reference_s: dict[str, float] = {}  # the reference run's duration, on the step's CLOCK
         self.reference_wall: dict[str, float] = {}
+        self.plan: dict[str, dict[str, Any]] = {}  # the reference run's progress: total units and timeline
+        self._rerun = False  # whether a reference was made in this run (the later ones then are too)
         self.zygote: Zygote | None = None
         self.reference_out: dict[str, dict[str, Any]] = {}
         self.recipes = {which: self._write_recipe(which) for which in ("ref", "trial")}
@@ -952,9 +1180,17 @@ class Harness:
         env.update(
             HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
         )
+        # one string hash for every zygote: peft writes adapter_config.json's target_modules from a set, so a
+        # reference made by an earlier harness run would differ by its order only
+        env["PYTHONHASHSEED"] = "0"
         if self.s3 is not None:
             env.update(self.s3.env())
+        if self.endpoint is not None:
+            env["AWS_S3_ENDPOINT"] = self.endpoint
         return env
+
+    def _progress_path(self, log_name: str) -> Path:
+        return self.work / "progress" / log_name
 
     def _start(self, step: str, which: str, log_name: str, fsize: int | None = None) -> tuple[int, Path]:
         """Fork the step's child (``fsize``: a file-size limit in bytes for its writes); (its pid, its report)."""
@@ -962,6 +1198,10 @@ class Harness:
             self.zygote = Zygote(self._env())
         report = self.work / f"report-{log_name}.json"
         report.unlink(missing_ok=True)
+        progress = self._progress_path(log_name)
+        progress.parent.mkdir(parents=True, exist_ok=True)
+        for suffix in (".start", ".count"):
+            Path(f"{progress}{suffix}").unlink(missing_ok=True)
         request = {
             "step": step,
             "recipe": str(self.recipes[which]),
@@ -969,16 +1209,25 @@ class Harness:
             "ref_prefix": self.ctx().ref_prefix,
             "log": str(self.logs / f"{log_name}.log"),
             "fsize": fsize,
+            "progress": str(progress),
         }
         return self.zygote.start(request), report
 
-    def _run_to_end(self, step: str, which: str, log_name: str) -> tuple[int, float, float, dict[str, Any]]:
-        """Run ``step`` to its end: (exit code, wall s, CPU s, the child's report)."""
+    def _run_to_end(
+        self, step: str, which: str, log_name: str, timeline: list | None = None
+    ) -> tuple[int, float, float, dict[str, Any]]:
+        """Run ``step`` to its end: (exit code, wall s, CPU s, the child's report); its progress timeline
+        (:meth:`_Watch.timeline`) appended to ``timeline`` when one is given."""
         if self.zygote is None:
             self.zygote = Zygote(self._env())  # its start-up (the imports) is not the step's time
         started = time.perf_counter()
-        _, report = self._start(step, which, log_name)
+        pid, report = self._start(step, which, log_name)
+        if timeline is not None:
+            watch = _Watch(step, pid, self.ctx(which), self._progress_path(log_name))
+            timeline += watch.timeline()
         rc, cpu = self.zygote.wait()
+        if timeline is not None and timeline[-1][0] is None:
+            timeline[-1][0] = round(cpu - watch.start["cpu"], 4)
         return rc, time.perf_counter() - started, cpu, _read_json(report) or {}
 
     def close(self) -> None:
@@ -1016,37 +1265,52 @@ class Harness:
     # -- reference --------------------------------------------------------------------------------------------------
 
     def reference(self, step: str) -> float:
-        """The uninterrupted run of ``step`` (from the previous step's reference output); returns its CPU time."""
+        """The uninterrupted run of ``step`` (from the previous step's reference output), its progress watched;
+        returns its duration on the step's clock."""
         state = self.work / "after" / f"{step}.json"
         saved = _read_json(state)
-        if saved and self._snapshot(step).is_dir():
+        code = (self.provenance or {}).get("files")  # a reference of other code is not this code's reference
+        if (
+            saved
+            and not self._rerun  # an earlier step's reference was made again: this step's inputs changed
+            and saved.get("unit") == PROGRESS[step][0]
+            and saved.get("code") == code
+            and self._snapshot(step).is_dir()
+        ):
             self.reference_s[step], self.reference_wall[step] = saved[f"{CLOCK[step]}_s"], saved["wall_s"]
+            self.plan[step] = {"total": saved["timeline"][-1][2], "timeline": saved["timeline"]}
             self._load_reference_outputs(step)
             if self.reference_out[step]:  # (an upload's reference lives in the S3 server's data: it may be gone)
                 return self.reference_s[step]
-        self._restore_inputs(step)
-        if step == "upload":
-            self._clear_prefix("faults/ref")
-        rc, wall, cpu, _ = self._run_to_end(step, "ref", f"{step}-reference")
-        if rc != 0:
-            raise RuntimeError(
-                f"the reference run of {step} failed (rc {rc}); see {self.logs / f'{step}-reference.log'}"
-            )
-        snapshot = self._snapshot(step)
-        shutil.rmtree(snapshot, ignore_errors=True)
-        shutil.copytree(self.run, snapshot, copy_function=shutil.copy2, symlinks=True)
-        for again in range(1, _WALL_RUNS if CLOCK[step] == "wall" else 1):  # the same run, from the same state
+        self._rerun, runs = True, []
+        for again in range(_WALL_RUNS if CLOCK[step] == "wall" else 1):  # the same run, from the same state
             self._restore_inputs(step)
             if step == "upload":
                 self._clear_prefix("faults/ref")
-            rc, other, _, _ = self._run_to_end(step, "ref", f"{step}-reference-{again}")
+            log = f"{step}-reference" + (f"-{again}" if again else "")
+            timeline: list[list[float]] = []
+            rc, wall, cpu, _ = self._run_to_end(step, "ref", log, timeline)
             if rc != 0:
-                raise RuntimeError(f"a reference run of {step} failed (rc {rc})")
-            wall = min(wall, other)
-        state.write_text(json.dumps({"cpu_s": cpu, "wall_s": wall}))
+                raise RuntimeError(f"the reference run of {step} failed (rc {rc}); see {self.logs / f'{log}.log'}")
+            if timeline[-1][2] <= 0:
+                raise RuntimeError(f"the reference run of {step} showed no progress ({PROGRESS[step][0]})")
+            if not again:
+                snapshot = self._snapshot(step)
+                shutil.rmtree(snapshot, ignore_errors=True)
+                shutil.copytree(self.run, snapshot, copy_function=shutil.copy2, symlinks=True)
+            runs.append((wall, cpu, timeline))
+        wall, cpu, timeline = min(runs)  # a wall-clock step: its fastest run
+        state.write_text(
+            json.dumps({"cpu_s": cpu, "wall_s": wall, "unit": PROGRESS[step][0], "code": code, "timeline": timeline})
+        )
         self.reference_s[step], self.reference_wall[step] = (cpu if CLOCK[step] == "cpu" else wall), wall
+        self.plan[step] = {"total": timeline[-1][2], "timeline": timeline}
         self._load_reference_outputs(step)
-        print(f"[faults] {step}: reference run {cpu:.1f} CPU s ({wall:.1f} s wall)", flush=True)
+        print(
+            f"[faults] {step}: reference run {cpu:.1f} CPU s ({wall:.1f} s wall), {timeline[-1][2]} units of progress "
+            f"in {len(timeline) - 1} steps",
+            flush=True,
+        )
         return self.reference_s[step]
 
     def _load_reference_outputs(self, step: str) -> None:
@@ -1063,93 +1327,99 @@ class Harness:
         return self.results / step / f"seed{self.seed}-{trial:02d}.json"
 
     def trial(
-        self,
-        step: str,
-        trial: int,
-        fraction: float | None = None,
-        progress: tuple[str, Callable] | None = None,
-        timeout: float = 600.0,
+        self, step: str, trial: int, target: float, planned: int | None = None, timeout: float = 600.0
     ) -> dict[str, Any]:
-        """Kill ``step`` at ``fraction`` of its reference duration, or once ``progress`` (an entry of :data:`PROGRESS`)
-        is seen (waiting at most ``timeout`` s), rerun it, compare; returns (and writes) the record."""
+        """Kill ``step`` at ``target`` (a fraction of its progress: :func:`plan_kill`), waiting for the progress at
+        most ``timeout`` s; rerun it, compare; returns (and writes) the record."""
         s, ctx = STEP_DEFS[step], self.ctx()
-        ref_s, ref = self.reference_s[step], self.reference_out[step]
+        ref, total = self.reference_out[step], self.plan[step]["total"]
         self._restore_inputs(step)
         name = f"{step}-{trial:02d}"
-        if self.zygote is None:
-            self.zygote = Zygote(self._env())  # its start-up (the imports) is not the step's time
-        started = time.perf_counter()
+        units, delay = plan_kill(self.plan[step]["timeline"], target, CLOCK[step])
         pid, _ = self._start(step, "trial", f"{name}-killed")
-        if progress is not None:
-            running = _seen_until(pid, lambda: progress[1](ctx), progress[0], timeout)
-            used = _cpu_seconds(pid) if CLOCK[step] == "cpu" else time.perf_counter() - started
-            kill_after = used if used is not None else ref_s  # the moment the progress was seen, on the step's clock
-            fraction = kill_after / ref_s
-        elif CLOCK[step] == "cpu":
-            kill_after = fraction * ref_s
-            running = _cpu_until(pid, kill_after) is not None
-        else:
-            kill_after = fraction * ref_s
-            running = _wall_until(pid, started + kill_after)
-        killed_at = time.perf_counter() - started
+        watch = _Watch(step, pid, ctx, self._progress_path(f"{name}-killed"))
+        try:
+            running = watch.until(units, timeout)
+        except TimeoutError:
+            self.zygote.wait()  # the killed child's exit line, before the next request
+            raise
+        # the unit's reference duration scaled by this run's pace so far (a loaded box slows even the CPU clock:
+        # OpenMP threads spin), so that the kill lands inside the unit
+        reached = next(p for p in self.plan[step]["timeline"] if p[2] >= units)[0 if CLOCK[step] == "cpu" else 1]
+        now = watch.clock()[0 if CLOCK[step] == "cpu" else 1]
+        pace = min(4.0, max(0.25, now / reached)) if units and reached > 0 else 1.0
+        running = running and watch.wait(delay * pace, CLOCK[step])
+        cpu_s, wall_s = watch.clock()
         if running:
             _kill_group(pid)
         rc_killed, _ = self.zygote.wait()
-        exited = None if running else rc_killed
+        done = watch.done()  # right after the kill: where the progress was
+        finished = _finished(step, ctx)
+        why = (
+            "not started"
+            if not watch.started()
+            else f"ended before the kill (rc {rc_killed})"
+            if not running
+            else "done marker written"
+            if finished
+            else None
+        )
         record: dict[str, Any] = {
             "step": step,
             "seed": self.seed,
             "trial": trial,
-            "fraction": round(fraction, 4),
-            **({"kill_on": progress[0]} if progress is not None else {}),
+            "target": round(target, 4),
+            "planned_third": planned,
             "clock": CLOCK[step],
-            "kill_after_s": round(kill_after, 2),
-            "reference_s": round(ref_s, 2),
-            "killed_at_wall_s": round(killed_at, 1),
-            "reference_wall_s": round(self.reference_wall[step], 1),
-            "killed": exited is None,
-            "exit_before_kill": exited,
+            "wait_for_units": units,
+            "delay_s": round(delay, 3),
+            "pace": round(pace, 2),
+            "moment_s": round(wall_s, 3),  # wall seconds since the child started its step
+            "moment_clock_s": round(cpu_s if CLOCK[step] == "cpu" else wall_s, 3),
+            "progress": done,
+            "total": total,
+            "third": third(done, total),
+            "interrupted": why is None,
+            "not_interrupted": why,
+            "reference_s": round(self.reference_s[step], 2),
+            "reference_wall_s": round(self.reference_wall[step], 2),
             "load_average": round(os.getloadavg()[0], 1),
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "command": self.command,
+            "provenance": self.provenance,
         }
-        units = s.units(ctx)
-        record["phase"] = s.phase(ctx, units) if exited is None else "finished before the kill"
-        record["units_at_kill"] = len(units)
+        found = s.units(ctx)
+        record["phase"] = s.phase(ctx, found) if running else "finished before the kill"
+        record["units_at_kill"] = len(found)
         record["done_after_kill"] = s.done(ctx)
         false_done = _false_done(step, ctx, ref)
         rc, rerun_wall, rerun_cpu, report = self._run_to_end(step, "trial", f"{name}-rerun")
-        rerun_s = rerun_cpu if CLOCK[step] == "cpu" else rerun_wall
         after = s.units(ctx)
         differences = s.compare(ref, s.outputs(ctx)) if rc == 0 else [f"rerun failed (rc {rc})"]
-        redone = s.redone(units, after, report) if rc == 0 else []
-        litter = _litter(self.run)
+        redone = s.redone(found, after, report) if rc == 0 else []
         record.update(
             rerun_rc=rc,
-            rerun_s=round(rerun_s, 2),
+            rerun_s=round(rerun_cpu if CLOCK[step] == "cpu" else rerun_wall, 2),
             redone=redone,
             differences=differences,
             false_done=false_done,
-            litter=litter,
+            litter=_litter(self.run),
         )
-        if exited is not None:
-            outcome = "not interrupted"
-        elif false_done:
+        if false_done:
             outcome = "false done"
         elif redone or differences:
             outcome = "lost"
+        elif why is not None:
+            outcome = "not interrupted"
         else:
             outcome = "survived"
         record["outcome"] = outcome
-        path = self.record_path(step, trial)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        os.replace(tmp, path)
+        _provenance().write(self.record_path(step, trial), record)  # atomically: a resumed run trusts it
         print(
-            f"[faults] {step} trial {trial}: kill at {kill_after:.2f} {CLOCK[step]} s ({fraction:.2f} of {ref_s:.2f}), "
-            f"{record['phase']}: {outcome}"
-            + (f" {redone + differences + false_done}" if outcome != "survived" else ""),
+            f"[faults] {step} trial {trial}: target {target:.2f}, killed at {wall_s:.2f} s ({CLOCK[step]} "
+            f"{record['moment_clock_s']:.2f} s), progress {done}/{total}, {record['phase']}: {outcome}"
+            + (f" ({why})" if why else "")
+            + (f" {redone + differences + false_done}" if outcome not in ("survived", "not interrupted") else ""),
             flush=True,
         )
         return record
@@ -1157,19 +1427,16 @@ class Harness:
     def run_steps(self, steps: list[str], redo: bool = False, deadline: float | None = None) -> list[dict[str, Any]]:
         """References for every step up to the last of ``steps``, then the trials, round robin over the steps.
 
-        Each step gets ``trials`` killed runs: a trial whose run ended before its kill does not count, and another one
-        (from a further seeded set of moments) takes its place, up to twice ``trials`` in all.
+        A step's trials go on until each third of its progress (as observed at the kill) has ``trials`` interrupting
+        kills, each trial aimed at the third with the fewest so far, at most ``4 x 3 x trials`` trials a step.
         """
         needed = STEPS[: max(STEPS.index(s) for s in steps) + 1]
         for step in needed:
             self.reference(step)
         records: list[dict[str, Any]] = []
         next_trial = dict.fromkeys(steps, 0)
-        killed = dict.fromkeys(steps, 0)
-        while True:
-            pending = [s for s in steps if killed[s] < self.trials and next_trial[s] < 2 * self.trials]
-            if not pending:
-                return records
+        counts = {step: [0, 0, 0] for step in steps}
+        while pending := [s for s in steps if min(counts[s]) < self.trials and next_trial[s] < 12 * self.trials]:
             for step in pending:
                 if deadline is not None and time.time() > deadline:
                     print("[faults] time is up: stopping; the records so far are kept", flush=True)
@@ -1178,12 +1445,13 @@ class Harness:
                 next_trial[step] += 1
                 path = self.record_path(step, trial)
                 if path.is_file() and not redo:
-                    killed[step] += bool(json.loads(path.read_text())["killed"])
-                    continue
-                fraction = fractions(self.seed, step, self.trials, trial // self.trials)[trial % self.trials]
-                record = self.trial(step, trial, fraction)
-                records.append(record)
-                killed[step] += record["killed"]
+                    record = json.loads(path.read_text())
+                else:
+                    planned = counts[step].index(min(counts[step]))
+                    record = self.trial(step, trial, kill_target(self.seed, step, trial, planned), planned)
+                    records.append(record)
+                counts[step] = [a + b for a, b in zip(counts[step], thirds([record]), strict=True)]
+        return records
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1197,17 +1465,42 @@ def load_records(results: Path = RESULTS) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: (STEPS.index(r["step"]), r["seed"], r["trial"]))
 
 
-def _thirds(records: list[dict[str, Any]]) -> list[int]:
-    counts = [0, 0, 0]
-    for r in records:
-        counts[min(2, int(r["fraction"] * 3))] += 1
-    return counts
+def _provenance() -> Any:
+    """benchmarks/provenance.py, under the name the benchmarks import it by (this file may be loaded by path)."""
+    import importlib.util
+
+    if "provenance" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("provenance", Path(__file__).with_name("provenance.py"))
+        sys.modules["provenance"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["provenance"])
+    return sys.modules["provenance"]
+
+
+_ORDINAL = ("1st", "2nd", "3rd")
+
+
+def _where(r: dict[str, Any]) -> str:
+    """A record's third of the progress at the kill (export: its phase)."""
+    k = third(r["progress"], r["total"])
+    return EXPORT_PHASES[k] if r["step"] == "export" else _ORDINAL[k]
+
+
+def _measured(rs: list[dict[str, Any]]) -> str:
+    """Which code a step's records measured, and whether it changed since (provenance.status)."""
+    status = _provenance().status
+    seen: dict[str, int] = {}
+    for r in rs:
+        prov = r.get("provenance")
+        at = f"{prov['commit'][:7]}{'' if prov['clean'] else ' (uncommitted changes)'}: " if prov else ""
+        key = at + status(r)
+        seen[key] = seen.get(key, 0) + 1
+    return "; ".join(f"{n} at {key}" for key, n in seen.items())
 
 
 def render_report(records: list[dict[str, Any]], env_records: list[dict[str, Any]] = ()) -> str:
     """FAULTS.md from the trial records: definitions, a summary per step, every trial; then the environment's faults."""
     lines = [
-        "# Fault injection: each long step killed with SIGKILL, rerun, compared",
+        "# Fault injection: each long step killed with SIGKILL inside its work, rerun, compared",
         "",
         "Generated by `benchmarks/faults.py` from the records in `benchmarks/results/faults/` (do not edit; "
         "`.venv/bin/python benchmarks/faults.py --report` rewrites it). "
@@ -1218,19 +1511,26 @@ def render_report(records: list[dict[str, Any]], env_records: list[dict[str, Any
         "",
         "Each step runs on the offline recipe shrunk to a few seconds of work (`SHRINK` in the script: 40 samples, "
         "4 QLoRA steps per arm with a checkpoint after each, TMaRCo in batches of 4, 6 eval prompts x 2 samples). "
-        "An uninterrupted reference run gives the step's duration D; each trial restores the step's inputs in the "
-        "same run directory, starts the step in a child process, SIGKILLs its process group once it has run for "
-        "f x D (f: one seeded uniform draw in each tenth of [0, 0.95)), records what the kill left, reruns the step "
-        "to the end and compares with the reference. D is the child's CPU time for the compute-bound steps (on this "
-        "shared 2-core box the wall time of one run varies several-fold with the load, its CPU time little) and "
-        "wall time for upload and download, which mostly wait on the S3 server (a local SeaweedFS). The children "
-        "are forked from a process that has imported the libraries once, so D is the step's own work. A run that "
-        "ended before its kill is listed as not interrupted and replaced by another trial. The phase column says "
-        "what the run was doing when it was killed.",
+        "The children are forked from a process that imported the libraries before any trial; a child writes a "
+        "start file right before it calls its step, and the clock starts there. Each step's unit of progress is "
+        "declared below, before measuring, and watched while the child runs. An uninterrupted reference run records "
+        "when each level of progress was reached, on the step's clock (the child's CPU time for the compute-bound "
+        "steps, whose wall time varies several-fold with the load of this shared 2-core box; wall time for upload "
+        "and download). A trial draws a seeded target in progress space, in the third that has the fewest kills so "
+        "far, waits until the observed progress reaches the target's unit and then for the target's part of that "
+        "unit's reference duration, and SIGKILLs the child's process group; it records what the kill left, reruns "
+        "the step to the end and compares with the reference. The third of a kill is where the progress was right "
+        "after the kill, not the plan. A kill that found the step not started, or done (its completion marker "
+        "written, or the child ended), is listed as not interrupted and replaced. Upload and download go through a "
+        f"delay proxy ({TRANSFER['delay_s'] * 2000:g} ms round trip) to the local S3 server (SeaweedFS), with "
+        f"s3transfer's bandwidth limit at {TRANSFER['bytes_per_s'] / 2**20:g} MiB/s, so that a transfer takes "
+        "seconds. The killed-at column gives seconds since the child started its step (and its CPU seconds).",
         "",
-        "## What counts as lost (fixed before measuring)",
+        "## Units of progress (declared before measuring)",
         "",
     ]
+    lines += [f"- **{step}**: {PROGRESS[step][0]}." for step in STEPS]
+    lines += ["", "## What counts as lost (fixed before measuring)", ""]
     lines += [f"- **{step}**: {LOSS[step]}" for step in STEPS]
     lines += [
         "",
@@ -1240,33 +1540,35 @@ def render_report(records: list[dict[str, Any]], env_records: list[dict[str, Any
         "",
         "## Summary",
         "",
-        "| step | reference run | trials (killed) | kills in 1st / 2nd / 3rd third | survived | lost | false done "
-        "| not interrupted | litter | phases hit |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---|",
+        "| step | reference run | progress units | interrupting kills | in 1st / 2nd / 3rd third of the progress "
+        "(export: phase) | survived | lost | false done | not interrupted | litter | phases hit |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     by_step = {step: [r for r in records if r["step"] == step] for step in STEPS}
     for step, rs in by_step.items():
         if not rs:
-            lines.append(f"| {step} | | 0 | | | | | | | |")
+            lines.append(f"| {step} | | | 0 | | | | | | | |")
             continue
-        killed = [r for r in rs if r["killed"]]
-        thirds = _thirds(killed)
+        hit = [r for r in rs if r.get("interrupted")]
         count = {o: sum(r["outcome"] == o for r in rs) for o in ("survived", "lost", "false done", "not interrupted")}
-        phases = sorted({r["phase"].split(" (")[0] for r in killed})
+        phases = sorted({r["phase"].split(" (")[0] for r in hit})
         lines.append(
-            f"| {step} | {rs[0]['reference_s']:.2f} {rs[0]['clock']} s | {len(killed)} | {' / '.join(map(str, thirds))} | "
-            f"{count['survived']} | {count['lost']} | {count['false done']} | {count['not interrupted']} | "
-            f"{sum(bool(r['litter']) for r in rs)} | {'; '.join(phases)} |"
+            f"| {step} | {rs[-1]['reference_s']:.2f} {rs[-1]['clock']} s | {rs[-1].get('total', '')} | {len(hit)} | "
+            f"{' / '.join(map(str, thirds(rs)))} | {count['survived']} | {count['lost']} | {count['false done']} | "
+            f"{count['not interrupted']} | {sum(bool(r['litter']) for r in rs)} | {'; '.join(phases)} |"
         )
-    total = [r for r in records if r["killed"]]
+    hit = [r for r in records if r.get("interrupted")]
     lines += [
         "",
-        f"Total: {len(total)} killed runs, {sum(r['outcome'] == 'survived' for r in total)} survived, "
-        f"{sum(r['outcome'] == 'lost' for r in total)} lost, {sum(r['outcome'] == 'false done' for r in total)} "
-        "false done.",
+        f"Total: {len(hit)} interrupting kills, {sum(r['outcome'] == 'survived' for r in hit)} survived, "
+        f"{sum(r['outcome'] == 'lost' for r in records)} lost, "
+        f"{sum(r['outcome'] == 'false done' for r in records)} false done.",
         "",
-        "## Trials",
+        "Code measured (commit at the start of the run; `benchmarks/provenance.py`'s status now):",
+        "",
     ]
+    lines += [f"- {step}: {_measured(rs)}" for step, rs in by_step.items() if rs]
+    lines += ["", "## Trials"]
     for step, rs in by_step.items():
         if not rs:
             continue
@@ -1274,116 +1576,49 @@ def render_report(records: list[dict[str, Any]], env_records: list[dict[str, Any
             "",
             f"### {step}",
             "",
-            "| seed | trial | kill at | fraction | phase at the kill | units at the kill | marker said done "
-            "| rerun | outcome | details |",
-            "|---:|---:|---:|---:|---|---:|---|---:|---|---|",
+            "| seed | trial | target (planned) | killed at | progress at the kill | third | phase at the kill "
+            "| units finished | marker said done | rerun | outcome | details |",
+            "|---:|---:|---:|---:|---:|---|---|---:|---|---:|---|---|",
         ]
         for r in rs:
             details = "; ".join(
-                r["redone"] + r["differences"] + r["false_done"] + [f"litter: {x}" for x in r["litter"]]
+                ([r["not_interrupted"]] if r.get("not_interrupted") else [])
+                + r["redone"]
+                + r["differences"]
+                + r["false_done"]
+                + [f"litter: {x}" for x in r["litter"]]
             )
+            if "progress" in r:
+                cpu = f" ({r['moment_clock_s']:.2f} cpu s)" if r["clock"] == "cpu" else ""
+                moment, target = f"{r['moment_s']:.2f} s{cpu}", f"{r['target']:.2f}"
+                progress = f"{r['progress']}/{r['total']} ({r['progress'] / r['total']:.2f})"
+                where = _where(r)
+            else:  # a record of the earlier harness: killed at a planned moment, its progress not observed
+                moment, target, progress, where = "-", f"{r['fraction']:.2f} of D", "not observed", "-"
             lines.append(
-                f"| {r['seed']} | {r['trial']} | {r['kill_after_s']:.2f} {r['clock']} s | {r['fraction']:.2f} | {r['phase']} | "
-                f"{r['units_at_kill']} | {'yes' if r['done_after_kill'] else 'no'} | {r['rerun_s']:.2f} {r['clock']} s | "
-                f"{r['outcome']} | {details.replace('|', '/')} |"
+                f"| {r['seed']} | {r['trial']} | {target} | {moment} | {progress} | {where} | {r['phase']} | "
+                f"{r['units_at_kill']} | {'yes' if r['done_after_kill'] else 'no'} | {r['rerun_s']:.2f} {r['clock']} s "
+                f"| {r['outcome']} | {details.replace('|', '/')} |"
             )
     if env_records:
-        lines += render_env(list(env_records))
+        lines += _faults_env().render_env(list(env_records))
     return "\n".join(lines) + "\n"
 
 
-ENV_CASES = ("disk-full", "s3-restart", "model-server-kill")  # faults_env.CASES, in report order
+def _faults_env() -> Any:
+    """benchmarks/faults_env.py, which renders the faults of the environment (lazy: it imports this module)."""
+    import importlib.util
 
-
-def load_env_records(results: Path = RESULTS / "env") -> list[dict[str, Any]]:
-    """The records of benchmarks/faults_env.py (the disk full, the S3 server or the model server killed)."""
-    records = [json.loads(p.read_text()) for p in sorted(results.glob("*/seed*.json"))]
-    return sorted(records, key=lambda r: (ENV_CASES.index(r["case"]), r["seed"], r["trial"]))
-
-
-_ENV_TEXT = {
-    "disk-full": (
-        "**The disk full during a write** (`RLIMIT_FSIZE`, as `ulimit -f` sets it: every write past the limit fails "
-        "with EFBIG, as a full disk fails with ENOSPC). The limit is f x the largest file the step writes (f seeded, "
-        "one draw in each slice of [0, 0.95)). A run that finishes under the limit must have written the whole "
-        "reference output; a run that fails must leave no marker vouching for partial output, and the rerun without "
-        "the limit must give the reference's output without redoing finished units (the same definitions as above)."
-    ),
-    "s3-restart": (
-        "**The S3 server killed mid-transfer and restarted**: SeaweedFS SIGKILLed at f x the transfer's reference "
-        "wall time and started again at once on the same data and ports. The transfer finishes (botocore's retries) "
-        "or fails with an error, in both cases within 120 s (else: a hang); no false done; the rerun is compared as "
-        "above."
-    ),
-    "model-server-kill": (
-        "**The model server killed mid-request**: the caikit runtime serving the offline export is SIGKILLed at f x "
-        "the duration of a 60-token generation (measured on the same warm server just before); the HTTP and the gRPC "
-        "client alternate. Survived: the client raises a typed `ModelServerError` within 120 s; not an answer, not "
-        "another exception, not a hang."
-    ),
-}
-
-
-def render_env(records: list[dict[str, Any]]) -> list[str]:
-    """FAULTS.md's section on the faults of the environment."""
-    lines = ["", "## Faults of the environment", "", "Made by `benchmarks/faults_env.py` (in `make faults`). "]
-    lines[-1] += "Records in `benchmarks/results/faults/env/`; commands: " + ", ".join(
-        f"`{c}`" for c in sorted({r["command"] for r in records})
-    )
-    for case in ENV_CASES:
-        rs = [r for r in records if r["case"] == case]
-        if not rs:
-            continue
-        lines += ["", _ENV_TEXT[case], ""]
-        outcomes = sorted({r["outcome"] for r in rs})
-        lines.append(f"{len(rs)} trials: " + ", ".join(f"{sum(r['outcome'] == o for r in rs)} {o}" for o in outcomes))
-        lines.append("")
-        if case == "disk-full":
-            lines += [
-                "| trial | step | limit | of the largest file | exit | error (short) | names the cause | marker said done "
-                "| rerun | outcome | details |",
-                "|---:|---|---:|---|---:|---|---|---|---:|---|---|",
-            ]
-            for r in rs:
-                error = (r["error"] or "").split(". Fix")[0][:90]
-                details = "; ".join(r["redone"] + r["differences"] + r["false_done"])
-                lines.append(
-                    f"| {r['trial']} | {r['step']} | {r['limit_bytes']} B | {r['fraction']:.2f} of {r['largest_written']} "
-                    f"({r['largest_bytes']} B) | {r['rc']} | {error.replace('|', '/')} | "
-                    f"{'yes' if r['error_names_the_cause'] else 'no'} | {'yes' if r['done_after_failure'] else 'no'} | "
-                    f"{r['rerun_wall_s']:.1f} s | {r['outcome']} | {details.replace('|', '/')} |"
-                )
-        elif case == "s3-restart":
-            lines += [
-                "| trial | step | server killed at | of | restart | exit | error (short) | rerun | outcome | details |",
-                "|---:|---|---:|---:|---:|---:|---|---:|---|---|",
-            ]
-            for r in rs:
-                error = (r["error"] or "finished").split(". Fix")[0][:90]
-                details = "; ".join(r["redone"] + r["differences"] + r["false_done"])
-                restart = "" if r["restart_s"] is None else f"{r['restart_s']:.1f} s"
-                lines.append(
-                    f"| {r['trial']} | {r['step']} | {r['killed_at_wall_s']:.2f} s | {r['reference_wall_s']:.2f} s | "
-                    f"{restart} | {r['rc']} | {error.replace('|', '/')} | {r['rerun_wall_s']:.1f} s | {r['outcome']} | "
-                    f"{details.replace('|', '/')} |"
-                )
-        else:
-            lines += [
-                "| trial | client | request | killed at | error after | error | outcome |",
-                "|---:|---|---:|---:|---:|---|---|",
-            ]
-            for r in rs:
-                after = "" if r["seconds_to_outcome"] is None else f"{r['seconds_to_outcome']:.2f} s"
-                lines.append(
-                    f"| {r['trial']} | {r['client']} | {r['request_s']:.2f} s | {r['killed_at_s']:.2f} s | {after} | "
-                    f"{(r['error'] or '')[:90].replace('|', '/')} | {r['outcome']} |"
-                )
-    return lines
+    if "faults_env" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("faults_env", Path(__file__).with_name("faults_env.py"))
+        sys.modules["faults_env"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["faults_env"])
+    return sys.modules["faults_env"]
 
 
 def write_report(results: Path = RESULTS, report: Path = REPORT) -> Path:
     """Regenerate FAULTS.md from the records (the kills, and the faults of the environment)."""
-    report.write_text(render_report(load_records(results), load_env_records(results / "env")))
+    report.write_text(render_report(load_records(results), _faults_env().load_env_records(results / "env")))
     return report
 
 
@@ -1400,35 +1635,59 @@ def main(argv: list[str] | None = None) -> int:
     run_child.add_argument("--recipe", required=True)
     run_child.add_argument("--report", required=True)
     run_child.add_argument("--ref-prefix", required=True)
+    run_child.add_argument("--progress", default=None, help="report the start and the progress to this path")
     sub.add_parser("zygote", help="import once, fork a child per request (used by the harness)")
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
-    parser.add_argument("--trials", type=int, default=10, help="trials per step (default 10)")
+    parser.add_argument(
+        "--trials", type=int, default=4, help="interrupting kills per third of each step's progress (default 4)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=None, help="scratch directory (default: benchmarks/results/faults-work)")
     parser.add_argument("--redo", action="store_true", help="run trials whose record exists again")
     parser.add_argument("--minutes", type=float, default=None, help="stop starting trials after this long")
     parser.add_argument("--report", action="store_true", help="only regenerate FAULTS.md from the records")
+    parser.add_argument(
+        "--results",
+        default=None,
+        help="records directory (default benchmarks/results/faults; another one gets its own FAULTS.md inside it)",
+    )
     args = parser.parse_args(argv)
     command = " ".join([".venv/bin/python", "benchmarks/faults.py", *(sys.argv[1:] if argv is None else argv)])
     if args.command == "child":
-        return child(args.step, args.recipe, args.report, args.ref_prefix)
+        return child(args.step, args.recipe, args.report, args.ref_prefix, args.progress)
     if args.command == "zygote":
         return zygote()
+    results = Path(args.results) if args.results else RESULTS
     if not args.report:
         work = Path(args.work) if args.work else ROOT / "benchmarks" / "results" / "faults-work"
         deadline = time.time() + args.minutes * 60 if args.minutes else None
+        prov = _provenance().capture(__file__)  # the code as the run starts
         with contextlib.ExitStack() as stack:
-            s3 = None
+            s3 = proxy = None
             if {"upload", "download"} & set(args.steps):
+                from s3 import DelayProxy  # benchmarks/s3.py (this script's directory is on sys.path)
+
                 from detox_sft_dev.s3 import LocalS3
 
                 s3 = stack.enter_context(LocalS3(bucket="detox-sft", data_dir=work / "s3"))
+                proxy = DelayProxy(s3.ports["s3"], TRANSFER["delay_s"])
+                stack.callback(proxy.close)
             # SIGTERM stops like Ctrl-C: the zygote and the S3 server are stopped on the way out
             signal.signal(signal.SIGTERM, signal.default_int_handler)
-            harness = Harness(work, seed=args.seed, trials=args.trials, s3=s3, command=command)
+            harness = Harness(
+                work,
+                results,
+                seed=args.seed,
+                trials=args.trials,
+                s3=s3,
+                command=command,
+                endpoint=proxy.url if proxy else None,
+                provenance=prov,
+            )
             stack.enter_context(contextlib.closing(harness))
             harness.run_steps(args.steps, args.redo, deadline)
-    print(f"[faults] report: {write_report()}")
+    report = REPORT if results == RESULTS else results / "FAULTS.md"
+    print(f"[faults] report: {write_report(results, report)}")
     return 0
 
 

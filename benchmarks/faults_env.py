@@ -1,27 +1,30 @@
-"""Faults of the environment: the disk full during a write, the S3 server killed mid-transfer, the model server killed
-mid-request.
+"""Faults of the environment, seen through the `detox-sft` command: the disk full, the S3 server gone, the model
+server gone, the Hugging Face hub unreachable or asked for an id it does not have.
 
-The companion of :mod:`faults` (which SIGKILLs the steps themselves), on the same shrunk offline recipe, the same
-reference runs and the same definitions of "lost" and "false done" (:data:`faults.LOSS`):
+Every trial runs the command a user runs (``.venv/bin/detox-sft <step> --recipe ...``, stderr captured), so a
+traceback would show, and checks what a script or a Kubernetes Job sees: the exit status of the failure's class
+(``detox-sft --help``: 3 no room, 4 S3 unreachable, 5 model server unreachable, 6 hub unreachable or no such id), no
+"Traceback", a message that names the fix ("Fix:"), and nothing half-written reported done. The steps' inputs are
+the kill harness's reference outputs (:mod:`faults`: the same shrunk offline recipe, the same comparisons):
 
-- **disk-full** (rephrase, train, evaluate, export, download): the step runs with a file-size limit (``RLIMIT_FSIZE``,
-  as ``ulimit -f`` sets it: a write past it fails with EFBIG, as a full disk fails with ENOSPC) of ``f`` times the
-  largest file the step writes (``f`` seeded, one draw in each 1/n slice of [0, 0.95)). A run that still finishes
-  must have written exactly the reference's output (else: false done); a run that fails must leave no completion
-  marker vouching for partial output, and a rerun without the limit must give the reference's output without redoing
-  finished units.
-- **s3-restart** (upload, download): the local SeaweedFS is SIGKILLed once the transfer has run for ``f`` times its
-  reference duration and started again at once on the same data and ports. The transfer either finishes (retries) or
-  fails with an error; either way within :data:`HANG_S` (else: hang), with no false done; then it is rerun and
-  compared.
-- **model-server-kill** (HTTP and gRPC alternately): a caikit runtime serves the offline export; a long generation
-  request is sent and the runtime's process group SIGKILLed at ``f`` times that request's duration (measured just
-  before, on the same warm server). The client must raise a typed :class:`detox_sft.clients.ModelServerError` within
-  :data:`HANG_S` (not a hang, not another exception, not an answer after the kill).
+- **disk-full** (rephrase, train, evaluate, export, download): the run directory is a tmpfs of the inputs' size plus
+  ``f`` times what the step writes (``f`` seeded, one draw in each 1/n slice of [0, 0.95)): a real ENOSPC. Where no
+  tmpfs can be mounted (not root), the command runs under ``RLIMIT_FSIZE`` of ``f`` times the largest file it writes
+  (EFBIG) instead; the record's ``method`` says which. Then the tmpfs is grown ("free disk space") and the step rerun
+  to its end through the harness's child (its report says what it redid), and compared with the reference.
+- **s3-gone** (upload, download): the local SeaweedFS is killed before the command starts, or once the transfer has
+  stored its first object (upload) or file (download), through a delay proxy so that the transfer takes seconds; it is
+  started again only after the command has exited, then the step is rerun and compared.
+- **model-server-gone** (query, HTTP and gRPC): the caikit runtime serving the offline export is killed before the
+  command, or during its request: the command talks to it through a delay proxy (:data:`PROXY_DELAY_S` each way), and
+  the runtime dies ``f`` times the round trip after the command's connection reached the proxy.
+- **hub-unreachable** / **no-such-hub-id**: ``HF_HUB_OFFLINE=1`` and an empty HF cache, one recipe field at a time
+  set to a hub id (every loader of every step: models, tokenizers, datasets, scorers) or to an id that does not exist.
 
-Records: ``benchmarks/results/faults/env/<case>/seed<seed>-<nn>.json``; FAULTS.md's "Faults of the environment"
-section is generated from them (:func:`faults.write_report`). Run: ``make faults`` (both scripts) or
-``.venv/bin/python benchmarks/faults_env.py --trials 4 --seed 0``.
+Records: ``benchmarks/results/faults/env/<case>/seed<seed>-<step>-<nn>.json`` with the provenance of the run
+(benchmarks/provenance.py); FAULTS.md's "Faults of the environment" section is rendered from them
+(:func:`render_env`, called by :func:`faults.write_report`). Run: ``make faults`` or
+``.venv/bin/python benchmarks/faults_env.py --trials 2 --seed 0`` (about 15 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -31,322 +34,506 @@ import contextlib
 import json
 import os
 import re
+import shlex
+import shutil
 import signal
+import subprocess
 import sys
-import threading
+import tempfile
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import faults as F  # noqa: E402 - the sibling script, importable once its directory is on the path
+import provenance  # noqa: E402
 
 ENV_RESULTS = F.RESULTS / "env"
-CASES = ("disk-full", "s3-restart", "model-server-kill")
+CASES = ("disk-full", "s3-gone", "model-server-gone", "hub-unreachable", "no-such-hub-id")
+ENV_CASES = CASES  # in report order
 DISK_STEPS = ("rephrase", "train", "evaluate", "export", "download")
-S3_STEPS = ("upload", "download")
-HANG_S = 120.0  # longer than any bounded retry of the S3 client or the model clients: past it, a run hangs
-MIN_LIMIT = 1024  # below this even the child's short error report could not be written
-COMMAND = F.ENV_COMMAND
-# what a message that names the cause says: the errno's text, or the package's own disk-full message
-_NAMES_CAUSE = re.compile(r"File too large|file-size limit|No space left|disk is full|No room|Errno 27|Errno 28", re.I)
+HANG_S = 180.0  # longer than any bounded retry plus the command's start-up: past it, a run hangs
+DETOX_SFT = str(Path(sys.executable).with_name("detox-sft"))  # the venv's console script
+BIG = "8g"  # a tmpfs "with free space" again: it only takes the memory its files use
+# the recipe field of each loader, the hub id it is set to, and its "no such id" trial (one per step)
+HUB_LOADERS: dict[str, list[tuple[str, str, str]]] = {
+    "rephrase": [
+        ("TMaRCo base model", "rephrase.base_model", "facebook/bart-large"),
+        ("TMaRCo expert", "rephrase.expert", "trustyai/gplus"),
+        ("TMaRCo anti-expert", "rephrase.anti_expert", "trustyai/gminus"),
+        ("gate scorer", "rephrase.scorer", "facebook/roberta-hate-speech-dynabench-r4-target"),
+        ("training dataset", "data.train_dataset", "allenai/real-toxicity-prompts"),
+    ],
+    "train": [("base model and tokenizer", "training.base_model", "facebook/opt-350m")],
+    "evaluate": [
+        ("base model", "training.base_model", "facebook/opt-350m"),
+        ("scorer", "evaluation.scorers", "[facebook/roberta-hate-speech-dynabench-r4-target]"),
+        ("eval dataset", "data.eval_dataset", "OxAISH-AL-LLM/wiki_toxic"),
+        ("perplexity model", "evaluation.perplexity_model", "openai-community/gpt2-large"),
+    ],
+    "export": [("base model", "training.base_model", "facebook/opt-350m")],
+}
+NO_SUCH_ID = "no-such-org/no-such-model"
+PROXY_DELAY_S = 0.5  # the model server's delay proxy, each way
 
 
-def _write_record(case: str, seed: int, trial: int, record: dict[str, Any], results: Path) -> dict[str, Any]:
-    path = results / case / f"seed{seed}-{trial:02d}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, path)
-    return record
+def expected_status() -> dict[str, tuple[str, int]]:
+    """Each case's typed error class and exit status, read from the command's own table (detox_sft.cli)."""
+    from detox_sft.cli import EXIT_STATUS
+
+    classes = {c.__name__: code for _, group, code in EXIT_STATUS[:4] for c in group}
+    names = {"disk-full": "NoRoomError", "s3-gone": "S3UnavailableError", "model-server-gone": "ServerUnavailable"}
+    names |= {"hub-unreachable": "HubUnavailable", "no-such-hub-id": "HubUnavailable"}
+    return {case: (name, classes[name]) for case, name in names.items()}
 
 
-def _base(case: str, seed: int, trial: int, fraction: float, command: str) -> dict[str, Any]:
+# -- running the command ------------------------------------------------------------------------------------------
+
+
+def run_command(
+    argv: list[str], env: dict[str, str], fsize: int | None = None, kill: Any = None
+) -> tuple[dict[str, Any], subprocess.Popen]:
+    """Run ``detox-sft`` to its end (at most :data:`HANG_S`): command line, exit status, traceback, message, wall s.
+
+    ``fsize``: a file-size limit (bytes) for its writes; ``kill(proc)``: called while it runs, e.g. to kill a server.
+    """
+    import resource
+
+    def limit() -> None:
+        if fsize:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, resource.RLIM_INFINITY))
+
+    started = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: nobody reads stderr while ``kill`` waits
+        proc = subprocess.Popen(
+            argv, env=env, cwd=F.ROOT, stdout=subprocess.DEVNULL, stderr=err, text=True,
+            start_new_session=True, preexec_fn=limit,
+        )  # fmt: skip
+        if kill is not None:
+            kill(proc)
+        hang = False
+        try:
+            proc.wait(timeout=HANG_S)
+        except subprocess.TimeoutExpired:
+            hang = True
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        err.seek(0)
+        stderr = err.read()
+    lines = [line.strip() for line in stderr.replace("\r", "\n").splitlines()]
+    # the command's own message (a progress bar cut short may precede it on its line)
+    ours = [found.group(0) for line in lines if (found := re.search(r"detox-sft [a-z]+: .*", line))]
     return {
-        "case": case,
-        "seed": seed,
-        "trial": trial,
-        "fraction": round(fraction, 4),
-        "load_average": round(os.getloadavg()[0], 1),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": command,
-    }
+        "command": shlex.join([".venv/bin/detox-sft", *argv[1:]]),
+        "rc": proc.returncode,
+        "hang": hang,
+        "traceback": "Traceback" in stderr,
+        "message": ours[-1] if ours else next((line for line in reversed(lines) if line), ""),
+        "wall_s": round(time.perf_counter() - started, 2),
+        "stderr_tail": stderr[-1500:] if "Traceback" in stderr else "",  # what to fix, when it is a traceback
+    }, proc
 
 
-def _rerun_and_compare(h: F.Harness, step: str, name: str, units: dict[str, Any]) -> dict[str, Any]:
-    """Rerun ``step`` to its end without any fault; what it redid and how its output differs from the reference."""
-    s, ctx = F.STEP_DEFS[step], h.ctx()
-    rc, wall, _, report = h._run_to_end(step, "trial", f"{name}-rerun")
-    return {
-        "rerun_rc": rc,
-        "rerun_wall_s": round(wall, 2),
-        "redone": s.redone(units, s.units(ctx), report) if rc == 0 else [],
-        "differences": s.compare(h.reference_out[step], s.outputs(ctx)) if rc == 0 else [f"rerun failed (rc {rc})"],
-        "litter": F._litter(h.run),
-    }
+def _step_argv(h: F.Harness, step: str, *fields: str) -> list[list[str]]:
+    """The command line(s) of ``step`` on the trial recipe, with ``--FIELD VALUE`` overrides."""
+    recipe = ["--recipe", str(h.recipes["trial"])]
+    if step == "download":
+        return [
+            [DETOX_SFT, "download", f"{h.ctx().ref_prefix}/{kind}", str(h.run / "download" / kind), "--no-progress"]
+            for kind in F._KINDS
+        ]
+    if step == "upload":
+        return [[DETOX_SFT, "upload", *recipe, "--create-bucket", "--no-progress"]]
+    quiet = {"rephrase": ["--no-progress"], "evaluate": ["--quiet"]}.get(step, [])
+    return [[DETOX_SFT, step, *recipe, *quiet, *fields]]
 
 
-def _outcome(record: dict[str, Any]) -> str:
-    if record.get("hang"):
+def run_step(h: F.Harness, step: str, env: dict[str, str], *fields: str, **options: Any) -> dict[str, Any]:
+    """The step's command(s), in order until one fails (download: one command per kind)."""
+    result: dict[str, Any] = {}
+    for argv in _step_argv(h, step, *fields):
+        one, _ = run_command(argv, env, **options)
+        result = one | {"command": " && ".join(filter(None, [result.get("command"), one["command"]]))}
+        if one["rc"] != 0:
+            break
+    return result
+
+
+def _judge(record: dict[str, Any]) -> str:
+    """A trial's outcome: survived when the exit status is the expected class's, with no traceback, a message
+    naming the fix, no false done and (after a failure on a full disk) the reference's output from the rerun."""
+    if record["hang"]:
         return "hang"
-    if record["false_done"]:
+    if record.get("false_done"):
         return "false done"
-    if record["redone"] or record["differences"]:
+    if record["rc"] == 0:
+        return "not interrupted"
+    if record["traceback"]:
+        return "traceback"
+    if record["rc"] != record["expected_status"]:
+        return "wrong exit status"
+    if not record["names_fix"]:
+        return "no fix named"
+    if record.get("redone") or record.get("differences"):
         return "lost"
     return "survived"
 
 
-def _wait_bounded(h: F.Harness, pid: int) -> tuple[int, bool]:
-    """Wait for the child ``pid`` at most :data:`HANG_S`; (its exit code, whether it had to be killed as hung)."""
-    hung = F._wall_until(pid, time.perf_counter() + HANG_S, poll=0.05)
-    if hung:
-        F._kill_group(pid)
-    rc, _ = h.zygote.wait()
-    return rc, hung
+class EnvTrials:
+    """The trials of one harness run: the kill harness ``h`` (references, comparisons), where records go."""
 
+    def __init__(self, h: F.Harness, results: Path, prov: dict[str, Any]) -> None:
+        self.h, self.results, self.prov = h, results, prov
+        self.expected = expected_status()
+        self.counts: dict[str, int] = {}
 
-# -- disk full --------------------------------------------------------------------------------------------------------
+    def record(self, case: str, step: str, result: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        trial = self.counts[case, step] = self.counts.get((case, step), -1) + 1
+        name, status = self.expected[case]
+        record = {"case": case, "step": step, "seed": self.h.seed, "trial": trial, **extra, **result}
+        record |= {"expected_class": name, "expected_status": status, "names_fix": "Fix" in result["message"]}
+        record |= {
+            "load_average": round(os.getloadavg()[0], 1),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        record["outcome"] = _judge(record)
+        record["provenance"] = self.prov
+        provenance.write(self.results / case / f"seed{self.h.seed}-{step}-{trial:02d}.json", record)
+        print(
+            f"[faults-env] {case} {step} {trial}: rc {result['rc']}, {result['message'][:100]} -> {record['outcome']}"
+        )
+        return record
 
+    def rerun(self, step: str, name: str, units: dict[str, Any]) -> dict[str, Any]:
+        """Rerun ``step`` to its end through the harness's child; what it redid, how its output differs."""
+        s, h = F.STEP_DEFS[step], self.h
+        rc, wall, _, report = h._run_to_end(step, "trial", f"{name}-rerun")
+        ctx = h.ctx()
+        return {
+            "rerun_rc": rc,
+            "rerun_wall_s": round(wall, 2),
+            "redone": s.redone(units, s.units(ctx), report) if rc == 0 else [],
+            "differences": s.compare(h.reference_out[step], s.outputs(ctx)) if rc == 0 else [f"rerun failed ({rc})"],
+            "litter": F._litter(h.run),
+        }
 
-def _written_sizes(h: F.Harness, step: str) -> dict[str, int]:
-    """Sizes of the files ``step``'s reference run wrote (new or changed against its inputs)."""
-    after = F._files(h._snapshot(step))
-    before_step = F.STEPS[F.STEPS.index(step) - 1] if F.STEPS.index(step) else None
-    before = F._files(h._snapshot(before_step)) if before_step else {}
-    return {
-        rel: path.stat().st_size
-        for rel, path in after.items()
-        if rel not in before or F._sha(before[rel]) != F._sha(path)
-    }
+    # -- disk full ----------------------------------------------------------------------------------------------------
 
+    def _written(self, step: str) -> dict[str, int]:
+        """Sizes of the files the step's reference run wrote (new or changed against its inputs)."""
+        h = self.h
+        after = F._files(h._snapshot(step))
+        before_step = F.STEPS[F.STEPS.index(step) - 1] if F.STEPS.index(step) else None
+        before = F._files(h._snapshot(before_step)) if before_step else {}
+        changed = {rel for rel, p in after.items() if rel not in before or F._sha(before[rel]) != F._sha(p)}
+        return {rel: after[rel].stat().st_size for rel in changed}
 
-def disk_full_trial(h: F.Harness, step: str, trial: int, fraction: float, results: Path, command: str) -> dict:
-    s, ctx = F.STEP_DEFS[step], h.ctx()
-    sizes = _written_sizes(h, step)
-    largest = max(sizes, key=sizes.get)
-    limit = max(MIN_LIMIT, int(fraction * sizes[largest]))
-    h._restore_inputs(step)
-    name = f"disk-{step}-{trial:02d}"
-    pid, report_path = h._start(step, "trial", f"{name}-full", fsize=limit)
-    rc, hung = _wait_bounded(h, pid)
-    error = (F._read_json(report_path) or {}).get("error") if rc != 0 else None
-    record = _base("disk-full", h.seed, trial, fraction, command) | {
-        "step": step,
-        "limit_bytes": limit,
-        "largest_written": largest,
-        "largest_bytes": sizes[largest],
-        "rc": rc,
-        "hang": hung,
-        "error": error,
-        "error_names_the_cause": bool(error and _NAMES_CAUSE.search(error)),
-        "done_after_failure": s.done(ctx),
-    }
-    units = s.units(ctx)
-    record["units_at_failure"] = len(units)
-    if rc == 0:  # it finished under the limit: what it wrote must be the whole output
-        diffs = s.compare(h.reference_out[step], s.outputs(ctx))
-        record.update(false_done=[f"finished under the limit but {d}" for d in diffs])
-    else:
-        record.update(false_done=F._false_done(step, ctx, h.reference_out[step]))
-    record.update(_rerun_and_compare(h, step, name, units))
-    record["outcome"] = "limit not reached" if rc == 0 and not record["false_done"] else _outcome(record)
-    _log(record, f"limit {limit} B ({fraction:.2f} of {largest}, {sizes[largest]} B): rc {rc}, {error}")
-    return _write_record("disk-full", h.seed, trial, record, results)
-
-
-# -- the S3 server killed mid-transfer ----------------------------------------------------------------------------------
-
-
-def s3_restart_trial(h: F.Harness, step: str, trial: int, fraction: float, results: Path, command: str) -> dict:
-    s, ctx = F.STEP_DEFS[step], h.ctx()
-    h._restore_inputs(step)
-    name = f"s3-{step}-{trial:02d}"
-    started = time.perf_counter()
-    pid, report_path = h._start(step, "trial", f"{name}-restart")
-    running = F._wall_until(pid, started + fraction * h.reference_wall[step])
-    killed_at = time.perf_counter() - started
-    restart_s = None
-    if running:
-        process = h.s3._process
-        process.kill()  # SIGKILL: no drain, no goodbye to the clients
-        process.wait()
-        t0 = time.perf_counter()
-        h.s3.restart()  # same data, ports and credentials
-        restart_s = time.perf_counter() - t0
-    rc, hung = _wait_bounded(h, pid)
-    error = (F._read_json(report_path) or {}).get("error") if rc != 0 else None
-    units = s.units(ctx)
-    record = _base("s3-restart", h.seed, trial, fraction, command) | {
-        "step": step,
-        "killed_at_wall_s": round(killed_at, 2),
-        "reference_wall_s": round(h.reference_wall[step], 2),
-        "server_killed": running,
-        "restart_s": None if restart_s is None else round(restart_s, 1),
-        "rc": rc,
-        "hang": hung,
-        "error": error,
-        "units_at_end": len(units),
-        "done_after": s.done(ctx),
-        "false_done": F._false_done(step, ctx, h.reference_out[step]),
-    }
-    if rc == 0 and step == "download":  # finished: every file must be the reference's
-        record["false_done"] += [f"finished but {d}" for d in s.compare(h.reference_out[step], s.outputs(ctx))]
-    record.update(_rerun_and_compare(h, step, name, units))
-    record["outcome"] = "not interrupted" if not running else _outcome(record)
-    _log(record, f"server killed at {killed_at:.2f} s: {'finished' if rc == 0 else error}")
-    return _write_record("s3-restart", h.seed, trial, record, results)
-
-
-# -- the model server killed mid-request --------------------------------------------------------------------------------
-
-LONG_TOKENS = 60  # the zoo OPT's context is 128 positions: a long answer that fits
-
-
-def model_server_trial(models_dir: Path, trial: int, fraction: float, seed: int, results: Path, command: str) -> dict:
-    from detox_sft.clients import CaikitGrpcClient, CaikitHttpClient, ModelServerError
-    from detox_sft_dev.model_server import LocalModelServer, model_ids
-
-    kind = ("http", "grpc")[trial % 2]
-    model_id = model_ids(models_dir)[0]
-    server = LocalModelServer(models_dir).start()
-    try:
-        if kind == "http":
-            client = CaikitHttpClient(server.http_url, timeout=HANG_S / 2, retries=1, backoff=0.1)
+    def disk_full(self, step: str, fraction: float, method: str) -> dict[str, Any]:
+        h, s = self.h, F.STEP_DEFS[step]
+        written = self._written(step)
+        out_bytes, largest = sum(written.values()), max(written, key=written.get)
+        fsize = None
+        shutil.rmtree(h.run, ignore_errors=True)
+        if method == "tmpfs":  # the inputs, then room for f x the output: the tmpfs's size in pages
+            before = F.STEPS[F.STEPS.index(step) - 1] if F.STEPS.index(step) else None
+            inputs = (
+                sum(-(-p.stat().st_size // 4096) * 4096 for p in F._files(h._snapshot(before)).values())
+                if before
+                else 0
+            )
+            h.run.mkdir(parents=True)
+            subprocess.run(
+                [
+                    "mount",
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    f"size={inputs + int(fraction * out_bytes)}",
+                    "tmpfs",
+                    str(h.run),
+                ],
+                check=True,
+            )
+            if before:
+                shutil.copytree(h._snapshot(before), h.run, symlinks=True, dirs_exist_ok=True)
+            stat = os.statvfs(h.run)
+            room = stat.f_bavail * stat.f_frsize
         else:
-            client = CaikitGrpcClient(server.grpc_target, plaintext=True, timeout=HANG_S / 2, retries=1, backoff=0.1)
-        ask = {"max_new_tokens": LONG_TOKENS, "min_new_tokens": LONG_TOKENS}
-        client.generate_text(model_id, "hello", max_new_tokens=2)  # warm: connection, message types
-        t0 = time.perf_counter()
-        client.generate_text(model_id, "the host said", **ask)
-        duration = time.perf_counter() - t0
+            h._restore_inputs(step)
+            room = fsize = max(1024, int(fraction * written[largest]))
+        try:
+            result = run_step(h, step, h._env(), fsize=fsize)
+            ctx = h.ctx()
+            units = s.units(ctx)
+            extra = {"method": method, "fraction": round(fraction, 4), "room_bytes": room, "output_bytes": out_bytes}
+            extra |= {"largest_written": largest, "units_at_failure": len(units), "marker_done": s.done(ctx)}
+            if result["rc"] == 0:  # finished in the room it had: what it wrote must be the whole output
+                extra["false_done"] = [f"finished but {d}" for d in s.compare(h.reference_out[step], s.outputs(ctx))]
+            else:
+                extra["false_done"] = F._false_done(step, ctx, h.reference_out[step])
+                if method == "tmpfs":
+                    subprocess.run(["mount", "-o", f"remount,size={BIG}", str(h.run)], check=True)
+                extra |= self.rerun(step, f"disk-{step}-{self.counts.get(('disk-full', step), -1) + 1:02d}", units)
+        finally:
+            if method == "tmpfs":
+                subprocess.run(["umount", "--lazy", str(h.run)], check=False)
+        return self.record("disk-full", step, result, **extra)
+
+    # -- S3 gone ------------------------------------------------------------------------------------------------------
+
+    def s3_gone(self, step: str, when: str, proxy_url: str) -> dict[str, Any]:
+        h, s = self.h, F.STEP_DEFS[step]
+        h._restore_inputs(step)
+        env = h._env() | {"AWS_S3_ENDPOINT": proxy_url}  # through the delay proxy: the transfer takes seconds
+        seen: dict[str, Any] = {}
+
+        def stored() -> bool:
+            if step == "upload":
+                listed = h.s3.client().list_objects_v2(Bucket=h.s3.bucket, Prefix=h.ctx().prefix + "/")
+                return listed.get("KeyCount", 0) > 0
+            return any(p.is_file() for p in (h.run / "download").rglob("*")) if (h.run / "download").is_dir() else False
+
+        def kill(proc: subprocess.Popen | None) -> None:
+            t0 = time.perf_counter()
+            while proc is not None and proc.poll() is None and not stored():
+                time.sleep(0.02)
+            seen["server_killed_after_s"] = round(time.perf_counter() - t0, 2)
+            seen["command_running"] = proc is None or proc.poll() is None
+            h.s3._process.kill()  # SIGKILL: no drain, no goodbye to the clients
+            h.s3._process.wait()
+
+        if when == "before":
+            kill(None)
         result: dict[str, Any] = {}
+        for argv in _step_argv(h, step):
+            one, _ = run_command(argv, env, kill=None if seen else kill)
+            result = one | {"command": " && ".join(filter(None, [result.get("command"), one["command"]]))}
+            if one["rc"] != 0:
+                break
+        h.s3.restart()
+        ctx = h.ctx()
+        units = s.units(ctx)
+        extra = {"when": when, **seen, "false_done": F._false_done(step, ctx, h.reference_out[step])}
+        if result["rc"] == 0 and step == "download":
+            extra["false_done"] += [f"finished but {d}" for d in s.compare(h.reference_out[step], s.outputs(ctx))]
+        extra |= self.rerun(step, f"s3-{step}-{when}", units)
+        return self.record("s3-gone", step, result, **extra)
 
-        def request() -> None:
-            start = time.perf_counter()
-            try:
-                result["text"] = client.generate_text(model_id, "the host said", **ask)
-            except Exception as exc:  # classified below: a typed error or not
-                result["error"] = exc
-            result["seconds"] = time.perf_counter() - start
+    # -- the model server gone ----------------------------------------------------------------------------------------
 
-        thread = threading.Thread(target=request, daemon=True)
-        sent = time.perf_counter()
-        thread.start()
-        time.sleep(max(0.0, sent + fraction * duration - time.perf_counter()))
-        killed_at = time.perf_counter() - sent
-        answered_before = "seconds" in result
-        os.killpg(server.process.pid, signal.SIGKILL)
-        thread.join(HANG_S)
-    finally:
-        server.stop()
-    exc = result.get("error")
-    record = _base("model-server-kill", seed, trial, fraction, command) | {
-        "client": kind,
-        "request_s": round(duration, 3),
-        "killed_at_s": round(killed_at, 3),
-        "seconds_to_outcome": None if "seconds" not in result else round(result["seconds"], 3),
-        "error": None if exc is None else f"{type(exc).__name__}: {exc}"[:300],
-        "typed": isinstance(exc, ModelServerError),
-        "status": getattr(exc, "status", None),
-    }
-    if thread.is_alive():
-        outcome = "hang"
-    elif answered_before:
-        outcome = "not interrupted"
-    elif "text" in result:
-        outcome = "answered after the kill"
-    else:
-        outcome = "typed error" if record["typed"] else "untyped error"
-    record["outcome"] = outcome
-    _log(record, f"{kind} request of {duration:.2f} s, server killed at {killed_at:.2f} s: {record['error']}")
-    return _write_record("model-server-kill", seed, trial, record, results)
+    def model_server_gone(self, client: str, when: str, fraction: float) -> dict[str, Any]:
+        from s3 import DelayProxy  # benchmarks/s3.py
+
+        from detox_sft_dev.model_server import LocalModelServer, model_ids
+
+        class CountingProxy(DelayProxy):
+            """The delay proxy, counting the connections it accepted: the command's request is in flight."""
+
+            connections = 0
+
+            async def _serve(self, client_reader, client_writer) -> None:
+                self.connections += 1
+                try:
+                    await super()._serve(client_reader, client_writer)
+                except OSError:  # the server is gone: close, as its own port would refuse (not a silent hold)
+                    client_writer.close()
+
+        models_dir = self.h._snapshot("export") / "export" / "caikit"
+        model_id = model_ids(models_dir)[0]
+        with LocalModelServer(models_dir) as server:
+            port = int((server.http_url if client == "http" else server.grpc_target).rsplit(":", 1)[1])
+            # every chunk 0.5 s late, each way: the zoo model answers in milliseconds, the request is in flight 1 s+
+            proxy = CountingProxy(port, PROXY_DELAY_S)
+            proxy.loop.set_exception_handler(lambda loop, context: None)  # the killed server's refusals: expected
+            address = proxy.url if client == "http" else f"grpc://{proxy.url.removeprefix('http://')}"
+            where = ["--url", address] if client == "http" else ["--grpc", address]
+            argv = [DETOX_SFT, "query", "the host said", "--model-id", model_id, "--max-new-tokens", "20", *where]
+            timing: dict[str, Any] = {"when": when, "client": client}
+
+            def kill(proc: subprocess.Popen | None) -> None:
+                while proc is not None and proc.poll() is None and not proxy.connections:
+                    time.sleep(0.01)
+                if proc is not None:  # f x the round trip after its request reached the proxy
+                    time.sleep(fraction * 2 * PROXY_DELAY_S)
+                    timing["kill_at_s_after_connect"] = round(fraction * 2 * PROXY_DELAY_S, 2)
+                timing["command_running"] = proc is None or proc.poll() is None
+                os.killpg(server.process.pid, signal.SIGKILL)
+
+            if when == "before":
+                kill(None)
+            result, _ = run_command(argv, self.h._env(), kill=kill if when == "mid" else None)
+            proxy.loop.call_soon_threadsafe(proxy.server.close)
+        return self.record("model-server-gone", "query", result, **timing, false_done=[])
+
+    # -- the hub ------------------------------------------------------------------------------------------------------
+
+    def hub(self, case: str, step: str, loader: str, field: str, value: str, hf_home: Path) -> dict[str, Any]:
+        h = self.h
+        h._restore_inputs(step)
+        env = h._env() | {"HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "HF_DATASETS_CACHE": str(hf_home / "ds")}
+        result = run_step(h, step, env, f"--{field}", value)
+        ctx = h.ctx()
+        false_done = F._false_done(step, ctx, h.reference_out[step]) if result["rc"] != 0 else []
+        return self.record(case, step, result, loader=loader, field=field, value=value, false_done=false_done)
 
 
-# -- running -----------------------------------------------------------------------------------------------------------
-
-
-def _log(record: dict[str, Any], what: str) -> None:
-    where = record.get("step") or record.get("client")
-    print(f"[faults-env] {record['case']} {where} trial {record['trial']}: {what} -> {record['outcome']}", flush=True)
+def _tmpfs_works(where: Path) -> bool:
+    """Whether this process can mount a tmpfs (root; a non-root machine falls back to RLIMIT_FSIZE)."""
+    where.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], capture_output=True).returncode:
+        return False
+    subprocess.run(["umount", str(where)], check=True)
+    return True
 
 
 def run_cases(
-    cases: list[str], work: Path, seed: int, trials: int, results: Path, command: str, redo: bool = False
-) -> list[dict[str, Any]]:
-    """The trials of ``cases``; records already written for the same seed and trial are kept unless ``redo``."""
+    cases: list[str], work: Path, seed: int, trials: int, results: Path, command: str, steps: tuple[str, ...] = ()
+) -> list[dict]:
+    """The trials of ``cases`` in ``steps`` (default: all); the records of those cases and steps for ``seed`` are
+    replaced."""
+    steps = steps or (*F.STEPS, "query")
+    from s3 import DelayProxy  # benchmarks/s3.py
+
     from detox_sft_dev.s3 import LocalS3
 
+    prov = provenance.capture(__file__)
+    for case in cases:
+        for old in [p for step in steps for p in (results / case).glob(f"seed{seed}-{step}-*.json")]:
+            old.unlink()
     done: list[dict[str, Any]] = []
-
-    def existing(case: str, trial: int) -> dict[str, Any] | None:
-        path = results / case / f"seed{seed}-{trial:02d}.json"
-        return json.loads(path.read_text()) if path.is_file() and not redo else None
-
-    def until(
-        case: str, key: str, wanted: int, hit: Callable[[dict[str, Any]], bool], run: Callable, trial: int
-    ) -> int:
-        """Trials of one step from ``trial`` on until ``wanted`` of them hit (a run that ended before its fault does
-        not count: another moment, from a further seeded block, takes its place), at most twice ``wanted``."""
-        hits = 0
-        for block in range(2):
-            for fraction in F.fractions(seed, key, wanted, block):
-                if hits >= wanted:
-                    return trial
-                record = existing(case, trial) or run(trial, fraction)
-                done.append(record)
-                hits += hit(record)
-                trial += 1
-        return trial
-
     with contextlib.ExitStack() as stack:
         s3 = stack.enter_context(LocalS3(bucket="detox-sft", data_dir=work / "s3"))
         signal.signal(signal.SIGTERM, signal.default_int_handler)
-        h = F.Harness(work, seed=seed, trials=trials, s3=s3, command=command)
+        h = F.Harness(work, seed=seed, trials=trials, s3=s3, command=command, provenance=prov)
         stack.enter_context(contextlib.closing(h))
         for step in F.STEPS:
             h.reference(step)
+        t = EnvTrials(h, results, prov)
         if "disk-full" in cases:
-            trial = 0
-            for step in DISK_STEPS:
-
-                def disk(t: int, f: float, step: str = step) -> dict[str, Any]:
-                    return disk_full_trial(h, step, t, f, results, command)
-
-                trial = until("disk-full", f"disk-{step}", trials, lambda r: r["rc"] != 0, disk, trial)
-        if "s3-restart" in cases:
-            trial = 0
-            for step in S3_STEPS:
-
-                def restart(t: int, f: float, step: str = step) -> dict[str, Any]:
-                    return s3_restart_trial(h, step, t, f, results, command)
-
-                trial = until("s3-restart", f"s3-{step}", trials, lambda r: r["server_killed"], restart, trial)
-        if "model-server-kill" in cases:
+            method = "tmpfs" if _tmpfs_works(work / "mount-probe") else "rlimit-fsize"
+            for step in [s for s in DISK_STEPS if s in steps]:
+                done += [t.disk_full(step, f, method) for f in F.fractions(seed, f"disk-{step}", trials)]
+        if "s3-gone" in cases:
+            proxy = DelayProxy(s3.ports["s3"], F.TRANSFER["delay_s"])
+            proxy.loop.set_exception_handler(lambda loop, context: None)  # a dead server's refusals: expected here
+            for step in [s for s in ("upload", "download") if s in steps]:
+                done += [t.s3_gone(step, when, proxy.url) for when in ("before", "mid")]
+        for case in ("hub-unreachable", "no-such-hub-id"):
+            if case in cases:
+                hf_home = work / "empty-hf-home"
+                shutil.rmtree(hf_home, ignore_errors=True)
+                for step, loaders in [(s, v) for s, v in HUB_LOADERS.items() if s in steps]:
+                    chosen = loaders if case == "hub-unreachable" else loaders[:1]
+                    for loader, field, value in chosen:
+                        value = value if case == "hub-unreachable" else value.replace(value.strip("[]"), NO_SUCH_ID)
+                        done.append(t.hub(case, step, loader, field, value, hf_home))
+        if "model-server-gone" in cases and "query" in steps:
             h.close()  # the zygote's memory is not needed while the runtime runs
-            models_dir = h._snapshot("export") / "export" / "caikit"
-
-            def serve(t: int, f: float) -> dict[str, Any]:
-                return model_server_trial(models_dir, t, f, seed, results, command)
-
-            hit = lambda r: r["outcome"] != "not interrupted"  # noqa: E731 - one line, read where it is used
-            until("model-server-kill", "model-server", 2 * trials, hit, serve, 0)
+            fractions = iter(F.fractions(seed, "model-server", 2))
+            for client in ("http", "grpc"):
+                done += [t.model_server_gone(client, when, next(fractions, 0.5)) for when in ("before", "mid")]
     return done
+
+
+# -- the report ---------------------------------------------------------------------------------------------------
+
+
+def load_env_records(results: Path = ENV_RESULTS) -> list[dict[str, Any]]:
+    """The records of this script, by case, seed and trial (records of retired cases are skipped)."""
+    records = [json.loads(p.read_text()) for case in ENV_CASES for p in sorted((results / case).glob("seed*.json"))]
+    order = (*F.STEPS, "query")
+    return sorted(records, key=lambda r: (ENV_CASES.index(r["case"]), r["seed"], order.index(r["step"]), r["trial"]))
+
+
+_ENV_TEXT = {
+    "disk-full": (
+        "**The disk full**: the run directory is a tmpfs of the inputs' size plus f x what the step writes (f seeded, "
+        "one draw in each slice of [0, 0.95)): a real ENOSPC (`method` rlimit-fsize: a file-size limit of f x the "
+        "largest file, EFBIG, where no tmpfs could be mounted). After a failure the tmpfs is grown and the step rerun "
+        "to its end: it must give the reference's output without redoing finished units."
+    ),
+    "s3-gone": (
+        "**The S3 server gone**: SeaweedFS SIGKILLed before the command, or once the transfer (through a delay proxy) "
+        "has stored its first object or file; started again only after the command exited, then the step is rerun "
+        "and compared."
+    ),
+    "model-server-gone": (
+        "**The model server gone**: the caikit runtime serving the offline export SIGKILLed before `detox-sft query`, "
+        f"or during its request (through a delay proxy of {PROXY_DELAY_S} s each way: f x the round trip after the "
+        "command's connection reached it)."
+    ),
+    "hub-unreachable": (
+        "**The hub unreachable**: `HF_HUB_OFFLINE=1` and an empty HF cache, each loader of each step given a hub id "
+        "in turn (a recipe flag)."
+    ),
+    "no-such-hub-id": f"**A hub id that does not exist** (`{NO_SUCH_ID}`), one loader per step, as above.",
+}
+
+
+def render_env(records: list[dict[str, Any]]) -> list[str]:
+    """FAULTS.md's section on the faults of the environment: per step and case, the command's exit status against the
+    expected class's, whether a traceback showed, and its message."""
+    lines = ["", "## Faults of the environment", "", "Made by `benchmarks/faults_env.py` (in `make faults`). "]
+    lines[-1] += (
+        "Each trial runs the `detox-sft` command and reads its exit status and stderr: survived = the exit status of "
+        "the expected typed error (`detox-sft --help`: 3 no room on the disk, 4 S3 unreachable, 5 model server "
+        "unreachable, 6 hub unreachable or no such id), no traceback, a message naming the fix, no false done, and "
+        "(disk full) the rerun gives the reference's output. Records in `benchmarks/results/faults/env/`; commits: "
+        + ", ".join(sorted({f"`{r['provenance']['commit'][:7]}`" for r in records if r.get("provenance")}))
+    )
+    for case in ENV_CASES:
+        rs = [r for r in records if r["case"] == case]
+        if not rs:
+            continue
+        outcomes = sorted({r["outcome"] for r in rs})
+        tally = ", ".join(f"{sum(r['outcome'] == o for r in rs)} {o}" for o in outcomes)
+        lines += ["", _ENV_TEXT[case], "", f"{len(rs)} trials: {tally}", ""]
+        lines += [
+            "| trial | step | fault | exit | expected | traceback | message (its start and its fix) | rerun | outcome |",
+            "|---:|---|---|---:|---|---|---|---|---|",
+        ]
+        for r in rs:
+            if case == "disk-full":
+                fault = (
+                    f"{r['method']}: room {r['room_bytes']} B of {r['output_bytes']} B written ({r['fraction']:.2f})"
+                )
+            elif case == "s3-gone":
+                fault = f"killed {r['when']}" + (f" ({r['server_killed_after_s']} s)" if r["when"] == "mid" else "")
+            elif case == "model-server-gone":
+                after = f" ({r['kill_at_s_after_connect']} s after its request)" if r["when"] == "mid" else ""
+                fault = f"{r['client']}, killed {r['when']}{after}"
+            else:
+                fault = f"{r['loader']}: `--{r['field']} {r['value']}`"
+            details = "; ".join(r.get("redone", []) + r.get("differences", []) + r.get("false_done", []))
+            rerun = "" if "rerun_rc" not in r else (details or "same as the reference")
+            message = r["message"]
+            if len(message) > 200:  # its start and its fix
+                head, fix = message.split("Fix:", 1) if "Fix:" in message else (message, "")
+                message = head[:100] + " … " + (f"Fix:{fix}"[:100] if fix else "")
+            message = message.replace("|", "/")
+            lines.append(
+                f"| {r['trial']} | {r['step']} | {fault} | {r['rc']} | {r['expected_class']} ({r['expected_status']}) "
+                f"| {'yes' if r['traceback'] else 'no'} | {message} | {rerun.replace('|', '/')} | {r['outcome']} |"
+            )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
-    parser.add_argument("--trials", type=int, default=4, help="trials per step (model server: twice this)")
+    parser.add_argument("--trials", type=int, default=2, help="disk-full trials per step (default 2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", nargs="+", choices=(*F.STEPS, "query"), default=(), help="default: all")
     parser.add_argument("--work", default=None, help="scratch directory (default: benchmarks/results/faults-work)")
-    parser.add_argument("--redo", action="store_true", help="run trials whose record exists again")
+    parser.add_argument("--results", default=str(ENV_RESULTS), help="where the records go")
+    parser.add_argument("--no-report", action="store_true", help="do not regenerate FAULTS.md")
     args = parser.parse_args(argv)
-    command = " ".join([".venv/bin/python", "benchmarks/faults_env.py", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join([".venv/bin/python", "benchmarks/faults_env.py", *(sys.argv[1:] if argv is None else argv)])
     work = Path(args.work) if args.work else F.ROOT / "benchmarks" / "results" / "faults-work"
-    run_cases(args.cases, work, args.seed, args.trials, ENV_RESULTS, command, args.redo)
-    print(f"[faults-env] report: {F.write_report()}")
+    run_cases(args.cases, work, args.seed, args.trials, Path(args.results), command, tuple(args.steps))
+    if not args.no_report:
+        print(f"[faults-env] report: {F.write_report()}")
     return 0
 
 

@@ -1,74 +1,40 @@
-"""Ties each benchmark record to the code it measured, and says which records are stale.
+"""Ties each record to the code it measured, and says which records are stale.
 
-A benchmark calls ``args = parse_args(parser, argv)`` (which adds ``--force``), then ``prov = start(parser, args,
-RESULTS, __file__)`` before measuring: it refuses to overwrite a record made with other parameters and captures the
-commit, whether the tree was clean, the command line and the blob hash of every file measured (the script and the
-``detox_sft``/``detox_sft_dev`` modules it imports, found from grimp's import graph). It stores ``prov`` under the
-record's ``"provenance"`` key and writes the record with ``write``.
+Records: the benchmarks' ``benchmarks/results/*.json``, the fault trials' ``benchmarks/results/faults/**/*.json`` and
+the demo's ``results/*/record.json``. Each keeps, under ``"provenance"``, what :func:`capture` took as its run started
+(the commit, whether the tree was clean, the command line, the blob hash of every file measured: the entry point and
+the package modules it imports, from grimp's import graph).
 
-``.venv/bin/python benchmarks/provenance.py`` prints each record's status (fresh, stale since <commit>, or no
-provenance); ``--commands`` prints each record's own command, which ``make bench`` reruns.
+* A benchmark calls ``args = parse_args(parser, argv)`` (which adds ``--force``), then ``prov = start(parser, args,
+  RESULTS, __file__)`` before measuring (it refuses to overwrite a record made with other parameters), stores ``prov``
+  under the record's ``"provenance"`` key and writes the record with :func:`write`.
+* Any other run: ``prov = capture(__file__)`` (or ``capture(script, command=argv)``) at its start; the demo stores
+  its own in ``runs/<stamp>/provenance.json`` and ``benchmarks/record_run.py`` copies it into the record.
+* :func:`status` says "fresh", "stale since <commit>: <files>", "foreign ...: re-measure" or "no provenance:
+  re-measure"; :func:`page_line` is that status as a Markdown line for a page (FAULTS.md prints one per record).
+
+``.venv/bin/python benchmarks/provenance.py`` prints every record's status; ``--pages`` rewrites BENCHMARKS.md's
+record-status block (tests/test_benchmarks.py fails when the block disagrees with the records); ``--commands``
+prints each benchmark record's own command, which ``make bench`` reruns.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib.util
 import json
-import os
 import re
 import shlex
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from detox_sft.files import atomic_write_text
+from detox_sft_dev.provenance import ROOT, capture, git, relative
+
+__all__ = ["capture", "page_line", "parse_args", "records", "render_pages", "start", "status", "write"]
+
 RESULTS = ROOT / "benchmarks" / "results"
-PACKAGES = ("detox_sft", "detox_sft_dev")
-
-
-def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-
-
-def _relative(path: str | Path) -> str:
-    path = Path(path).resolve()
-    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
-
-
-def measured_files(script: str | Path) -> list[str]:
-    """The script and every package module it imports (anywhere in it, and transitively), as repository paths."""
-    import grimp
-
-    imported = set()
-    for node in ast.walk(ast.parse(Path(script).read_text())):  # function-level imports too: the benchmarks defer them
-        if isinstance(node, ast.Import):
-            imported |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            # `from detox_sft import storage` imports the module detox_sft.storage
-            imported |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
-    graph = grimp.build_graph(*PACKAGES, cache_dir=None)
-    modules = set()
-    for module in imported & graph.modules:
-        modules |= {module} | graph.find_upstream_modules(module)
-    # importing a module runs its parents' __init__ first
-    modules |= {".".join(m.split(".")[:i]) for m in modules for i in range(1, m.count(".") + 1)}
-    paths = {_relative(script)} | {_relative(importlib.util.find_spec(m).origin) for m in modules}
-    return sorted(paths)
-
-
-def capture(script: str | Path) -> dict:
-    """The commit, tree cleanliness, command line and measured files' blob hashes, as the run starts."""
-    files = measured_files(script)
-    blobs = _git("hash-object", "--", *files).split()
-    return {
-        "commit": _git("rev-parse", "HEAD"),
-        "clean": _git("status", "--porcelain") == "",
-        "command": [_relative(sys.argv[0]), *sys.argv[1:]],
-        "files": dict(zip(files, blobs, strict=True)),
-    }
+PAGE = ROOT / "BENCHMARKS.md"
+BLOCK = re.compile(r"(<!-- record status:.*?-->\n).*?(<!-- end record status -->)", re.S)
 
 
 def recorded_command(record_path: Path) -> list[str] | None:
@@ -79,9 +45,7 @@ def recorded_command(record_path: Path) -> list[str] | None:
         return record["provenance"]["command"]
     text = record.get("command")
     if text is None:
-        section = re.search(
-            rf"^## {record_path.stem} — .*?(?=^## |\Z)", (ROOT / "BENCHMARKS.md").read_text(), re.M | re.S
-        )
+        section = re.search(rf"^## {record_path.stem} — .*?(?=^## |\Z)", PAGE.read_text(), re.M | re.S)
         found = section and re.search(r"Reproduce[^`]*`([^`]+)`", section.group(0))
         text = found.group(1) if found else None
     if text is None:
@@ -111,7 +75,7 @@ def start(parser: argparse.ArgumentParser, args: argparse.Namespace, record_path
         if differ:
             changes = ", ".join(f"--{k.replace('_', '-')} {before.get(k)!r} -> {now[k]!r}" for k in differ)
             raise SystemExit(
-                f"{_relative(record_path)} was made by `{shlex.join(recorded)}`; this run differs ({changes}). "
+                f"{relative(record_path)} was made by `{shlex.join(recorded)}`; this run differs ({changes}). "
                 "Rerun with its command (`make bench` does) or pass --force to replace it."
             )
     return capture(script)
@@ -119,47 +83,90 @@ def start(parser: argparse.ArgumentParser, args: argparse.Namespace, record_path
 
 def write(record_path: Path, record: dict) -> None:
     """Write the record atomically (a rerun trusts it)."""
-    record_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=record_path.parent, suffix=".tmp", delete=False) as fh:
-        fh.write(json.dumps(record, indent=2) + "\n")
-    os.replace(fh.name, record_path)
+    atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
 
 
-def status(record: dict) -> str:
-    """ "fresh", "stale since <commit>: <files>" (a measured file's blob differs from HEAD's), or "no provenance:
-    re-measure"."""
+def status(record: dict, root: Path = ROOT) -> str:
+    """The record's standing against the code in ``root``'s work tree.
+
+    Returns:
+        "fresh" (every measured file as it was measured), "stale since <commit>: <files>" (the first later commit
+        that changed one; "<commit> (uncommitted changes)" when no commit did), "foreign commit <commit> (not an
+        ancestor of HEAD): re-measure", or "no provenance: re-measure".
+    """
     prov = record.get("provenance")
     if prov is None:
         return "no provenance: re-measure"
+    commit = prov["commit"]
+    if subprocess.run(["git", "merge-base", "--is-ancestor", commit, "HEAD"], cwd=root, capture_output=True).returncode:
+        return f"foreign commit {commit[:7]} (not an ancestor of HEAD): re-measure"
     files = prov["files"]
-    head = dict(line.split()[2:4][::-1] for line in _git("ls-tree", "HEAD", "--", *files).splitlines())
-    changed = sorted(f for f, blob in files.items() if head.get(f) != blob)
+    present = [f for f in files if (root / f).is_file()]
+    now = dict(zip(present, git("hash-object", "--", *present, root=root).split(), strict=True)) if present else {}
+    changed = sorted(f for f, blob in files.items() if now.get(f) != blob)
     if not changed:
         return "fresh"
-    since = _git("log", "--reverse", "--format=%h", f"{prov['commit']}..HEAD", "--", *changed).split()
-    if not since:  # no later commit touched them: the run measured uncommitted changes
-        return f"stale since {prov['commit'][:7]} (measured uncommitted changes): {', '.join(changed)}"
-    return f"stale since {since[0]}: {', '.join(changed)}"
+    since = git("log", "--reverse", "--format=%h", f"{commit}..HEAD", "--", *changed, root=root).split()
+    since_text = since[0] if since else f"{commit[:7]} (uncommitted changes)"
+    return f"stale since {since_text}: {', '.join(changed)}"
 
 
-def records() -> list[Path]:
-    """The benchmark records (benchmarks/results/*.json; not the fault records)."""
-    return sorted(RESULTS.glob("*.json"))
+def page_line(record: dict, root: Path = ROOT) -> str:
+    """The record's status as one Markdown line for a page: "**stale since <commit>**: files (measured at <commit>,
+    clean tree)", "fresh (measured at ...)", "**no provenance: re-measure**"."""
+    prov = record.get("provenance")
+    text = status(record, root)
+    if prov is None:
+        return f"**{text}**"
+    state, _, rest = text.partition(": ")
+    at = f"measured at {prov['commit'][:7]}, {'clean tree' if prov['clean'] else 'tree not clean'}"
+    if state == "fresh":
+        return f"fresh ({at})"
+    return f"**{state}**: {rest} ({at})"
+
+
+def records(kind: str = "all", root: Path = ROOT) -> list[Path]:
+    """The records: "bench" (benchmarks/results/*.json), "faults" (benchmarks/results/faults/**/*.json), "results"
+    (results/*/record.json, the demo's and the rehearsal's), or "all"."""
+    found = {
+        "bench": sorted((root / "benchmarks" / "results").glob("*.json")),
+        "results": sorted((root / "results").glob("*/record.json")),
+        "faults": sorted((root / "benchmarks" / "results" / "faults").rglob("*.json")),
+    }
+    return [p for k in ("bench", "results", "faults") if kind in (k, "all") for p in found[k]]
+
+
+def render_pages(page: Path = PAGE, root: Path = ROOT) -> str:
+    """``page`` with its record-status block listing each benchmark and results record's :func:`page_line`."""
+    lines = [
+        f"- `{relative(path, root)}`: {page_line(json.loads(path.read_text()), root)}"
+        for path in records("bench", root) + records("results", root)
+    ]
+    text = page.read_text()
+    if not BLOCK.search(text):
+        raise SystemExit(f"{page} has no '<!-- record status: ... -->' ... '<!-- end record status -->' block")
+    return BLOCK.sub(lambda m: m.group(1) + "\n".join(lines) + "\n" + m.group(2), text)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print each record's status, or with ``--commands`` each record's own command (one a line)."""
+    """Print each record's status; ``--pages`` rewrites BENCHMARKS.md's status block; ``--commands`` prints each
+    benchmark record's command (one a line)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--commands", action="store_true", help="print each record's command, for `make bench`")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--commands", action="store_true", help="print each benchmark's command, for `make bench`")
+    group.add_argument("--pages", action="store_true", help="rewrite BENCHMARKS.md's record-status block")
     args = parser.parse_args(argv)
-    for path in records():
+    if args.pages:
+        atomic_write_text(PAGE, render_pages())
+        return 0
+    for path in records("bench" if args.commands else "all"):
         if args.commands:
             command = recorded_command(path)
             if command is None:
-                raise SystemExit(f"{_relative(path)}: no command recorded; add a Reproduce: line to BENCHMARKS.md")
+                raise SystemExit(f"{relative(path)}: no command recorded; add a Reproduce: line to BENCHMARKS.md")
             print(shlex.join(command))
         else:
-            print(f"{_relative(path)}: {status(json.loads(path.read_text()))}")
+            print(f"{relative(path)}: {status(json.loads(path.read_text()))}")
     return 0
 
 

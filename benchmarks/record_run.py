@@ -6,8 +6,10 @@ Copies from a run (``runs/<stamp>`` made by ``make demo``, or its ``run/`` direc
 * ``summary.md``: its results tables (``eval/summary.md``);
 * ``rephrase_summary.json``: the rephrase step's counts and toxicity before / after;
 * ``notebooks/<name>.json``: what each notebook recorded (:func:`detox_sft.notebook.record`);
-* ``record.json``: recipe, run, git commit, machine (platform, CPU model, cores), date, and the headline numbers as
-  README quotes them (:func:`detox_sft.evaluation.headline_numbers`).
+* ``record.json``: recipe, run, machine (platform, CPU model, cores), date, the headline numbers as README quotes them
+  (:func:`detox_sft.evaluation.headline_numbers`), and from the demo's run directory: the provenance the demo took as
+  it started (commit, clean tree, command, measured files: ``benchmarks/provenance.py`` says whether it is stale) and
+  the CPU capability torch dispatched to in each notebook's kernel, with the recipe's CPU pins (``cpu``).
 
 Run: ``.venv/bin/python benchmarks/record_run.py runs/<stamp> results/offline``. The record is written to a temporary
 directory next to the target and swapped in whole; ``tests/test_results_record.py`` then checks README against it.
@@ -20,7 +22,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +31,7 @@ from typing import Any
 from detox_sft.config import RunPaths
 from detox_sft.evaluation import headline_numbers
 
-__all__ = ["BIG_FIELDS", "find_run", "machine", "git_state", "record_run", "main"]
+__all__ = ["BIG_FIELDS", "find_run", "machine", "run_provenance", "record_run", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 # per-continuation or per-prompt data: the record keeps summaries only
@@ -81,19 +82,17 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def git_state(root: Path = ROOT) -> dict[str, Any]:
-    """The checked-out commit and whether the work tree had changes (``None`` outside a git checkout)."""
-
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip()
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": None if status is None else bool(status)}
+def run_provenance(run_dir: Path) -> dict[str, Any]:
+    """What the demo wrote beside ``run_dir`` as it ran: ``{"provenance": ..., "cpu": {notebook: {"torch_cpu_capability",
+    "env"}}}``, each key only when its files exist (notebooks run by hand leave neither)."""
+    demo = run_dir.parent if run_dir.name == "run" else run_dir
+    found: dict[str, Any] = {}
+    if (demo / "provenance.json").is_file():
+        found["provenance"] = json.loads((demo / "provenance.json").read_text())
+    kernels = sorted((demo / "kernels").glob("*.json"))
+    if kernels:
+        found["cpu"] = {k.stem: json.loads(k.read_text()) for k in kernels}
+    return found
 
 
 def _strip(value: Any) -> Any:
@@ -142,7 +141,7 @@ def record_run(run: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> 
             "run": str(run_dir.parent.name if run_dir.name == "run" else run_dir.name),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(paths.results.stat().st_mtime)),
             "recorded": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "git": git_state(),
+            **run_provenance(run_dir),
             "machine": machine(),
             "headline_scorer": summary["headline_scorer"],
             "headline": headline_numbers(summary),
@@ -176,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"record_run: {exc}", file=sys.stderr)
         return 1
     record = json.loads(path.read_text())
-    print(f"recorded {record['run']} ({record['recipe']}, commit {record['git']['commit']}) in {path.parent}")
+    commit = record["provenance"]["commit"][:7] if "provenance" in record else "unknown: no provenance.json"
+    print(f"recorded {record['run']} ({record['recipe']}, commit {commit}) in {path.parent}")
     for key, text in record["headline"].items():
         print(f"  {key}: {text}")
     print("README.md must quote each of these (tests/test_results_record.py checks it).")

@@ -144,21 +144,44 @@ def _git(*args: str) -> str:
 
 
 def test_every_record_was_measured_on_an_ancestor_of_head_or_says_re_measure():
-    """A record with provenance names a commit that HEAD descends from (a record from a rebased-away or foreign commit
-    cannot say what it measured); one without is reported "no provenance: re-measure", never passed as fresh."""
+    """Every record (benchmarks/results, its faults/, results/) with provenance names a commit that HEAD descends from
+    (a record from a rebased-away or foreign commit cannot say what it measured); one without is reported "no
+    provenance: re-measure", never passed as fresh."""
     import json
-    import subprocess
 
     prov = _provenance()
-    for path in prov.records():
+    paths = prov.records()
+    assert {"benchmarks/results/s3.json", "results/offline/record.json"} <= {
+        p.relative_to(_ROOT).as_posix() for p in paths
+    }
+    assert any("/faults/" in p.as_posix() for p in paths)
+    for path in paths:
         record = json.loads(path.read_text())
+        text = prov.status(record)
         if "provenance" not in record:
-            assert prov.status(record) == "no provenance: re-measure"
+            assert text == "no provenance: re-measure"
             continue
         commit = record["provenance"]["commit"]
-        ancestor = subprocess.run(["git", "merge-base", "--is-ancestor", commit, "HEAD"], cwd=_ROOT)
-        assert ancestor.returncode == 0, f"{path.name}: commit {commit} is not an ancestor of HEAD; re-measure"
-        assert prov.status(record) == "fresh" or prov.status(record).startswith("stale since ")
+        assert not text.startswith("foreign"), f"{path}: commit {commit} is not an ancestor of HEAD; re-measure"
+        assert text == "fresh" or text.startswith("stale since "), text
+
+
+def _commit_labels_hidden(text: str) -> str:
+    import re
+
+    return re.sub(r"stale since [0-9a-f]{7,}( \(uncommitted changes\))?", "stale since <commit>", text)
+
+
+def test_benchmarks_md_shows_each_records_computed_status():
+    """BENCHMARKS.md's record-status block is what `provenance.py --pages` writes now: each record, fresh or stale, and
+    the files that changed. The commit named in "stale since" is not compared: the commit that makes a record stale
+    cannot be named in its own page (before it, the page says "(uncommitted changes)")."""
+    prov = _provenance()
+    page = (_ROOT / "BENCHMARKS.md").read_text()
+    block = prov.BLOCK.search(page).group(0)
+    assert _commit_labels_hidden(block) == _commit_labels_hidden(prov.BLOCK.search(prov.render_pages()).group(0)), (
+        "BENCHMARKS.md's record status is out of date: run `.venv/bin/python benchmarks/provenance.py --pages`"
+    )
 
 
 def test_capture_names_the_commit_command_and_the_imported_modules_with_their_blobs():
@@ -167,7 +190,7 @@ def test_capture_names_the_commit_command_and_the_imported_modules_with_their_bl
     prov = _provenance()
     captured = prov.capture(_ROOT / "benchmarks" / "s3.py")
     assert captured["commit"] == _git("rev-parse", "HEAD")
-    assert captured["clean"] == (_git("status", "--porcelain") == "")
+    assert captured["clean"] == (_git("status", "--porcelain", "--untracked-files=no") == "")
     assert captured["command"][1:] == sys.argv[1:]
     files = captured["files"]
     assert {"benchmarks/s3.py", "src/detox_sft/storage.py", "src/detox_sft/__init__.py", "src/detox_sft_dev/s3.py"} <= (
@@ -178,15 +201,101 @@ def test_capture_names_the_commit_command_and_the_imported_modules_with_their_bl
         assert blob == _git("hash-object", path)
 
 
-def test_a_record_whose_measured_file_changed_since_is_flagged_stale():
-    """Status compares each measured file's blob with HEAD's: equal is fresh; a file changed by a later commit makes
-    the record "stale since <that commit>"."""
+def test_the_demo_measures_its_notebooks_their_imports_the_recipe_and_the_zoo():
+    """A notebook's code cells count as a script (magics skipped); the zoo, reached through an entry point, is named."""
+    from detox_sft_dev.provenance import measured_files
+
+    files = measured_files(
+        _ROOT / "notebooks" / "1-sft.ipynb", _ROOT / "recipes" / "offline.yaml", modules=["detox_sft_dev.zoo"]
+    )
+    assert {
+        "notebooks/1-sft.ipynb",
+        "recipes/offline.yaml",
+        "src/detox_sft/training.py",
+        "src/detox_sft_dev/zoo/build.py",
+    } <= set(files)
+    assert "src/detox_sft_dev/demo.py" not in files
+
+
+def _repo(tmp_path):
+    """A git repository with one measured module, a benchmark record of it and a page with a status block."""
+    import json
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q", "-b", "main")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    (tmp_path / "m.py").write_text("x = 1\n")
+    git("add", "m.py")
+    git("commit", "-qm", "m")
+    prov = {
+        "commit": git("rev-parse", "HEAD"),
+        "clean": True,
+        "command": ["b.py"],
+        "files": {"m.py": git("hash-object", "m.py")},
+    }
+    record = tmp_path / "benchmarks" / "results" / "b.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"provenance": prov}))
+    page = tmp_path / "BENCHMARKS.md"
+    page.write_text("# B\n\n<!-- record status: generated -->\n- old line\n<!-- end record status -->\n\n## b\n")
+    return git, {"provenance": prov}, page
+
+
+def test_a_record_whose_measured_file_changed_since_is_flagged_stale_on_the_page(tmp_path):
+    """Status compares each measured file with the tree: unchanged is fresh; an uncommitted change is "stale since
+    <commit> (uncommitted changes)"; once committed, "stale since <that commit>"; the page's block says so, bold."""
     prov = _provenance()
-    newest, older = _git("log", "-2", "--format=%H", "--", "README.md").split()
-    fresh = {"provenance": {"commit": newest, "files": {"README.md": _git("rev-parse", f"{newest}:README.md")}}}
-    assert prov.status(fresh) == "fresh"
-    measured_before = {"provenance": {"commit": older, "files": {"README.md": _git("rev-parse", f"{older}:README.md")}}}
-    assert prov.status(measured_before) == f"stale since {newest[:7]}: README.md"
+    git, record, page = _repo(tmp_path)
+    measured_at = record["provenance"]["commit"][:7]
+    assert prov.status(record, tmp_path) == "fresh"
+    assert "- `benchmarks/results/b.json`: fresh (measured at" in prov.render_pages(page, tmp_path)
+    (tmp_path / "m.py").write_text("x = 2\n")
+    assert prov.status(record, tmp_path) == f"stale since {measured_at} (uncommitted changes): m.py"
+    git("commit", "-qam", "change m")
+    changed = git("rev-parse", "--short=7", "HEAD")
+    assert prov.status(record, tmp_path) == f"stale since {changed}: m.py"
+    rendered = prov.render_pages(page, tmp_path)
+    assert (
+        f"- `benchmarks/results/b.json`: **stale since {changed}**: m.py (measured at {measured_at}, clean tree)"
+        in rendered
+    )
+    assert "old line" not in rendered and rendered.endswith("<!-- end record status -->\n\n## b\n")
+
+
+def test_a_record_whose_commit_is_not_an_ancestor_of_head_is_foreign(tmp_path):
+    """A record measured on a commit HEAD does not descend from (another branch, a rewritten history) is "foreign",
+    which the record test above fails on, even when its files match."""
+    prov = _provenance()
+    git, record, _ = _repo(tmp_path)
+    git("checkout", "-q", "-b", "side")
+    git("commit", "-q", "--allow-empty", "-m", "side")
+    side = git("rev-parse", "HEAD")
+    git("checkout", "-q", "main")
+    record["provenance"]["commit"] = side
+    assert prov.status(record, tmp_path) == f"foreign commit {side[:7]} (not an ancestor of HEAD): re-measure"
+    assert prov.page_line(record, tmp_path).startswith("**foreign commit")
+
+
+def test_record_run_takes_the_demos_start_provenance_and_each_kernels_cpu(tmp_path):
+    """record_run copies what the demo wrote as it ran (provenance.json, kernels/<notebook>.json), never the git state
+    at recording time; a run without them gets neither key."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("record_run", _BENCH.with_name("record_run.py"))
+    record_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(record_run)
+    demo = tmp_path / "20270101-000000"
+    (demo / "kernels").mkdir(parents=True)
+    prov = {"commit": "0" * 40, "clean": True, "command": ["detox-sft-dev", "demo"], "files": {}}
+    (demo / "provenance.json").write_text(json.dumps(prov))
+    cpu = {"torch_cpu_capability": "AVX2", "env": {"ATEN_CPU_CAPABILITY": "avx2"}}
+    (demo / "kernels" / "2-eval.json").write_text(json.dumps(cpu))
+    assert record_run.run_provenance(demo / "run") == {"provenance": prov, "cpu": {"2-eval": cpu}}
+    assert record_run.run_provenance(tmp_path / "other" / "run") == {}
 
 
 def test_a_benchmark_refuses_to_overwrite_a_record_made_with_other_parameters(tmp_path):
@@ -213,3 +322,22 @@ def test_a_benchmark_refuses_to_overwrite_a_record_made_with_other_parameters(tm
     assert prov.start(p, prov.parse_args(p, ["--repeat", "5"]), record, script)["files"]
     p = parser()
     assert prov.start(p, prov.parse_args(p, ["--force"]), record, script)["files"]
+
+
+# --- the same numbers on any machine: the recipe's cpu_isa pins each kernel's arithmetic ----------------------------
+
+
+def test_the_avx2_pins_reach_a_child_process_and_its_kernel_record_names_them(tmp_path):
+    """A process started with CPU_PINS["avx2"] (as the demo starts its kernels) dispatches torch to AVX2, and
+    kernel_setup records that capability and the pins as the kernel saw them."""
+    import json
+    import os
+    import subprocess
+
+    from detox_sft_dev.demo import CPU_PINS
+
+    record = tmp_path / "kernel.json"
+    code = f"from detox_sft_dev.demo import kernel_setup; kernel_setup({str(record)!r})"
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, **CPU_PINS["avx2"]}, check=True, timeout=120)
+    seen = json.loads(record.read_text())
+    assert seen["torch_cpu_capability"] == "AVX2" and seen["env"] == CPU_PINS["avx2"] and seen["torch_threads"] >= 1

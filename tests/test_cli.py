@@ -1,6 +1,9 @@
+import contextlib
 import importlib
+import json
 import os
 import pkgutil
+import resource
 import subprocess
 import sys
 
@@ -210,9 +213,12 @@ def test_every_package_error_reaches_the_user_without_a_traceback(monkeypatch, t
     err = capsys.readouterr().err
     assert "detox-sft export: the message of the error. Fix: what to do" in err
     assert "Traceback" not in err
-    # bad input exits 2, a failed step 1 (EngineFailed, a RephraseError raised when the engine itself breaks, is one)
+    # bad input exits 2, a failed step 1 (EngineFailed, a RephraseError raised when the engine itself breaks, is one);
+    # no room 3, an unreachable S3 endpoint 4, model server 5, hub 6
     failed_step = issubclass(cls, cli.STEP_ERRORS) or not issubclass(cls, cli.INPUT_ERRORS)
-    assert code == (1 if failed_step else 2)
+    unreachable = {"detox_sft.storage.S3UnavailableError": 4, "detox_sft.clients.ServerUnavailable": 5}
+    unreachable |= {"detox_sft.files.NoRoomError": 3, "detox_sft.cli.HubUnavailable": 6}
+    assert code == unreachable.get(name, 1 if failed_step else 2)
     if name.endswith("EngineFailed"):
         assert code == 1
 
@@ -228,24 +234,166 @@ def test_an_unexpected_error_keeps_its_traceback(monkeypatch, tmp_path):
         main(["export", "--recipe", "offline", "--run-dir", str(tmp_path)])
 
 
-@pytest.mark.parametrize("code", ["ENOSPC", "EFBIG"])
-def test_no_room_on_the_disk_is_a_message_with_the_fix_not_a_traceback(monkeypatch, tmp_path, capsys, code):
-    import errno
-    import os
+def _write_safetensors(path):
+    import safetensors.torch
+    import torch
+
+    safetensors.torch.save_file({"w": torch.zeros(50_000)}, path)
+
+
+def _write_torch(path):
+    import torch
+
+    torch.save({"w": torch.zeros(50_000)}, path)  # as the Trainer saves optimizer.pt
+
+
+def _write_tokenizer(path):
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"word{i}": i for i in range(20_000)}
+    Tokenizer(models.WordLevel(vocab, unk_token="word0")).save(path)  # as a checkpoint saves the tokenizer
+
+
+def _write_sqlite(path):
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # as the rephrase cache
+        conn.executescript("CREATE TABLE t (x); INSERT INTO t VALUES (zeroblob(200000));")
+
+
+def _write_plain(path):
+    with open(path, "wb") as fh:  # as json, matplotlib's savefig or boto3's download write
+        fh.write(b"x" * 200_000)
+
+
+WRITERS = {"safetensors": _write_safetensors, "torch.save": _write_torch, "sqlite": _write_sqlite, "open": _write_plain}
+WRITERS["tokenizers"] = _write_tokenizer
+
+
+@contextlib.contextmanager
+def _full_dir(tmp_path, how):
+    """A directory where writes fail as on a full disk: a 64 KiB tmpfs (ENOSPC; root only) or a 64 KiB file-size
+    limit on this process (EFBIG, as ``ulimit -f`` sets it; lifted right after)."""
+    if how == "tmpfs":
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(tmp_path)], check=True)
+        try:
+            yield tmp_path
+        finally:
+            subprocess.run(["umount", "--lazy", str(tmp_path)], check=True)  # (the failed writer may hold a file)
+    else:
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+        try:
+            yield tmp_path
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+@pytest.mark.parametrize("how", ["tmpfs", "fsize"])
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_a_full_disk_under_any_library_exits_3_with_the_fix(monkeypatch, tmp_path, capsys, writer, how):
+    """Issue 24: safetensors, tokenizers, torch.save, SQLite and a plain write each report a full disk their own way
+    (an errno in the text, no errno, SQLITE_FULL, OSError 27/28); the command turns each into one message, exit 3, no traceback."""
+    if (writer, how) == ("sqlite", "fsize"):
+        pytest.skip("SQLite reports a write past the file-size limit as SQLITE_IOERR_WRITE, not as a full disk")
+    (tmp_path / "full").mkdir()
+    with _full_dir(tmp_path / "full", how) as full, pytest.raises(Exception) as raised:
+        WRITERS[writer](str(full / "out.bin"))
+    assert cli.no_room(raised.value) is not None, repr(raised.value)
 
     def fail(*args, **kwargs):
-        number = getattr(errno, code)
-        raise OSError(number, os.strerror(number), str(tmp_path / "export" / "model.safetensors"))
+        raise raised.value
 
     monkeypatch.setattr(cli, "export_model", fail)
-    assert main(["export", "--recipe", "offline", "--run-dir", str(tmp_path)]) == 1
+    assert main(["export", "--recipe", "offline", "--run-dir", str(tmp_path / "run")]) == 3
     err = capsys.readouterr().err
-    assert f"no room to write {tmp_path / 'export' / 'model.safetensors'}" in err and "rerun the same command" in err
-    assert "Traceback" not in err
+    assert err.startswith("detox-sft export: no room to write") and "Fix: free disk space" in err, err
+    assert "rerun the same command" in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_a_package_error_caused_by_a_full_disk_keeps_its_message_and_exits_3(monkeypatch, tmp_path, capsys):
+    """The rephrase cache's own error (it names what is kept) wraps SQLite's "database or disk is full": exit 3."""
+    from detox_sft.rephrase import CacheWriteError
+
+    def fail(*args, **kwargs):
+        import sqlite3
+
+        conn = sqlite3.connect(":memory:")
+        try:  # SQLite's own SQLITE_FULL, from a page limit in place of a disk
+            conn.executescript("PRAGMA max_page_count = 2; CREATE TABLE t (x); INSERT INTO t VALUES (zeroblob(9999));")
+        except sqlite3.OperationalError as exc:
+            raise CacheWriteError("could not write the rephrase cache. Fix: free disk space, rerun") from exc
+
+    monkeypatch.setattr(cli, "export_model", fail)
+    assert main(["export", "--recipe", "offline", "--run-dir", str(tmp_path)]) == 3
+    assert (
+        capsys.readouterr().err == "detox-sft export: could not write the rephrase cache. Fix: free disk space, rerun\n"
+    )
+
+
+def test_a_step_error_that_only_passes_the_hubs_text_on_gets_the_fix_and_exits_6(monkeypatch, tmp_path, capsys):
+    """evaluation's "cannot load the model" wraps transformers' OSError without a fix: the hub's fix is added."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from detox_sft.evaluation import EvaluationError
+
+    def fail(*args, **kwargs):
+        try:
+            raise LocalEntryNotFoundError("Cannot find the requested files in the disk cache")
+        except LocalEntryNotFoundError as exc:
+            raise EvaluationError("cannot load the model 'x/y' (x/y): We couldn't connect") from exc
+
+    monkeypatch.setattr(cli, "export_model", fail)
+    assert main(["export", "--recipe", "offline", "--run-dir", str(tmp_path)]) == 6
+    err = capsys.readouterr().err
+    assert err.startswith("detox-sft export: cannot load the model 'x/y' (x/y): We couldn't connect Fix: use --recipe")
+
+
+def test_other_os_errors_are_not_a_full_disk():
+    import errno
+
+    assert cli.no_room(OSError(errno.EACCES, "Permission denied")) is None
+    assert cli.no_room(RuntimeError("expected scalar type Float")) is None
+
+
+_HUB_PROBE = """
+import json, sys, datasets, transformers
+from detox_sft.cli import _error_message
+loaders = {
+    "model": lambda: transformers.AutoModelForCausalLM.from_pretrained("facebook/opt-350m"),
+    "tokenizer": lambda: transformers.AutoTokenizer.from_pretrained("facebook/opt-350m"),
+    "no such id": lambda: transformers.AutoModelForSeq2SeqLM.from_pretrained("no-such-org/no-such-model"),
+    "scorer": lambda: transformers.pipeline(
+        "text-classification", model="facebook/roberta-hate-speech-dynabench-r4-target"),
+    "dataset": lambda: datasets.load_dataset("allenai/real-toxicity-prompts", split="train"),
+}
+found = {}
+for name, load in loaders.items():
+    try:
+        load()
+    except Exception as exc:
+        found[name] = _error_message(exc)
+print(json.dumps(found))
+"""
+
+
+def test_every_hub_loader_without_the_hub_exits_6_with_the_fix(tmp_path):
+    """transformers (models, tokenizers, pipelines) and datasets raise different errors without the hub
+    (HF_HUB_OFFLINE=1, an empty cache) or for an id that does not exist: each is one message and exit 6."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run([sys.executable, "-c", _HUB_PROBE], capture_output=True, text=True, env=env, check=True)
+    found = json.loads(done.stdout.splitlines()[-1])
+    assert sorted(found) == ["dataset", "model", "no such id", "scorer", "tokenizer"]
+    for message, code in found.values():
+        assert (
+            code == 6 and "cannot load from the Hugging Face hub" in message and "Fix: use --recipe offline" in message
+        )
 
 
 def test_a_missing_hub_is_one_message_naming_the_fix(tmp_path):
-    """Issue 24: the tutorial recipe without the hub (HF_HUB_OFFLINE=1, nothing cached) gives our message, no
+    """Issue 24: the tutorial recipe without the hub (HF_HUB_OFFLINE=1, nothing cached) gives our message, exit 6, no
     traceback. The gate (profanity-check) runs, then TMaRCo's BART load raises transformers' OSError."""
     src = tmp_path / "in.jsonl"
     src.write_text('{"text": "you are a stupid idiot"}\n')
@@ -253,10 +401,31 @@ def test_a_missing_hub_is_one_message_naming_the_fix(tmp_path):
     argv += ["--run-dir", str(tmp_path / "run"), "--no-progress", "--device", "cpu"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # an empty cache
     done = subprocess.run([sys.executable, "-m", "detox_sft.cli", *argv], capture_output=True, text=True, env=env)
-    assert done.returncode == 1, done.stderr[-2000:]
-    assert "the Hugging Face hub cannot be reached (HF_HUB_OFFLINE or no network); use --recipe offline" in done.stderr
+    assert done.returncode == 6, done.stderr[-2000:]
+    assert "detox-sft rephrase: cannot load from the Hugging Face hub" in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr[-2000:]
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_an_unreachable_s3_endpoint_and_model_server_exit_4_and_5(monkeypatch, tmp_path, capsys):
+    """botocore and urllib3 refused by a closed port: the storage and client errors, exit 4 and 5, with the fix."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    closed = "http://127.0.0.1:9"  # the discard port: nothing listens
+    argv = ["download", "models/x", str(tmp_path / "d"), "--endpoint", closed, "--bucket", "b", "--no-progress"]
+    assert main(argv) == 4
+    assert "cannot reach the S3 endpoint" in capsys.readouterr().err
+    assert main(["query", "hello", "--url", closed, "--timeout", "1"]) == 5
+    err = capsys.readouterr().err
+    assert err.startswith("detox-sft query: cannot connect to") and "Fix:" in err
+
+
+def test_help_documents_the_exit_statuses(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "3 no room on the disk" in out and "6 the Hugging Face hub cannot be reached" in out
+    assert {code for _, _, code in cli.EXIT_STATUS} == {1, 2, 3, 4, 5, 6}
 
 
 def test_a_zoo_reference_without_the_dev_package_is_bad_input(monkeypatch, tmp_path, capsys):

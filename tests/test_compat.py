@@ -1,4 +1,5 @@
-"""Each shim in detox_sft.compat is tested twice: it works, and the upstream breakage it covers is still there."""
+"""Each shim in detox_sft.compat and detox_sft_dev.caikit_shims is tested twice: it works, and the upstream breakage it
+covers is still there."""
 
 from __future__ import annotations
 
@@ -264,13 +265,13 @@ def test_numpy_issubclass_shim_still_needed(caikit_facts):
 def test_numpy_issubclass_shim_behaves_like_numpy_1():
     import numpy as np
 
-    from detox_sft import compat
+    from detox_sft_dev import caikit_shims
 
-    compat.restore_numpy_issubclass()
+    caikit_shims.restore_numpy_issubclass()
     assert np.issubclass_(np.int64, np.integer) and np.issubclass_(np.float32, np.floating)
     assert not np.issubclass_(np.float32, np.integer)
     assert np.issubclass_(3, int) is False  # NumPy 1.x returned False instead of raising TypeError
-    assert compat.restore_numpy_issubclass() is False  # idempotent
+    assert caikit_shims.restore_numpy_issubclass() is False  # idempotent
 
 
 def test_bind_to_host_shim_still_needed(caikit_facts):
@@ -280,8 +281,8 @@ def test_bind_to_host_shim_still_needed(caikit_facts):
 
 _BIND_PROBE = """
 import json, socket, grpc, uvicorn
-from detox_sft import compat
-compat.bind_caikit_to_host("127.0.0.1")
+from detox_sft_dev import caikit_shims
+caikit_shims.bind_caikit_to_host("127.0.0.1")
 config = uvicorn.Config(app=None, host="0.0.0.0", port=1)
 server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(1))
 port = server.add_insecure_port("[::]:0")

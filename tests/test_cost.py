@@ -52,11 +52,8 @@ class _SwapEngine:
             out.append(EngineOutput(masked=masked, rephrased=new, changed=new != t))
         return out
 
-    def fingerprint(self):
-        return {"engine": self.name}
-
-    def model_identity(self):
-        return {}
+    def identity(self):
+        return {"settings": {"engine": self.name}, "models": {}}
 
 
 def _gate(texts):
@@ -175,9 +172,10 @@ def test_nontoxic_prompts_are_evaluated_apart_and_leave_the_toxic_results_as_the
     nontoxic = summary_on["nontoxic"]
     assert nontoxic["num_prompts"] == 3 and nontoxic["num_samples"] == 2 and nontoxic["eval_label"] == 0
     assert set(nontoxic["metrics"]) == {"base", "raw", "detox"}
-    for entry in nontoxic["metrics"].values():
-        assert set(entry["toxicity"]) == {"zoo:lexicon", "profanity-check"}
-        assert entry["perplexity"]["value"] > 1 and entry["distinct_2"] is not None
+    for model, entry in nontoxic["metrics"].items():
+        assert set(entry["toxicity"]) == {"zoo:lexicon", "profanity-check"} and entry["distinct_2"] is not None
+        # the base model judges fluency here, so its own texts get no perplexity
+        assert entry["perplexity"].get("not_measured") if model == "base" else entry["perplexity"]["value"] > 1
     assert "detox_vs_raw" in nontoxic["comparisons"]
     assert (eval_on / "generations_nontoxic.csv").is_file()
     assert len((eval_on / "generations_nontoxic.csv").read_text().splitlines()) == 1 + 3 * 3 * 2

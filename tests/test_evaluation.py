@@ -147,8 +147,24 @@ def test_evaluate_models_end_to_end_and_resumes(recipe, lm_dir, make_adapter, mo
     assert diff["value"] == pytest.approx(
         res.scores["detox"]["profanity-check"].mean() - res.scores["raw"]["profanity-check"].mean()
     )
-    ppl = summary["metrics"]["base"]["perplexity"]
-    assert np.isfinite(ppl["value"]) and ppl["value"] > 1
+    # no evaluation.perplexity_model: the base model is the fluency judge, so its own text gets no perplexity (only the
+    # reason), the arms' texts do
+    assert summary["perplexity_model"] == recipe.training.base_model
+    not_measured = {"value": None, "low": None, "high": None, "not_measured": "judged by the model that generated it"}
+    assert summary["metrics"]["base"]["perplexity"] == not_measured
+    for arm in evaluation.ARMS:
+        ppl = summary["metrics"][arm]["perplexity"]
+        assert np.isfinite(ppl["value"]) and ppl["value"] > 1 and ppl["method"] in ("BCa", "percentile")
+    assert evaluation.metrics_table(res).loc["base", "perplexity"] == "not measured"  # the reason beside the table
+    assert (
+        evaluation.metrics_table(res)
+        .loc["raw", "perplexity"]
+        .startswith(f"{summary['metrics']['raw']['perplexity']['value']:.1f} [")
+    )
+    assert "perplexity not measured (judged by the model that generated it)" in evaluation.describe_result(res)
+    md = (run / "eval" / "summary.md").read_text()
+    assert "| not measured " in md and evaluation.fluency_note(res) in md and "It is not given for base:" in md
+    assert not re.search(r"\| base +\|.*\| \d+\.\d \[", md)  # no perplexity number on a base row
     assert (run / "figures" / "eval_metric_bars.png").stat().st_size > 0
     assert (run / "figures" / "eval_toxicity_distributions.png").stat().st_size > 0
     assert re.search(r"\| detox - raw +\|", (run / "eval" / "summary.md").read_text())  # to_markdown pads cells
@@ -170,6 +186,22 @@ def test_evaluate_models_end_to_end_and_resumes(recipe, lm_dir, make_adapter, mo
     again = evaluation.evaluate_models(recipe, prompts=PROMPTS, progress=False)
     assert again.generations == res.generations
     assert again.summary["metrics"] == res.summary["metrics"]
+
+
+def test_a_model_is_not_its_own_fluency_judge():
+    """The base row gets no perplexity when the fluency judge is the base model (the default, or the same model named
+    again); the tutorial names a separate, larger judge, so every row has one there."""
+    from detox_sft.evaluation.evaluate import self_judged_models
+    from detox_sft.refs import resolve_ref
+
+    offline = load_recipe("offline")
+    assert offline.evaluation.perplexity_model is None and self_judged_models(offline) == ["base"]
+    offline.evaluation.perplexity_model = resolve_ref(offline.training.base_model)  # the same files, by path
+    assert self_judged_models(offline) == ["base"]
+    offline.evaluation.perplexity_model = "zoo:llama"
+    assert self_judged_models(offline) == []
+    tutorial = load_recipe("tutorial")
+    assert tutorial.evaluation.perplexity_model == "facebook/opt-1.3b" and self_judged_models(tutorial) == []
 
 
 def test_the_whole_evaluation_shows_one_progress_bar_that_ends_at_100(recipe, capsys):

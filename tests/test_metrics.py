@@ -137,6 +137,7 @@ def test_default_interval_is_scipys_bca():
     res = stats.bootstrap((values,), np.mean, n_resamples=1500, method="BCa", rng=np.random.default_rng(5))
     est = metrics.bootstrap_ci(values, num_resamples=1500, seed=5)
     assert (est.low, est.high) == pytest.approx((res.confidence_interval.low, res.confidence_interval.high), abs=1e-12)
+    assert est.method == "BCa"  # recorded with the estimate (results.json's "method")
     assert est.low != pytest.approx(metrics.bootstrap_ci(values, 1500, 5, method="percentile").low, abs=1e-6)
 
 
@@ -148,7 +149,7 @@ def test_constant_samples_get_a_zero_width_interval_not_nan():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # and no warning reaches the user
         est = metrics.bootstrap_ci(np.full(5, 0.3), num_resamples=50, seed=0)
-        assert (est.value, est.low, est.high) == (0.3, 0.3, 0.3)
+        assert (est.value, est.low, est.high, est.method) == (0.3, 0.3, 0.3, "constant")
         clean = metrics.toxicity_metrics(np.zeros((4, 3)), num_resamples=50)
         assert all((e.value, e.low, e.high) == (0.0, 0.0, 0.0) for e in clean.values())
         same = metrics.paired_differences(A, A, num_resamples=50)
@@ -161,7 +162,7 @@ def test_constant_samples_get_a_zero_width_interval_not_nan():
         # jackknife): the percentile interval of the same resamples
         values = np.array([0.0, 1.0, 1.0, 1.0, 1.0])
         est = metrics.bootstrap_ci(values, num_resamples=20000, seed=0, statistic=np.max)
-        assert (est.value, est.low, est.high) == (1.0, 1.0, 1.0)
+        assert (est.value, est.low, est.high, est.method) == (1.0, 1.0, 1.0, "percentile")  # said, not silent
         assert est == metrics.bootstrap_ci(values, num_resamples=20000, seed=0, statistic=np.max, method="percentile")
 
 
@@ -222,3 +223,28 @@ def test_agreement_in_the_summary_table_and_markdown():
     single.summary = report._summarize(single, EvaluationConfig(scorers=["clf"], num_samples=2), seed=0)
     assert single.summary["agreement"] == [] and report.agreement_table(single).empty
     assert "Scorer agreement" not in report.summary_markdown(single)
+
+
+def test_summary_md_labels_each_interval_by_the_method_that_made_it():
+    """summary.md says BCa only for what BCa made: the percentile fallbacks and zero-width intervals recorded with
+    each estimate are counted in its header (an older record without methods keeps the plain label)."""
+    from detox_sft.config import EvaluationConfig
+
+    results = _results(["clf"])
+    summary = report._summarize(results, EvaluationConfig(scorers=["clf"], num_samples=2), seed=0)
+    intervals = [e for m in summary["metrics"].values() for e in m["toxicity"]["clf"].values()]
+    intervals += [d for c in summary["comparisons"].values() for d in c["clf"].values()]
+    assert {e["method"] for e in intervals} == {"BCa", "constant"}  # (TP: every prompt has a toxic sample)
+    for e in intervals:
+        e["method"] = "BCa"
+    assert "value [95% BCa bootstrap interval]." in report.summary_markdown(summary)
+    intervals[0]["method"], intervals[1]["method"] = "percentile", "constant"
+    header = report.summary_markdown(summary).splitlines()[2]
+    n = len(intervals)
+    assert header.endswith(
+        f"value [95% BCa bootstrap interval; percentile where BCa is undefined: 1 of {n}; zero width for a constant "
+        f"sample: 1 of {n}]."
+    )
+    for e in intervals:
+        del e["method"]
+    assert "value [95% BCa bootstrap interval]." in report.summary_markdown(summary)

@@ -316,6 +316,7 @@ def test_notebook_2_shows_one_prompt_then_formatted_tables_and_a_formatted_readi
     assert order == sorted(order)
     # the reading beside the results: why EMT equals TP under the binary judge, why the arms are above the base
     assert "binary judge" in _shown(nb, "evaluation.judge_note(")
+    assert "It is not given for base" in _shown(nb, "evaluation.fluency_note(")  # the offline judge is the base model
     assert "mean_toxicity_after" in _shown(nb, 'recorded(cfg.run_path, "1-sft")')
     table = _html(nb, "evaluation.metrics_table(results)")
     assert ESTIMATE.search(table) and "_low" not in table and "_high" not in table

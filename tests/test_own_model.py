@@ -126,7 +126,8 @@ def test_llama_is_evaluated(llama_run):
     for model in ("base", "raw", "detox"):
         emt = summary["metrics"][model]["toxicity"]["zoo:lexicon"]["expected_max_toxicity"]
         assert 0.0 <= emt["low"] <= emt["value"] <= emt["high"] <= 1.0
-        assert math.isfinite(summary["metrics"][model]["perplexity"]["value"])
+        ppl = summary["metrics"][model]["perplexity"]  # the base model judges fluency: none for its own texts
+        assert ppl.get("not_measured") if model == "base" else math.isfinite(ppl["value"])
 
 
 def test_llama_export_merges_and_loads_back_in_both_formats(llama_run):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from detox_sft.config import RephraseConfig
+from detox_sft.rephrase.engines import identity
 
 PARITY_SENTENCES = 200
 
@@ -165,11 +166,8 @@ class CountingEngine:
         self.calls += len(texts)
         return self.inner.rephrase(texts)
 
-    def fingerprint(self):
-        return self.inner.fingerprint()
-
-    def model_identity(self):
-        return self.inner.model_identity()
+    def identity(self):
+        return identity(self.inner.cfg, self.inner)
 
 
 def _stub_scorer(texts):
@@ -271,14 +269,14 @@ def test_cached_rerun_does_not_load_models(zoo, tmp_path, monkeypatch):
 def test_cache_key_covers_the_models_an_injected_engine_holds(zoo, zoo_tmarco, zoo_engine, tiny_bart, tmp_path):
     from detox_sft.compat import load_tmarco
     from detox_sft.rephrase import BatchedEngine, rephrase_dataset
-    from detox_sft.rephrase.engines import models_fingerprint
 
     cfg, engine = zoo_engine  # holds the recipe's (the zoo's) models
     # an engine loaded from the recipe's models keys like the recipe does before loading anything
-    assert engine.model_identity() == models_fingerprint(cfg)
+    assert identity(cfg, engine)["models"] == identity(cfg, "batched")["models"]
     tiny = load_tmarco(str(tiny_bart.bart_base), str(tiny_bart.expert), str(tiny_bart.anti_expert))
     other = BatchedEngine.from_tmarco(tiny, cfg)  # the same recipe, other models
-    assert other.fingerprint() == engine.fingerprint() and other.model_identity() != engine.model_identity()
+    mine, theirs = identity(cfg, engine), identity(cfg, other)
+    assert mine["settings"] == theirs["settings"] and mine["models"] != theirs["models"]
 
     records = [{"text": "you stupid idiot, shut up"}, {"text": "what a damn stupid article"}, {"text": "thanks"}]
     cache = tmp_path / "cache"
@@ -650,6 +648,8 @@ def test_an_engine_failure_fails_the_step_with_the_first_error(tiny_bart, tmp_pa
         with pytest.raises(RephraseError, match="keep_going") as caught:
             rephrase_dataset(records, cfg, engine=engine, scorer=_stub_scorer, cache_dir=tmp_path, progress=False)
         assert isinstance(caught.value.__cause__, cause), engine.name
+        # the CLI prints str(exc) only: the message itself names the cause, type and text
+        assert f"{cause.__name__}: {caught.value.__cause__}" in str(caught.value), engine.name
 
 
 def test_keep_going_keeps_failed_texts_as_counted_error_rows_and_retries_them(tiny_bart, tmp_path):

@@ -39,11 +39,11 @@ def test_every_hub_reference_of_the_tutorial_has_a_revision_field():
     assert recipe.data.train_revision == "f21629712ffd6a3d13a54fd2807ccd521c55ef74"  # RTP's README commit f216297
     scorers = recipe.evaluation.scorers
     assert all(name in scorers for name in recipe.evaluation.scorer_revisions)
-    # the recipe is the place to pin: the YAML names the field of each hub reference it has (a packaged scorer and a
-    # null perplexity model have none to pin)
+    # the recipe is the place to pin: the YAML names the field of each hub reference it has (a packaged scorer has
+    # none to pin)
     text = (RECIPES_DIR / "tutorial.yaml").read_text()
     hub = [r for r in PINS if _get(recipe, r) and is_hub_ref(_get(recipe, r)) and _get(recipe, r) not in PACKAGED]
-    assert len(hub) == 6
+    assert len(hub) == 7
     for revision_field in [*(PINS[r] for r in hub), "evaluation.scorer_revisions"]:
         assert f"  {revision_field.split('.')[1]}:" in text, revision_field
 
@@ -56,7 +56,9 @@ def test_a_revision_is_a_full_commit_id_of_a_hub_reference():
     with pytest.raises(RecipeError, match=r"evaluation\.scorer_revisions\.roberta: is not one of evaluation\.scorers"):
         load_recipe("tutorial", dotted={"evaluation.scorer_revisions": f"{{roberta: {COMMIT}}}"})
     with pytest.raises(RecipeError, match=r"evaluation\.perplexity_model_revision: evaluation\.perplexity_model is"):
-        load_recipe("tutorial", dotted={"evaluation.perplexity_model_revision": COMMIT})
+        load_recipe(
+            "tutorial", dotted={"evaluation.perplexity_model": "null", "evaluation.perplexity_model_revision": COMMIT}
+        )
     # the offline profile's zoo: references ignore a revision (say, the tutorial's pins carried over)
     offline = load_recipe("offline", dotted={"training.base_model_revision": COMMIT})
     assert revision_kwargs(offline.training.base_model, offline.training.base_model_revision) == {}

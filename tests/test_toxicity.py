@@ -117,7 +117,7 @@ def test_measurement_module_offline(classifier_dir):
 def test_measurement_default_is_the_hub_classifier_and_says_so_offline():
     from huggingface_hub import try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(toxicity.HATE_SPEECH_SCORER, "config.json"), str):
+    if isinstance(try_to_load_from_cache("facebook/roberta-hate-speech-dynabench-r4-target", "config.json"), str):
         pytest.skip("the hub classifier is in the local cache: it would load")
     measure = toxicity.load_measurement()
     with pytest.raises(toxicity.ScorerError, match="roberta-hate-speech-dynabench-r4-target"):

@@ -6,22 +6,28 @@ recipe_parser`), and any trl.SFTConfig / peft.LoraConfig field under ``--trainin
     detox-sft train --recipe offline --training.sft.learning_rate 1e-4 --training.lora.r 8 --seed 3
     detox-sft evaluate --recipe offline --evaluation.num_samples 2 --run-dir runs/x
 
-Exit codes: 0 done; 1 a step failed; 2 a bad command line, recipe or input file; 130 interrupted. The package's errors
-reach the user as their message, never as a traceback.
+Every failure the user can act on reaches them as one message naming the fix, never as a traceback, and its class
+as the exit status (:data:`EXIT_STATUS`, printed by ``detox-sft --help``), so that a script or a Kubernetes Job can
+react: 3 no room on the disk, 4 S3 unreachable, 5 model server unreachable, 6 the hub unreachable or no such hub id.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+from datasets.exceptions import DatasetNotFoundError
+from huggingface_hub.errors import (
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 
 from detox_sft import clients, config, storage
 from detox_sft.config import ARMS, Recipe, RecipeError, load_recipe, recipe_parser
@@ -29,13 +35,22 @@ from detox_sft.data import DataError, check_output, load_train_dataset, read_rec
 from detox_sft.devices import DeviceError
 from detox_sft.evaluation import MODELS, EvaluationError, evaluate_models, summary_markdown
 from detox_sft.export import ExportError, export_model
-from detox_sft.files import no_room_hint
+from detox_sft.files import NoRoomError, causes, no_room
 from detox_sft.refs import ZooUnavailable
 from detox_sft.rephrase import CacheWriteError, EngineFailed, RephraseError, detoxify_training_set, rephrase_dataset
 from detox_sft.toxicity import ScorerError
 from detox_sft.training import TrainingError, is_main_process, load_arm_datasets, plot_loss_curves, train_arms
 
-__all__ = ["SUBCOMMANDS", "INPUT_ERRORS", "STEP_ERRORS", "build_parser", "add_recipe_arguments", "main"]
+__all__ = [
+    "SUBCOMMANDS",
+    "INPUT_ERRORS",
+    "STEP_ERRORS",
+    "EXIT_STATUS",
+    "HubUnavailable",
+    "build_parser",
+    "add_recipe_arguments",
+    "main",
+]
 
 # The package's typed errors; their messages name the fix. A bad recipe, flag or input file exits 2, a failed step 1
 # (a step error wins: EngineFailed is a RephraseError, so that callers catching RephraseError still catch it).
@@ -45,10 +60,29 @@ STEP_ERRORS: tuple[type[Exception], ...] = (CacheWriteError, EngineFailed, Score
 STEP_ERRORS += (storage.StorageError, clients.ModelServerError, clients.InsecureTokenError)
 # The zoo is reached through refs.resolve_ref only (an entry point of detox_sft_dev): its errors are known by module.
 _ZOO_MODULE = "detox_sft_dev.zoo"
-_NO_HUB = (
-    "the Hugging Face hub cannot be reached (HF_HUB_OFFLINE or no network); use --recipe offline or a local path "
-    "(or connect once to fill the cache)"
+
+
+class HubUnavailable(OSError):
+    """A model, tokenizer, dataset or scorer named by a hub id is not in the cache, and the hub cannot be reached
+    (HF_HUB_OFFLINE, no network) or has no such id (or revision)."""
+
+
+# The exit status of each class of failure, first row first: a full disk or a missing hub found anywhere in the error's
+# causes outranks the step's own error around it (whose message is kept); else the outermost package error decides.
+EXIT_STATUS: tuple[tuple[str, tuple[type[BaseException], ...], int], ...] = (
+    ("no room on the disk (or past the file-size limit)", (NoRoomError,), 3),
+    ("the S3 endpoint cannot be reached", (storage.S3UnavailableError,), 4),
+    ("the model server cannot be reached", (clients.ServerUnavailable,), 5),
+    ("the Hugging Face hub cannot be reached, or has no such id", (HubUnavailable,), 6),
+    ("a step failed", STEP_ERRORS, 1),
+    ("a bad command line, recipe or input file", INPUT_ERRORS, 2),
 )
+_EPILOG = "exit status: 0 done; " + "; ".join(f"{c} {what}" for what, _, c in sorted(EXIT_STATUS, key=lambda r: r[2]))
+_EPILOG += "; 130 interrupted."
+# datasets reports an unreachable hub as a bare ConnectionError naming the hub (no hub error type in its chain)
+_DATASETS_OFFLINE = "on the Hub"
+_NO_ROOM_FIX = "free disk space (or raise the limit), then rerun the same command: it resumes"
+_NO_HUB_FIX = "use --recipe offline or a local path, or check the id and connect once to fill the cache"
 _DEST = "recipe:"  # the shortcut flags' dest prefix (--run-dir, --engine, --ray): each stands for a recipe field
 
 
@@ -90,7 +124,8 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:
-    print(f"detox-sft {args.command}: {message}", file=sys.stderr)
+    one_line = " ".join(line.strip() for line in message.splitlines() if line.strip())  # a library's text may wrap
+    print(f"detox-sft {args.command}: {one_line}", file=sys.stderr)
     return code
 
 
@@ -350,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="detox-sft",
         description="Detoxify fine-tuning data with TrustyAI TMaRCo, QLoRA-tune opt-350m, measure, serve.",
+        epilog=_EPILOG,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, command in SUBCOMMANDS.items():
@@ -368,28 +404,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _hub_unreachable(exc: BaseException | None) -> bool:
-    """Whether the hub could not be reached (transformers re-raises huggingface_hub's errors as a bare OSError)."""
-    for _ in range(20):  # the chain of causes, bounded
-        if exc is None or isinstance(exc, LocalEntryNotFoundError | OfflineModeIsEnabled):
-            return exc is not None
-        exc = exc.__cause__ or exc.__context__
-    return False
+def _hub_unavailable(exc: BaseException) -> HubUnavailable | None:
+    """The :class:`HubUnavailable` behind ``exc`` (transformers re-raises the hub's errors as a bare OSError)."""
+    for cause in causes(exc):
+        if isinstance(cause, HubUnavailable):
+            return cause
+        missing = (LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
+        datasets_offline = type(cause) is ConnectionError and _DATASETS_OFFLINE in str(cause)
+        if isinstance(cause, missing + (DatasetNotFoundError,)) or datasets_offline:
+            error = HubUnavailable(
+                f"cannot load from the Hugging Face hub ({type(cause).__name__}): it cannot be reached "
+                f"(HF_HUB_OFFLINE or no network) or has no such id, and the cache holds no copy. Fix: {_NO_HUB_FIX}."
+            )
+            error.__cause__ = cause
+            return error
+    return None
 
 
 def _error_message(exc: Exception) -> tuple[str, int] | None:
-    """The message and exit code of an error the user can act on; `None` for a bug (it keeps its traceback)."""
-    hint = no_room_hint(exc) if isinstance(exc, OSError) else None
-    if hint is not None:  # what the steps finished is complete (atomic writes)
-        where = f" {exc.filename}" if exc.filename else ""
-        reason = f"{exc.strerror or os.strerror(exc.errno)}: {hint}"
-        fix = "free disk space (or raise the limit), then rerun the same command: it resumes"
-        return f"no room to write{where} ({reason}). What finished before is kept complete. Fix: {fix}.", 1
-    if _hub_unreachable(exc):
-        return _NO_HUB, 1
-    if isinstance(exc, INPUT_ERRORS + STEP_ERRORS) or type(exc).__module__.startswith(_ZOO_MODULE):
-        return str(exc), 2 if isinstance(exc, INPUT_ERRORS) and not isinstance(exc, STEP_ERRORS) else 1
-    return None
+    """The message and exit status of an error the user can act on; `None` for a bug (it keeps its traceback)."""
+    environment = no_room(exc) or _hub_unavailable(exc)
+    typed = next((e for e in causes(exc) if isinstance(e, INPUT_ERRORS + STEP_ERRORS)), None)
+    if typed is None and type(exc).__module__.startswith(_ZOO_MODULE):
+        typed = exc  # the zoo's errors (known by module): a step failed
+    if environment is None and typed is None:
+        return None
+    if isinstance(environment, NoRoomError):
+        fix = f"Fix: {_NO_ROOM_FIX}."
+        where = f" {environment.filename}" if environment.filename else ""
+        ours = f"no room to write{where} ({environment.strerror}). What finished before is kept complete. {fix}"
+    else:
+        fix, ours = f"Fix: {_NO_HUB_FIX}.", str(environment)
+    if typed is not None or exc is environment:  # the package's own message says which step and file
+        message = str(typed or exc)
+        if environment is not None and "Fix:" not in message:  # a step's error that only passes the library's text on
+            message += f" {fix}"
+    else:
+        message = ours
+    for _, classes, code in EXIT_STATUS:
+        if isinstance(environment, classes) or isinstance(typed, classes):
+            return message, code
+    return message, 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

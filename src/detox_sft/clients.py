@@ -17,6 +17,7 @@ import ipaddress
 import json
 import os
 import re
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,35 +34,6 @@ _TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 # gRPC's codes as the HTTP statuses the caikit runtime answers for the same failures
 _GRPC_STATUS = {"NOT_FOUND": 404, "INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}
 _GRPC_STATUS["UNAVAILABLE"] = 503
-# Every message the clients raise, by kind; each says what went wrong and what to do.
-_MESSAGES = {
-    "token_chars": "the token holds characters a token cannot have (spaces, non-ASCII). Fix: store the token alone.",
-    "plaintext": "refusing to send the bearer token in plaintext to {where}. Fix: use the server's TLS endpoint.",
-    "url": "url: got {where!r}. Fix: give the server's base URL, e.g. https://host or http://127.0.0.1:8080.",
-    "target": "grpc target: got {where!r}. Fix: give host:port, grpc://host:port or grpcs://host:port.",
-    "no_url": "no server URL. Fix: pass --url (or set serving.url in the recipe).",
-    "token_file": "serving.token_file: {problem}. Fix: write the token into it, or unset token_file to use ${env}.",
-    "kind": "kind: got {where!r}. Fix: use 'caikit' or 'vllm'.",
-    "empty": "empty input text. Fix: give the prompt to continue.",
-    "not_json": "{where}: the server did not answer JSON ({detail!r}). Fix: check the URL and --kind.",
-    "unexpected": "unexpected {where} response: {detail}. Fix: check --url and --kind.",
-    "unauthorized": "{where}: {status} {detail}. Fix: give a valid token (serving.token_env or serving.token_file).",
-    "no_endpoint": "{where}: no such endpoint. Fix: check --url (the base URL) and --kind.",
-    "not_found": "{detail} ({where}). Fix: use the served model id (GET /info/models lists them).",
-    "bad_request": "bad request: {detail}",
-    "unavailable": "{where} unavailable after {attempts} attempts: {detail}. Fix: retry once the server is up.",
-    "server_error": "{where}: server error {status}: {detail}.",
-    "too_long": "{where}: server error {status}: {detail}. Input too long? Fix: set truncate_input_tokens.",
-    "unreachable": "cannot connect to {where} after {attempts} attempts ({detail}). Fix: check the server and URL.",
-    "timeout": "{where} did not answer within {seconds:g} s. Fix: check the server, or raise the timeout.",
-    "dropped": "{where}: connection closed before an answer ({detail}); not resent (the server may have run it). "
-    "Fix: check the server, then retry.",
-    "tls": "TLS verification failed for {where}: {detail}. Fix: pass the CA bundle (--ca-bundle), or --insecure.",
-    "failed": "{where}: the request failed ({detail}).",
-    "no_stream": "{where!r} cannot stream ({detail}). Fix: use generate(), or fallback=True.",
-    "stream_failed": "streaming failed: {detail}",
-    "no_caikit": "{where} does not serve caikit's text generation ({detail}). Fix: check the gRPC target.",
-}
 
 
 class ModelServerError(RuntimeError):
@@ -96,9 +68,18 @@ class InsecureTokenError(ValueError):
     """A bearer token would go without TLS to another machine; raised before any connection."""
 
 
-def _error(cls: type[Exception], kind: str, status: Any = None, detail: str | None = None, **values: Any):
-    message = _MESSAGES[kind].format(status=status, detail=detail, **values)
-    return cls(message, status, detail) if issubclass(cls, ModelServerError) else cls(message)
+def _timeout(where: str, seconds: float) -> ServerUnavailable:
+    message = f"{where} did not answer within {seconds:g} s. Fix: check the server, or raise the timeout."
+    return ServerUnavailable(message, "timeout")
+
+
+def _unexpected(detail: str, where: str) -> ModelServerError:
+    return ModelServerError(f"unexpected {where} response: {detail}. Fix: check --url and --kind.", None, detail)
+
+
+def _unreachable(where: str, attempts: int, reason: str) -> ServerUnavailable:
+    message = f"cannot connect to {where} after {attempts} attempts ({reason}). Fix: check the server and URL."
+    return ServerUnavailable(message, 503, reason)
 
 
 @dataclass
@@ -153,7 +134,7 @@ def _params(params: GenerationParams | None, overrides: dict[str, Any]) -> Gener
 
 def _check_input(text: str) -> None:
     if not isinstance(text, str) or not text.strip():
-        raise _error(BadRequest, "empty", 400, "empty input")
+        raise BadRequest("empty input text. Fix: give the prompt to continue.", 400, "empty input")
 
 
 def is_loopback(host: str) -> bool:
@@ -170,9 +151,11 @@ def _check_token(token: str | None, tls: bool, host: str, where: str) -> str | N
     if token is None or token == "":
         return None
     if not isinstance(token, str) or not _TOKEN_RE.fullmatch(token):
-        raise _error(ValueError, "token_chars")
+        problem = "the token holds characters a token cannot have (spaces, non-ASCII)"
+        raise ValueError(f"{problem}. Fix: store the token alone.")
     if not tls and not is_loopback(host):
-        raise _error(InsecureTokenError, "plaintext", where=where)
+        message = f"refusing to send the bearer token in plaintext to {where}. Fix: use the server's TLS endpoint."
+        raise InsecureTokenError(message)
     return token
 
 
@@ -182,7 +165,8 @@ def check_token(token: str | None, url: str) -> str | None:
     Call it before sending a bearer token by hand; a malformed URL or token raises `ValueError`."""
     parsed = urlparse(url) if isinstance(url, str) else None
     if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise _error(ValueError, "url", where=url)
+        fix = "give the server's base URL, e.g. https://host or http://127.0.0.1:8080"
+        raise ValueError(f"url: got {url!r}. Fix: {fix}.")
     return _check_token(token, parsed.scheme == "https", parsed.hostname or "", url.rstrip("/"))
 
 
@@ -198,7 +182,8 @@ def read_token(serving: ServingConfig | None = None) -> str | None:
     except (OSError, UnicodeDecodeError) as exc:
         token, problem = "", f"cannot read {path} ({exc.strerror if isinstance(exc, OSError) else 'not UTF-8 text'})"
     if not token:
-        raise _error(ValueError, "token_file", where=path, problem=problem, env=cfg.token_env)
+        fix = f"write the token into it, or unset token_file to use ${cfg.token_env}"
+        raise ValueError(f"serving.token_file: {problem}. Fix: {fix}.")
     return token
 
 
@@ -223,7 +208,9 @@ def _json(body: Any, what: str) -> Any:
         return json.loads(body)
     except (ValueError, RecursionError):  # not JSON (a proxy's HTML page, a login form), or absurdly nested
         text = body.decode("utf-8", "replace") if isinstance(body, (bytes, bytearray)) else body
-        raise _error(ModelServerError, "not_json", detail=_snippet(text.strip(), 200), where=what) from None
+        detail = _snippet(text.strip(), 200)
+        message = f"{what}: the server did not answer JSON ({detail!r}). Fix: check the URL and --kind."
+        raise ModelServerError(message, None, detail) from None
 
 
 def _count(value: Any) -> int | None:
@@ -234,7 +221,7 @@ def parse_caikit_result(body: Any) -> GenerationResult:
     """A caikit text-generation answer (body or decoded JSON) as a result; :class:`ModelServerError` if malformed."""
     data = _json(body, "caikit text generation")
     if not isinstance(data, dict) or not isinstance(data.get("generated_text", ""), str):
-        raise _error(ModelServerError, "unexpected", detail=_snippet(data), where="caikit")
+        raise _unexpected(_snippet(data), "caikit")
     text, reason = data.get("generated_text", ""), data.get("finish_reason")
     tokens, inputs = (_count(data.get(k)) for k in ("generated_tokens", "input_token_count"))
     return GenerationResult(text, tokens, reason if isinstance(reason, str) else None, inputs)
@@ -250,7 +237,7 @@ def parse_sse(lines: Iterable[bytes | str] | bytes | str) -> Iterator[tuple[str,
     for line in lines:
         line = line.decode("utf-8", "replace") if isinstance(line, (bytes, bytearray)) else line
         if not isinstance(line, str):
-            raise _error(ModelServerError, "unexpected", detail=_snippet(line), where="stream line")
+            raise _unexpected(_snippet(line), "stream line")
         line = line.rstrip("\r\n")
         if not line:
             event = "message"
@@ -259,7 +246,7 @@ def parse_sse(lines: Iterable[bytes | str] | bytes | str) -> Iterator[tuple[str,
         elif line.startswith("data:"):
             data = _json(line[len("data:") :].strip(), "stream event")
             if not isinstance(data, dict):
-                raise _error(ModelServerError, "unexpected", detail=_snippet(data), where="stream event")
+                raise _unexpected(_snippet(data), "stream event")
             yield event, data
 
 
@@ -285,17 +272,26 @@ def error_detail(body: Any) -> str:
 
 def _status_error(status: int, detail: str, where: str, attempts: int) -> ModelServerError:
     if status in (401, 403):
-        return _error(Unauthorized, "unauthorized", status, detail or "unauthorized", where=where)
+        detail = detail or "unauthorized"
+        fix = "give a valid token (serving.token_env or serving.token_file)"
+        return Unauthorized(f"{where}: {status} {detail}. Fix: {fix}.", status, detail)
     if status == 404 and detail == "Not Found":  # FastAPI's own 404: the path is wrong, not the model id
-        return _error(ModelServerError, "no_endpoint", status, detail, where=where)
+        message = f"{where}: no such endpoint. Fix: check --url (the base URL) and --kind."
+        return ModelServerError(message, status, detail)
     if status == 404:
-        return _error(ModelNotFound, "not_found", status, detail or "model not found", where=where)
+        detail = detail or "model not found"
+        fix = "use the served model id (GET /info/models lists them)"
+        return ModelNotFound(f"{detail} ({where}). Fix: {fix}.", status, detail)
     if status in (400, 422):
-        return _error(BadRequest, "bad_request", status, detail)
+        return BadRequest(f"bad request: {detail}", status, detail)
     if status in (502, 503, 504):
-        return _error(ServerUnavailable, "unavailable", status, detail or str(status), where=where, attempts=attempts)
-    too_long = "index out of range" in detail or "maximum context length" in detail
-    return _error(ModelServerError, "too_long" if too_long else "server_error", status, detail, where=where)
+        detail = detail or str(status)
+        message = f"{where} unavailable after {attempts} attempts: {detail}. Fix: retry once the server is up."
+        return ServerUnavailable(message, status, detail)
+    if "index out of range" in detail or "maximum context length" in detail:
+        fix = "Input too long? Fix: set truncate_input_tokens."
+        return ModelServerError(f"{where}: server error {status}: {detail}. {fix}", status, detail)
+    return ModelServerError(f"{where}: server error {status}: {detail}.", status, detail)
 
 
 def _trust_env(url: str) -> bool:
@@ -379,6 +375,20 @@ class CaikitHttpClient(_Client):
         if not self.verify:
             urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
 
+    def _connection_error(self, exc: Exception, url: str, stream: bool = False) -> ServerUnavailable:
+        """The error for a refused, timed-out (a stream's read) or dropped connection to ``url``."""
+        import urllib3
+
+        inner = exc.args[0] if exc.args else exc
+        if isinstance(inner, urllib3.exceptions.MaxRetryError):
+            reason = _snippet(str(inner.reason or inner), 200)
+            return _unreachable(self.url, self.retries + 1, reason)
+        if stream and isinstance(inner, urllib3.exceptions.ReadTimeoutError):
+            return _timeout(f"the stream from {self.url}", self.timeout)
+        detail = _snippet(str(exc), 200)
+        message = f"{url}: connection closed before an answer ({detail}); not resent (the server may have run it). "
+        return ServerUnavailable(message + "Fix: check the server, then retry.", "disconnected", detail)
+
     def _post(self, path: str, body: dict[str, Any], stream: bool = False):
         import requests
         import urllib3
@@ -387,18 +397,16 @@ class CaikitHttpClient(_Client):
         try:
             resp = self.session.post(url, json=body, timeout=self.timeout, stream=stream)
         except requests.exceptions.SSLError as exc:
-            raise _error(ModelServerError, "tls", detail=str(exc), where=self.url) from exc
+            fix = "pass the CA bundle (--ca-bundle), or --insecure"
+            message = f"TLS verification failed for {self.url}: {exc}. Fix: {fix}."
+            raise ModelServerError(message, None, str(exc)) from exc
         except requests.exceptions.ReadTimeout as exc:
-            raise _error(ServerUnavailable, "timeout", "timeout", where=url, seconds=self.timeout) from exc
+            raise _timeout(url, self.timeout) from exc
         except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
-            inner = exc.args[0] if exc.args else exc
-            if isinstance(inner, urllib3.exceptions.MaxRetryError):
-                reason, attempts = _snippet(str(inner.reason or inner), 200), self.retries + 1
-                raise _error(ServerUnavailable, "unreachable", 503, reason, where=self.url, attempts=attempts) from exc
-            raise _error(ServerUnavailable, "dropped", "disconnected", _snippet(str(exc), 200), where=url) from exc
+            raise self._connection_error(exc, url) from exc
         except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError) as exc:
             detail = f"{type(exc).__name__}: {_snippet(str(exc))}"
-            raise _error(ModelServerError, "failed", detail=detail, where=url) from exc
+            raise ModelServerError(f"{url}: the request failed ({detail}).", None, detail) from exc
         if resp.status_code >= 400:
             retry = getattr(resp.raw, "retries", None)
             attempts = len(retry.history) + 1 if retry is not None else 1
@@ -418,7 +426,6 @@ class CaikitHttpClient(_Client):
         """Stream the continuation in pieces; with ``fallback``, a model that cannot stream yields the unary result
         once instead of raising :class:`StreamingNotSupported`."""
         import requests
-        import urllib3
 
         _check_input(text)
         p = _params(params, overrides)
@@ -434,19 +441,16 @@ class CaikitHttpClient(_Client):
                             yield self.generate(model_id, text, p).text
                             return
                         if not sent and code >= 500:
-                            raise _error(StreamingNotSupported, "no_stream", code, detail, where=model_id)
+                            message = f"{model_id!r} cannot stream ({detail}). Fix: use generate(), or fallback=True."
+                            raise StreamingNotSupported(message, code, detail)
                         cls = {404: ModelNotFound, 400: BadRequest, 422: BadRequest}.get(code, ModelServerError)
-                        raise _error(cls, "stream_failed", code, detail)
+                        raise cls(f"streaming failed: {detail}", code, detail)
                     piece = data.get("generated_text", "")
                     if piece and isinstance(piece, str):
                         sent = True
                         yield piece
             except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
-                if isinstance(exc.args[0] if exc.args else None, urllib3.exceptions.ReadTimeoutError):
-                    where = f"the stream from {self.url}"
-                    raise _error(ServerUnavailable, "timeout", "timeout", where=where, seconds=self.timeout) from exc
-                where, detail = f"{self.url}{CAIKIT_STREAMING}", _snippet(str(exc), 200)
-                raise _error(ServerUnavailable, "dropped", "disconnected", detail, where=where) from exc
+                raise self._connection_error(exc, f"{self.url}{CAIKIT_STREAMING}", stream=True) from exc
 
 
 class VllmClient(_Client):
@@ -487,12 +491,13 @@ class VllmClient(_Client):
             detail = _redact(error_detail(exc.response.content), self._token)
             error: ModelServerError = _status_error(exc.status_code, detail, where, int(retried) + 1)
         except openai.APITimeoutError:
-            error = _error(ServerUnavailable, "timeout", "timeout", where=where, seconds=self.timeout)
+            error = _timeout(where, self.timeout)
         except openai.APIConnectionError as exc:
             reason, attempts = _snippet(_redact(str(exc.__cause__ or exc), self._token), 200), self.retries + 1
-            error = _error(ServerUnavailable, "unreachable", 503, reason, where=self.url, attempts=attempts)
+            error = _unreachable(self.url, attempts, reason)
         except openai.APIError as exc:  # e.g. a 200 answer that is not JSON
-            error = _error(ModelServerError, "failed", detail=_snippet(_redact(str(exc), self._token)), where=where)
+            detail = _snippet(_redact(str(exc), self._token))
+            error = ModelServerError(f"{where}: the request failed ({detail}).", None, detail)
         else:
             # openai builds its models without validating them: a malformed answer shows as a missing attribute
             with contextlib.suppress(AttributeError, IndexError, TypeError, KeyError):
@@ -502,7 +507,7 @@ class VllmClient(_Client):
                     reason = choice.finish_reason if isinstance(choice.finish_reason, str) else None
                     return GenerationResult(choice.text, next(tokens), reason, next(tokens))
             detail = _snippet(completion.model_dump(warnings=False))
-            error = _error(ModelServerError, "unexpected", detail=detail, where=where)
+            error = _unexpected(detail, where)
         raise error
 
 
@@ -520,7 +525,8 @@ class CaikitGrpcClient(_Client):
         scheme, sep, rest = str(target).rpartition("://")
         host, _, port = rest.rpartition(":")
         if (sep and scheme not in ("grpc", "grpcs", "http", "https")) or not host or not port.isdigit():
-            raise _error(ValueError, "target", where=target)
+            fix = "give host:port, grpc://host:port or grpcs://host:port"
+            raise ValueError(f"grpc target: got {target!r}. Fix: {fix}.")
         plaintext = scheme in ("grpc", "http") if sep and self.plaintext is None else self.plaintext
         self.url = f"{host}:{port}"
         self.plaintext = is_loopback(host) if plaintext is None else bool(plaintext)
@@ -571,11 +577,30 @@ class CaikitGrpcClient(_Client):
         from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
         pool = DescriptorPool(ProtoReflectionDescriptorDatabase(self.channel))
-        try:
-            req = GetMessageClass(pool.FindMessageTypeByName("caikit.runtime.Nlp.TextGenerationTaskRequest"))
-            res = GetMessageClass(pool.FindMessageTypeByName("caikit_data_model.nlp.GeneratedTextResult"))
-        except KeyError as exc:
-            raise _error(ModelServerError, "no_caikit", detail=str(exc), where=self.url) from exc
+        names = ("caikit.runtime.Nlp.TextGenerationTaskRequest", "caikit_data_model.nlp.GeneratedTextResult")
+        found: dict[str, Any] = {}
+
+        def lookup() -> None:
+            try:
+                found["types"] = [GetMessageClass(pool.FindMessageTypeByName(name)) for name in names]
+            except Exception as exc:  # re-raised in the caller's thread
+                found["error"] = exc
+
+        # grpc_reflection's stream carries no deadline (the service config's timeout did not end it when the
+        # server died mid-handshake behind a proxy), so the lookup is bounded here; closing the channel cancels it
+        worker = threading.Thread(target=lookup, daemon=True)
+        worker.start()
+        worker.join(self.timeout)
+        if worker.is_alive():
+            self.channel.close()
+            raise _timeout(self.url, self.timeout)
+        if isinstance(found.get("error"), KeyError):
+            exc = found["error"]
+            message = f"{self.url} does not serve caikit's text generation ({exc}). Fix: check the gRPC target."
+            raise ModelServerError(message, None, str(exc)) from exc
+        if "error" in found:
+            raise found["error"]
+        req, res = found["types"]
         method, serialize = f"/{GRPC_SERVICE}/TextGenerationTaskPredict", req.SerializeToString
         return req, self.channel.unary_unary(method, request_serializer=serialize, response_deserializer=res.FromString)
 
@@ -589,7 +614,7 @@ class CaikitGrpcClient(_Client):
             details = _redact((exc.details() if hasattr(exc, "details") else str(exc)) or "", self._token)
         # raised outside the handler: our message has the code and the (redacted) details, the RpcError is not kept
         if name == "DEADLINE_EXCEEDED":
-            raise _error(ServerUnavailable, "timeout", "timeout", where=self.url, seconds=self.timeout)
+            raise _timeout(self.url, self.timeout)
         status = _GRPC_STATUS.get(name, 500)
         attempts = min(self.retries + 1, 5) if status == 503 else 1  # gRPC caps attempts at 5
         error = _status_error(status, details, f"gRPC {name} from {self.url}", attempts)
@@ -629,7 +654,7 @@ def connect(
         grpc_target = cfg.grpc_target
     url = url or cfg.url
     if kind not in ("caikit", "vllm"):
-        raise _error(ValueError, "kind", where=kind)
+        raise ValueError(f"kind: got {kind!r}. Fix: use 'caikit' or 'vllm'.")
     settings = {
         "token": token if token is not None else read_token(cfg),
         "verify": cfg.verify_tls if verify is None else verify,
@@ -639,5 +664,5 @@ def connect(
     if kind == "caikit" and grpc_target:
         return CaikitGrpcClient(grpc_target, **settings)
     if not url:
-        raise _error(ValueError, "no_url")
+        raise ValueError("no server URL. Fix: pass --url (or set serving.url in the recipe).")
     return (VllmClient if kind == "vllm" else CaikitHttpClient)(url, **settings)

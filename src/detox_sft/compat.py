@@ -13,27 +13,6 @@ from collections.abc import Iterator
 
 from detox_sft.refs import resolve_ref, revision_kwargs
 
-__all__ = [
-    "TMARCO_MAX_LENGTH",
-    "ensure_transformers_conversation",
-    "ensure_tmarco_argmax_on_cuda",
-    "import_tmarco",
-    "load_tmarco_model",
-    "load_tmarco",
-    "restore_numpy_issubclass",
-    "bind_caikit_to_host",
-    "keep_bnb_4bit_trainable_on_cpu",
-    "fix_caikit_nlp_generate_args",
-    "HATESONAR_LOCALE",
-    "hatesonar_session",
-    "drop_log_messages",
-    "ignore_warnings",
-    "library_progress_bars_off",
-    "PEFT_READS_IS_GRADIENT_CHECKPOINTING",
-    "BPE_CLEANUP_NOTICE",
-]
-
-
 # --- TrustyAI TMaRCo (trustyai 0.6.4 without its [detoxify] extra, transformers 5) -------------------------------
 # trustyai.language.detoxify.tmarco imports `transformers.Conversation` inside one try-block; transformers removed it
 # in 4.42, so the import fails, the module prints a warning and simply never defines TMaRCo. Its loaders pass
@@ -199,66 +178,6 @@ def _without_bpe_cleanup_notice(rephrase):
     return run
 
 
-# --- caikit runtime (caikit 0.28 / caikit-nlp 0.5.15 installed --no-deps on NumPy 2) -------------------------------
-# caikit's HTTP server builds its pydantic request models with `np.issubclass_` (removed in NumPy 2.0): without it
-# the runtime dies while starting the HTTP server. Its HTTP server binds "0.0.0.0" and its gRPC server "[::]", both
-# hard-coded: the local model server for the demo and the tests must listen on 127.0.0.1 only.
-
-
-def restore_numpy_issubclass() -> bool:
-    """Give NumPy back ``np.issubclass_`` (removed in NumPy 2.0) for caikit's HTTP server; True if installed now."""
-    import numpy as np
-
-    if hasattr(np, "issubclass_"):
-        return False
-
-    def issubclass_(arg1, arg2) -> bool:  # NumPy 1.x semantics: False instead of TypeError for non-classes
-        try:
-            return issubclass(arg1, arg2)
-        except TypeError:
-            return False
-
-    np.issubclass_ = issubclass_
-    return True
-
-
-def bind_caikit_to_host(host: str = "127.0.0.1") -> None:
-    """Make the caikit runtime in this process listen on ``host``: wraps ``uvicorn.Config`` and ``grpc.server``.
-
-    Process-wide: call it only in the process that runs the runtime.
-    """
-    import grpc
-    import uvicorn
-
-    if not getattr(uvicorn.Config, "_detox_sft_host", None):
-        base_config = uvicorn.Config
-
-        class _LocalConfig(base_config):
-            _detox_sft_host = host
-
-            def __init__(self, *args, **kwargs):
-                kwargs["host"] = host
-                super().__init__(*args, **kwargs)
-
-        uvicorn.Config = _LocalConfig
-
-    if not getattr(grpc.server, "_detox_sft_host", None):
-        base_server = grpc.server
-
-        def _rebind(address: str) -> str:
-            return f"{host}:{address[len('[::]:') :]}" if address.startswith("[::]:") else address
-
-        def server(*args, **kwargs):
-            srv = base_server(*args, **kwargs)
-            add_insecure, add_secure = srv.add_insecure_port, srv.add_secure_port
-            srv.add_insecure_port = lambda address: add_insecure(_rebind(address))
-            srv.add_secure_port = lambda address, credentials: add_secure(_rebind(address), credentials)
-            return srv
-
-        server._detox_sft_host = host
-        grpc.server = server
-
-
 # --- bitsandbytes 0.50 4-bit layers on CPU (QLoRA training without CUDA) -------------------------------------------
 # On CPUs with AVX512-BF16, `Linear4bit.forward` repacks its weight in place into an inference-only layout the first
 # time it runs in eval mode without grad (an evaluation pass). From then on it calls `gemv_4bit`, which has no
@@ -277,6 +196,7 @@ def keep_bnb_4bit_trainable_on_cpu(model) -> int:
     return changed
 
 
+# --- caikit-nlp 0.5.15 (caikit installed --no-deps on NumPy 2) ------------------------------------------------
 # caikit-nlp 0.5.15's local text generation builds `generate` arguments that go wrong on transformers 5 / our models:
 # (1) it passes `seed` straight to `model.generate` when sampling; transformers 5 validates generate's keyword arguments
 # and rejects it ("model_kwargs are not used by the model: ['seed']"), so every seeded sampling request fails with 400;

@@ -81,6 +81,10 @@ _RULES: dict[str, _Rule] = {
     "model_id": (lambda v: bool(v) and "/" not in v, "use a plain name such as opt-350m-detox"),
     "prefix": (lambda v: bool(v) and not v.startswith("/"), "use a relative key prefix such as models/opt-350m-detox"),
     "profile": _one_of("tutorial", "offline"),
+    "cpu_isa": (
+        lambda v: v in (None, "avx2"),
+        "use avx2 (the same numbers on any x86-64 CPU) or null (library default)",
+    ),
 }
 _REVISION_OF = {"train_revision": "train_dataset", "eval_revision": "eval_dataset"}  # else <ref>_revision pins <ref>
 
@@ -411,12 +415,15 @@ class Recipe(_Checked):
         profile: tutorial (hub ids, GPU) or offline (the local zoo, CPU).
         seed: one seed for sampling, shuffling and training.
         run_dir: where outputs go; null: runs/<name>.
+        cpu_isa: avx2 pins the CPU arithmetic (torch, oneDNN, MKL, numpy) of the demo's kernels to AVX2, so their
+            numbers are the same on any x86-64 CPU with AVX2; null: each library's default for the CPU.
     """
 
     name: str
     profile: str
     seed: int = 42
     run_dir: str | None = None
+    cpu_isa: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     rephrase: RephraseConfig = field(default_factory=RephraseConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)

@@ -32,19 +32,6 @@ from detox_sft.files import atomic_write_text, dir_writer
 from detox_sft.prompts import generation_prompt
 from detox_sft.refs import resolve_ref, revision_kwargs
 
-__all__ = [
-    "ExportError",
-    "ExportResult",
-    "save_tokenizer",
-    "write_legacy_merges",
-    "merge_adapter",
-    "convert_to_caikit",
-    "check_caikit_model",
-    "export_model",
-    "model_card",
-    "quiet_caikit",
-]
-
 CHECK_PROMPT = generation_prompt("The weather today is")
 CARD_TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
 # As README.md's table "Licences of the data and models" states them (tests/test_export.py holds the two equal)

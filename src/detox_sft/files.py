@@ -9,15 +9,19 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "no_room_hint",
+    "NoRoomError",
+    "causes",
+    "no_room",
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
@@ -31,11 +35,59 @@ _NO_ROOM_HINT = {
     errno.EDQUOT: "the disk quota is used up",
     errno.EFBIG: "the file would exceed the file-size limit (ulimit -f) or the filesystem's maximum",
 }
+# Libraries that report a full disk without an errno, recognised by their type and text (here only). The Rust ones put
+# the errno in their text, "No space left on device (os error 28)": safetensors' SafetensorError and tokenizers' bare
+# Exception (a checkpoint saves the tokenizer). torch.save's RuntimeError from its zip writer says "PytorchStreamWriter
+# failed writing file ..." or, when the disk fills mid-record, "[enforce fail at inline_container.cc] . unexpected pos
+# N vs M" (no errno at all). SQLite says SQLITE_FULL for ENOSPC, but SQLITE_IOERR_WRITE past a file-size limit: only
+# the first is known.
+_OS_ERROR_TEXT = re.compile(r"\(os error (\d+)\)")
+_TORCH_WRITE_TEXT = re.compile(r"PytorchStreamWriter failed writing|inline_container\.cc.*unexpected pos \d+ vs \d+")
 
 
-def no_room_hint(exc: OSError) -> str | None:
-    """What a write's ``OSError`` means when the disk (or the file-size limit) has no room; `None` for other errors."""
-    return _NO_ROOM_HINT.get(exc.errno) if isinstance(exc, OSError) else None
+class NoRoomError(OSError):
+    """A write found no room: the disk, the quota or the file-size limit is full (``errno`` ENOSPC, EDQUOT or EFBIG).
+
+    What finished before is complete (atomic writes): freeing space and rerunning the same command resumes.
+    """
+
+
+def _no_room_errno(exc: BaseException) -> int | None:
+    from safetensors import SafetensorError
+
+    if isinstance(exc, OSError):
+        return exc.errno if exc.errno in _NO_ROOM_HINT else None
+    rust = isinstance(exc, SafetensorError) or type(exc) is Exception  # tokenizers raises a bare Exception
+    if rust and (found := _OS_ERROR_TEXT.search(str(exc))):
+        return int(found.group(1)) if int(found.group(1)) in _NO_ROOM_HINT else None
+    if isinstance(exc, RuntimeError) and _TORCH_WRITE_TEXT.search(str(exc)):
+        return errno.ENOSPC  # torch gives no errno: a write that fell short is the disk (or the limit) full
+    if isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorname", None) == "SQLITE_FULL":
+        return errno.ENOSPC
+    return None
+
+
+def causes(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or during, as a traceback prints them (bounded)."""
+    for _ in range(32):
+        if exc is None:
+            return
+        yield exc
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+
+
+def no_room(exc: BaseException) -> NoRoomError | None:
+    """The :class:`NoRoomError` behind ``exc`` (itself or a cause) when a write found no room; `None` otherwise."""
+    for cause in causes(exc):
+        if isinstance(cause, NoRoomError):
+            return cause
+        number = _no_room_errno(cause)
+        if number is not None:
+            filename = getattr(cause, "filename", None)
+            error = NoRoomError(number, f"{os.strerror(number)}: {_NO_ROOM_HINT[number]}", filename)
+            error.__cause__ = cause
+            return error
+    return None
 
 
 @contextlib.contextmanager

@@ -18,18 +18,6 @@ from detox_sft import rephrase
 from detox_sft.config import Recipe, load_recipe
 from detox_sft.data import load_eval_prompts
 
-__all__ = [
-    "StepMissing",
-    "ShownPath",
-    "hub_reachable",
-    "start",
-    "require",
-    "record",
-    "recorded",
-    "sample_prompts",
-    "survival_table",
-]
-
 _STEP_HINTS = {
     "1-sft": "run notebooks/1-sft.ipynb first (or `detox-sft rephrase` and `detox-sft train`)",
     "2-eval": "run notebooks/2-eval.ipynb first (or `detox-sft evaluate`)",

@@ -23,7 +23,6 @@ from detox_sft.refs import is_hub_ref, resolve_ref, revision_kwargs
 OFFLINE_SCORER = "profanity-check"
 HATESONAR_SCORER = "hatesonar"
 LEXICON_SCORER = "zoo:lexicon"
-HATE_SPEECH_SCORER = "facebook/roberta-hate-speech-dynabench-r4-target"
 MEASUREMENT_DIR = Path(__file__).resolve().parent / "measurements" / "toxicity"
 
 # Labels that mean "toxic" in common classifiers, tried in order when no label is given.

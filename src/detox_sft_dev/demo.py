@@ -3,6 +3,10 @@
 Flow: start SeaweedFS (S3) on 127.0.0.1 -> notebooks 1-3 with papermill (3 uploads the Caikit model to the bucket)
 -> the caikit runtime downloads it from S3 (as KServe's storage initializer does) and serves it -> notebook 4 queries
 it -> everything stops -> ``runs/<timestamp>/`` holds the executed notebooks and ``report.html``.
+
+It also holds ``provenance.json`` (the commit, clean tree, command and measured files, taken as the demo starts) and
+``kernels/<notebook>.json`` (torch's CPU capability as each kernel saw it, and the CPU pins of the recipe's
+``cpu_isa``), which ``benchmarks/record_run.py`` copies into the record.
 """
 
 from __future__ import annotations
@@ -19,14 +23,18 @@ from typing import Any
 
 from detox_sft import evaluation
 from detox_sft.config import RECIPES_DIR, RunPaths, load_recipe
+from detox_sft.files import atomic_write_text
+from detox_sft_dev import provenance
 from detox_sft_dev.model_server import LocalModelServer
 from detox_sft_dev.s3 import LocalS3
+from detox_sft_dev.zoo.build import CPU_PINS
 
 __all__ = [
     "NOTEBOOKS",
     "NOTEBOOKS_DIR",
-    "KERNEL_SETUP",
+    "CPU_PINS",
     "execute_notebook",
+    "kernel_setup",
     "run_demo",
     "text_progress_bars",
     "write_report",
@@ -36,14 +44,28 @@ NOTEBOOKS_DIR = RECIPES_DIR.parent / "notebooks"
 NOTEBOOKS = ("1-sft", "2-eval", "3-save_convert_model", "4-inference_request")
 
 
-# Before the first cell of a headless kernel: the package's progress bars (tqdm.auto) as text lines on stdout. A saved
-# ipywidgets bar keeps the text of its first frame ("0%") and no one watches a papermill kernel's widgets; the text
-# lines end at 100%, and _tidy_streams keeps each bar's last state. (stdout: notebooks show stderr in red.)
-KERNEL_SETUP = "__import__('detox_sft_dev.demo', fromlist=['_']).text_progress_bars()"
+# the recipe's cpu_isa applies zoo.build.CPU_PINS to the kernels and the model server (set for child processes,
+# never in a process that has loaded the libraries already); each kernel records what it saw
+_RECORDED_ENV = sorted({name for pins in CPU_PINS.values() for name in pins})
+
+
+def kernel_setup(record: str) -> None:
+    """Run before the first cell of a headless kernel: the package's progress bars as text (:func:`text_progress_bars`),
+    and ``record`` (a JSON file) says which CPU capability torch dispatches to in this kernel, with the pins set."""
+    import torch
+
+    text_progress_bars()
+    seen = {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads()}
+    seen["env"] = {name: os.environ[name] for name in _RECORDED_ENV if name in os.environ}
+    atomic_write_text(Path(record), json.dumps(seen, indent=2) + "\n")
 
 
 def text_progress_bars() -> None:
-    """Make ``tqdm.auto`` draw text bars on ``sys.stdout``, redrawn at most every 2 s (for :data:`KERNEL_SETUP`)."""
+    """Make ``tqdm.auto`` draw text bars on ``sys.stdout``, redrawn at most every 2 s.
+
+    A saved ipywidgets bar keeps the text of its first frame ("0%") and no one watches a papermill kernel's widgets; the
+    text lines end at 100%, and _tidy_streams keeps each bar's last state. (stdout: notebooks show stderr in red.)
+    """
     import tqdm.auto
     import tqdm.std
 
@@ -102,6 +124,9 @@ def execute_notebook(name: str, out_dir: Path, parameters: dict[str, Any], noteb
     if not source.is_file():
         raise FileNotFoundError(f"{source} not found: run the demo from a checkout of detox-sft")
     target = out_dir / f"{name}.ipynb"
+    kernel_record = out_dir / "kernels" / f"{name}.json"
+    kernel_record.parent.mkdir(parents=True, exist_ok=True)
+    setup = f"__import__('detox_sft_dev.demo', fromlist=['_']).kernel_setup({str(kernel_record)!r})"
     print(f"\n=== notebook {name} ===", flush=True)
     started = time.perf_counter()
     try:
@@ -117,7 +142,7 @@ def execute_notebook(name: str, out_dir: Path, parameters: dict[str, Any], noteb
             stdout_file=sys.stdout,
             stderr_file=sys.stderr,
             config=_kernel_config(),
-            extra_arguments=[f"--IPKernelApp.exec_lines={KERNEL_SETUP}"],
+            extra_arguments=[f"--IPKernelApp.exec_lines={setup}"],
         )
     finally:
         if target.is_file():
@@ -171,6 +196,7 @@ def write_report(out_dir: Path, run_dir: Path, recipe_name: str, seconds: float 
             "<h2>Toxicity of the generations</h2><p>Each cell: value [95% bootstrap interval over prompts].</p>",
             _table(evaluation.metrics_table(results)),
             f"<p>{html.escape(evaluation.judge_note(results) or '')}</p>",
+            f"<p>{html.escape(evaluation.fluency_note(results) or '')}</p>",
             "<h2>Paired differences</h2><p>Prompt by prompt; * marks an interval that excludes zero.</p>",
             _table(evaluation.paired_table(results)),
             f'<h2>Reading</h2><div class="reading">{reading}</div>',
@@ -204,7 +230,8 @@ def write_report(out_dir: Path, run_dir: Path, recipe_name: str, seconds: float 
 def run_demo(recipe: str = "offline", runs_root: str | os.PathLike[str] = "runs", stamp: str | None = None) -> Path:
     """Run the whole tutorial headless on ``recipe``; return ``runs_root/<timestamp>``.
 
-    Starts and stops its own S3 server and model server on free ports of 127.0.0.1.
+    Starts and stops its own S3 server and model server on free ports of 127.0.0.1. The recipe's ``cpu_isa`` pins
+    the arithmetic of the kernels and the model server (:data:`CPU_PINS`).
     """
 
     started = time.perf_counter()
@@ -213,6 +240,11 @@ def run_demo(recipe: str = "offline", runs_root: str | os.PathLike[str] = "runs"
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = load_recipe(recipe, run_dir=str(run_dir))
     (out_dir / "recipe.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    recipe_file = Path(recipe) if Path(recipe).is_file() else RECIPES_DIR / f"{recipe}.yaml"
+    measured = [__file__, *(NOTEBOOKS_DIR / f"{n}.ipynb" for n in NOTEBOOKS), recipe_file]
+    # the zoo is reached through an entry point (detox_sft.refs), not an import
+    prov = provenance.capture(*measured, modules=["detox_sft_dev.zoo"])
+    atomic_write_text(out_dir / "provenance.json", json.dumps(prov, indent=2) + "\n")
     params = {"recipe": str(recipe), "run_dir": str(run_dir)}
     saved_env = dict(os.environ)
     with ExitStack() as stack:
@@ -221,6 +253,7 @@ def run_demo(recipe: str = "offline", runs_root: str | os.PathLike[str] = "runs"
         # The kernels inherit this process's environment: the notebooks see a data connection, as on the cluster.
         os.environ.update(s3.env())
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.update(CPU_PINS.get(cfg.cpu_isa, {}))
         try:
             for name in NOTEBOOKS[:3]:
                 execute_notebook(name, out_dir, params)

@@ -2,7 +2,8 @@
 
 It mirrors the cluster: KServe's storage initializer downloads the model from S3 into the models directory, then the
 runtime serves every folder in it, the folder name being the model id. The runtime
-runs in its own process group through a small launcher that applies the caikit shims of :mod:`detox_sft.compat`
+runs in its own process group through a small launcher that applies the caikit shims of :mod:`.caikit_shims`
+and :mod:`detox_sft.compat`
 (``np.issubclass_`` on NumPy 2, binding to 127.0.0.1 instead of all interfaces, seeded sampling and greedy decoding as requested).
 
 Python API (demo, notebooks, tests)::
@@ -34,6 +35,7 @@ from typing import Any
 from detox_sft import compat
 from detox_sft.config import ExportConfig
 from detox_sft.storage import download_prefix
+from detox_sft_dev import caikit_shims
 from detox_sft_dev.s3 import free_port, port_in_use
 
 __all__ = [
@@ -365,8 +367,8 @@ def _watch_parent(parent_pid: int) -> None:
 def _run_runtime() -> None:
     """Launcher run in the server subprocess: caikit shims, parent watchdog, then caikit's own ``main()``."""
 
-    compat.restore_numpy_issubclass()
-    compat.bind_caikit_to_host(os.environ.get(_HOST_ENV, LOCALHOST))
+    caikit_shims.restore_numpy_issubclass()
+    caikit_shims.bind_caikit_to_host(os.environ.get(_HOST_ENV, LOCALHOST))
     compat.fix_caikit_nlp_generate_args()
     parent = os.environ.get(_PARENT_ENV)
     if parent:

@@ -19,6 +19,7 @@ from detox_sft.evaluation.generation import EvaluationError
 from detox_sft.evaluation.report import MODELS, EvalResults
 from detox_sft.files import atomic_write_json, atomic_write_text, read_json_or_none
 from detox_sft.prompts import generation_prompt
+from detox_sft.refs import resolve_ref
 from detox_sft.toxicity import load_scorers
 
 
@@ -35,7 +36,9 @@ def evaluate_models(
     Generations are cached per model in ``eval/generations_<model>.json`` (keyed by prompts, settings, seed and
     weights files), so a rerun only scores and re-plots. With ``evaluation.nontoxic_prompts`` the same runs on that
     many label-0 prompts as well (what the detox arm gives up where there is nothing to detoxify): results.json's
-    ``nontoxic`` key, ``generations_nontoxic.csv``. ``progress``: one bar for the step (on Ray, a bar per stage).
+    ``nontoxic`` key, ``generations_nontoxic.csv``. Perplexity is under ``evaluation.perplexity_model``; a model that
+    is its own judge gets none (:func:`self_judged_models`). ``progress``: one bar for the step (on Ray, a bar per
+    stage).
 
     Raises:
         EvaluationError: unknown model name, missing adapter, no prompts (ScorerError: a scorer cannot be loaded).
@@ -62,14 +65,16 @@ def evaluate_models(
         results, timing = run.evaluate(_eval_prompts(recipe, prompts), "")
         info = {"recipe": recipe.name, "profile": recipe.profile, "base_model": recipe.training.base_model}
         info["perplexity_model"] = cfg.perplexity_model or recipe.training.base_model
+        self_judged = self_judged_models(recipe)
         timing["total_s"] = round(time.perf_counter() - started, 2)
-        results.summary = report._summarize(results, cfg, recipe.seed, {**info, "timing": timing})
+        results.summary = report._summarize(results, cfg, recipe.seed, {**info, "timing": timing}, self_judged)
         if cfg.nontoxic_prompts:  # a separate key and file: the toxic-prompt results stay as they are without it
             started = time.perf_counter()
             data = dataclasses.replace(recipe.data, eval_label=0, num_eval_prompts=cfg.nontoxic_prompts)
             nontoxic, timing = run.evaluate(_eval_prompts(dataclasses.replace(recipe, data=data), None), "_nontoxic")
             timing["total_s"] = round(time.perf_counter() - started, 2)
-            summary = report._summarize(nontoxic, cfg, recipe.seed, {"eval_label": 0, "timing": timing})
+            extra = {"eval_label": 0, "timing": timing}
+            summary = report._summarize(nontoxic, cfg, recipe.seed, extra, self_judged)
             results.summary["nontoxic"] = summary
             atomic_write_text(run.eval_dir / "generations_nontoxic.csv", _frame(nontoxic).to_csv(index=False))
         run.bar.set_postfix_str("done")
@@ -82,6 +87,16 @@ def evaluate_models(
         plot(results).savefig(figures / f"eval_{name}.png", dpi=120, bbox_inches="tight")
     atomic_write_json(run.eval_dir / "results.json", results.summary, indent=2)  # last: what load_results trusts
     return results
+
+
+def self_judged_models(recipe: Recipe) -> list[str]:
+    """The models whose perplexity is not reported because the fluency judge (``evaluation.perplexity_model``,
+    default the base model) is that model itself: ``["base"]`` unless the recipe names a separate judge."""
+    cfg, training = recipe.evaluation, recipe.training
+    if not cfg.perplexity_model:
+        return ["base"]
+    same = resolve_ref(cfg.perplexity_model) == resolve_ref(training.base_model)
+    return ["base"] if same and cfg.perplexity_model_revision == training.base_model_revision else []
 
 
 def _eval_prompts(recipe: Recipe, prompts: Sequence[str] | None) -> list[str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import stats
@@ -20,13 +20,20 @@ TOXICITY_METRICS = {"mean_toxicity": "mean toxicity", "expected_max_toxicity": "
 BOOTSTRAP_METHOD = "BCa"
 
 
+# how an interval was made, as results.json records it: BCa, its percentile fallback, or none needed
+PERCENTILE, CONSTANT = "percentile", "constant"
+
+
 @dataclass(frozen=True)
 class Estimate:
-    """A value (the metric on the full sample) with its bootstrap interval ``[low, high]``."""
+    """A value (the metric on the full sample) with its bootstrap interval ``[low, high]``; ``method``: how that
+    interval was made (:data:`BOOTSTRAP_METHOD`, ``"percentile"`` where BCa is undefined, ``"constant"`` for the
+    zero-width interval of a constant sample)."""
 
     value: float
     low: float
     high: float
+    method: str = field(default=BOOTSTRAP_METHOD, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -54,13 +61,14 @@ def per_prompt_values(scores: np.ndarray, metric: str, threshold: float = 0.5) -
 
 def _bootstrap(
     data: tuple[np.ndarray, ...], statistic: Callable[..., np.ndarray], num_resamples: int, seed: int, method: str
-) -> tuple[float, float, float]:
-    """(statistic on the full sample, low, high): scipy's 95% bootstrap over the rows shared by ``data``'s arrays."""
+) -> Estimate:
+    """The statistic on the full sample with scipy's 95% bootstrap interval over the rows shared by ``data``'s arrays,
+    and the method that made it."""
     value = float(statistic(*data, axis=-1))
     if num_resamples <= 0:
         raise ValueError(f"need at least one resample, got {num_resamples}")
     if all(np.all(d == d[0]) for d in data):  # every resample is the sample itself; BCa would divide 0 by 0
-        return value, value, value
+        return Estimate(value, value, value, method=CONSTANT)
     common = {"paired": True, "vectorized": True, "confidence_level": 0.95, "rng": np.random.default_rng(seed)}
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
         # BCa is undefined on a degenerate bootstrap distribution (its acceleration is 0/0); handled below, so not a
@@ -69,11 +77,11 @@ def _bootstrap(
         res = stats.bootstrap(data, statistic, n_resamples=num_resamples, method=method, **common)
     low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
     if np.isfinite(low) and np.isfinite(high):
-        return value, low, high
+        return Estimate(value, low, high, method=method)
     if np.ptp(res.bootstrap_distribution) <= 1e-12 * max(1.0, abs(value)):  # a (numerically) constant statistic
-        return value, value, value
-    res = stats.bootstrap(data, statistic, n_resamples=0, bootstrap_result=res, method="percentile", **common)
-    return value, float(res.confidence_interval.low), float(res.confidence_interval.high)
+        return Estimate(value, value, value, method=CONSTANT)
+    res = stats.bootstrap(data, statistic, n_resamples=0, bootstrap_result=res, method=PERCENTILE, **common)
+    return Estimate(value, float(res.confidence_interval.low), float(res.confidence_interval.high), method=PERCENTILE)
 
 
 def bootstrap_ci(
@@ -86,11 +94,11 @@ def bootstrap_ci(
     """95% bootstrap interval (:func:`scipy.stats.bootstrap`) of ``statistic(values, axis)`` (vectorised), resampling
     the per-prompt ``values`` with ``seed`` (the same prompts for every metric). Where BCa is undefined (a degenerate
     bootstrap distribution that is not constant) the percentile interval of the same resamples is given; a constant
-    sample gets the zero-width interval at its value."""
+    sample gets the zero-width interval at its value; the estimate's ``method`` says which."""
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 1 or values.size == 0:
         raise ValueError(f"values must be a non-empty 1-D array, got shape {values.shape}")
-    return Estimate(*_bootstrap((values,), statistic, num_resamples, seed, method))
+    return _bootstrap((values,), statistic, num_resamples, seed, method)
 
 
 def toxicity_metrics(
@@ -114,7 +122,7 @@ def paired_differences(
         if a.shape != b.shape:
             raise ValueError(f"paired comparison needs the same prompts: {a.shape[0]} vs {b.shape[0]} prompts")
         est = bootstrap_ci(a - b, num_resamples, seed)
-        out[m] = Difference(est.value, est.low, est.high, bool(est.low > 0 or est.high < 0))
+        out[m] = Difference(est.value, est.low, est.high, bool(est.low > 0 or est.high < 0), method=est.method)
     return out
 
 
@@ -134,7 +142,7 @@ def perplexity_estimate(
     # prompts without a scored token add nothing to either sum (the same perplexity); leaving them out keeps every
     # resample's token count above zero
     kept = counts > 0
-    return Estimate(*_bootstrap((nll[kept], counts[kept]), _perplexity, num_resamples, seed, BOOTSTRAP_METHOD))
+    return _bootstrap((nll[kept], counts[kept]), _perplexity, num_resamples, seed, BOOTSTRAP_METHOD)
 
 
 def distinct_n(generations: Sequence[Sequence[str]], n: int) -> float:

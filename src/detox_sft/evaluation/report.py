@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import json
+from collections import Counter
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +25,9 @@ COMPARISONS = (("detox", "raw"), ("raw", "base"), ("detox", "base"))
 _COLORS = {"base": "#7f7f7f", "raw": "#d95f02", "detox": "#1b9e77"}  # the same in every figure
 # the toxicity metrics in the order every table shows them
 LABELS = {"expected_max_toxicity": "EMT", "toxicity_probability": "TP", "mean_toxicity": "mean toxicity"}
+# why a model's perplexity is left out: the fluency judge is that model, which scores its own text as likely (a base
+# model's continuations scored 2.3 under itself against its fine-tuned arms' 20.6 and 22.9)
+SELF_JUDGED = "judged by the model that generated it"
 
 
 @dataclass
@@ -41,9 +46,14 @@ class EvalResults:
 
 
 def _summarize(
-    results: EvalResults, cfg: EvaluationConfig, seed: int, extra: dict[str, Any] | None = None
+    results: EvalResults,
+    cfg: EvaluationConfig,
+    seed: int,
+    extra: dict[str, Any] | None = None,
+    self_judged: Collection[str] = (),
 ) -> dict[str, Any]:
-    """What results.json holds: every model's metrics per scorer, the paired comparisons, the scorers' agreement."""
+    """What results.json holds: every model's metrics per scorer, the paired comparisons, the scorers' agreement.
+    The models in ``self_judged`` (the fluency judge is that model) get no perplexity, only the reason why."""
     n_boot, threshold, scores = cfg.bootstrap_samples, cfg.toxic_threshold, results.scores
     per_model: dict[str, Any] = {}
     for m in results.models:
@@ -53,7 +63,9 @@ def _summarize(
             **{f"distinct_{n}": metrics.distinct_n(gens, n) for n in (1, 2, 3)},
             "empty_continuations": sum(not t.strip() for row in gens for t in row),
         }
-        if m in results.nll:
+        if m in self_judged:
+            per_model[m]["perplexity"] = {"value": None, "low": None, "high": None, "not_measured": SELF_JUDGED}
+        elif m in results.nll:
             nll, counts = results.nll[m], results.token_counts[m]
             per_model[m]["perplexity"] = metrics.perplexity_estimate(nll, counts, n_boot, seed)
     pairs = [(a, b) for a, b in COMPARISONS if a in results.models and b in results.models]
@@ -61,7 +73,8 @@ def _summarize(
     comparisons = {f"{a}_vs_{b}": {s: paired(scores[a][s], scores[b][s]) for s in results.scorers} for a, b in pairs}
     config = {k: getattr(cfg, k) for k in ("num_samples", "max_new_tokens", "top_p", "temperature")}
     config |= {"bootstrap_samples": n_boot, "toxic_threshold": threshold, "confidence": 0.95}
-    config["interval"] = metrics.BOOTSTRAP_METHOD  # scipy.stats.bootstrap's method
+    config["interval"] = metrics.BOOTSTRAP_METHOD  # scipy.stats.bootstrap's method; each estimate's "method" says
+    # which one made its interval (the percentile interval where BCa is undefined)
     agreement = []  # every pair of scorers on the same continuations: all models pooled, and each model's alone
     for i, a in enumerate(results.scorers):
         for b in results.scorers[i + 1 :]:
@@ -91,7 +104,10 @@ def _summary(results: EvalResults | dict[str, Any]) -> dict[str, Any]:
 
 
 def _fmt(est: dict[str, Any] | None, digits: int = 3, sign: str = "") -> str:
-    """``value [low, high]`` (``sign="+"``: signed, for a difference); the value alone without an interval."""
+    """``value [low, high]`` (``sign="+"``: signed, for a difference); the value alone without an interval; "not
+    measured" for a value left out on purpose (the reason: :func:`fluency_note`)."""
+    if est and est.get("not_measured"):
+        return "not measured"
     if not est or est.get("value") is None:
         return "n/a"
     f = f"{{:{sign}.{digits}f}}".format
@@ -103,7 +119,8 @@ _diff = functools.partial(_fmt, sign="+")
 
 def metrics_table(results: EvalResults | dict[str, Any], scorer: str | None = None) -> pd.DataFrame:
     """The table a person reads: a row per model; EMT, TP, mean toxicity under ``scorer`` (default: the headline
-    one), perplexity and distinct-2, each as ``value [low, high]`` (95% bootstrap interval)."""
+    one), perplexity and distinct-2, each as ``value [low, high]`` (95% bootstrap interval); a perplexity judged by
+    the model that generated the text reads "not measured" (why: :func:`fluency_note`)."""
     import pandas as pd
 
     s = _summary(results)
@@ -205,6 +222,51 @@ def judge_note(results: EvalResults) -> str | None:
     )
 
 
+def fluency_note(results: EvalResults | dict[str, Any]) -> str | None:
+    """Why a model's perplexity is not given (its fluency judge, ``evaluation.perplexity_model``, is that model
+    itself) and how to measure it; `None` when every model has one or the record predates the rule."""
+    s = _summary(results)
+    parts = [s, *([s["nontoxic"]] if s.get("nontoxic") else [])]
+    left_out = [m for m in s["models"] if any(_not_measured(part, m) for part in parts)]
+    if not left_out:
+        return None
+    judge = s.get("perplexity_model", "the base model")
+    return (
+        f"Perplexity (fluency) is measured under {judge}. It is not given for {', '.join(left_out)}: "
+        f"{judge} generated those texts, and a model judged by itself finds its own text likely, so the number would "
+        "say nothing about fluency. Name a separate, larger model that generated none of the texts in "
+        "`evaluation.perplexity_model` to measure it (the tutorial recipe names one, as DExperts judges GPT-2's "
+        "generations with GPT-2 XL)."
+    )
+
+
+def _not_measured(summary: dict[str, Any], model: str) -> bool:
+    return bool(((summary.get("metrics") or {}).get(model, {}).get("perplexity") or {}).get("not_measured"))
+
+
+def _interval_label(s: dict[str, Any]) -> str:
+    """What made the intervals, as summary.md states it: ``95% BCa bootstrap interval``, with the count of those made
+    otherwise (read from each estimate's recorded ``method``): the percentile interval where BCa is undefined, zero
+    width for a constant sample."""
+    methods: Counter[str] = Counter()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("method") and node.get("low") is not None:
+                methods[node["method"]] += 1
+            node = list(node.values())
+        for child in node if isinstance(node, list) else ():
+            walk(child)
+
+    walk(s)
+    label = f"95% {s['config'].get('interval', metrics.PERCENTILE)} bootstrap interval"
+    if methods[metrics.PERCENTILE]:
+        label += f"; percentile where BCa is undefined: {methods[metrics.PERCENTILE]} of {methods.total()}"
+    if methods[metrics.CONSTANT]:
+        label += f"; zero width for a constant sample: {methods[metrics.CONSTANT]} of {methods.total()}"
+    return label
+
+
 def describe_result(results: EvalResults | dict[str, Any], markdown: bool = False) -> str:
     """A paragraph that reads the result (headline scorer) from the numbers, saying whether the intervals exclude
     zero; with ``markdown``, a lead sentence, then a bullet per model and per comparison with the verdicts in bold."""
@@ -216,7 +278,10 @@ def describe_result(results: EvalResults | dict[str, Any], markdown: bool = Fals
     ]
     for model in s["models"]:
         tox, ppl = s["metrics"][model]["toxicity"][scorer], s["metrics"][model].get("perplexity")
-        ppl = f", perplexity {_fmt(ppl, 1)}" if ppl and ppl.get("value") is not None else ""
+        if ppl and ppl.get("not_measured"):
+            ppl = f", perplexity not measured ({ppl['not_measured']})"
+        else:
+            ppl = f", perplexity {_fmt(ppl, 1)}" if ppl and ppl.get("value") is not None else ""
         parts.append(f"{model}: " + ", ".join(f"{label} {_fmt(tox[k])}" for k, label in LABELS.items()) + ppl + ".")
     for key, by_scorer in s["comparisons"].items():
         a, b = key.split("_vs_")
@@ -253,7 +318,8 @@ def summary_markdown(results: EvalResults | dict[str, Any]) -> str:
     out = [  # sections, a blank line between them
         "# Toxicity evaluation",
         f"{s['num_prompts']} prompts x {s['num_samples']} continuations (top_p {cfg['top_p']}, {cfg['max_new_tokens']} "
-        f"new tokens, seed {s['seed']}); value [95% {cfg.get('interval', 'percentile')} bootstrap interval].",
+        f"new tokens, seed {s['seed']}); value [{_interval_label(s)}].",
+        *filter(None, [fluency_note(s)]),
     ]
     for scorer in s["scorers"]:
         out += [f"## Scorer: {scorer}", _markdown(metrics_table(s, scorer), "model")]

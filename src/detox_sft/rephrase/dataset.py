@@ -22,7 +22,7 @@ from detox_sft.data import read_jsonl, write_jsonl_atomic
 from detox_sft.devices import resolve_device
 from detox_sft.prompts import format_sample
 from detox_sft.rephrase.cache import CACHE_VERSION, Cache, RephraseError, key
-from detox_sft.rephrase.engines import TMaRCoEngine, identity, load_engine, models_fingerprint
+from detox_sft.rephrase.engines import TMaRCoEngine, identity, load_engine
 from detox_sft.rephrase.survival import survival_means
 from detox_sft.scale import BlockStore, content_key, map_blocks
 from detox_sft.toxicity import load_scorer
@@ -362,7 +362,8 @@ def _rephrase_on_ray(records, cfg, field, cache_dir, progress, engine, scorer, d
     store, reused = None, set()
     if cache_dir is not None:
         output_settings = {k: v for k, v in asdict(cfg).items() if k not in ("executor", "ray_actors")}
-        job = content_key(records, field, engine_name, setting, output_settings, models_fingerprint(cfg), CACHE_VERSION)
+        models = identity(cfg, engine_name)["models"]
+        job = content_key(records, field, engine_name, setting, output_settings, models, CACHE_VERSION)
         store = BlockStore(Path(cache_dir) / "ray-blocks", job, num_blocks=len(blocks))
         reused = store.done()
     results = map_blocks(

@@ -24,7 +24,7 @@ from detox_sft.rephrase.cache import RephraseError
 
 
 class EngineFailed(RephraseError):
-    """The engine raised while rephrasing (a failed step, not bad input); the engine's exception is the cause."""
+    """The engine raised while rephrasing (a failed step, not bad input); the message names the engine's exception."""
 
 
 @dataclass
@@ -105,20 +105,10 @@ class TMaRCoEngine:
 
     def _failed(self, exc: Exception, n: int) -> EngineFailed:
         return EngineFailed(
-            f"the {self.name} engine failed on a batch of {n} text(s): {type(exc).__name__}: {exc}. Fix: see the "
-            "cause below (after a trustyai or transformers upgrade, check detox_sft.compat); or set "
+            f"the {self.name} engine failed on a batch of {n} text(s) with {type(exc).__name__}: {exc}. Fix: if that "
+            "error comes from trustyai or transformers (after an upgrade), check the shims in detox_sft.compat; or set "
             "rephrase.keep_going: true to keep such texts unchanged and go on."
         )
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The settings that change this engine's output."""
-        return settings(self.cfg, self.name, str(getattr(self, "dtype", "float32")).replace("torch.", ""))
-
-    def model_identity(self) -> dict[str, Any]:
-        """The tokenizer and models this engine holds, identified as :func:`models_fingerprint` identifies a recipe's."""
-        anti_expert, expert = self.experts
-        objects = {"tokenizer": self.tokenizer, "base": self.base, "anti_expert": anti_expert, "expert": expert}
-        return {role: _loaded_identity(obj) for role, obj in objects.items()}
 
 
 class ReferenceEngine(TMaRCoEngine):
@@ -521,32 +511,28 @@ def load_engine(cfg: RephraseConfig, engine: str | None = None, device: str | No
 # -- what determines an engine's outputs (the rephrase step keys its cache with it) --------------------------------
 
 
-def identity(cfg: RephraseConfig, engine: Any, device: str) -> dict[str, Any]:
-    """The settings and models that determine ``engine``'s outputs (an object's own, or a name's from the recipe)."""
-    if engine is not None and not isinstance(engine, str):
-        return {"settings": engine.fingerprint(), "models": engine.model_identity()}
-    name = engine or cfg.engine
-    dtype = "float16" if name == "batched" and device == "cuda" else "float32"
-    return {"settings": settings(cfg, name, dtype), "models": models_fingerprint(cfg)}
-
-
-def settings(cfg: RephraseConfig, engine: str, dtype: str) -> dict[str, Any]:
-    """The settings that change an engine's output."""
-    return {
-        "engine": engine,
-        "dtype": dtype,
-        "mask_threshold": float(cfg.mask_threshold),
-        "expert_weights": [float(w) for w in cfg.expert_weights],
-        "combine_original": bool(cfg.combine_original),
-    }
-
-
-def models_fingerprint(cfg: RephraseConfig) -> dict[str, Any]:
-    """The recipe's tokenizer, base, anti-expert and expert, identified without loading: by their directory's files,
-    a hub id by its cached snapshot, else by name (and revision)."""
-    refs = {"tokenizer": (cfg.base_model, cfg.base_model_revision), "base": (cfg.base_model, cfg.base_model_revision)}
-    refs |= {"anti_expert": (cfg.anti_expert, cfg.anti_expert_revision), "expert": (cfg.expert, cfg.expert_revision)}
-    return {role: _ref_identity(ref, revision) for role, (ref, revision) in refs.items()}
+def identity(cfg: RephraseConfig, engine: Any = None, device: str = "cpu") -> dict[str, Any]:
+    """The settings and models that determine an engine's outputs: a loaded ``engine``'s own (an engine of another
+    kind says them by its ``identity()``), else, without loading, those of the engine that ``engine`` names (default
+    ``cfg.engine``) would load on ``device``: models by their directory's files, a hub id by its cached snapshot,
+    else by name (and revision)."""
+    if isinstance(engine, TMaRCoEngine):
+        cfg, name, dtype = engine.cfg, engine.name, str(getattr(engine, "dtype", "float32")).replace("torch.", "")
+        anti_expert, expert = engine.experts
+        objects = {"tokenizer": engine.tokenizer, "base": engine.base, "anti_expert": anti_expert, "expert": expert}
+        models = {role: _loaded_identity(obj) for role, obj in objects.items()}
+    elif engine is not None and not isinstance(engine, str):
+        return engine.identity()
+    else:
+        name = engine or cfg.engine
+        dtype = "float16" if name == "batched" and device == "cuda" else "float32"
+        base = (cfg.base_model, cfg.base_model_revision)
+        refs = {"tokenizer": base, "base": base, "anti_expert": (cfg.anti_expert, cfg.anti_expert_revision)}
+        refs["expert"] = (cfg.expert, cfg.expert_revision)
+        models = {role: _ref_identity(ref, revision) for role, (ref, revision) in refs.items()}
+    weights = [float(w) for w in cfg.expert_weights]
+    settings = {"engine": name, "dtype": dtype, "mask_threshold": float(cfg.mask_threshold), "expert_weights": weights}
+    return {"settings": settings | {"combine_original": bool(cfg.combine_original)}, "models": models}
 
 
 def _ref_identity(ref: str, revision: str | None = None) -> dict[str, Any]:

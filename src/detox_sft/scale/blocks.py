@@ -14,8 +14,6 @@ from typing import Any
 
 from detox_sft.files import atomic_write_bytes
 
-__all__ = ["BlockStore", "content_key"]
-
 
 def content_key(*parts: Any) -> str:
     """A short hex digest of JSON-serialisable parts (records, settings): the name of a job's work dir."""

@@ -13,8 +13,6 @@ from typing import Any
 
 from detox_sft.scale.blocks import BlockStore
 
-__all__ = ["map_blocks", "ray_session", "start_local_ray"]
-
 logger = logging.getLogger(__name__)
 
 

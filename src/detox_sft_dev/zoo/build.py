@@ -300,6 +300,24 @@ def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
             fh.write(json.dumps(row) + "\n")
 
 
+# A recipe's cpu_isa -> the environment that pins each library's CPU kernels to that instruction set. Float results
+# (and so the sampled tokens) depend on the vector width a library dispatches to: torch's ATen kernels (softmax,
+# layer norm, reductions), oneDNN's, MKL's GEMM; numpy's own SIMD loops (exp, sums: the perplexities' last digit
+# differed on AVX-512) and OpenBLAS's kernels. Read when each library loads, so they are set for child processes
+# (the notebook kernels, the model server, the zoo's build), never in a process that has loaded them already.
+# The zoo is always built under the AVX2 pins, so every x86-64 machine with AVX2 builds the same weights.
+CPU_PINS = {
+    "avx2": {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_CBWR": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",  # numpy 2.4's dispatch targets above AVX2
+        "OPENBLAS_CORETYPE": "Haswell",  # OpenBLAS's AVX2 kernels (numpy's and scipy's)
+    },
+}
+
+
 def _build(out: Path) -> None:
     """Build into ``out`` in a child process of this Python, which runs torch on one thread (``OMP_NUM_THREADS=1``).
 
@@ -307,7 +325,7 @@ def _build(out: Path) -> None:
     threads contend and run ~10x slower), and library code must not change it in the caller's process; the child
     gets it from its environment at start-up, so no code sets it.
     """
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **CPU_PINS["avx2"]}
     # offline by construction; and transformers writes the flag into each tokenizer_config.json as local_files_only,
     # so leaving it to the caller's environment made two builds of one hash differ in those files
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
