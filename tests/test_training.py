@@ -301,6 +301,35 @@ def test_interrupted_run_resumes_from_last_checkpoint(offline_recipe, zoo):
     assert (out / "adapter_model.safetensors").is_file() and not (out / "checkpoints").exists()
 
 
+def test_a_run_killed_between_its_last_checkpoint_and_its_closing_evaluation_resumes_to_the_same_eval_loss(
+    offline_recipe, zoo
+):
+    """The Trainer saves the last step's checkpoint, then runs the epoch's closing evaluation: killed between the two,
+    the rerun resumes at the end and still logs the final eval loss an uninterrupted run logs (found by make faults)."""
+    import copy
+
+    from transformers import TrainerCallback
+
+    from detox_sft.data import load_train_dataset
+
+    recipe = _small(offline_recipe, samples=20, save_steps=1)
+    ds = load_train_dataset(recipe.data, recipe.seed)
+    other = copy.deepcopy(recipe)
+    other.run_dir = str(recipe.run_path.parent / "uninterrupted")
+    reference = T.train_arm(other, "raw", ds).metrics
+
+    class KillBeforeTheClosingEvaluation(TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        T.train_arm(recipe, "raw", ds, callbacks=[KillBeforeTheClosingEvaluation()])
+    m = T.train_arm(recipe, "raw", ds).metrics
+    assert m["resumed_from"] == f"checkpoint-{reference['global_step']}"
+    assert reference["final_eval_loss"] is not None
+    assert m["final_eval_loss"] == pytest.approx(reference["final_eval_loss"], abs=1e-3)
+
+
 def test_whole_run_train_loss_adds_back_the_steps_before_the_checkpoint():
     log = [{"loss": 4.0, "step": 1}, {"loss": 3.0, "step": 3}, {"eval_loss": 2.9, "step": 3}, {"loss": 2.0, "step": 4}]
     # resumed at step 3 (after the step-3 log), 1 more step with session mean 2.0: (4*1 + 3*2 + 2*1) / 4

@@ -386,6 +386,11 @@ def save_arm(
 ) -> TrainResult:
     """Write the adapter, tokenizer, ``log_history.json`` and ``metrics.json`` last (rank 0); remove the checkpoints."""
     out = Path(adapter_dir)
+    # the Trainer saves the last step's checkpoint before its closing epoch evaluation: a run killed between the two
+    # resumes at the end and skips that evaluation, so its final eval loss is run here (on every rank)
+    state, epochs = trainer.state, trainer.args.eval_strategy == "epoch" and trainer.eval_dataset is not None
+    if epochs and not any("eval_loss" in e and e.get("step") == state.global_step for e in state.log_history):
+        trainer.evaluate()
     trainer.save_model(str(out))  # every rank calls it: the Trainer itself saves on the main process only
     metrics = _metrics(trainer, recipe, out.name, dataset, stats)
     main = trainer.is_world_process_zero()
