@@ -1414,7 +1414,7 @@ class Harness:
         else:
             outcome = "survived"
         record["outcome"] = outcome
-        _provenance().write(self.record_path(step, trial), record)  # atomically: a resumed run trusts it
+        _sibling("provenance").write(self.record_path(step, trial), record)  # atomically: a resumed run trusts it
         print(
             f"[faults] {step} trial {trial}: target {target:.2f}, killed at {wall_s:.2f} s ({CLOCK[step]} "
             f"{record['moment_clock_s']:.2f} s), progress {done}/{total}, {record['phase']}: {outcome}"
@@ -1465,15 +1465,16 @@ def load_records(results: Path = RESULTS) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: (STEPS.index(r["step"]), r["seed"], r["trial"]))
 
 
-def _provenance() -> Any:
-    """benchmarks/provenance.py, under the name the benchmarks import it by (this file may be loaded by path)."""
+def _sibling(name: str) -> Any:
+    """benchmarks/<name>.py under the name the benchmarks import it by (this file may be loaded by path; faults_env
+    imports this module, so it is loaded lazily)."""
     import importlib.util
 
-    if "provenance" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("provenance", Path(__file__).with_name("provenance.py"))
-        sys.modules["provenance"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["provenance"])
-    return sys.modules["provenance"]
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
 
 
 _ORDINAL = ("1st", "2nd", "3rd")
@@ -1487,7 +1488,7 @@ def _where(r: dict[str, Any]) -> str:
 
 def _measured(rs: list[dict[str, Any]]) -> str:
     """Which code a step's records measured, and whether it changed since (provenance.status)."""
-    status = _provenance().status
+    status = _sibling("provenance").status
     seen: dict[str, int] = {}
     for r in rs:
         prov = r.get("provenance")
@@ -1601,24 +1602,13 @@ def render_report(records: list[dict[str, Any]], env_records: list[dict[str, Any
                 f"| {r['outcome']} | {details.replace('|', '/')} |"
             )
     if env_records:
-        lines += _faults_env().render_env(list(env_records))
+        lines += _sibling("faults_env").render_env(list(env_records))
     return "\n".join(lines) + "\n"
-
-
-def _faults_env() -> Any:
-    """benchmarks/faults_env.py, which renders the faults of the environment (lazy: it imports this module)."""
-    import importlib.util
-
-    if "faults_env" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("faults_env", Path(__file__).with_name("faults_env.py"))
-        sys.modules["faults_env"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["faults_env"])
-    return sys.modules["faults_env"]
 
 
 def write_report(results: Path = RESULTS, report: Path = REPORT) -> Path:
     """Regenerate FAULTS.md from the records (the kills, and the faults of the environment)."""
-    report.write_text(render_report(load_records(results), _faults_env().load_env_records(results / "env")))
+    report.write_text(render_report(load_records(results), _sibling("faults_env").load_env_records(results / "env")))
     return report
 
 
@@ -1661,7 +1651,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report:
         work = Path(args.work) if args.work else ROOT / "benchmarks" / "results" / "faults-work"
         deadline = time.time() + args.minutes * 60 if args.minutes else None
-        prov = _provenance().capture(__file__)  # the code as the run starts
+        prov = _sibling("provenance").capture(__file__)  # the code as the run starts
         with contextlib.ExitStack() as stack:
             s3 = proxy = None
             if {"upload", "download"} & set(args.steps):

@@ -32,7 +32,7 @@ def records(faults):
 
 @pytest.fixture(scope="module")
 def env_records(faults):
-    return faults._faults_env().load_env_records()
+    return faults._sibling("faults_env").load_env_records()
 
 
 def test_faults_md_is_generated_from_the_records(faults, records, env_records):

@@ -24,10 +24,13 @@ for path in root.rglob("*.py"):
     for node in ast.parse(path.read_text()).body:
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module]
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]  # `from scipy import stats`
         for name in names:
             if not name.startswith(("detox_sft", "__future__")):
-                importlib.import_module(name)
+                try:
+                    importlib.import_module(name)
+                except ModuleNotFoundError:  # `from X import name` of a class or function, not a module
+                    pass
 
 def state():
     return {

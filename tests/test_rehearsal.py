@@ -3,6 +3,7 @@ rehearsal recipes, and (marked slow) the four notebooks on the shortened CPU reh
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from pathlib import Path
@@ -10,7 +11,18 @@ from pathlib import Path
 import pytest
 
 from detox_sft.config import load_recipe
+from detox_sft.files import atomic_write_text
 from detox_sft_dev.zoo import rehearsal
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _record_run():
+    """benchmarks/record_run.py (a script, not a package module): for its ``machine()``."""
+    spec = importlib.util.spec_from_file_location("record_run", ROOT / "benchmarks" / "record_run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _parameters(model_cls, config_cls, values):
@@ -107,12 +119,20 @@ def test_the_tokenizers_have_the_real_vocabulary_size_and_special_ids(tmp_path):
 @pytest.mark.service
 def test_the_shortened_rehearsal_runs_the_four_notebooks_at_full_model_size(tmp_path):
     """recipes/rehearsal-cpu.yaml through `detox-sft-dev demo`: builds the rehearsal models on first use (about 6 GB)."""
+    from detox_sft.config import RECIPES_DIR
     from detox_sft.notebook import recorded
     from detox_sft.refs import resolve_ref
-    from detox_sft_dev import zoo
-    from detox_sft_dev.demo import NOTEBOOKS, run_demo
+    from detox_sft_dev import provenance, zoo
+    from detox_sft_dev.demo import NOTEBOOKS, NOTEBOOKS_DIR, run_demo
     from detox_sft_dev.rehearsal import rehearsal_report
 
+    # what the record below measures, taken before anything runs: this test, the notebooks, the recipe, and every
+    # module they import (the demo driver, the rehearsal report, the zoo, the helper package)
+    notebooks = [NOTEBOOKS_DIR / f"{name}.ipynb" for name in NOTEBOOKS]
+    command = ["pytest", "-m", "slow", "-s", "-q", "-p", "no:xdist", "tests/test_rehearsal.py"]
+    prov = provenance.capture(
+        __file__, *notebooks, RECIPES_DIR / "rehearsal-cpu.yaml", modules=["detox_sft_dev.zoo"], command=command
+    )
     started = time.perf_counter()
     built = {name: json.loads((zoo.resolve(name) / "manifest.json").read_text()) for name in zoo.REHEARSAL_NAMES}
     build_seconds = time.perf_counter() - started
@@ -126,8 +146,21 @@ def test_the_shortened_rehearsal_runs_the_four_notebooks_at_full_model_size(tmp_
 
     report = rehearsal_report(out / "run", "rehearsal-cpu")
     sizes = {name: [m["parameters"], m["dtype"], m["bytes_on_disk"], m["build_seconds"]] for name, m in built.items()}
-    print(json.dumps({"models": sizes, "models_ready_s": round(build_seconds, 1), "demo_s": round(seconds, 1)}))
-    print(json.dumps(report, indent=2))
+    # README quotes this run: it is written here, with the provenance the demo took as it started (its commit, clean
+    # tree, command and measured files), so `benchmarks/provenance.py` can say whether it still measures the code
+    record = {
+        "what": f"{__name__}::test_the_shortened_rehearsal_runs_the_four_notebooks_at_full_model_size "
+        "(recipes/rehearsal-cpu.yaml through detox-sft-dev demo)",
+        "command": "HF_HUB_OFFLINE=1 .venv/bin/" + " ".join(command),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": _record_run().machine(),
+        "models (parameters, dtype, bytes on disk, build s)": sizes,
+        "models_ready_s": round(build_seconds, 1),
+        "demo_s": round(seconds, 1),
+        "report": report,
+        "provenance": prov,
+    }
+    print(json.dumps(record, indent=2))
     config = json.loads((Path(resolve_ref("zoo:rehearsal-opt")) / "config.json").read_text())
     assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (1024, 24, 50272)
 
@@ -143,3 +176,4 @@ def test_the_shortened_rehearsal_runs_the_four_notebooks_at_full_model_size(tmp_
     answers = recorded(out / "run", "4-inference_request")["answers"]
     assert len(answers) == 4 and all(isinstance(a["answer"], str) for a in answers)  # served and answered
     assert recorded(out / "run", "3-save_convert_model")["uploads"]["caikit"]["verified"] > 0
+    atomic_write_text(ROOT / "results" / "rehearsal-cpu" / "record.json", json.dumps(record, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""Toxicity scorers and the local `evaluate` measurement module, offline."""
+"""Toxicity scorers, offline."""
 
 from __future__ import annotations
 
@@ -91,37 +91,6 @@ def test_unloadable_scorers_name_the_path_or_package(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "profanity_check", None)  # the package is not installed
     with pytest.raises(toxicity.ScorerError, match="alt-profanity-check"):
         toxicity.load_scorer("profanity-check")
-
-
-def test_measurement_module_offline(classifier_dir):
-    texts = [CLEAN, TOXIC, CLEAN]
-    expected = toxicity.load_scorer(toxicity.OFFLINE_SCORER)(texts)
-    measure = toxicity.load_measurement("profanity-check")
-    out = measure.compute(predictions=texts)
-    np.testing.assert_allclose(out["toxicity"], expected)
-    assert measure.compute(predictions=texts, aggregation="maximum") == {"max_toxicity": pytest.approx(expected[1])}
-    assert measure.compute(predictions=texts, aggregation="ratio") == {"toxicity_ratio": pytest.approx(1 / 3)}
-    assert measure.compute(predictions=texts, aggregation="ratio", threshold=0.0) == {"toxicity_ratio": 1.0}
-    # a classifier by path, as config name or as a keyword; the same numbers as the scorer
-    by_path = toxicity.load_scorer(str(classifier_dir))(texts)
-    np.testing.assert_allclose(
-        toxicity.load_measurement(str(classifier_dir)).compute(predictions=texts)["toxicity"], by_path, rtol=1e-5
-    )
-    np.testing.assert_allclose(
-        measure.compute(predictions=texts, scorer=str(classifier_dir))["toxicity"], by_path, rtol=1e-5
-    )
-    with pytest.raises(ValueError, match="aggregation"):
-        measure.compute(predictions=texts, aggregation="mean")
-
-
-def test_measurement_default_is_the_hub_classifier_and_says_so_offline():
-    from huggingface_hub import try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache("facebook/roberta-hate-speech-dynabench-r4-target", "config.json"), str):
-        pytest.skip("the hub classifier is in the local cache: it would load")
-    measure = toxicity.load_measurement()
-    with pytest.raises(toxicity.ScorerError, match="roberta-hate-speech-dynabench-r4-target"):
-        measure.compute(predictions=[CLEAN])
 
 
 # --- the classifier scorer is a transformers pipeline; the hand-computed softmax stays as the reference ------------
@@ -222,8 +191,6 @@ def test_hatesonar_scores_a_list_in_order_offline():
     assert scorer([]).shape == (0,)
     with pytest.raises(TypeError, match="list of texts"):
         scorer(TOXIC)
-    measure = toxicity.load_measurement("hatesonar")
-    np.testing.assert_allclose(measure.compute(predictions=[CLEAN, TOXIC])["toxicity"], scores[:2])
 
 
 def test_hatesonar_missing_names_the_package(monkeypatch):

@@ -6,9 +6,8 @@ recipe_parser`), and any trl.SFTConfig / peft.LoraConfig field under ``--trainin
     detox-sft train --recipe offline --training.sft.learning_rate 1e-4 --training.lora.r 8 --seed 3
     detox-sft evaluate --recipe offline --evaluation.num_samples 2 --run-dir runs/x
 
-Every failure the user can act on reaches them as one message naming the fix, never as a traceback, and its class
-as the exit status (:data:`EXIT_STATUS`, printed by ``detox-sft --help``), so that a script or a Kubernetes Job can
-react: 3 no room on the disk, 4 S3 unreachable, 5 model server unreachable, 6 the hub unreachable or no such hub id.
+Every failure the user can act on is one message naming the fix, never a traceback, and its class is the exit status
+(:data:`EXIT_STATUS`, printed by ``detox-sft --help``), so that a script or a Kubernetes Job can react.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -48,7 +47,6 @@ __all__ = [
     "EXIT_STATUS",
     "HubUnavailable",
     "build_parser",
-    "add_recipe_arguments",
     "main",
 ]
 
@@ -58,13 +56,10 @@ INPUT_ERRORS: tuple[type[Exception], ...] = (RecipeError, DataError, DeviceError
 INPUT_ERRORS += (ZooUnavailable,)
 STEP_ERRORS: tuple[type[Exception], ...] = (CacheWriteError, EngineFailed, ScorerError, EvaluationError, ExportError)
 STEP_ERRORS += (storage.StorageError, clients.ModelServerError, clients.InsecureTokenError)
-# The zoo is reached through refs.resolve_ref only (an entry point of detox_sft_dev): its errors are known by module.
-_ZOO_MODULE = "detox_sft_dev.zoo"
 
 
 class HubUnavailable(OSError):
-    """A model, tokenizer, dataset or scorer named by a hub id is not in the cache, and the hub cannot be reached
-    (HF_HUB_OFFLINE, no network) or has no such id (or revision)."""
+    """A hub id is not in the cache, and the hub cannot be reached (HF_HUB_OFFLINE, no network) or has no such id."""
 
 
 # The exit status of each class of failure, first row first: a full disk or a missing hub found anywhere in the error's
@@ -79,9 +74,6 @@ EXIT_STATUS: tuple[tuple[str, tuple[type[BaseException], ...], int], ...] = (
 )
 _EPILOG = "exit status: 0 done; " + "; ".join(f"{c} {what}" for what, _, c in sorted(EXIT_STATUS, key=lambda r: r[2]))
 _EPILOG += "; 130 interrupted."
-# datasets reports an unreachable hub as a bare ConnectionError naming the hub (no hub error type in its chain)
-_DATASETS_OFFLINE = "on the Hub"
-_NO_ROOM_FIX = "free disk space (or raise the limit), then rerun the same command: it resumes"
 _NO_HUB_FIX = "use --recipe offline or a local path, or check the id and connect once to fill the cache"
 _DEST = "recipe:"  # the shortcut flags' dest prefix (--run-dir, --engine, --ray): each stands for a recipe field
 
@@ -93,20 +85,6 @@ class _HelpWithRecipeFields(argparse.Action):
         parser.print_help()
         print("\n" + recipe_parser().format_help())
         parser.exit()
-
-
-def add_recipe_arguments(parser: argparse.ArgumentParser, aliases: Mapping[str, str]) -> None:
-    """``--recipe``, ``-h`` with the recipe's fields, and shortcut flags for fields (``{"--run-dir": "run_dir"}``)."""
-    parser.add_argument("-h", "--help", action=_HelpWithRecipeFields, nargs=0, default=argparse.SUPPRESS)
-    parser.add_argument("--recipe", default="offline", help="recipe name (offline, tutorial) or YAML path")
-    group = parser.add_argument_group(
-        "recipe fields",
-        "--FIELD VALUE overrides any field listed below, --training.sft.FIELD / --training.lora.FIELD any field of "
-        "trl.SFTConfig / peft.LoraConfig, e.g. --training.sft.learning_rate 1e-4 --training.lora.r 8.",
-    )
-    for alias, target in aliases.items():
-        metavar, help_ = target.rsplit(".", 1)[-1].upper(), f"shortcut for --{target}"
-        group.add_argument(alias, dest=_DEST + target, default=argparse.SUPPRESS, metavar=metavar, help=help_)
 
 
 def _recipe(args: argparse.Namespace) -> Recipe:
@@ -252,22 +230,18 @@ def _add_upload(parser: argparse.ArgumentParser) -> None:
 
 def _upload(args: argparse.Namespace) -> int:
     recipe = _optional_recipe(args)
-    settings, progress = _s3_settings(args), not args.no_progress
+    options = dict(settings=_s3_settings(args), create_bucket=args.create_bucket, progress=not args.no_progress)
     if args.dir is None and recipe is None:
         return _fail(args, "give a DIR, or --recipe to upload that run's export.", 2)
     try:
         if args.dir is None:
-            reports = storage.upload_export(
-                recipe, settings=settings, create_bucket=args.create_bucket, progress=progress
-            )
-            print(*reports.values(), sep="\n")
+            print(*storage.upload_export(recipe, **options).values(), sep="\n")
             return 0
         prefix = args.prefix
         if prefix is None:
             prefix = storage.upload_prefix(Path(args.dir), recipe.storage.prefix if recipe else storage.DEFAULT_PREFIX)
-        options = dict(max_concurrency=args.max_concurrency, create_bucket=args.create_bucket, progress=progress)
-        options["delete_extra"] = args.delete_extra
-        report = storage.upload_dir(args.dir, prefix, settings=settings, recipe=recipe, **options)
+        options.update(max_concurrency=args.max_concurrency, delete_extra=args.delete_extra)
+        report = storage.upload_dir(args.dir, prefix, recipe=recipe, **options)
     except FileNotFoundError as exc:  # DIR, or the recipe's export, is not there
         return _fail(args, str(exc), 1)
     print(report)
@@ -399,8 +373,19 @@ def build_parser() -> argparse.ArgumentParser:
             add_help=not takes_recipe,  # a recipe step's -h lists the recipe's fields too
         )
         command.add_arguments(step)
-        if takes_recipe:
-            add_recipe_arguments(step, command.recipe_aliases)
+        if not takes_recipe:
+            continue
+        # -h with the recipe's fields, --recipe, and the shortcut flags of fields ({"--run-dir": "run_dir"})
+        step.add_argument("-h", "--help", action=_HelpWithRecipeFields, nargs=0, default=argparse.SUPPRESS)
+        step.add_argument("--recipe", default="offline", help="recipe name (offline, tutorial) or YAML path")
+        group = step.add_argument_group(
+            "recipe fields",
+            "--FIELD VALUE overrides any field listed below, --training.sft.FIELD / --training.lora.FIELD any field of "
+            "trl.SFTConfig / peft.LoraConfig, e.g. --training.sft.learning_rate 1e-4 --training.lora.r 8.",
+        )
+        for alias, target in command.recipe_aliases.items():
+            metavar, help_ = target.rsplit(".", 1)[-1].upper(), f"shortcut for --{target}"
+            group.add_argument(alias, dest=_DEST + target, default=argparse.SUPPRESS, metavar=metavar, help=help_)
     return parser
 
 
@@ -410,7 +395,8 @@ def _hub_unavailable(exc: BaseException) -> HubUnavailable | None:
         if isinstance(cause, HubUnavailable):
             return cause
         missing = (LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
-        datasets_offline = type(cause) is ConnectionError and _DATASETS_OFFLINE in str(cause)
+        # datasets reports an unreachable hub as a bare ConnectionError naming the hub (no hub error type in its chain)
+        datasets_offline = type(cause) is ConnectionError and "on the Hub" in str(cause)
         if isinstance(cause, missing + (DatasetNotFoundError,)) or datasets_offline:
             error = HubUnavailable(
                 f"cannot load from the Hugging Face hub ({type(cause).__name__}): it cannot be reached "
@@ -425,12 +411,13 @@ def _error_message(exc: Exception) -> tuple[str, int] | None:
     """The message and exit status of an error the user can act on; `None` for a bug (it keeps its traceback)."""
     environment = no_room(exc) or _hub_unavailable(exc)
     typed = next((e for e in causes(exc) if isinstance(e, INPUT_ERRORS + STEP_ERRORS)), None)
-    if typed is None and type(exc).__module__.startswith(_ZOO_MODULE):
-        typed = exc  # the zoo's errors (known by module): a step failed
+    # the zoo is reached through refs.resolve_ref only (an entry point of detox_sft_dev): its errors are known by module
+    if typed is None and type(exc).__module__.startswith("detox_sft_dev.zoo"):
+        typed = exc  # a step failed
     if environment is None and typed is None:
         return None
     if isinstance(environment, NoRoomError):
-        fix = f"Fix: {_NO_ROOM_FIX}."
+        fix = "Fix: free disk space (or raise the limit), then rerun the same command: it resumes."
         where = f" {environment.filename}" if environment.filename else ""
         ours = f"no room to write{where} ({environment.strerror}). What finished before is kept complete. {fix}"
     else:

@@ -17,12 +17,19 @@ import ipaddress
 import json
 import os
 import re
+import ssl
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.util import Retry
 
 from detox_sft.config import ServingConfig
 
@@ -128,10 +135,6 @@ class GenerationResult:
     input_token_count: int | None = None
 
 
-def _params(params: GenerationParams | None, overrides: dict[str, Any]) -> GenerationParams:
-    return GenerationParams(**{**(asdict(params) if params else {}), **overrides})
-
-
 def _check_input(text: str) -> None:
     if not isinstance(text, str) or not text.strip():
         raise BadRequest("empty input text. Fix: give the prompt to continue.", 400, "empty input")
@@ -171,8 +174,7 @@ def check_token(token: str | None, url: str) -> str | None:
 
 
 def read_token(serving: ServingConfig | None = None) -> str | None:
-    """The bearer token from the file ``token_file`` if set (`ValueError` if unreadable or empty), else the variable
-    ``token_env`` (`None` if unset)."""
+    """The token in ``token_file`` if set (`ValueError` if unreadable or empty), else ``$token_env`` or None."""
     cfg = serving if serving is not None else ServingConfig()
     if not cfg.token_file:
         return os.environ.get(cfg.token_env, "").strip() or None if cfg.token_env else None
@@ -228,8 +230,7 @@ def parse_caikit_result(body: Any) -> GenerationResult:
 
 
 def parse_sse(lines: Iterable[bytes | str] | bytes | str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """The ``(event, data)`` pairs of a server-sent-event stream, line by line or whole; :class:`ModelServerError` for
-    a ``data:`` line that is not a JSON object."""
+    """The ``(event, data)`` of an SSE stream; :class:`ModelServerError` for a ``data:`` that is no JSON object."""
     lines = lines.decode("utf-8", "replace") if isinstance(lines, (bytes, bytearray)) else lines
     if isinstance(lines, str):  # SSE breaks lines at CR, LF and CRLF only (str.splitlines knows more breaks)
         lines = re.split(r"\r\n|\r|\n", lines)
@@ -300,7 +301,7 @@ def _trust_env(url: str) -> bool:
     return not (parsed.scheme == "http" and is_loopback(parsed.hostname or ""))
 
 
-class _Client:
+class _Client(contextlib.AbstractContextManager):
     """Settings (``timeout`` and ``backoff`` in seconds; ``retries``: the library's), ``generate_text``, a context
     manager, a repr that hides the token (sent only as :func:`check_token` allows)."""
 
@@ -331,32 +332,21 @@ class _Client:
         """Close the connections."""
         self._pool.close()
 
-    def __enter__(self):
-        return self
-
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
 
 
 class CaikitHttpClient(_Client):
-    """The caikit runtime's HTTP API over a ``requests`` session with urllib3's ``Retry``; arguments as for
-    :class:`_Client`."""
+    """The caikit runtime's HTTP API: a ``requests`` session with urllib3's ``Retry`` (settings of :class:`_Client`)."""
 
     def _open(self, url: str, token: str | None) -> None:
-        import requests
-        import urllib3
-        from requests.adapters import HTTPAdapter
-        from urllib3.util import Retry
-
         self._token = check_token(token, url)
         self.url = url.rstrip("/")
         # resent: refused connections (the request never left) and 502-504 (generation changes nothing on the server);
         # not a request dropped after it went out (the server may have run it); the last 5xx is raised with its detail
         retry = Retry(
             total=self.retries,
-            connect=self.retries,
             read=False,
-            status=self.retries,
             other=0,
             allowed_methods=frozenset({"GET", "POST"}),
             status_forcelist=(502, 503, 504),
@@ -377,8 +367,6 @@ class CaikitHttpClient(_Client):
 
     def _connection_error(self, exc: Exception, url: str, stream: bool = False) -> ServerUnavailable:
         """The error for a refused, timed-out (a stream's read) or dropped connection to ``url``."""
-        import urllib3
-
         inner = exc.args[0] if exc.args else exc
         if isinstance(inner, urllib3.exceptions.MaxRetryError):
             reason = _snippet(str(inner.reason or inner), 200)
@@ -390,9 +378,6 @@ class CaikitHttpClient(_Client):
         return ServerUnavailable(message + "Fix: check the server, then retry.", "disconnected", detail)
 
     def _post(self, path: str, body: dict[str, Any], stream: bool = False):
-        import requests
-        import urllib3
-
         url = f"{self.url}{path}"
         try:
             resp = self.session.post(url, json=body, timeout=self.timeout, stream=stream)
@@ -416,19 +401,16 @@ class CaikitHttpClient(_Client):
 
     def generate(self, model_id: str, text: str, params: GenerationParams | None = None, **kw: Any) -> GenerationResult:
         """Generate a continuation of ``text`` (keywords override ``params``)."""
-        p = _params(params, kw)
+        p = replace(params or GenerationParams(), **kw)
         resp = self._post(CAIKIT_TEXT_GENERATION, {"model_id": model_id, "inputs": text, "parameters": p.caikit()})
         return parse_caikit_result(resp.content)
 
     def generate_stream(
         self, model_id: str, text: str, params: GenerationParams | None = None, fallback: bool = False, **overrides: Any
     ) -> Iterator[str]:
-        """Stream the continuation in pieces; with ``fallback``, a model that cannot stream yields the unary result
-        once instead of raising :class:`StreamingNotSupported`."""
-        import requests
-
+        """Stream the continuation; with ``fallback``, a model that cannot stream yields ``generate``'s text once."""
         _check_input(text)
-        p = _params(params, overrides)
+        p = replace(params or GenerationParams(), **overrides)
         body = {"model_id": model_id, "inputs": text, "parameters": p.caikit()}
         sent = False
         with self._post(CAIKIT_STREAMING, body, stream=True) as resp:
@@ -454,8 +436,7 @@ class CaikitHttpClient(_Client):
 
 
 class VllmClient(_Client):
-    """vLLM's OpenAI-compatible API (``/v1/completions``) through the ``openai`` client and its retries; arguments as
-    for :class:`_Client`."""
+    """vLLM's OpenAI-compatible API (``/v1/completions``) by the ``openai`` client (settings of :class:`_Client`)."""
 
     def _open(self, url: str, token: str | None) -> None:
         import httpx2
@@ -480,7 +461,7 @@ class VllmClient(_Client):
         import openai
 
         _check_input(text)
-        p = _params(params, kw)
+        p = replace(params or GenerationParams(), **kw)
         where = f"{self.url}/v1/completions"
         try:
             completion = self.openai.completions.create(
@@ -541,8 +522,6 @@ class CaikitGrpcClient(_Client):
         else:
             root = Path(self.ca_bundle).read_bytes() if self.ca_bundle else None
             if not self.verify:
-                import ssl
-
                 root = ssl.get_server_certificate((host.strip("[]"), int(port))).encode()
             creds = grpc.ssl_channel_credentials(root_certificates=root)
         if self._token:
@@ -578,29 +557,25 @@ class CaikitGrpcClient(_Client):
 
         pool = DescriptorPool(ProtoReflectionDescriptorDatabase(self.channel))
         names = ("caikit.runtime.Nlp.TextGenerationTaskRequest", "caikit_data_model.nlp.GeneratedTextResult")
-        found: dict[str, Any] = {}
+        found: Future = Future()
 
         def lookup() -> None:
             try:
-                found["types"] = [GetMessageClass(pool.FindMessageTypeByName(name)) for name in names]
+                found.set_result([GetMessageClass(pool.FindMessageTypeByName(name)) for name in names])
             except Exception as exc:  # re-raised in the caller's thread
-                found["error"] = exc
+                found.set_exception(exc)
 
         # grpc_reflection's stream carries no deadline (the service config's timeout did not end it when the
         # server died mid-handshake behind a proxy), so the lookup is bounded here; closing the channel cancels it
-        worker = threading.Thread(target=lookup, daemon=True)
-        worker.start()
-        worker.join(self.timeout)
-        if worker.is_alive():
+        threading.Thread(target=lookup, daemon=True).start()
+        try:
+            req, res = found.result(self.timeout)
+        except TimeoutError:
             self.channel.close()
-            raise _timeout(self.url, self.timeout)
-        if isinstance(found.get("error"), KeyError):
-            exc = found["error"]
+            raise _timeout(self.url, self.timeout) from None
+        except KeyError as exc:
             message = f"{self.url} does not serve caikit's text generation ({exc}). Fix: check the gRPC target."
             raise ModelServerError(message, None, str(exc)) from exc
-        if "error" in found:
-            raise found["error"]
-        req, res = found["types"]
         method, serialize = f"/{GRPC_SERVICE}/TextGenerationTaskPredict", req.SerializeToString
         return req, self.channel.unary_unary(method, request_serializer=serialize, response_deserializer=res.FromString)
 
@@ -627,7 +602,7 @@ class CaikitGrpcClient(_Client):
         from google.protobuf.json_format import MessageToDict
 
         _check_input(text)
-        p = _params(params, kw)
+        p = replace(params or GenerationParams(), **kw)
         request_type, predict = self._call(lambda: self._stubs)
         fields = {f.name for f in request_type.DESCRIPTOR.fields}
         request = request_type(text=text, **{k: v for k, v in p.caikit().items() if k in fields})

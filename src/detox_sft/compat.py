@@ -1,27 +1,26 @@
-"""Shims for upstream breakages (README.md, "Development"), all in one place.
-
-Each shim has a test in tests/test_compat.py that fails when the shim is no longer right or no longer needed.
-"""
+"""Shims for upstream breakages, all in one place; each has a test in tests/test_compat.py that fails when the shim is
+no longer right or no longer needed."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import inspect
 import logging
 import re
+import sys
 import warnings
 from collections.abc import Iterator
 
 from detox_sft.refs import resolve_ref, revision_kwargs
 
 # --- TrustyAI TMaRCo (trustyai 0.6.4 without its [detoxify] extra, transformers 5) -------------------------------
-# trustyai.language.detoxify.tmarco imports `transformers.Conversation` inside one try-block; transformers removed it
-# in 4.42, so the import fails, the module prints a warning and simply never defines TMaRCo. Its loaders pass
-# `max_length` / `forced_bos_token_id` to `from_pretrained`, which transformers 5 forwards to the model constructor and
-# BART rejects (TypeError); and `load_models` reads an expert given as a bare relative name as a hub id of a
-# decoder-only model (AutoModelForCausalLM). We load the models ourselves and hand TMaRCo the objects.
+# trustyai's tmarco module imports `transformers.Conversation` (removed in 4.42) in the try-block that defines TMaRCo,
+# so it only warns and defines no TMaRCo. Its loaders pass `max_length` / `forced_bos_token_id` to `from_pretrained`,
+# which BART's constructor rejects on transformers 5, and `load_models` reads a bare relative expert name as a hub id
+# of a causal LM: we load the models ourselves and hand TMaRCo the objects.
 
 TMARCO_MODULE = "trustyai.language.detoxify.tmarco"
-TMARCO_MAX_LENGTH = 150  # TMaRCo.__init__'s default max_length for the base model
 
 
 class _ConversationPlaceholder:
@@ -62,11 +61,7 @@ class _NumpyArgmaxOnAnyDevice:
 
 
 def ensure_tmarco_argmax_on_cuda(module) -> bool:
-    """Let TMaRCo.rephrase pick its tokens from logits on a GPU; True if installed now.
-
-    trustyai's ``rephrase`` calls ``np.argmax`` on torch logits, which numpy cannot read on CUDA (TypeError, seen on an
-    H200): the module's ``np`` gets an ``argmax`` that moves a tensor to the CPU first (the same index).
-    """
+    """Let TMaRCo.rephrase's ``np.argmax`` take torch logits on CUDA (numpy's TypeError); True if installed now."""
     if isinstance(module.np, _NumpyArgmaxOnAnyDevice):
         return False
     module.np = _NumpyArgmaxOnAnyDevice(module.np)
@@ -75,12 +70,8 @@ def ensure_tmarco_argmax_on_cuda(module) -> bool:
 
 def import_tmarco() -> type:
     """Import trustyai's ``TMaRCo`` class with the ``Conversation`` and ``argmax`` shims applied."""
-    import importlib
-    import sys
-
     ensure_transformers_conversation()
-    stale = sys.modules.get(TMARCO_MODULE)
-    if stale is not None and not hasattr(stale, "TMaRCo"):
+    if TMARCO_MODULE in sys.modules and not hasattr(sys.modules[TMARCO_MODULE], "TMaRCo"):
         # imported before the shim (TMaRCo silently missing, the package import failed): import both afresh
         for name in (TMARCO_MODULE, TMARCO_MODULE.rsplit(".", 1)[0]):
             sys.modules.pop(name, None)
@@ -97,22 +88,16 @@ def load_tmarco_model(
     forced_bos_token_id: int | None,
     max_length: int | None = None,
     device: str = "cpu",
-    dtype=None,
     revision: str | None = None,
 ):
-    """Load a TMaRCo base or expert (hub id, local directory or ``zoo:<name>``) as trustyai means to, on transformers 5.
-
-    ``max_length`` / ``forced_bos_token_id`` go into ``model.generation_config`` (BART's ``from_pretrained`` rejects
-    them); ``revision`` is the hub commit (ignored for ``zoo:``).
-    """
+    """Load a TMaRCo base or expert (hub id, local directory or ``zoo:<name>``) as trustyai means to, on transformers 5,
+    with ``max_length`` / ``forced_bos_token_id`` in its ``generation_config`` (BART's ``from_pretrained`` rejects them)."""
     from transformers import AutoModelForSeq2SeqLM
 
     path = resolve_ref(ref)
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    kwargs |= revision_kwargs(ref, revision)
     try:
         with library_progress_bars_off():  # transformers' 'Loading weights' bar, three times per TMaRCo
-            model = AutoModelForSeq2SeqLM.from_pretrained(path, **kwargs)
+            model = AutoModelForSeq2SeqLM.from_pretrained(path, **revision_kwargs(ref, revision))
     except OSError as exc:
         raise OSError(
             f"cannot load TMaRCo model {ref!r} ({path}): {exc}. Fix: give a local model directory or a "
@@ -130,14 +115,11 @@ def load_tmarco(
     anti_expert: str,
     device: str = "cpu",
     expert_weights: list[float] | None = None,
-    max_length: int = TMARCO_MAX_LENGTH,
+    max_length: int = 150,  # TMaRCo.__init__'s default for the base model
     revisions: tuple[str | None, str | None, str | None] = (None, None, None),
 ):
-    """trustyai's own ``TMaRCo`` with its three models loaded by :func:`load_tmarco_model`.
-
-    ``expert_weights`` is ``[anti_expert_weight, expert_weight]`` (`None`: TMaRCo's ``[-0.5, 0.5]``); ``revisions`` the
-    hub commits of base, expert, anti-expert. Call ``rephrase(texts, scores=..., masked_outputs=...)`` by keyword.
-    """
+    """trustyai's own ``TMaRCo`` with its models loaded by :func:`load_tmarco_model` (``revisions``: base, expert,
+    anti-expert); call ``rephrase(texts, scores=..., masked_outputs=...)`` by keyword."""
     from transformers import AutoTokenizer
 
     tmarco_cls = import_tmarco()
@@ -162,52 +144,35 @@ def load_tmarco(
         load_tmarco_model(ref, forced_bos_token_id=bos, device=device, revision=revision)
         for ref, revision in ((anti_expert, anti_expert_revision), (expert, expert_revision))
     ]
-    tmarco.rephrase = _without_bpe_cleanup_notice(tmarco.rephrase)
+    # on this one object, without transformers' notice about rephrase's decoding arguments (a context decorator)
+    tmarco.rephrase = drop_log_messages(*BPE_CLEANUP_NOTICE)(tmarco.rephrase)
     return tmarco
-
-
-def _without_bpe_cleanup_notice(rephrase):
-    """TMaRCo.rephrase, on this one object, without transformers' notice about its decoding arguments."""
-    import functools
-
-    @functools.wraps(rephrase)
-    def run(*args, **kwargs):
-        with drop_log_messages(*BPE_CLEANUP_NOTICE):
-            return rephrase(*args, **kwargs)
-
-    return run
 
 
 # --- bitsandbytes 0.50 4-bit layers on CPU (QLoRA training without CUDA) -------------------------------------------
 # On CPUs with AVX512-BF16, `Linear4bit.forward` repacks its weight in place into an inference-only layout the first
-# time it runs in eval mode without grad (an evaluation pass). From then on it calls `gemv_4bit`, which has no
-# autograd: after the first eval loss, no gradient flows through the frozen 4-bit layers, so every LoRA adapter below
-# the last layer silently stops learning (torch only warns). The repacking also fails outright for layers narrower
-# than the quantisation block (64), such as a small OPT's `project_in`.
+# time it runs in eval mode without grad (an eval pass), then calls `gemv_4bit`, which has no autograd: every LoRA
+# adapter below the last layer silently stops learning (torch only warns). The repacking also fails outright for layers
+# narrower than the quantisation block (64), such as a small OPT's `project_in`.
 
 
 def keep_bnb_4bit_trainable_on_cpu(model) -> int:
     """Keep ``model``'s 4-bit layers on the differentiable dequantise + matmul path; returns how many were changed."""
-    changed = 0
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-            changed += 1
-    return changed
+    layers = [module for module in model.modules() if getattr(module, "support_avx512bf16_for_cpu", False)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 # --- caikit-nlp 0.5.15 (caikit installed --no-deps on NumPy 2) ------------------------------------------------
 # caikit-nlp 0.5.15's local text generation builds `generate` arguments that go wrong on transformers 5 / our models:
-# (1) it passes `seed` straight to `model.generate` when sampling; transformers 5 validates generate's keyword arguments
-# and rejects it ("model_kwargs are not used by the model: ['seed']"), so every seeded sampling request fails with 400;
-# (2) for GREEDY it sets no `do_sample`, so a model whose generation_config.json says `do_sample: true` (the offline
-# zoo's OPT) samples although the request asked for greedy decoding (TGIS semantics: GREEDY is greedy).
+# (1) it passes `seed` to `model.generate`, which transformers 5 rejects ("model_kwargs are not used by the model:
+# ['seed']"): every seeded sampling request fails with 400; (2) GREEDY sets no `do_sample`, so a model whose
+# generation_config.json says `do_sample: true` (the zoo's OPT) samples, though TGIS's GREEDY is greedy.
 
 
 def fix_caikit_nlp_generate_args() -> bool:
     """Make caikit-nlp seed torch's RNG (not ``generate``) and decode GREEDY greedily; True if installed now."""
-    import inspect
-
     import torch
     from caikit_nlp.toolkit.text_generation import model_run_utils
 
@@ -219,11 +184,9 @@ def fix_caikit_nlp_generate_args() -> bool:
 
     def process_gen_args(*args, **kwargs):
         params = original(*args, **kwargs)
-        decoding = signature.bind(*args, **kwargs).arguments.get("decoding_method")
-        if decoding != "SAMPLING":
+        if signature.bind(*args, **kwargs).arguments.get("decoding_method") != "SAMPLING":
             params["do_sample"] = False
-        seed = params.pop("seed", None)
-        if seed is not None:  # called right before model.generate: seed the sampling that follows
+        if (seed := params.pop("seed", None)) is not None:  # called right before model.generate: seed what follows
             torch.manual_seed(int(seed))
         return params
 
@@ -233,12 +196,9 @@ def fix_caikit_nlp_generate_args() -> bool:
 
 
 # --- HateSonar 0.1.0 (its ONNX model needs the en_US.UTF-8 locale) ------------------------------------------------
-# The package ships its classifier (TF-IDF + logistic regression, Davidson et al. 2017) as model/model.onnx. The
-# graph's StringNormalizer (lower-casing) has no `locale` attribute, so onnxruntime constructs en_US.UTF-8 and fails to
-# create the session on machines without that locale (CI's, this one's: only C, C.utf8 and POSIX exist). Its tokenizer
-# keeps [a-zA-Z0-9_]+ only, so lower-casing under C.UTF-8 gives the same tokens.
-
-HATESONAR_LOCALE = "C.UTF-8"
+# The shipped model/model.onnx's StringNormalizer (lower-casing) has no `locale`, so onnxruntime constructs en_US.UTF-8
+# and fails on machines without that locale (CI's: only C, C.utf8 and POSIX). Its tokenizer keeps [a-zA-Z0-9_]+ only,
+# so lower-casing under C.UTF-8 gives the same tokens.
 
 
 def hatesonar_session():
@@ -251,7 +211,7 @@ def hatesonar_session():
     model = onnx.load_from_string(files("hatesonar").joinpath("model", "model.onnx").read_bytes())
     for node in model.graph.node:
         if node.op_type == "StringNormalizer" and not any(a.name == "locale" for a in node.attribute):
-            node.attribute.append(onnx.helper.make_attribute("locale", HATESONAR_LOCALE))
+            node.attribute.append(onnx.helper.make_attribute("locale", "C.UTF-8"))
     return onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
@@ -265,10 +225,7 @@ def drop_log_messages(logger_name: str, pattern: str) -> Iterator[None]:
     """Drop the records of the logger ``logger_name`` (that one only) whose message matches the regex ``pattern``."""
     logger = logging.getLogger(logger_name)
     regex = re.compile(pattern)
-
-    def dropper(record: logging.LogRecord) -> bool:
-        return not regex.search(record.getMessage())
-
+    dropper = lambda record: not regex.search(record.getMessage())  # noqa: E731
     logger.addFilter(dropper)
     try:
         yield
@@ -287,39 +244,28 @@ def ignore_warnings(*filters: tuple[str, type[Warning]]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def library_progress_bars_off() -> Iterator[None]:
-    """No progress bars from datasets, transformers and huggingface_hub inside the block; restored afterwards.
-
-    Our own bars and the Trainer's are unaffected; ``HF_DATASETS_DISABLE_PROGRESS_BARS`` / ``HF_HUB_...`` keep their say.
-    """
+    """No progress bars from datasets, transformers and huggingface_hub inside the block (ours and the Trainer's stay);
+    restored afterwards, and the ``HF_*_DISABLE_PROGRESS_BARS`` variables keep their say."""
     import datasets
     import huggingface_hub.utils as hub
     from huggingface_hub import constants as hub_constants
     from transformers.utils import logging as tf_logging
 
-    datasets_on = (
-        datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is None and not datasets.are_progress_bars_disabled()
-    )
-    # transformers' switch turns huggingface_hub's bars off and on with its own
-    transformers_on = hub_constants.HF_HUB_DISABLE_PROGRESS_BARS is None and tf_logging.is_progress_bar_enabled()
-    hub_was_off = hub.are_progress_bars_disabled()
-    if datasets_on:
-        datasets.disable_progress_bars()
-    if transformers_on:
-        tf_logging.disable_progress_bar()
-    try:
+    with contextlib.ExitStack() as restore:  # its callbacks run last-in, first-out
+        if datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is None and not datasets.are_progress_bars_disabled():
+            datasets.disable_progress_bars()
+            restore.callback(datasets.enable_progress_bars)
+        # transformers' switch turns huggingface_hub's bars off and on with its own
+        if hub_constants.HF_HUB_DISABLE_PROGRESS_BARS is None and tf_logging.is_progress_bar_enabled():
+            if hub.are_progress_bars_disabled():
+                restore.callback(hub.disable_progress_bars)
+            tf_logging.disable_progress_bar()
+            restore.callback(tf_logging.enable_progress_bar)
         yield
-    finally:
-        if datasets_on:
-            datasets.enable_progress_bars()
-        if transformers_on:
-            tf_logging.enable_progress_bar()
-            if hub_was_off:
-                hub.disable_progress_bars()
 
 
-# TMaRCo.rephrase decodes with clean_up_tokenization_spaces=True (explicitly, and by BART's tokenizer default), which
-# transformers 5 skips for BPE tokenizers, saying so on the first decode. The batched engine decodes the same way, to
-# give the same texts. For drop_log_messages().
+# TMaRCo.rephrase (and the batched engine, to give the same texts) decodes with clean_up_tokenization_spaces=True,
+# which transformers 5 skips for BPE tokenizers, saying so on the first decode. For drop_log_messages().
 BPE_CLEANUP_NOTICE = (
     "transformers.tokenization_utils_tokenizers",
     r"Ignoring clean_up_tokenization_spaces=True for BPE",

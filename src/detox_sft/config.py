@@ -415,8 +415,7 @@ class Recipe(_Checked):
         profile: tutorial (hub ids, GPU) or offline (the local zoo, CPU).
         seed: one seed for sampling, shuffling and training.
         run_dir: where outputs go; null: runs/<name>.
-        cpu_isa: avx2 pins the CPU arithmetic (torch, oneDNN, MKL, numpy) of the demo's kernels to AVX2, so their
-            numbers are the same on any x86-64 CPU with AVX2; null: each library's default for the CPU.
+        cpu_isa: avx2 pins the demo's CPU arithmetic to AVX2 (the same numbers on any x86-64 CPU); null: library defaults.
     """
 
     name: str
@@ -466,9 +465,14 @@ def recipe_parser() -> ArgumentParser:
     return parser
 
 
-def _library_class(name: str) -> tuple[str, type]:
+def _library_kwargs(name: str, values: Any, flags: dict[str, Any]) -> Any:
+    """``training.sft`` / ``training.lora`` with their ``flags``, typed by trl.SFTConfig / peft.LoraConfig."""
+    if not isinstance(values, dict):
+        return values  # TrainingConfig.__post_init__ names the problem
+    values = {**values, **flags}
     # Importing trl or peft (seconds: torch) imports bitsandbytes, whose CPU backend logs that it could not fetch an
     # optional 4-bit inference kernel; CPU training never uses it (compat.keep_bnb_4bit_trainable_on_cpu).
+    # (config imports nothing from the package, so not compat.drop_log_messages)
     bnb_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
     notice = lambda record: "Failed to load CPU gemm_4bit_forward" not in record.getMessage()  # noqa: E731
     bnb_logger.addFilter(notice)
@@ -477,14 +481,7 @@ def _library_class(name: str) -> tuple[str, type]:
         from trl import SFTConfig
     finally:
         bnb_logger.removeFilter(notice)
-    return ("trl.SFTConfig", SFTConfig) if name == "training.sft" else ("peft.LoraConfig", LoraConfig)
-
-
-def _library_kwargs(name: str, values: Any) -> Any:
-    """``training.sft`` / ``training.lora`` typed by the annotations of trl.SFTConfig / peft.LoraConfig."""
-    if not isinstance(values, dict):
-        return values  # TrainingConfig.__post_init__ names the problem
-    label, cls = _library_class(name)
+    label, cls = ("trl.SFTConfig", SFTConfig) if name == "training.sft" else ("peft.LoraConfig", LoraConfig)
     known = {f.name for f in dataclasses.fields(cls) if f.init}
     for key in values.keys() - known:
         best = difflib.get_close_matches(key, sorted(known), n=1)
@@ -605,16 +602,12 @@ def load_recipe(
         cfg = parser.parse_args(flags, namespace=cfg) if flags else cfg
     except ArgumentError as exc:
         raise _recipe_error(exc) from None
-    library = {}
-    for name in _LIBRARY:
-        base = from_yaml.get(name, cfg[name])  # the recipe's mapping, else the default
-        library[name] = _library_kwargs(
-            name, {**base, **library_flags.get(name, {})} if isinstance(base, dict) else base
-        )
+    # training.sft / training.lora: the recipe's mapping (else the default), then the flags
+    sft, lora = (_library_kwargs(n, from_yaml.get(n, cfg[n]), library_flags.get(n, {})) for n in _LIBRARY)
     try:
         sections = vars(parser.instantiate(cfg))
         # set after instantiate, which would read their texts as YAML again
-        training_cfg = dataclasses.replace(sections["training"], sft=library[_LIBRARY[0]], lora=library[_LIBRARY[1]])
+        training_cfg = dataclasses.replace(sections["training"], sft=sft, lora=lora)
         return Recipe(**{**sections, "training": training_cfg})
     except TypeError as exc:  # a YAML null in a field that takes none, reaching a comparison in __post_init__
         fix = "give every field a value of its type (null only where allowed)"

@@ -1,9 +1,6 @@
 """Training samples and evaluation prompts from a hub id, a local path (JSONL, Parquet, CSV, a directory of
-``<split>.<ext>`` files, a ``save_to_disk`` directory) or ``zoo:rtp`` / ``zoo:wiki_toxic``.
-
-The default schemas are allenai/real-toxicity-prompts and OxAISH-AL-LLM/wiki_toxic; the recipe's ``data`` section
-maps your own columns (``prompt_field`` + ``continuation_field`` or ``text_field``, ``toxicity_field``, ``eval_*``).
-"""
+``<split>.<ext>`` files, a ``save_to_disk`` directory) or ``zoo:rtp`` / ``zoo:wiki_toxic``, in the schemas of
+allenai/real-toxicity-prompts and OxAISH-AL-LLM/wiki_toxic unless the recipe's ``data.*_field`` map your columns."""
 
 from __future__ import annotations
 
@@ -16,6 +13,7 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from detox_sft.files import atomic_write_text
 from detox_sft.prompts import format_sample
@@ -43,12 +41,10 @@ def _jsonl_records(lines: Iterable[bytes], path: Any) -> list[dict[str, Any]]:
             why = None if isinstance(value, dict) else f"a JSON {type(value).__name__}, not an object"
         except UnicodeDecodeError as exc:
             why = f"not UTF-8 (byte {exc.start + 1}: {exc.reason})"
-        except (json.JSONDecodeError, RecursionError) as exc:
-            why = (
-                f"not valid JSON ({exc.msg} at column {exc.colno})"
-                if isinstance(exc, ValueError)
-                else "nested too deep"
-            )
+        except json.JSONDecodeError as exc:
+            why = f"not valid JSON ({exc.msg} at column {exc.colno})"
+        except RecursionError:
+            why = "nested too deep"
         if why:
             raise DataError(f"{path}: line {number} is {why}. Fix: save it as UTF-8, one JSON object per line.")
         records.append(value)
@@ -56,8 +52,7 @@ def _jsonl_records(lines: Iterable[bytes], path: Any) -> list[dict[str, Any]]:
 
 
 def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Records of a JSONL or Parquet file, local or ``s3://bucket/key`` (pyarrow's S3 filesystem, configured from
-    the data connection's ``AWS_*`` variables, as Ray Data reads S3)."""
+    """Records of a JSONL or Parquet file, local or ``s3://bucket/key`` (pyarrow, with the ``AWS_*`` variables)."""
     import pyarrow.parquet as pq
 
     text = str(path)
@@ -71,8 +66,6 @@ def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 
 
 def _s3_filesystem() -> Any:
-    from urllib.parse import urlparse
-
     from pyarrow import fs
 
     endpoint = urlparse(os.environ["AWS_S3_ENDPOINT"]) if os.environ.get("AWS_S3_ENDPOINT") else None
@@ -136,11 +129,8 @@ def _read_file(path: Path, kind: str) -> Any:
 
 
 def load_rows(ref: str, split: str, format: str = "auto", revision: str | None = None) -> Any:
-    """One split of a dataset reference (see the module) as a :class:`datasets.Dataset`.
-
-    ``format``: ``auto`` (by the name), ``jsonl``, ``parquet``, ``csv`` or ``hub`` (``datasets.load_dataset``); a
-    single file is taken as the split; ``revision`` pins a hub dataset.
-    """
+    """One split of a dataset reference (see the module; a single file is the split) as a :class:`datasets.Dataset`,
+    read as ``format`` says (``auto``: by the name); ``revision`` pins a hub dataset."""
     from datasets import DatasetDict, load_from_disk
 
     resolved = resolve_ref(ref)
@@ -170,8 +160,7 @@ def load_rows(ref: str, split: str, format: str = "auto", revision: str | None =
             f"dataset {ref!r}: no {split}.jsonl (or .parquet, .csv) in {path} (found: {have or 'nothing'}). Fix: set "
             "the split in the recipe's data section or add the file."
         )
-    looks_local = ref.startswith((".", "/", "~")) or Path(ref).suffix.lower() in _FILE_FORMATS or ref.count("/") != 1
-    if looks_local:
+    if ref.startswith((".", "/", "~")) or Path(ref).suffix.lower() in _FILE_FORMATS or ref.count("/") != 1:
         raise DataError(
             f"dataset {ref!r} not found. Fix: give an existing path, a hub id, or zoo:rtp / zoo:wiki_toxic."
         )
@@ -284,11 +273,8 @@ def _train_columns(data_cfg: Any, first: dict[str, Any]) -> dict[str, tuple[str,
 
 
 def load_train_dataset(data_cfg: Any, seed: int) -> Any:
-    """The SFT samples as ``DatasetDict(train, test)``, filtered, drawn with ``seed`` and split as ``data_cfg`` says.
-
-    Columns: ``prompt``, ``continuation``, ``toxicity`` (nulls -> 0.0), ``toxicity_missing``,
-    ``continuation_toxicity`` and ``text`` (:func:`format_sample`).
-    """
+    """The SFT samples as ``DatasetDict(train, test)``, filtered, drawn with ``seed`` and split as ``data_cfg`` says;
+    columns ``prompt``, ``continuation``, ``toxicity``, ``toxicity_missing``, ``continuation_toxicity``, ``text``."""
     from datasets import Dataset, DatasetDict
 
     ds = load_rows(data_cfg.train_dataset, data_cfg.train_split, data_cfg.format, data_cfg.train_revision)
@@ -369,10 +355,9 @@ def load_eval_prompts(data_cfg: Any, seed: int) -> list[str]:
             f"dataset {data_cfg.eval_dataset!r} split {data_cfg.eval_split!r} has no comment with label "
             f"{data_cfg.eval_label}. Fix: set data.eval_label (1 = toxic) or data.eval_split."
         )
-    order = list(range(len(prompts)))
-    random.Random(seed).shuffle(order)
     if data_cfg.num_eval_prompts > len(prompts):
         warnings.warn(
             f"data.num_eval_prompts={data_cfg.num_eval_prompts} but only {len(prompts)} prompts", stacklevel=2
         )
-    return [prompts[i] for i in order[: data_cfg.num_eval_prompts]]
+    random.Random(seed).shuffle(prompts)  # the permutation depends only on the seed and the length
+    return prompts[: data_cfg.num_eval_prompts]

@@ -10,15 +10,8 @@ class DeviceError(ValueError):
 
 
 def resolve_device(device: str | None = "auto", setting: str = "device") -> str:
-    """``auto`` (or `None`) -> ``cuda`` when CUDA is available, else ``cpu``; ``cpu`` / ``cuda`` as given.
-
-    Args:
-        device: ``auto``, ``cpu``, ``cuda`` or `None` (= ``auto``).
-        setting: the recipe setting the value came from, named in the error (``training.device``, ...).
-
-    Raises:
-        DeviceError: ``cuda`` was asked for but CUDA is not available, or the value is none of the above.
-    """
+    """``auto`` (or `None`) -> ``cuda`` when CUDA is available, else ``cpu``; ``cpu`` / ``cuda`` as given; else a
+    DeviceError naming the recipe ``setting`` (also for ``cuda`` without CUDA)."""
     import torch
 
     if device in (None, "auto"):

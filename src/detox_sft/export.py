@@ -1,11 +1,6 @@
-"""Merge the detox adapter into the base model; write the Hugging Face directory (vLLM) and the Caikit one (TGIS).
-
-Layout (instructions.md, "5. Deploy the model")::
-
-    <run_dir>/export/hf/                  merged model + tokenizer + README.md (vLLM serves it as is)
-    <run_dir>/export/caikit/<model_id>/   README.md + config.yml + artifacts/ (the folder name is the served model id)
-
-``README.md`` is the model card (:func:`model_card`). CLI: ``detox-sft export --recipe R [--run-dir D] [--arm detox]``.
+"""Merge the detox adapter into the base model: :func:`export_model` writes ``<run_dir>/export/hf/`` (vLLM) and
+``export/caikit/<model_id>/`` (TGIS; the folder name is the served model id), each with its model card ``README.md``.
+CLI: ``detox-sft export --recipe R [--run-dir D] [--arm detox]``.
 """
 
 from __future__ import annotations
@@ -80,28 +75,21 @@ def _paths(recipe: Recipe, run_dir: str | os.PathLike[str] | None) -> RunPaths:
 
 
 def write_legacy_merges(tokenizer_json: str | os.PathLike[str], strict: bool = True) -> bool:
-    """Rewrite a BPE ``tokenizer.json``'s merges from pairs to ``"a b"`` strings, atomically; True if rewritten.
-
-    The TGIS image's tokenizers 0.19.1 reads only strings (pairs fail with "data did not match any variant of untagged
-    enum ModelWrapper"), and tokenizers >= 0.20 cannot write them. ``strict``: raise ExportError on a merge that cannot
-    be a string (a token with a space); else warn and leave the file as it is.
-    """
+    """Rewrite a BPE ``tokenizer.json``'s merges from pairs to ``"a b"`` strings (what TGIS's tokenizers 0.19.1 reads),
+    atomically; True if rewritten. A merge that cannot be a string raises ExportError if ``strict``, else warns."""
     from tokenizers import Tokenizer
 
     path = Path(tokenizer_json)
-    text = path.read_text(encoding="utf-8")
-    data = json.loads(text)
+    data = json.loads(text := path.read_text(encoding="utf-8"))
     model = data.get("model") or {}
     merges = model.get("merges")
     if model.get("type") != "BPE" or not merges or isinstance(merges[0], str):
         return False
     # tokenizers 0.19 splits each merge on " " into exactly two parts and skips lines that start with "#version"
-    bad = next(
-        (i for i, (a, b) in enumerate(merges) if " " in a + b or not a or not b or a.startswith("#version")), None
-    )
-    if bad is not None:
+    bad = [i for i, (a, b) in enumerate(merges) if " " in a + b or not a or not b or a.startswith("#version")]
+    if bad:
         exc = ExportError(
-            f"{path}: BPE merge {bad} {merges[bad]!r} has a token with a space (or an empty one), which the TGIS "
+            f"{path}: BPE merge {bad[0]} {merges[bad[0]]!r} has a token with a space (or an empty one), which the TGIS "
             "image's tokenizers 0.19.1 cannot read: it reads merges only as 'a b' strings. Fix: serve the Hugging Face "
             "directory (export/hf) with the vLLM runtime, whose tokenizers reads merges as pairs."
         )
@@ -137,45 +125,35 @@ def merge_adapter(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    adapter = _paths(recipe, run_dir).adapter(arm)
-    if not _paths(recipe, run_dir).adapter_config(arm).is_file():
+    paths = _paths(recipe, run_dir)
+    adapter = paths.adapter(arm)
+    if not paths.adapter_config(arm).is_file():
         raise ExportError(
             f"No adapter in {adapter} — run notebooks/1-sft.ipynb first (or `detox-sft train --recipe {recipe.name}`)."
         )
-    dtype = getattr(torch, recipe.export.dtype)
     cfg = recipe.training
     base = resolve_ref(cfg.base_model)
     pinned = revision_kwargs(cfg.base_model, cfg.base_model_revision, "training.base_model_revision")
     with library_progress_bars_off(), ignore_warnings(PEFT_READS_IS_GRADIENT_CHECKPOINTING):
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **pinned)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, recipe.export.dtype), **pinned)
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    leftover = [name for name, _ in model.named_modules() if "lora_" in name]
-    if leftover:
+    if leftover := [name for name, _ in model.named_modules() if "lora_" in name]:
         raise ExportError(f"LoRA layers left after merging ({leftover[:3]}...). Fix: check the adapter's peft version.")
     # the adapter folder holds the tokenizer training used (pad token set); fall back to the base's
     own = (adapter / "tokenizer_config.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(str(adapter)) if own else AutoTokenizer.from_pretrained(base, **pinned)
-    out = Path(out_dir) if out_dir is not None else _paths(recipe, run_dir).hf_export
+    out = Path(out_dir) if out_dir is not None else paths.hf_export
     with dir_writer(out) as building, library_progress_bars_off():  # 'Writing model shards'
         model.save_pretrained(str(building))
         save_tokenizer(tokenizer, building)
     return out
 
 
-def _hf_dtype(hf_dir: Path) -> str:
-    config = json.loads((hf_dir / "config.json").read_text())
-    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return str(dtype).replace("torch.", "")
-
-
 def convert_to_caikit(
     hf_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], dtype: str | None = None
 ) -> Path:
-    """``TextGeneration.bootstrap(hf_dir).save(out_dir)``, swapped in when complete; ``out_dir``'s name is the model id.
-
-    ``dtype`` `None` keeps the HF directory's (caikit-nlp would upcast to float32). Raises ExportError on a missing
-    model or a tokenizer TGIS cannot read.
-    """
+    """``TextGeneration.bootstrap(hf_dir).save(out_dir)``, swapped in when complete; ``out_dir``'s name is the model id,
+    ``dtype`` `None` keeps the HF directory's (caikit-nlp would upcast to float32)."""
     import yaml
 
     with quiet_caikit():
@@ -184,10 +162,13 @@ def convert_to_caikit(
     hf_dir = Path(hf_dir).resolve()
     if not (hf_dir / "config.json").is_file():
         raise ExportError(f"No model in {hf_dir}. Fix: run merge_adapter first (or `detox-sft export`).")
+    if not dtype:
+        config = json.loads((hf_dir / "config.json").read_text())
+        dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32").replace("torch.", "")
     out = Path(out_dir)
     with dir_writer(out) as building:
         with quiet_caikit():
-            TextGeneration.bootstrap(str(hf_dir), torch_dtype=dtype or _hf_dtype(hf_dir)).save(str(building))
+            TextGeneration.bootstrap(str(hf_dir), torch_dtype=dtype).save(str(building))
         if not (building / "config.yml").is_file():
             raise ExportError(f"caikit-nlp wrote no config.yml for {out}")
         # caikit-nlp saves the tokenizer again, with the main stack's tokenizers: merges as pairs once more
@@ -235,25 +216,20 @@ def _eval_section(results: dict, data: dict) -> tuple[list, list]:
     from huggingface_hub import EvalResult
 
     entries, rows = [], []
-    args = {"prompts": results["num_prompts"], "continuations_per_prompt": results["num_samples"]}
+    task = {  # the same for every entry
+        "task_type": "text-generation",
+        "task_name": "continuation of toxic prompts",
+        "dataset_type": data["eval_dataset"],
+        "dataset_name": data["eval_dataset"],
+        "dataset_split": data["eval_split"],
+        "dataset_revision": data["eval_revision"],
+        "dataset_args": {"prompts": results["num_prompts"], "continuations_per_prompt": results["num_samples"]},
+    }
     for judge in results["scorers"]:
         for key, name in METRICS.items():
             arm = {a: m.get("toxicity", {}).get(judge, {}).get(key) for a, m in results["metrics"].items()}
-            entries.append(
-                EvalResult(
-                    task_type="text-generation",
-                    task_name="continuation of toxic prompts",
-                    dataset_type=data["eval_dataset"],
-                    dataset_name=data["eval_dataset"],
-                    dataset_split=data["eval_split"],
-                    dataset_revision=data["eval_revision"],
-                    dataset_args=args,
-                    metric_type=key,
-                    metric_name=f"{name}, judged by {judge}",
-                    metric_config=judge,
-                    metric_value=arm["detox"]["value"],
-                )
-            )
+            metric = {"metric_type": key, "metric_name": f"{name}, judged by {judge}", "metric_config": judge}
+            entries.append(EvalResult(**task, **metric, metric_value=arm["detox"]["value"]))
             paired = results["comparisons"].get("detox_vs_raw", {}).get(judge, {}).get(key)
             headline = " (headline)" if judge == results["headline_scorer"] else ""
             rows.append([judge + headline, name, *map(_interval, (arm["detox"], arm["raw"], arm.get("base"), paired))])
@@ -261,11 +237,8 @@ def _eval_section(results: dict, data: dict) -> tuple[list, list]:
 
 
 def model_card(recipe: Recipe, run_dir: str | os.PathLike[str] | None = None):
-    """The run's ``huggingface_hub.ModelCard`` (templates/model_card.md), its numbers read from the run's results.
-
-    ``model-index`` holds the detox arm's EMT, TP and mean toxicity under every judge (``eval/results.json``); the body
-    adds intervals, paired differences and the rephrase summary. Without results the card says so.
-    """
+    """The run's ``huggingface_hub.ModelCard`` (templates/model_card.md), its numbers read from ``eval/results.json``
+    (the detox arm's in ``model-index``); without results the card says so."""
     from huggingface_hub import ModelCard, ModelCardData
 
     paths, cfg = _paths(recipe, run_dir), recipe.to_dict()

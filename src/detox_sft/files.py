@@ -1,6 +1,5 @@
-"""Files a rerun trusts, complete or absent: written under a temporary name beside the target, then renamed.
-
-A kill leaves at most a hidden ``.<name>.*.tmp`` beside the target; the next writer ignores (or clears) it.
+"""Files a rerun trusts, complete or absent: written under a temporary name beside the target, then renamed; a kill
+leaves at most a hidden ``.<name>.*.tmp`` beside the target, which the next writer ignores (or clears).
 """
 
 from __future__ import annotations
@@ -18,38 +17,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = [
-    "NoRoomError",
-    "causes",
-    "no_room",
-    "atomic_write_bytes",
-    "atomic_write_text",
-    "atomic_write_json",
-    "atomic_writer",
-    "read_json_or_none",
-    "dir_writer",
-]
-
 _NO_ROOM_HINT = {
     errno.ENOSPC: "the disk is full",
     errno.EDQUOT: "the disk quota is used up",
     errno.EFBIG: "the file would exceed the file-size limit (ulimit -f) or the filesystem's maximum",
 }
-# Libraries that report a full disk without an errno, recognised by their type and text (here only). The Rust ones put
-# the errno in their text, "No space left on device (os error 28)": safetensors' SafetensorError and tokenizers' bare
-# Exception (a checkpoint saves the tokenizer). torch.save's RuntimeError from its zip writer says "PytorchStreamWriter
-# failed writing file ..." or, when the disk fills mid-record, "[enforce fail at inline_container.cc] . unexpected pos
-# N vs M" (no errno at all). SQLite says SQLITE_FULL for ENOSPC, but SQLITE_IOERR_WRITE past a file-size limit: only
-# the first is known.
+# Full disks reported without an errno: safetensors and tokenizers (Rust) write "(os error 28)" in their text, torch's
+# zip writer has no errno at all, SQLite says SQLITE_FULL for ENOSPC (past a file-size limit, only an I/O error).
 _OS_ERROR_TEXT = re.compile(r"\(os error (\d+)\)")
 _TORCH_WRITE_TEXT = re.compile(r"PytorchStreamWriter failed writing|inline_container\.cc.*unexpected pos \d+ vs \d+")
 
 
 class NoRoomError(OSError):
-    """A write found no room: the disk, the quota or the file-size limit is full (``errno`` ENOSPC, EDQUOT or EFBIG).
-
-    What finished before is complete (atomic writes): freeing space and rerunning the same command resumes.
-    """
+    """A write found no room (``errno`` ENOSPC, EDQUOT or EFBIG); freeing space and rerunning the command resumes."""
 
 
 def _no_room_errno(exc: BaseException) -> int | None:
@@ -81,10 +61,10 @@ def no_room(exc: BaseException) -> NoRoomError | None:
     for cause in causes(exc):
         if isinstance(cause, NoRoomError):
             return cause
-        number = _no_room_errno(cause)
-        if number is not None:
-            filename = getattr(cause, "filename", None)
-            error = NoRoomError(number, f"{os.strerror(number)}: {_NO_ROOM_HINT[number]}", filename)
+        if (number := _no_room_errno(cause)) is not None:
+            error = NoRoomError(
+                number, f"{os.strerror(number)}: {_NO_ROOM_HINT[number]}", getattr(cause, "filename", None)
+            )
             error.__cause__ = cause
             return error
     return None
@@ -139,14 +119,10 @@ def read_json_or_none(path: str | os.PathLike[str]) -> Any:
 
 @contextlib.contextmanager
 def dir_writer(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield an empty directory beside ``target`` to build in; a clean exit swaps it in, an error removes it.
-
-    The swap is two renames (old aside, new in place), so ``target`` is always the old or the new directory, or
-    absent. What a killed earlier writer left beside ``target`` is removed first (one writer at a time).
-    """
+    """Yield an empty directory beside ``target`` to build in; a clean exit swaps it in, an error removes it."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):  # a killed earlier writer's (one writer at a time)
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
         else:
@@ -154,13 +130,12 @@ def dir_writer(target: str | os.PathLike[str]) -> Iterator[Path]:
     built = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield built
-        old = None
+        # two renames, the old aside then the new in place: ``target`` is always the old, the new, or absent
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", suffix=".tmp", dir=target.parent))
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", suffix=".tmp", dir=target.parent))
             os.replace(target, old / target.name)
         os.replace(built, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:  # an interrupt included: no half-built directory stays behind
         shutil.rmtree(built, ignore_errors=True)
         raise

@@ -1,13 +1,11 @@
-"""Small helpers the notebooks call: start a step, guard on an earlier step's output, record results, and show the
-real objects of a step (TMaRCo's token scores, tables).
-
-They keep the notebooks' cells short (the logic is here, tested) and let the tests read back what a headless run
-produced. Nothing here changes the caller's process: figures are ``matplotlib.figure.Figure`` objects (Jupyter shows a
-cell's last one with ``%matplotlib inline``), tables are DataFrames.
+"""Helpers the notebooks call: :func:`start` a step, :func:`require` an earlier step's output, :func:`record` results
+(read back with :func:`recorded`), and show tables; nothing here changes the caller's process.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -17,6 +15,7 @@ from typing import Any
 from detox_sft import rephrase
 from detox_sft.config import Recipe, load_recipe
 from detox_sft.data import load_eval_prompts
+from detox_sft.files import atomic_write_json
 
 _STEP_HINTS = {
     "1-sft": "run notebooks/1-sft.ipynb first (or `detox-sft rephrase` and `detox-sft train`)",
@@ -30,8 +29,7 @@ class StepMissing(FileNotFoundError):
 
 
 class ShownPath(type(Path())):  # PosixPath (WindowsPath on Windows): a subclass of Path itself needs Python 3.12
-    """A :class:`~pathlib.Path` that a notebook shows as the path itself, not as ``PosixPath('...')``: what
-    :func:`require` and :func:`record` return, the last expression of their cells (its ``repr`` stays a path's)."""
+    """A :class:`~pathlib.Path` a notebook shows as the path, not ``PosixPath('...')`` (its ``repr`` is unchanged)."""
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # IPython's text/plain display
         printer.text(str(self))
@@ -39,20 +37,14 @@ class ShownPath(type(Path())):  # PosixPath (WindowsPath on Windows): a subclass
 
 def hub_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers a TCP connection (respects HF_HUB_OFFLINE=1 as 'no')."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        return False
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
+    if os.environ.get("HF_HUB_OFFLINE") != "1":
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
             return True
-    except OSError:
-        return False
+    return False
 
 
 def start(recipe: str | os.PathLike[str], run_dir: str | None = None, **overrides: Any) -> Recipe:
-    """Load the notebook's recipe, create its run directory and say which profile runs where.
-
-    For the tutorial profile without a reachable hub, prints how to run the offline profile instead.
-    """
+    """Load the notebook's recipe and create its run directory; without the hub, say how to run the offline profile."""
     loaded = load_recipe(recipe, run_dir=run_dir, **overrides)
     loaded.run_path.mkdir(parents=True, exist_ok=True)
     print(f"recipe {loaded.name!r} (profile {loaded.profile}); outputs in {loaded.run_path}")
@@ -69,31 +61,19 @@ def require(path: str | os.PathLike[str], step: str) -> ShownPath:
     """Return ``path`` if it exists, else raise :class:`StepMissing` naming the notebook that produces it."""
     path = ShownPath(path)
     if not path.exists():
-        hint = _STEP_HINTS.get(step, f"run {step} first")
-        raise StepMissing(f"{path} is missing: {hint}.")
+        raise StepMissing(f"{path} is missing: {_STEP_HINTS.get(step, f'run {step} first')}.")
     return path
-
-
-def _plain(value: Any) -> Any:
-    """Dataclasses and paths as JSON-able data."""
-    import dataclasses
-
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
 
 
 def record(recipe: Recipe, notebook: str, **values: Any) -> ShownPath:
     """Save a notebook's headline results (JSON) under ``<run_dir>/notebooks/<notebook>.json``; returns that path."""
     out = ShownPath(recipe.run_path, "notebooks", f"{notebook}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     current = json.loads(out.read_text()) if out.exists() else {}
-    current.update(_plain(values))
-    out.write_text(json.dumps(current, indent=2, default=str))
+
+    def plain(value: Any) -> Any:  # dataclasses as dicts; what else JSON cannot write (paths, numpy numbers) as text
+        return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else str(value)
+
+    atomic_write_json(out, current | values, indent=2, default=plain)
     return out
 
 
@@ -104,19 +84,12 @@ def recorded(run_dir: str | os.PathLike[str], notebook: str) -> dict[str, Any]:
 
 def sample_prompts(recipe: Recipe, n: int = 5) -> list[str]:
     """The first ``n`` evaluation prompts of the recipe (the same ones notebook 2 used)."""
-
     return load_eval_prompts(recipe.data, recipe.seed)[:n]
 
 
 def survival_table(train_set: str | os.PathLike[str], n: int = 5) -> Any:
-    """How much of each rephrased training sample survives: :func:`detox_sft.rephrase.survival_table` of the
-    continuations (what the detox arm learns), its first ``n`` rows, then the means over every rephrased sample; or a
-    note when none was rephrased.
-
-    Args:
-        train_set: the detoxified training set (``cfg.paths.train_set("detox")``).
-        n: sample rows to show.
-    """
+    """:func:`detox_sft.rephrase.survival_table` of ``train_set``'s continuations (what the detox arm learns): ``n``
+    rows, then the means over every rephrased sample; or a note when none was rephrased."""
     import pandas as pd
     from IPython.display import Markdown
 
@@ -126,18 +99,11 @@ def survival_table(train_set: str | os.PathLike[str], n: int = 5) -> Any:
         return Markdown("TMaRCo rephrased no training sample: the detox arm was trained on the raw texts.")
     shown = table.round({"chrf": 1, "changed_word_share": 3, "toxicity_before": 3, "toxicity_after": 3})
     shown.index = [f"sample {i}" for i in range(len(shown))]
-    mean = {
+    mean = dict.fromkeys(shown.columns, "") | {
         "original": f"mean over the {means['rephrased']} rephrased samples",
-        "rephrased": "",
         "chrf": round(means["mean_chrf"], 1),
         "changed_word_share": round(means["mean_changed_word_share"], 3),
-        "toxicity_before": "",
-        "toxicity_after": "",
     }
-    labels = {
-        "chrf": "chrF",
-        "changed_word_share": "share of words changed",
-        "toxicity_before": "toxicity before",
-        "toxicity_after": "toxicity after",
-    }
-    return pd.concat([shown.astype(object), pd.DataFrame([mean], index=["all rephrased"])]).rename(columns=labels)
+    labels = {"chrf": "chrF", "changed_word_share": "share of words changed"}  # the others: "_" -> " "
+    table = pd.concat([shown.astype(object), pd.DataFrame([mean], index=["all rephrased"])])
+    return table.rename(columns=lambda column: labels.get(column, column.replace("_", " ")))

@@ -1,9 +1,8 @@
-"""The prompt template: how a sample is written for SFT and how a prompt is given to a model to continue.
+"""The prompt template that training, evaluation, export's check, the clients and the notebooks share.
 
-Training text is ``"Prompt: {prompt}\\nContinuation: {continuation}"``. The model is taught to continue after
-:data:`RESPONSE_MARKER` (``"\\nContinuation:"``, no trailing space): the completion starts with the space, so a
-generation prompt ends on ``":"`` exactly as in training (a trailing space would be a lone space token the tuned model
-never saw before a word). Training, evaluation, export's check, the clients and the notebooks all use these functions.
+Training text is ``"Prompt: {prompt}\\nContinuation: {continuation}"``; the model continues after
+:data:`RESPONSE_MARKER` (``"\\nContinuation:"``, no trailing space), so a generation prompt ends on ``":"`` as in
+training (a trailing space would be a lone space token the tuned model never saw before a word).
 """
 
 from __future__ import annotations
@@ -31,10 +30,8 @@ def format_sample(prompt: str, continuation: str) -> str:
 
 
 def split_sample(text: str) -> tuple[str, str] | None:
-    """Split an SFT text at the marker into (generation prompt, completion); `None` without the marker.
-
-    The completion keeps its leading space, so ``prompt + completion == text``.
-    """
+    """Split an SFT text at the marker into (generation prompt, completion), ``prompt + completion == text``; `None`
+    without the marker."""
     at = text.find(RESPONSE_MARKER)
     if at < 0:
         return None

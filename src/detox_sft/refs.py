@@ -1,12 +1,8 @@
 """Model and dataset references: a hub id, a local path, or ``zoo:<name>`` for the offline zoo.
 
-Every loader turns a reference into what ``from_pretrained`` / ``load_dataset`` take with :func:`resolve_ref`, and
-passes its recipe revision (``training.base_model_revision``, ``data.train_revision``, ...) through
-:func:`revision_kwargs`: ``from_pretrained(resolve_ref(ref), **revision_kwargs(ref, revision))``.
-
-``zoo:<name>`` is resolved by whatever registers the entry point ``zoo`` in the group ``detox_sft.refs``: the
-development package ``detox_sft_dev`` beside this one (same distribution) registers its offline zoo there. The helper
-package never imports it, so a workbench without it loads hub ids and local paths as usual.
+``from_pretrained(resolve_ref(ref), **revision_kwargs(ref, revision))``. ``zoo:<name>`` is resolved by the entry point
+``zoo`` of the group ``detox_sft.refs``, which the development package ``detox_sft_dev`` registers (never imported
+here, so a workbench without it loads hub ids and local paths as usual).
 """
 
 from __future__ import annotations
@@ -24,25 +20,16 @@ class ZooUnavailable(LookupError):
     """A ``zoo:<name>`` reference without the development package that resolves it; the message says the fix."""
 
 
-def _zoo_resolver():
-    """The registered ``zoo`` resolver (a callable name -> path), or an error that says how to get one."""
-    found = entry_points(group=ENTRY_POINT_GROUP, name="zoo")
-    if not found:
-        raise ZooUnavailable(
-            "zoo:<name> references need the offline zoo, which the development package detox_sft_dev provides. "
-            "Fix: install the repository (`pip install -e .` or `make setup`), or give a hub id or a local path."
-        )
-    return next(iter(found)).load()
-
-
 def resolve_ref(ref: str) -> str:
-    """Turn a model or dataset reference into something a loader takes.
-
-    ``zoo:<name>`` becomes the local path of the offline zoo's artifact (built on first use); hub ids and local paths
-    are returned as given (local paths made absolute, because some loaders read bare relative names as hub ids).
-    """
+    """A reference as a loader takes it: ``zoo:<name>`` as the zoo artifact's path (built on first use), a local path
+    made absolute (some loaders read bare relative names as hub ids), a hub id as given."""
     if ref.startswith(ZOO_PREFIX):
-        return str(_zoo_resolver()(ref[len(ZOO_PREFIX) :]))
+        if not (found := entry_points(group=ENTRY_POINT_GROUP, name="zoo")):
+            raise ZooUnavailable(
+                "zoo:<name> references need the offline zoo, which the development package detox_sft_dev provides. "
+                "Fix: install the repository (`pip install -e .` or `make setup`), or give a hub id or a local path."
+            )
+        return str(next(iter(found)).load()(ref[len(ZOO_PREFIX) :]))
     local = Path(ref).expanduser()
     if local.exists():
         return str(local.resolve())
@@ -55,16 +42,8 @@ def is_hub_ref(ref: str) -> bool:
 
 
 def revision_kwargs(ref: str, revision: str | None, field: str = "revision") -> dict[str, str]:
-    """``{"revision": revision}`` for a hub reference, ``{}`` without a revision or for a ``zoo:`` reference.
-
-    Args:
-        ref: the reference as the recipe gives it (before :func:`resolve_ref`).
-        revision: the hub commit to load, or `None` (the newest).
-        field: the recipe field that holds the revision, for the error.
-
-    Raises:
-        ValueError: a revision for a local path (the recipe refuses it when it loads; this catches direct calls).
-    """
+    """``{"revision": revision}`` for a hub ``ref`` (as the recipe gives it), ``{}`` without a revision or for ``zoo:``;
+    a ValueError naming the recipe ``field`` for a revision of a local path."""
     if revision is None or ref.startswith(ZOO_PREFIX):
         return {}
     if not is_hub_ref(ref):

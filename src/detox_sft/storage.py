@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
+from posixpath import join as _join  # S3 keys: "prefix/rel", or "rel" under the empty prefix
 from typing import Any
 
 from detox_sft.config import Recipe, StorageConfig
@@ -27,6 +28,8 @@ MARKER_NAME = ".detox-sft-upload.json"
 DEFAULT_PREFIX = "models/opt-350m-detox"  # = StorageConfig.prefix; the manifests reference it
 _PART_SUFFIX = ".detox-sft-part"  # a download's temporary file: .<name>.detox-sft-part (s3transfer adds its own)
 _PART_SIZE = 8 * 2**20
+_AUTH_CODES = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken", "ExpiredToken", "AccessDenied", "403"}
+_SERVER_FIX = "Fix: check AWS_S3_ENDPOINT and that the server is running; rerun the same command to resume."
 
 
 class StorageError(RuntimeError):
@@ -55,8 +58,7 @@ class ChecksumMismatchError(StorageError):
 
 @dataclass(frozen=True, repr=False)
 class S3Settings:
-    """Where and how to reach S3 (:meth:`from_env`: a data connection); ``endpoint`` `None` is AWS, ``verify_tls``
-    may be a CA bundle path."""
+    """Where and how to reach S3 (:meth:`from_env`: a data connection); ``verify_tls`` may be a CA bundle path."""
 
     endpoint: str | None = None
     bucket: str | None = None
@@ -124,12 +126,6 @@ def _connect(settings: S3Settings | None, bucket: str | None, concurrency: int =
     return settings, settings.client(max_pool_connections=2 * concurrency + 2)
 
 
-_AUTH_CODES = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken", "ExpiredToken", "AccessDenied", "403"}
-
-
-_SERVER_FIX = "Fix: check AWS_S3_ENDPOINT and that the server is running; rerun the same command to resume."
-
-
 def _translate(exc: BaseException, settings: S3Settings, what: str) -> StorageError | None:
     """A botocore error as a StorageError naming the fix (secrets scrubbed); `None` if it is not one."""
     from botocore import exceptions as bexc
@@ -150,9 +146,7 @@ def _translate(exc: BaseException, settings: S3Settings, what: str) -> StorageEr
         message = message.replace(secret, "****")
     detail = f"{code}{': ' + message if message else ''}"
     if code == "BadDigest":
-        return ChecksumMismatchError(
-            f"{what}: CRC32 refused by the server ({detail}): a file changed during the upload?"
-        )
+        return ChecksumMismatchError(f"{what}: server refused the CRC32 ({detail}): a file changed during the upload?")
     if code in _AUTH_CODES:
         fix = "Fix: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (and this user's rights on the bucket)."
         return S3AuthError(f"{what}: {where} refused the credentials ({detail}). {fix}")
@@ -177,10 +171,6 @@ def _s3_errors(settings: S3Settings, what: str):
 
 def _norm_prefix(prefix: str | None) -> str:
     return (prefix or "").strip().strip("/")
-
-
-def _join(prefix: str, rel: str) -> str:
-    return f"{prefix}/{rel}" if prefix else rel
 
 
 def model_prefixes(prefix: str = DEFAULT_PREFIX) -> dict[str, str]:
@@ -322,10 +312,8 @@ def upload_dir(
     delete_extra: bool = False,
     max_bandwidth: int | None = None,
 ) -> UploadReport:
-    """Upload a directory under ``prefix`` (default ``recipe.storage.prefix``): CRC32-checked, unchanged files skipped.
-
-    ``delete_extra`` deletes objects under the prefix that are not in the directory; ``max_bandwidth`` is in bytes/s.
-    """
+    """Upload a directory under ``prefix`` (default ``recipe.storage.prefix``): CRC32-checked, unchanged files skipped;
+    ``delete_extra`` deletes objects under the prefix that are not in the directory; ``max_bandwidth`` is in bytes/s."""
     start, local = time.perf_counter(), Path(local_dir)
     files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != MARKER_NAME) if local.is_dir() else []
     if not files:
@@ -364,16 +352,15 @@ def upload_dir(
             for key, size, crc, unchanged in pool.map(plan, paths):  # each upload starts once its file is planned
                 sizes[key], crcs[key] = size, crc
                 if unchanged:
-                    report.skipped.append(key)
-                    report.bytes_skipped += size
                     bar.update(size)
                 else:  # s3transfer sends our CRC32 as the FULL_OBJECT checksum; the server checks it
                     extra = {"ChecksumCRC32": crc}
                     futures[key] = tm.upload(str(paths[key]), name, key, extra_args=extra, subscribers=subscribers)
-            for key, future in futures.items():
+            for future in futures.values():
                 future.result()
-                report.uploaded.append(key)
-                report.bytes_uploaded += sizes[key]
+        report.uploaded, report.skipped = sorted(futures), sorted(set(paths) - set(futures))
+        report.bytes_uploaded = sum(sizes[key] for key in report.uploaded)
+        report.bytes_skipped = sum(sizes[key] for key in report.skipped)
         listed = _list(client, name, prefix)  # every object's size and ETag, one request per 1000 keys
         if missing := [key for key in paths if key not in listed or listed[key].size != sizes[key]]:
             raise IncompleteUploadError(f"{missing[0]}: not on the server with its size after the upload. Fix: rerun.")
@@ -386,7 +373,6 @@ def upload_dir(
         body = {"tool": "detox-sft", "completed_at": datetime.now(UTC).isoformat(timespec="seconds"), "files": files}
         # last, in one PUT: S3 shows an object whole or not at all
         client.put_object(Bucket=name, Key=report.marker_key, Body=json.dumps(body, indent=1).encode())
-    report.uploaded, report.skipped = sorted(report.uploaded), sorted(report.skipped)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -413,9 +399,7 @@ def _wanted(client: Any, bucket: str, prefix: str, what: str, require_complete: 
         files = json.loads(client.get_object(Bucket=bucket, Key=marker.key)["Body"].read())["files"] if marker else None
         wanted = [(_join(prefix, f["path"]), int(f["size"]), str(f["crc32"]), str(f["etag"])) for f in files or []]
     except (ValueError, KeyError, TypeError) as exc:  # truncated, edited, another tool's
-        raise IncompleteUploadError(
-            f"{what}: its completion marker is damaged ({type(exc).__name__}). {fix}."
-        ) from None
+        raise IncompleteUploadError(f"{what}: damaged completion marker ({type(exc).__name__}). {fix}.") from None
     if files is None:
         why = "it is empty" if not listing else f"{len(listing)} objects but no {MARKER_NAME}"
         raise IncompleteUploadError(f"{what}: not a finished detox-sft upload ({why}). {fix}.")
@@ -451,14 +435,13 @@ def download_prefix(
             if crc and dest.is_file() and dest.stat().st_size == size and _checksums(dest)[0] == crc:
                 report.skipped.append(rel)
             else:
+                dest.parent.mkdir(parents=True, exist_ok=True)
                 todo.append((rel, key, size, crc, dest, dest.with_name(f".{dest.name}{_PART_SUFFIX}")))
-        report.files, report.verified = len(report.skipped) + len(todo), len(report.skipped)
+        report.files, report.unverified = len(report.skipped) + len(todo), [t[0] for t in todo if t[3] is None]
+        report.verified = report.files - len(report.unverified)  # once every download below has passed its check
         tm, bar, subscribers = _transfers(client, max_concurrency, sum(t[2] for t in todo), what, progress)
-        temporaries = [t[-1] for t in todo]
         try:
             with bar, tm:
-                for *_, dest, _tmp in todo:
-                    dest.parent.mkdir(parents=True, exist_ok=True)
                 futures = [tm.download(name, t[1], str(t[-1]), subscribers=subscribers) for t in todo]
                 for future, (rel, key, size, crc, dest, tmp) in zip(futures, todo, strict=True):
                     future.result()
@@ -470,10 +453,8 @@ def download_prefix(
                     os.replace(tmp, dest)
                     report.downloaded.append(rel)
                     report.bytes_downloaded += size
-                    report.verified += crc is not None
-                    report.unverified += [] if crc is not None else [rel]
         finally:
-            for tmp in temporaries:
+            for *_, tmp in todo:
                 tmp.unlink(missing_ok=True)
     report.downloaded, report.skipped = sorted(report.downloaded), sorted(report.skipped)
     report.seconds = time.perf_counter() - start

@@ -1,9 +1,6 @@
-"""Toxicity scorers: ``load_scorer(name)(texts)`` is a float array of P(toxic), one per text, in order.
-
-Names: ``profanity-check`` and ``hatesonar`` (offline classifiers from PyPI), ``zoo:lexicon`` (the offline zoo's exact
-judge) or a lexicon JSON path, a hub id or local directory of a sequence classifier. :func:`load_measurement` offers
-them through the `evaluate` API (``evaluate.load("toxicity")`` needs the hub and breaks on transformers 5).
-"""
+"""Toxicity scorers: ``load_scorer(name)(texts)`` is a float array of P(toxic), one per text, in order. Names:
+``profanity-check`` and ``hatesonar`` (offline classifiers from PyPI), ``zoo:lexicon`` (the offline zoo's exact judge)
+or a lexicon JSON path, a hub id or local directory of a sequence classifier."""
 
 from __future__ import annotations
 
@@ -23,7 +20,6 @@ from detox_sft.refs import is_hub_ref, resolve_ref, revision_kwargs
 OFFLINE_SCORER = "profanity-check"
 HATESONAR_SCORER = "hatesonar"
 LEXICON_SCORER = "zoo:lexicon"
-MEASUREMENT_DIR = Path(__file__).resolve().parent / "measurements" / "toxicity"
 
 # Labels that mean "toxic" in common classifiers, tried in order when no label is given.
 _TOXIC_LABELS = ("hate", "toxic", "toxicity", "offensive", "label_1")
@@ -96,11 +92,8 @@ class HateSonarScorer:
 
 @dataclass
 class LexiconScorer:
-    """1.0 when a text holds a whole word or phrase of the lexicon (any case, any spacing), else 0.0.
-
-    ``path``: a JSON file ``{"toxic_words": [...]}``. With ``zoo:lexicon`` this is the synthetic corpus's exact judge
-    (the words only its generator's toxic fillers use), independent of the gate and the corpus's classifiers.
-    """
+    """1.0 when a text holds a whole word or phrase (any case, any spacing) of the JSON ``{"toxic_words": [...]}`` at
+    ``path``, else 0.0; ``zoo:lexicon`` is the synthetic corpus's exact judge (its toxic fillers' words)."""
 
     path: str
     name: str = LEXICON_SCORER
@@ -131,10 +124,8 @@ class LexiconScorer:
 
 @dataclass
 class HateSpeechScorer:
-    """A text-classification pipeline's P(``toxic_label``) (`None`: the first known toxic label the model has).
-
-    ``name`` is a hub id (at ``revision``) or a local path; texts are sorted by length to limit padding.
-    """
+    """A text-classification pipeline's P(``toxic_label``) (`None`: the model's first known toxic label); ``name`` is a
+    hub id (at ``revision``) or a local path."""
 
     name: str
     device: str = "cpu"
@@ -148,8 +139,7 @@ class HateSpeechScorer:
         from transformers import pipeline
 
         self.device = resolve_device(self.device, "the scorer's device")
-        looks_local = self.name.startswith(("/", "./", "../", "~")) or Path(self.name).expanduser().exists()
-        if looks_local and not Path(self.name).expanduser().exists():
+        if self.name.startswith(("/", "./", "../", "~")) and not Path(self.name).expanduser().exists():
             raise ScorerError(
                 f"cannot load scorer {self.name!r}: no such path. Fix: give the directory of a "
                 f"sequence classifier, a hub id, or the offline scorer {OFFLINE_SCORER!r}."
@@ -196,8 +186,7 @@ class HateSpeechScorer:
 
 
 def load_scorer(name: str, device: str = "cpu", batch_size: int = 32, revision: str | None = None) -> Scorer:
-    """Load a scorer by name (see the module); ``revision`` pins a hub classifier, ``device``/``batch_size`` apply to
-    classifiers.
+    """Load a scorer by name (see the module); ``revision`` pins a hub classifier, ``device``/``batch_size`` apply to it.
 
     Raises:
         ScorerError: it cannot be loaded, or has a revision but is not a hub classifier.
@@ -230,15 +219,5 @@ def load_scorers(
     """Several scorers keyed by name (the first is the headline one); ``revisions`` pins hub classifiers by name."""
     if not names:
         raise ScorerError("no scorer named. Fix: set evaluation.scorers, e.g. [zoo:lexicon, profanity-check].")
-    revisions = revisions or {}
-    return {
-        name: load_scorer(name, device=device, batch_size=batch_size, revision=revisions.get(name)) for name in names
-    }
-
-
-def load_measurement(scorer: str = "default", **kwargs: Any):
-    """A scorer as an `evaluate` measurement (``scorer``: ``default`` is the roberta classifier, or any scorer name):
-    ``m.compute(predictions=[...]) -> {"toxicity": [...]}``; ``kwargs`` go to :func:`evaluate.load`."""
-    import evaluate
-
-    return evaluate.load(str(MEASUREMENT_DIR), config_name=scorer, module_type="measurement", **kwargs)
+    pins = revisions or {}
+    return {name: load_scorer(name, device=device, batch_size=batch_size, revision=pins.get(name)) for name in names}

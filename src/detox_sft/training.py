@@ -40,8 +40,7 @@ logger = logging.getLogger(__name__)
 
 # OPT's linear layers per decoder block; the attention output is `out_proj` (the 2024 original's `o_proj` is LLaMA's).
 OPT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-# LoRA targets by ``config.model_type`` when training.lora.target_modules is absent or null: the decoder blocks' linear
-# layers (GPT-2's are Conv1D). Any other model type gets PEFT's "all-linear".
+# LoRA targets by ``config.model_type`` when training.lora.target_modules is null; other types get PEFT's "all-linear"
 LORA_TARGET_MODULES: dict[str, tuple[str, ...]] = {
     "opt": OPT_TARGET_MODULES,
     "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -81,9 +80,8 @@ def linear_module_names(model_or_module_names: Any) -> list[str]:
     import torch
 
     if isinstance(model_or_module_names, torch.nn.Module):
-        from transformers.pytorch_utils import (
-            Conv1D,
-        )  # GPT-2's linear layers (bitsandbytes' Linear4bit is an nn.Linear)
+        # GPT-2's linear layers are Conv1D (bitsandbytes' Linear4bit is an nn.Linear)
+        from transformers.pytorch_utils import Conv1D
 
         names = [n for n, m in model_or_module_names.named_modules() if isinstance(m, torch.nn.Linear | Conv1D)]
     else:
@@ -100,8 +98,7 @@ def lora_targets(cfg: TrainingConfig, model_or_module_names: Any) -> list[str] |
     if targets == "all-linear":
         return targets
     targets, real = [targets] if isinstance(targets, str) else list(targets), linear_module_names(model_or_module_names)
-    unknown = [t for t in targets if t not in real]
-    if unknown:
+    if unknown := [t for t in targets if t not in real]:
         kind = f" ({model_type})" if model_type else ""
         raise TrainingError(
             f"training.lora.target_modules: {', '.join(unknown)} not in the model{kind}; its linear layers are "
@@ -164,8 +161,7 @@ def _require_text(dataset: Any, name: str) -> None:
 
 
 def _require_marker(texts: list[str], name: str) -> None:
-    missing = [i for i, t in enumerate(texts) if RESPONSE_MARKER not in t]
-    if missing:
+    if missing := [i for i, t in enumerate(texts) if RESPONSE_MARKER not in t]:
         raise TrainingError(
             f"{len(missing)} of {len(texts)} {name} texts lack the marker {RESPONSE_MARKER!r} (first: row "
             f"{missing[0]}). Fix: write texts with detox_sft.data.format_sample (check the rephrase output), or set "
@@ -196,8 +192,7 @@ def check_training_inputs(recipe: Recipe, dataset: DatasetDict, tokenizer: Any, 
     """Every check that must pass before training starts; a `TrainingError` that names the fix otherwise."""
     cfg = recipe.training
     for split, name in (("train", "training"), ("test", "held-out test")):
-        rows = dataset.get(split)
-        if rows is None or len(rows) == 0:
+        if not (rows := dataset.get(split)):  # None or empty
             raise TrainingError(
                 f"the {name} set is empty. Fix: check data.num_train_samples, data.test_size, data.min_toxicity and "
                 "data.max_chars in the recipe (and that the rephrase step wrote its records)."
@@ -276,7 +271,7 @@ _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "log_histo
 
 
 def finished_arm(adapter_dir: str | os.PathLike[str], overwrite: bool = False) -> TrainResult | None:
-    """The arm's result if it finished before (it is not retrained), else `None`; ``overwrite`` empties its directory."""
+    """The arm's result if it finished before (not retrained), else `None`; ``overwrite`` empties its directory."""
     out = Path(adapter_dir)
     if overwrite and is_main_process():
         shutil.rmtree(out, ignore_errors=True)
@@ -352,9 +347,8 @@ def prepare_trainer(trainer: Any, device: str) -> None:
                 param.data = param.data.float()
     if is_main_process():
         lora = next(iter(model.peft_config.values()))
-        targets = (
-            lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(sorted(lora.target_modules))
-        )
+        targets = lora.target_modules
+        targets = targets if isinstance(targets, str) else ", ".join(sorted(targets))
         quantised = "4-bit NF4 base, " if getattr(model, "is_loaded_in_4bit", False) else ""
         print(
             f"[train {Path(args.output_dir).parent.name}] on {device}: {quantised}LoRA r={lora.r} on {targets}; "
@@ -364,8 +358,8 @@ def prepare_trainer(trainer: Any, device: str) -> None:
 
 
 def last_complete_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> str | None:
-    """The newest checkpoint with its ``trainer_state.json`` (written last), or `None`; newer, cut-short ones are removed
-    (transformers' ``get_last_checkpoint`` returns those, and resuming from one crashes)."""
+    """The newest checkpoint with its ``trainer_state.json`` (written last), or `None`; newer, cut-short ones are
+    removed (transformers' ``get_last_checkpoint`` returns those, and resuming from one crashes)."""
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     ckpt_dir = Path(checkpoint_dir)
@@ -457,8 +451,7 @@ def _metrics(trainer: Any, recipe: Recipe, arm: str, dataset: DatasetDict, stats
 def _whole_run_train_loss(
     session_loss: float | None, log_history: list[dict[str, Any]], start_step: int, end_step: int
 ) -> float | None:
-    """The mean training loss over the whole run: the session's mean plus the logged losses up to its checkpoint
-    (each the mean since the previous log), weighted by their steps."""
+    """The whole run's mean training loss: the session's and the losses logged before it, weighted by steps."""
     if session_loss is None or not start_step:
         return session_loss
     total, steps, last = 0.0, 0, 0
@@ -483,14 +476,13 @@ def _loss_curve(log_history: list[dict[str, Any]]) -> dict[str, list[dict[str, f
 def train_arm(
     recipe: Recipe, arm: str, dataset: DatasetDict, overwrite: bool = False, callbacks: list[Any] | None = None
 ) -> TrainResult:
-    """Train one arm into ``recipe.paths.adapter(arm)`` with notebook 1's calls; a finished arm only if ``overwrite``."""
+    """Train one arm into ``recipe.paths.adapter(arm)`` with notebook 1's calls (a finished one: ``overwrite``)."""
     from trl import SFTTrainer
 
     _check_arm(arm)
     cfg = recipe.training
     adapter_dir = recipe.paths.adapter(arm)
-    done = finished_arm(adapter_dir, overwrite)
-    if done is not None:
+    if (done := finished_arm(adapter_dir, overwrite)) is not None:
         return done
     device = resolve_device(cfg.device, "training.device")
     model_path, tokenizer = resolve_ref(cfg.base_model), base_tokenizer(cfg)
@@ -519,8 +511,7 @@ def train_arm(
 def train_arms(recipe: Recipe, datasets: Mapping[str, DatasetDict], overwrite: bool = False) -> dict[str, TrainResult]:
     """Train the given arms, ``raw`` first, with the same recipe and seed (:func:`train_arm` each)."""
     _check_arm(*datasets)
-    order = [a for a in ARMS if a in datasets]
-    return {arm: train_arm(recipe, arm, datasets[arm], overwrite=overwrite) for arm in order}
+    return {arm: train_arm(recipe, arm, datasets[arm], overwrite=overwrite) for arm in ARMS if arm in datasets}
 
 
 def load_arm_datasets(recipe: Recipe, arms: Iterable[str] = ARMS) -> dict[str, DatasetDict]:
@@ -541,10 +532,8 @@ def load_arm_datasets(recipe: Recipe, arms: Iterable[str] = ARMS) -> dict[str, D
             train = load_dataset("json", data_files=str(detox_path), split="train")
         _require_text(train, str(detox_path))
         keep = [c for c in ("prompt", "continuation", "toxicity", "text") if c in train.column_names]
-        if len(train) != len(raw["train"]):
-            logger.warning(
-                "detox set has %d samples, raw %d: not the same sample order.", len(train), len(raw["train"])
-            )
+        if (n_detox := len(train)) != (n_raw := len(raw["train"])):
+            logger.warning("detox set has %d samples, raw %d: not the same sample order.", n_detox, n_raw)
         out["detox"] = DatasetDict(train=train.select_columns(keep), test=raw["test"])
     return out
 
@@ -555,8 +544,7 @@ def plot_loss_curves(run_dir: str | os.PathLike[str]) -> Figure:
 
     paths = RunPaths(Path(run_dir))
     logs = {arm: paths.adapter(arm) / "log_history.json" for arm in ARMS}
-    logs = {arm: json.loads(p.read_text()) for arm, p in logs.items() if p.is_file()}
-    if not logs:
+    if not (logs := {arm: json.loads(p.read_text()) for arm, p in logs.items() if p.is_file()}):
         raise TrainingError(
             f"No training log in {paths.adapters} — run notebooks/1-sft.ipynb first (or `detox-sft train`)."
         )

@@ -1,6 +1,5 @@
-"""Toxicity evaluation of the base model and the arms on the same toxic prompts, as RealToxicityPrompts / DExperts do
-(``k`` sampled continuations per prompt, EMT, TP, mean toxicity with bootstrap intervals, paired comparisons,
-perplexity, distinct-n): :func:`evaluate_models` runs the step; ``generation``, ``metrics``, ``report``, ``on_ray``."""
+"""Toxicity evaluation of the base model and the arms on the same prompts, as RealToxicityPrompts / DExperts do:
+:func:`evaluate_models` runs the step; the tables and figures read its results."""
 
 from detox_sft.evaluation.evaluate import evaluate_models, load_results
 from detox_sft.evaluation.generation import (
@@ -12,7 +11,6 @@ from detox_sft.evaluation.generation import (
 )
 from detox_sft.evaluation.report import (
     ARMS,
-    COMPARISONS,
     MODELS,
     EvalResults,
     agreement_table,
@@ -31,7 +29,6 @@ from detox_sft.evaluation.report import (
 
 __all__ = [
     "ARMS",
-    "COMPARISONS",
     "MODELS",
     "EvalResults",
     "EvaluationError",

@@ -30,15 +30,9 @@ def evaluate_models(
     prompts: Sequence[str] | None = None,
     progress: bool = True,
 ) -> EvalResults:
-    """Generate with each of ``models`` (``base``, ``raw``, ``detox``) on the same eval prompts (default: the
-    recipe's), score, compute the metrics; write them to ``<run_dir>/eval`` and ``figures`` and return them.
-
-    Generations are cached per model in ``eval/generations_<model>.json`` (keyed by prompts, settings, seed and
-    weights files), so a rerun only scores and re-plots. With ``evaluation.nontoxic_prompts`` the same runs on that
-    many label-0 prompts as well (what the detox arm gives up where there is nothing to detoxify): results.json's
-    ``nontoxic`` key, ``generations_nontoxic.csv``. Perplexity is under ``evaluation.perplexity_model``; a model that
-    is its own judge gets none (:func:`self_judged_models`). ``progress``: one bar for the step (on Ray, a bar per
-    stage).
+    """Generate with each of ``models`` on the same eval prompts (default: the recipe's), score, and write the metrics
+    to ``<run_dir>/eval`` and ``figures``; generations are cached per model, so a rerun only scores and re-plots.
+    ``evaluation.nontoxic_prompts`` adds that many label-0 prompts (results.json's ``nontoxic`` key).
 
     Raises:
         EvaluationError: unknown model name, missing adapter, no prompts (ScorerError: a scorer cannot be loaded).
@@ -56,8 +50,7 @@ def evaluate_models(
             f"No adapter in {RunPaths(run.run_dir).adapter(missing[0])} — run notebooks/1-sft.ipynb first (or "
             f"`detox-sft train`) to train the {missing[0]!r} arm."
         )
-    # one bar: generate, score and perplexity per model and prompt set (on Ray, map_blocks shows a bar per stage)
-    steps = 3 * len(run.models) * (2 if cfg.nontoxic_prompts else 1)
+    steps = 3 * len(run.models) * (2 if cfg.nontoxic_prompts else 1)  # generate, score, perplexity; on Ray a bar each
     with tqdm(total=steps, desc="evaluate", unit="step", disable=not progress or cfg.executor == "ray") as run.bar:
         run.bar.set_postfix_str("load scorers")
         batch_size = on_ray.scorer_batch_size(cfg)
@@ -74,8 +67,7 @@ def evaluate_models(
             nontoxic, timing = run.evaluate(_eval_prompts(dataclasses.replace(recipe, data=data), None), "_nontoxic")
             timing["total_s"] = round(time.perf_counter() - started, 2)
             extra = {"eval_label": 0, "timing": timing}
-            summary = report._summarize(nontoxic, cfg, recipe.seed, extra, self_judged)
-            results.summary["nontoxic"] = summary
+            results.summary["nontoxic"] = report._summarize(nontoxic, cfg, recipe.seed, extra, self_judged)
             atomic_write_text(run.eval_dir / "generations_nontoxic.csv", _frame(nontoxic).to_csv(index=False))
         run.bar.set_postfix_str("done")
     atomic_write_text(run.eval_dir / "generations.csv", _frame(results).to_csv(index=False))
@@ -90,8 +82,7 @@ def evaluate_models(
 
 
 def self_judged_models(recipe: Recipe) -> list[str]:
-    """The models whose perplexity is not reported because the fluency judge (``evaluation.perplexity_model``,
-    default the base model) is that model itself: ``["base"]`` unless the recipe names a separate judge."""
+    """The models judged by themselves (no perplexity): ``["base"]`` unless the recipe names a separate judge."""
     cfg, training = recipe.evaluation, recipe.training
     if not cfg.perplexity_model:
         return ["base"]
@@ -132,7 +123,7 @@ class _Run:
         self.eval_dir = RunPaths(self.run_dir).eval
 
     def evaluate(self, prompts: list[str], tag: str) -> tuple[EvalResults, dict[str, float]]:
-        """Generate (or read back), score and measure perplexity on ``prompts``; caches ``generations_<m><tag>``."""
+        """Generate (or read back), score and measure perplexity on ``prompts``."""
         cfg, recipe, where = self.recipe.evaluation, self.recipe, " (non-toxic)" if tag else ""
         # what the models are given: the prompts in the training template (the arms were tuned on it), or as they are
         inputs = [generation_prompt(p) for p in prompts] if cfg.prompt_template else list(prompts)
@@ -167,7 +158,7 @@ class _Run:
         return self.base
 
     def _on_batch(self, label: str) -> Any:
-        """Show ``label`` in the bar's postfix now, and ``label done/total`` after each batch (an ``on_batch``)."""
+        """Show ``label`` in the bar now, and an ``on_batch`` that adds ``done/total``."""
         self.bar.set_postfix_str(label)
         return lambda done, total: self.bar.set_postfix_str(f"{label} {done}/{total}")
 
@@ -215,7 +206,7 @@ def _frame(results: EvalResults) -> Any:
 
 
 def load_results(run_dir: str | Path) -> EvalResults:
-    """Read an evaluation back from ``<run_dir>/eval`` (results.json and generations.csv), for plots and tables.
+    """Read an evaluation back from ``<run_dir>/eval``, for plots and tables.
 
     Raises:
         EvaluationError: no evaluation in that run directory yet, or a damaged ``results.json``.

@@ -1,5 +1,4 @@
-"""Batched, reproducible sampling of continuations (planned by :func:`generation_batches`, run a batch at a time by
-:func:`generate_batch`, here or on Ray), their conditional NLL, their scores, and the models to sample from."""
+"""Batched, reproducible sampling of continuations (here or on Ray), their NLL and scores, and the models to load."""
 
 from __future__ import annotations
 
@@ -18,9 +17,6 @@ from detox_sft.devices import compute_dtype, resolve_device
 from detox_sft.refs import resolve_ref, revision_kwargs
 from detox_sft.training import load_adapter_model
 
-_GENERATION_CONFIG_LOGGER = "transformers.generation.configuration_utils"
-_UNUSED_FLAGS = r"generation flags are not valid and may be ignored: \['top_p'\]"
-
 
 class EvaluationError(RuntimeError):
     """The evaluation cannot run; the message says what to do."""
@@ -29,16 +25,14 @@ class EvaluationError(RuntimeError):
 def _check_prompts(prompts: Sequence[str]) -> list[str]:
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, not one string")
-    prompts = list(prompts)
-    if not prompts:
+    if not (prompts := list(prompts)):
         raise ValueError("no prompts to generate from: give at least one prompt")
-    empty = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]
-    if empty:
+    if empty := [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]:
         raise ValueError(f"{len(empty)} empty prompt(s) at position(s) {empty[:10]}: remove them or give text")
     return prompts
 
 
-def _encode(tokenizer: Any, prompts: list[str], limit: int) -> list[list[int]]:
+def _encode(tokenizer: Any, prompts: list[str], limit: int, warn: bool = True) -> list[list[int]]:
     """Token ids per prompt; prompts longer than ``limit`` tokens lose their beginning (the BOS token stays)."""
     encoded, truncated, bos = [], 0, tokenizer.bos_token_id
     for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]:
@@ -46,7 +40,7 @@ def _encode(tokenizer: Any, prompts: list[str], limit: int) -> list[list[int]]:
             truncated += 1
             ids = ([bos] + ids[len(ids) - limit + 1 :]) if bos is not None and ids[0] == bos else ids[-limit:]
         encoded.append(list(ids))
-    if truncated:
+    if truncated and warn:
         msg = f"{truncated} prompt(s) longer than {limit} tokens (the context minus max_new_tokens) were truncated"
         warnings.warn(msg + " from the left", UserWarning, stacklevel=3)
     return encoded
@@ -61,8 +55,7 @@ def _context_limit(model: Any, max_context: int | None, max_new_tokens: int) -> 
 
 
 def _sampler(uniforms: Any, prompt_len: int, temperature: float, top_p: float) -> Any:
-    """A logits processor that samples from the top-p distribution with given uniform numbers (inverse CDF): -inf
-    everywhere but on the sampled token, so greedy decoding picks it."""
+    """Top-p sampling by inverse CDF from ``uniforms``, as a logits processor: -inf but on the sampled token."""
     import torch
     from transformers import LogitsProcessor
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
@@ -87,14 +80,11 @@ def _sampler(uniforms: Any, prompt_len: int, temperature: float, top_p: float) -
 def _pad(seqs: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[Any, Any]:
     """``(input_ids, attention_mask)``: ``seqs`` padded with ``pad_id`` to the longest, on the left or the right."""
     import torch
+    from torch.nn.utils.rnn import pad_sequence
 
-    width = max(len(seq) for seq in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, seq in enumerate(seqs):
-        at = slice(width - len(seq), width) if left else slice(0, len(seq))
-        ids[r, at], mask[r, at] = torch.tensor(seq), 1
-    return ids, mask
+    pad = {"batch_first": True, "padding_side": "left" if left else "right"}
+    ids = pad_sequence([torch.tensor(seq, dtype=torch.long) for seq in seqs], padding_value=pad_id, **pad)
+    return ids, pad_sequence([torch.ones(len(seq), dtype=torch.long) for seq in seqs], **pad)
 
 
 def generate_continuations(
@@ -107,16 +97,13 @@ def generate_continuations(
     progress: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> list[list[str]]:
-    """``continuations[i][j]``: the generated text of continuation ``j`` of prompt ``i`` (the random stream
-    ``(seed, i, j)``), by ``model`` (a causal LM or PeftModel), ``k`` = ``cfg.num_samples`` sampled (or one
-    ``greedy``) per prompt, ``cfg.batch_size`` prompts a batch; a prompt longer than the context minus
-    ``max_new_tokens`` loses its beginning. ``on_batch(done, total)`` after each batch serves a caller's own bar."""
+    """``continuations[i][j]``: continuation ``j`` of prompt ``i`` (random stream ``(seed, i, j)``), ``cfg.num_samples``
+    sampled (or one ``greedy``) per prompt; too long a prompt loses its beginning. ``on_batch(done, total)``: a hook."""
     from tqdm.auto import tqdm
 
     prompts = _check_prompts(prompts)
-    encoded, batches = generation_batches(
-        tokenizer, prompts, _context_limit(model, None, cfg.max_new_tokens), cfg.batch_size
-    )
+    limit = _context_limit(model, None, cfg.max_new_tokens)
+    encoded, batches = generation_batches(tokenizer, prompts, limit, cfg.batch_size)
     texts = []
     for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
         texts.append(generate_batch(model.eval(), tokenizer, [encoded[i] for i in batch], batch, cfg, seed, greedy))
@@ -134,8 +121,7 @@ def by_prompt(batches: Sequence[Sequence[Any]], results: Sequence[Sequence[Any]]
 def generation_batches(
     tokenizer: Any, prompts: Sequence[str], limit: int, batch_size: int
 ) -> tuple[list[list[int]], list[list[int]]]:
-    """The token ids of each prompt and the batches :func:`generate_continuations` runs, as prompt positions; longest
-    first: similar lengths share a batch (less padding), and an out-of-memory shows up at once."""
+    """Each prompt's token ids, and batches of prompt positions longest first (less padding; an OOM shows at once)."""
     encoded = _encode(tokenizer, list(prompts), limit)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     return encoded, [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
@@ -150,8 +136,7 @@ def generate_batch(
     seed: int,
     greedy: bool = False,
 ) -> list[list[str]]:
-    """One batch of :func:`generate_continuations`: the continuations of the ``encoded`` prompts, whose positions in
-    the whole list are ``prompt_ids`` (their random streams), whichever batch or process it runs in."""
+    """One batch of :func:`generate_continuations`; ``prompt_ids`` (positions in the whole list) pick the streams."""
     import torch
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -172,7 +157,8 @@ def generate_batch(
         processors = LogitsProcessorList([_sampler(u, width, cfg.temperature, cfg.top_p)])
     # A model whose generation_config.json asks for top-p sampling (the offline zoo's OPT) gets its top_p merged into
     # this greedy config (we sample in our own processor); transformers then warns that top_p is unused, once.
-    with torch.inference_mode(), drop_log_messages(_GENERATION_CONFIG_LOGGER, _UNUSED_FLAGS):
+    unused_top_p = r"generation flags are not valid and may be ignored: \['top_p'\]"
+    with torch.inference_mode(), drop_log_messages("transformers.generation.configuration_utils", unused_top_p):
         generated = model.generate(
             input_ids=input_ids.to(model.device),
             attention_mask=attention.to(model.device),
@@ -191,17 +177,14 @@ def continuation_nll(
     batch_size: int = 32,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(nll_sums, token_counts)``, ``(num_prompts, k)``: the NLL of each continuation's tokens given its prompt
-    (``continuations[i]``: prompt ``i``'s), ``batch_size`` sequences a pass; ``on_batch`` as in generation."""
+    """``(nll_sums, token_counts)``, ``(num_prompts, k)``: each continuation's NLL given its prompt."""
     import torch
 
     prompts = _check_prompts(prompts)
     cont_ids = [tokenizer(list(c), add_special_tokens=False)["input_ids"] if c else [] for c in continuations]
     longest = max((len(ids) for row in cont_ids for ids in row), default=0)
     context = int(getattr(model.config, "max_position_embeddings", None) or 2048)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # truncation was already reported at generation time
-        prompt_ids = _encode(tokenizer, prompts, max(2, context - longest))
+    prompt_ids = _encode(tokenizer, prompts, max(2, context - longest), warn=False)  # reported when generating
     # longest first, right-padded; empty continuations are left out (0 tokens, 0 NLL)
     items = [(i, j) for i in range(len(prompts)) for j in range(len(cont_ids[i])) if cont_ids[i][j]]
     items.sort(key=lambda ij: -(len(prompt_ids[ij[0]]) + len(cont_ids[ij[0]][ij[1]])))
@@ -235,16 +218,14 @@ def score_continuations(
     batch_size: int,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """One model's continuations (``continuations[i]``: prompt ``i``'s) scored: ``(scores[scorer], nll_sums,
-    token_counts)``, each ``(num_prompts, k)``, the NLL under ``ppl`` (the perplexity model and its tokenizer)."""
+    """``(scores[scorer], nll_sums, token_counts)`` of one model's continuations, the NLL under ``ppl``."""
     texts = [t for row in continuations for t in row]
     scores = {s: scorer(texts).reshape(len(prompts), -1) for s, scorer in scorers.items()}
     return scores, *continuation_nll(*ppl, prompts, continuations, batch_size, on_batch)
 
 
 def load_base_model(ref: str, device: str = "auto", revision: str | None = None) -> tuple[Any, Any]:
-    """A causal LM and its tokenizer from a hub id (at ``revision``), a local path or ``zoo:<name>``; float16 on a
-    GPU, float32 on CPU (half precision is slow or unsupported there)."""
+    """A causal LM (in the device's compute dtype) and its tokenizer from a hub id, a path or ``zoo:<name>``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(device, "evaluation.device")
@@ -259,8 +240,7 @@ def load_base_model(ref: str, device: str = "auto", revision: str | None = None)
 
 
 def load_arm_model(recipe: Recipe, run_dir: str | Path, arm: str, device: str = "auto") -> tuple[Any, Any]:
-    """The base model with an arm's LoRA adapter, as training loads it (:func:`detox_sft.training.load_adapter_model`),
-    merged (faster than the adapter's extra matmuls, the same outputs), and the tokenizer."""
+    """The base model with an arm's LoRA adapter merged (faster, the same outputs), and the tokenizer."""
     model, tokenizer = load_adapter_model(run_dir, arm, resolve_device(device, "evaluation.device"))
     return model.merge_and_unload().eval(), tokenizer
 

@@ -1,6 +1,5 @@
-"""The evaluation on Ray Data actor pools (``evaluation.executor: ray``): the local run's calls, spread over actors
-(generation a batch per block, scoring and perplexity a model per block), so every number is the local run's. The
-actors load the models from the run directory, which they must see (on a cluster, a shared volume)."""
+"""The evaluation on Ray Data actor pools (``evaluation.executor: ray``): the local run's calls and numbers. The actors
+load the models from the run directory, which they must see (on a cluster, a shared volume)."""
 
 from __future__ import annotations
 
@@ -26,8 +25,7 @@ def scorer_batch_size(cfg: EvaluationConfig) -> int:
 def generate_on_ray(
     recipe: Recipe, run_dir: Path, name: str, model_inputs: Sequence[str], work_dir: Path, key: str, progress: bool
 ) -> list[list[str]]:
-    """``generate_continuations`` of model ``name``, one batch per block; finished blocks are kept in ``work_dir``
-    under ``key`` (the generation cache's), so an interrupted run resumes where it stopped."""
+    """``generate_continuations`` of model ``name``, one batch per block, kept in ``work_dir`` to resume."""
     from transformers import AutoConfig, AutoTokenizer
 
     cfg, ref = recipe.evaluation, recipe.training.base_model

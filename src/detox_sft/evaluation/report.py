@@ -52,8 +52,7 @@ def _summarize(
     extra: dict[str, Any] | None = None,
     self_judged: Collection[str] = (),
 ) -> dict[str, Any]:
-    """What results.json holds: every model's metrics per scorer, the paired comparisons, the scorers' agreement.
-    The models in ``self_judged`` (the fluency judge is that model) get no perplexity, only the reason why."""
+    """What results.json holds; the ``self_judged`` models get no perplexity, only the reason why."""
     n_boot, threshold, scores = cfg.bootstrap_samples, cfg.toxic_threshold, results.scores
     per_model: dict[str, Any] = {}
     for m in results.models:
@@ -73,8 +72,7 @@ def _summarize(
     comparisons = {f"{a}_vs_{b}": {s: paired(scores[a][s], scores[b][s]) for s in results.scorers} for a, b in pairs}
     config = {k: getattr(cfg, k) for k in ("num_samples", "max_new_tokens", "top_p", "temperature")}
     config |= {"bootstrap_samples": n_boot, "toxic_threshold": threshold, "confidence": 0.95}
-    config["interval"] = metrics.BOOTSTRAP_METHOD  # scipy.stats.bootstrap's method; each estimate's "method" says
-    # which one made its interval (the percentile interval where BCa is undefined)
+    config["interval"] = metrics.BOOTSTRAP_METHOD  # each estimate's "method" says which made its own interval
     agreement = []  # every pair of scorers on the same continuations: all models pooled, and each model's alone
     for i, a in enumerate(results.scorers):
         for b in results.scorers[i + 1 :]:
@@ -104,8 +102,7 @@ def _summary(results: EvalResults | dict[str, Any]) -> dict[str, Any]:
 
 
 def _fmt(est: dict[str, Any] | None, digits: int = 3, sign: str = "") -> str:
-    """``value [low, high]`` (``sign="+"``: signed, for a difference); the value alone without an interval; "not
-    measured" for a value left out on purpose (the reason: :func:`fluency_note`)."""
+    """``value [low, high]`` (``sign="+"``: signed), the value alone, "not measured" (on purpose) or "n/a"."""
     if est and est.get("not_measured"):
         return "not measured"
     if not est or est.get("value") is None:
@@ -118,9 +115,7 @@ _diff = functools.partial(_fmt, sign="+")
 
 
 def metrics_table(results: EvalResults | dict[str, Any], scorer: str | None = None) -> pd.DataFrame:
-    """The table a person reads: a row per model; EMT, TP, mean toxicity under ``scorer`` (default: the headline
-    one), perplexity and distinct-2, each as ``value [low, high]`` (95% bootstrap interval); a perplexity judged by
-    the model that generated the text reads "not measured" (why: :func:`fluency_note`)."""
+    """A row per model: EMT, TP, mean toxicity (``scorer``: default the headline one), perplexity, distinct-2."""
     import pandas as pd
 
     s = _summary(results)
@@ -134,8 +129,7 @@ def metrics_table(results: EvalResults | dict[str, Any], scorer: str | None = No
 
 
 def paired_table(results: EvalResults | dict[str, Any], scorer: str | None = None) -> pd.DataFrame:
-    """The paired differences ``a - b``: one row per comparison, each metric as ``+0.012 [-0.030, +0.055]``, marked
-    ``*`` when the interval excludes zero (default scorer: the headline one)."""
+    """A row per comparison ``a - b``: each metric as ``+0.012 [-0.030, +0.055]``, ``*`` when it excludes zero."""
     import pandas as pd
 
     s = _summary(results)
@@ -151,8 +145,7 @@ def paired_table(results: EvalResults | dict[str, Any], scorer: str | None = Non
 
 
 def scorer_table(results: EvalResults | dict[str, Any]) -> pd.DataFrame:
-    """Every scorer's reading of the same continuations: one row per (scorer, model), EMT / TP / mean toxicity as
-    ``value [low, high]``, the headline scorer first; beside them the paired detox - raw EMT difference."""
+    """A row per (scorer, model): EMT, TP, mean toxicity, and the paired detox - raw EMT difference."""
     import pandas as pd
 
     s = _summary(results)
@@ -166,8 +159,7 @@ def scorer_table(results: EvalResults | dict[str, Any]) -> pd.DataFrame:
 
 
 def agreement_table(results: EvalResults | dict[str, Any]) -> pd.DataFrame:
-    """How the scorers agree on the same continuations: a row per pair; for all models pooled and each model, Spearman's
-    rank correlation (NaN: a constant scorer) and the share both put on the same side of the threshold."""
+    """A row per pair of scorers: Spearman's rho (NaN: a constant scorer) and same-side share, pooled and per model."""
     import pandas as pd
 
     rows = {}
@@ -181,8 +173,7 @@ def agreement_table(results: EvalResults | dict[str, Any]) -> pd.DataFrame:
 
 
 def cost_table(results: EvalResults | dict[str, Any]) -> Any:
-    """What detoxifying costs: :func:`metrics_table` on the toxic, then the non-toxic prompts (``Styler``, an interval
-    on one line); a note (``IPython.display.Markdown``) when the evaluation had no ``evaluation.nontoxic_prompts``."""
+    """:func:`metrics_table` on the toxic, then the non-toxic prompts (a ``Styler``); a Markdown note without them."""
     import pandas as pd
     from IPython.display import Markdown
 
@@ -199,8 +190,7 @@ def cost_table(results: EvalResults | dict[str, Any]) -> Any:
 
 
 def headline_numbers(results: EvalResults | dict[str, Any]) -> dict[str, str]:
-    """The numbers a README quotes, as it quotes them (headline scorer): detox - raw's paired differences
-    (``{"detox - raw EMT": "EMT -0.180 [-0.242, -0.120]", ...}``), then each model's (``"raw EMT": "0.904 [...]"``)."""
+    """The numbers a README quotes: ``{"detox - raw EMT": "EMT -0.180 [-0.242, -0.120]", ..., "raw EMT": ...}``."""
     s = _summary(results)
     scorer, diffs = s["headline_scorer"], s["comparisons"]["detox_vs_raw"][s["headline_scorer"]]
     out = {f"detox - raw {label}": f"{label} {_diff(diffs[m])}" for m, label in LABELS.items()}
@@ -210,8 +200,7 @@ def headline_numbers(results: EvalResults | dict[str, Any]) -> dict[str, str]:
 
 
 def judge_note(results: EvalResults) -> str | None:
-    """Why EMT and TP are the same number when the headline scorer is a binary judge (``zoo:lexicon``: every score 0
-    or 1); `None` for a graded scorer."""
+    """Why EMT equals TP under a binary headline judge (every score 0 or 1); `None` for a graded scorer."""
     scorer = results.scorers[0]
     if not all(np.isin(results.scores[m][scorer], (0.0, 1.0)).all() for m in results.models):
         return None
@@ -223,12 +212,10 @@ def judge_note(results: EvalResults) -> str | None:
 
 
 def fluency_note(results: EvalResults | dict[str, Any]) -> str | None:
-    """Why a model's perplexity is not given (its fluency judge, ``evaluation.perplexity_model``, is that model
-    itself) and how to measure it; `None` when every model has one or the record predates the rule."""
+    """Why a model judged by itself gets no perplexity, and how to measure it; `None` when every model has one."""
     s = _summary(results)
     parts = [s, *([s["nontoxic"]] if s.get("nontoxic") else [])]
-    left_out = [m for m in s["models"] if any(_not_measured(part, m) for part in parts)]
-    if not left_out:
+    if not (left_out := [m for m in s["models"] if any(_not_measured(part, m) for part in parts)]):
         return None
     judge = s.get("perplexity_model", "the base model")
     return (
@@ -245,20 +232,15 @@ def _not_measured(summary: dict[str, Any], model: str) -> bool:
 
 
 def _interval_label(s: dict[str, Any]) -> str:
-    """What made the intervals, as summary.md states it: ``95% BCa bootstrap interval``, with the count of those made
-    otherwise (read from each estimate's recorded ``method``): the percentile interval where BCa is undefined, zero
-    width for a constant sample."""
+    """``95% BCa bootstrap interval``, with the counts of intervals made otherwise (each estimate's ``method``)."""
     methods: Counter[str] = Counter()
 
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if node.get("method") and node.get("low") is not None:
-                methods[node["method"]] += 1
-            node = list(node.values())
-        for child in node if isinstance(node, list) else ():
-            walk(child)
+    def count(node: dict[str, Any]) -> dict[str, Any]:  # json calls it on every dict, however deep
+        if node.get("method") and node.get("low") is not None:
+            methods[node["method"]] += 1
+        return node
 
-    walk(s)
+    json.loads(json.dumps(s), object_hook=count)
     label = f"95% {s['config'].get('interval', metrics.PERCENTILE)} bootstrap interval"
     if methods[metrics.PERCENTILE]:
         label += f"; percentile where BCa is undefined: {methods[metrics.PERCENTILE]} of {methods.total()}"
@@ -268,8 +250,7 @@ def _interval_label(s: dict[str, Any]) -> str:
 
 
 def describe_result(results: EvalResults | dict[str, Any], markdown: bool = False) -> str:
-    """A paragraph that reads the result (headline scorer) from the numbers, saying whether the intervals exclude
-    zero; with ``markdown``, a lead sentence, then a bullet per model and per comparison with the verdicts in bold."""
+    """A paragraph reading the result (headline scorer); ``markdown``: a lead sentence, then bullets, verdicts bold."""
     s = _summary(results)
     scorer = s["headline_scorer"]
     parts = [
@@ -309,8 +290,7 @@ def _markdown(table: pd.DataFrame, index: str) -> str:
 
 
 def summary_markdown(results: EvalResults | dict[str, Any]) -> str:
-    """The short markdown report written to eval/summary.md: a table per scorer, the paired differences, the scorers'
-    agreement, the non-toxic prompts, a reading."""
+    """eval/summary.md: a table per scorer, the paired differences, scorer agreement, non-toxic prompts, a reading."""
     import pandas as pd
 
     s = _summary(results)
@@ -353,8 +333,7 @@ def summary_markdown(results: EvalResults | dict[str, Any]) -> str:
 
 
 def plot_toxicity_distributions(results: EvalResults) -> Figure:
-    """Histograms per model of every continuation's toxicity and of each prompt's maximum (what EMT averages), under
-    the headline scorer."""
+    """Histograms per model of every continuation's toxicity and of each prompt's maximum (headline scorer)."""
     from matplotlib.figure import Figure
 
     scorer, fig, bins = results.scorers[0], Figure(figsize=(10, 3.8)), np.linspace(0, 1, 21)
@@ -375,8 +354,7 @@ def plot_toxicity_distributions(results: EvalResults) -> Figure:
 
 
 def plot_metric_bars(results: EvalResults) -> Figure:
-    """Bars of EMT, TP and mean toxicity per model with their 95% bootstrap intervals as error bars (headline
-    scorer); under a binary judge a caption says why the EMT and TP panels are the same (:func:`judge_note`)."""
+    """Bars of EMT, TP and mean toxicity per model with their 95% intervals (headline scorer; :func:`judge_note`)."""
     import textwrap
 
     from matplotlib.figure import Figure

@@ -1,10 +1,9 @@
-"""Detoxify training samples with TrustyAI TMaRCo: gated, batched, cached and resumable.
+"""Detoxify training samples with TrustyAI TMaRCo (:func:`detoxify_training_set`): gated, batched, cached, resumable.
 
-TMaRCo masks the tokens on which an expert and an anti-expert disagree most (their Jensen-Shannon distance over the
-sentence mean, above ``mask_threshold``) and fills them from ``base + w_anti * anti_expert + w_expert * expert``
-logits. Only samples whose toxicity reaches ``gate_threshold`` are rephrased: the mask threshold is relative, so
-TMaRCo would otherwise rewrite clean sentences too. Modules: ``dataset`` (the step) above ``engines`` above
-``cache``; beside them ``survival`` (what a rewrite keeps) and ``display`` (what a notebook shows).
+TMaRCo masks the tokens on which an expert and an anti-expert disagree most (Jensen-Shannon distance over the sentence
+mean above ``mask_threshold``) and fills them from ``base + w_anti * anti_expert + w_expert * expert`` logits. Only
+samples whose toxicity reaches ``gate_threshold`` are rephrased: the mask threshold is relative, so TMaRCo would
+otherwise rewrite clean sentences too.
 """
 
 from detox_sft.rephrase.cache import CacheWriteError, RephraseError

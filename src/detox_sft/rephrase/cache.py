@@ -1,8 +1,5 @@
-"""The rephrase step's store: SQLite tables of values by key, committed batch by batch, so a killed run resumes.
-
-The bottom of :mod:`detox_sft.rephrase`: it knows keys and values, nothing of engines or datasets. Its error types
-live here so that every module above can raise them.
-"""
+"""The rephrase step's store: SQLite tables of values by key, committed batch by batch, so a killed run resumes
+(the bottom of :mod:`detox_sft.rephrase`, so its error types live here)."""
 
 from __future__ import annotations
 

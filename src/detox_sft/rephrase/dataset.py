@@ -241,12 +241,9 @@ def _finish(
         why = "were longer than the TMaRCo models' context and were truncated before rephrasing"
         warnings.warn(f"{summary.truncated} text(s) {why} (see rephrase_truncated in the records).", stacklevel=3)
     if summary.errors:
-        warnings.warn(
-            f"{summary.errors} of {summary.gated} gated text(s) could not be rephrased and were kept unchanged "
-            "(rephrase_status 'error', the reason in rephrase_error); they are not cached, so a rerun tries them again.",
-            UserWarning,
-            stacklevel=3,
-        )
+        what = f"{summary.errors} of {summary.gated} gated text(s) could not be rephrased"
+        why = "were kept unchanged (rephrase_status 'error', the reason in rephrase_error); they are not cached, so"
+        warnings.warn(f"{what} and {why} a rerun tries them again.", stacklevel=3)
     return RephraseResult(records=records, summary=summary, field=field, extra=extra or {})
 
 
@@ -284,10 +281,8 @@ def _scores(texts: Sequence[str], scorer: Callable, scorer_key: str, cache: Cach
 
 
 def _jsonable(output: Any) -> dict[str, Any]:
-    value = asdict(output)
-    for name in ("min_gap", "min_margin"):  # JSON has no infinity
-        value[name] = None if math.isinf(value[name]) else value[name]
-    return value
+    # JSON has no infinity (only min_gap and min_margin are floats)
+    return {k: None if isinstance(v, float) and math.isinf(v) else v for k, v in asdict(output).items()}
 
 
 def _record(record: dict, text: str | None, gate: float, tox: dict, tox_after: dict, outputs: dict) -> dict[str, Any]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import html
 import itertools
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from detox_sft.data import read_jsonl
+from detox_sft.rephrase.survival import Records
 
 
 class HTML(str):
@@ -36,15 +36,9 @@ def _highlight_masked(original: str, masked: str, mask_token: str = "<mask>") ->
     return "".join(out)
 
 
-def highlight_html(
-    records: Sequence[dict[str, Any]] | str | os.PathLike[str],
-    n: int = 10,
-    field: str = "text",
-    only_rephrased: bool = True,
-) -> HTML:
-    """An HTML table of the first ``n`` records (those TMaRCo changed, with ``only_rephrased``): the original
-    ``field`` with the masked tokens highlighted, beside the rephrased text and the toxicities. ``records``: rephrased
-    records (:attr:`RephraseResult.records`) or a JSONL path of them."""
+def highlight_html(records: Records, n: int = 10, field: str = "text", only_rephrased: bool = True) -> HTML:
+    """An HTML table of the first ``n`` rephrased records (or a JSONL path of them; those TMaRCo changed, with
+    ``only_rephrased``): ``field`` with the masked tokens highlighted, the rephrased text and the toxicities."""
     if isinstance(records, str | os.PathLike):
         records = read_jsonl(records)
     original_field = "original_continuation" if field == "continuation" else field
@@ -68,13 +62,9 @@ def highlight_html(
     return HTML('<table class="detox-rephrase" style="text-align:left">' + head + "".join(body) + "</table>")
 
 
-def plot_toxicity_histogram(
-    records: Sequence[dict[str, Any]] | str | os.PathLike[str],
-    path: str | os.PathLike[str] | None = None,
-    bins: int = 20,
-) -> Any:
-    """Histogram of toxicity before and after rephrasing (all scored records); saved as PNG when ``path`` is given.
-    Returns the matplotlib Figure (Jupyter displays it when it is a cell's last expression)."""
+def plot_toxicity_histogram(records: Records, path: str | os.PathLike[str] | None = None, bins: int = 20) -> Any:
+    """Histogram of toxicity before and after rephrasing (all scored records) as a matplotlib Figure, also saved as
+    PNG when ``path`` is given."""
     from matplotlib.figure import Figure
 
     if isinstance(records, str | os.PathLike):
@@ -100,10 +90,8 @@ def plot_toxicity_histogram(
 
 
 def plot_token_scores(tokenizer: Any, sentence: str, scores: Any, threshold: float) -> Any:
-    """TMaRCo's score of each token (``tokenizer.tokenize(sentence)``) as bars, masked ones red, the threshold a line.
-
-    ``scores`` is ``tmarco.score([sentence])[0]``; ``threshold`` the mask threshold. Returns the figure.
-    """
+    """A figure of ``scores`` (``tmarco.score([sentence])[0]``) as bars over the tokens, those above the mask
+    ``threshold`` (masked) red, the threshold a line."""
     from matplotlib.figure import Figure
 
     tokens = tokenizer.tokenize(sentence)

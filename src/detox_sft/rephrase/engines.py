@@ -4,6 +4,7 @@ a time); :func:`load_engine` builds either, :func:`identity` says what determine
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -41,8 +42,7 @@ class EngineOutput:
 
 
 class TMaRCoEngine:
-    """Both engines' input preparation (context limit, literal mask tokens), failures and identity; subclasses
-    implement ``_run(texts) -> list[EngineOutput]``."""
+    """Both engines' input preparation, failures and identity; subclasses implement ``_run(texts) -> outputs``."""
 
     name = "base"
     data_errors: tuple[type[Exception], ...] = ()  # failures of odd sentences, not of the engine
@@ -51,12 +51,11 @@ class TMaRCoEngine:
         self.tokenizer, self.base, self.experts, self.cfg = tokenizer, base, list(experts), cfg
         limits = [getattr(m.config, "max_position_embeddings", None) for m in [base, *experts]]
         limits = [x for x in limits if isinstance(x, int) and x > 0]
-        # a scoring variant holds every token plus "<pad><mask>" plus <s> and </s>; re-tokenizing a masked string can
-        # add a token or two: keep a margin so no input ever exceeds the position embeddings
+        # a margin under the position embeddings: a scoring variant adds "<pad><mask>", <s> and </s>, re-tokenizing
+        # a masked string a token or two
         self.max_tokens = max(1, (min(limits) if limits else 1024) - 6)
         self.calls = 0  # sentences processed (tests count them to prove the cache works)
-        # seconds in each step over the engine's life: "score" (every token masked in turn, read by both experts)
-        # and "rephrase" (mask + fill); the benchmark reads them to say where the time goes
+        # seconds spent scoring and rephrasing (mask + fill) over the engine's life: the benchmark reads them
         self.timings = {"score": 0.0, "rephrase": 0.0}
 
     def prepare(self, text: str) -> tuple[str, bool]:
@@ -70,11 +69,9 @@ class TMaRCoEngine:
         return tok.convert_tokens_to_string(tokens[: self.max_tokens]), True
 
     def rephrase(self, texts: Sequence[str], keep_going: bool | None = None) -> list[EngineOutput]:
-        """Score, mask and rephrase ``texts``; one :class:`EngineOutput` per text, in order.
-
-        When the engine raises, texts are retried one by one; with ``keep_going`` (default ``cfg.keep_going``) or on
-        a known data error a text failing alone gets an error output, else :class:`EngineFailed` is raised.
-        """
+        """Score, mask and rephrase ``texts``: one :class:`EngineOutput` each, in order. On a failure texts are retried
+        alone; one failing alone gets an error output with ``keep_going`` (default ``cfg.keep_going``) or on a known
+        data error, else :class:`EngineFailed` is raised."""
         keep_going = self.cfg.keep_going if keep_going is None else keep_going
         prepared = [self.prepare(t) for t in texts]
         self.calls += len(texts)
@@ -145,10 +142,9 @@ class ReferenceEngine(TMaRCoEngine):
 
 
 class BatchedEngine(TMaRCoEngine):
-    """TMaRCo's algorithm over many sentences at once: trustyai 0.6.4's ``score`` / ``mask`` / ``rephrase`` with the
-    same tokenizer calls (so the same token ids); only the batching differs, and model calls stop at the last decoder
-    position needed. ``experts``: ``[anti_expert, expert]``; ``dtype`` `None`: float16 on CUDA, float32 on CPU.
-    """
+    """trustyai 0.6.4's TMaRCo ``score`` / ``mask`` / ``rephrase`` over many sentences at once, with the same tokenizer
+    calls (so the same token ids); model calls stop at the last decoder position needed. ``experts``: ``[anti_expert,
+    expert]``; ``dtype`` `None`: float16 on CUDA, float32 on CPU."""
 
     name = "batched"
 
@@ -174,9 +170,8 @@ class BatchedEngine(TMaRCoEngine):
         models = [m.to(device=device, dtype=self.dtype).eval() for m in [base, *experts]]
         super().__init__(tokenizer, models[0], models[1:], cfg)
         self.max_batch_tokens = max_batch_tokens or (65536 if device == "cuda" else 8192)
-        # what one encoder or decoder call costs, in token positions (see _cheapest_split): on CPU measured for the
-        # decoder, ~70 at bart-base size and ~200 for the zoo's d=128 BART; on CUDA a call is dozens of kernel
-        # launches while positions are nearly free
+        # one model call's cost in token positions (see _cheapest_split): on CPU measured for the decoder (~70 at
+        # bart-base size, ~200 for the zoo's d=128 BART); on CUDA a call is dozens of kernel launches, positions ~free
         self.call_tokens = 4096 if device == "cuda" else 128
 
     @classmethod
@@ -254,8 +249,7 @@ class BatchedEngine(TMaRCoEngine):
             if p.device.type != "cpu":
                 out.append(_jensenshannon_torch(p, q).cpu().numpy())
                 continue
-            # scipy, as TMaRCo does, in row chunks (row-wise: chunking changes no bit) over torch's threads (numpy
-            # and scipy's ufuncs release the GIL)
+            # scipy as TMaRCo, in row chunks (changes no bit) over torch's threads (numpy/scipy release the GIL)
             from concurrent.futures import ThreadPoolExecutor
 
             import torch
@@ -287,8 +281,8 @@ class BatchedEngine(TMaRCoEngine):
         tok = self.tokenizer
         mask_token, mask_id = tok.mask_token, tok.mask_token_id  # properties: read once
         out, errors, gaps = list(texts), [None] * len(texts), [math.inf] * len(texts)
-        # one job per sentence with something masked: [sentence, masked tokens, original inner ids, filled ids,
-        # cursor]; the base model is read once, at every mask of the original encodings
+        # a job per sentence with something masked: [sentence, masked tokens, original inner ids, filled ids, cursor];
+        # the base model is read once, at every mask of the original encodings
         jobs: list[list[Any]] = []
         base_rows: list[list[int]] = []
         base_queries: list[tuple[int, int]] = []
@@ -301,9 +295,8 @@ class BatchedEngine(TMaRCoEngine):
             base_rows.append(original_ids)
             for idx in [idx for idx, t in enumerate(mtoks) if t == mask_token]:
                 base_query_of[(i, idx)] = len(base_queries)
-                # TMaRCo reads the base logits at 1 + idx of the *original* encoding; re-tokenizing a masked string
-                # can add tokens (byte pieces of emoji / CJK), and there TMaRCo raises IndexError. We read the last
-                # position instead: a documented deviation, only where the reference fails.
+                # TMaRCo reads the base at 1 + idx of the *original* encoding, and raises IndexError past its end (a
+                # masked string re-tokenized can gain emoji / CJK byte pieces): we read the last position (deviation)
                 base_queries.append((len(base_rows) - 1, min(1 + idx, len(original_ids) - 1)))
             jobs.append([i, mtoks, original_ids[1:-1], [], 0])
         if not jobs:
@@ -454,8 +447,8 @@ def _cheapest_split(sizes: Sequence[int], call_tokens: int, max_tokens: int) -> 
 
 
 def _decoder_groups(q_row: Any, q_pos: Any, call_tokens: int, max_tokens: int, device: Any) -> list[tuple]:
-    """A chunk's rows as decoder calls that each stop at the last position one of their rows needs: ``(rows,
-    queries, local rows of the queries, cut)`` index tensors per group."""
+    """A chunk's rows as decoder calls that each stop at the last position their rows need: ``(rows, queries, local
+    rows of the queries, cut)`` per call."""
     import torch
 
     q_row_list, q_pos_list = q_row.tolist(), q_pos.tolist()
@@ -468,10 +461,7 @@ def _decoder_groups(q_row: Any, q_pos: Any, call_tokens: int, max_tokens: int, d
     queries: list[list[int]] = [[] for _ in groups]
     for qi, r in enumerate(q_row_list):
         queries[slot[r][0]].append(qi)
-
-    def index(values: list[int]) -> Any:
-        return torch.tensor(values, dtype=torch.long, device=device)
-
+    index = functools.partial(torch.tensor, dtype=torch.long, device=device)
     return [
         (index(rows), index(qs), index([slot[q_row_list[qi]][1] for qi in qs]), need[rows[-1]] + 1)
         for rows, qs in zip(groups, queries, strict=True)
@@ -512,10 +502,9 @@ def load_engine(cfg: RephraseConfig, engine: str | None = None, device: str | No
 
 
 def identity(cfg: RephraseConfig, engine: Any = None, device: str = "cpu") -> dict[str, Any]:
-    """The settings and models that determine an engine's outputs: a loaded ``engine``'s own (an engine of another
-    kind says them by its ``identity()``), else, without loading, those of the engine that ``engine`` names (default
-    ``cfg.engine``) would load on ``device``: models by their directory's files, a hub id by its cached snapshot,
-    else by name (and revision)."""
+    """The settings and models that determine an engine's outputs: a loaded ``engine``'s (another kind's by its
+    ``identity()``), else, unloaded, those the engine named by ``engine`` (default ``cfg.engine``) would load on
+    ``device``: models by their directory's files, a hub id by its cached snapshot, else by name (and revision)."""
     if isinstance(engine, TMaRCoEngine):
         cfg, name, dtype = engine.cfg, engine.name, str(getattr(engine, "dtype", "float32")).replace("torch.", "")
         anti_expert, expert = engine.experts

@@ -1,10 +1,6 @@
-"""How much of a text survives its rephrasing: the cost of detoxifying, to show beside the gain.
-
-Two views of one rewrite, per sample and averaged over the rephrased samples: chrF (sacrebleu's character n-gram
-F-score, 0-100) of the rephrased text against the original (100 is unchanged; one word of twenty rewritten keeps it
-in the 80s-90s), and the share of the original's words the rephrased text does not keep (the word sequences aligned
-by :class:`difflib.SequenceMatcher`). ``survival_table(cfg.paths.train_set("detox"))`` is what a notebook shows.
-"""
+"""How much of a text survives its rephrasing (the cost of detoxifying): chrF against the original (100 is
+unchanged; one word of twenty rewritten keeps it in the 80s-90s) and the share of words changed, per rephrased sample
+and averaged. ``survival_table(cfg.paths.train_set("detox"))`` is what a notebook shows."""
 
 from __future__ import annotations
 
@@ -16,8 +12,7 @@ from typing import Any
 
 from detox_sft.data import read_jsonl
 
-__all__ = ["chrf", "changed_word_share", "survival_means", "survival_table"]
-
+Records = Sequence[dict[str, Any]] | str | os.PathLike[str]  # records, or a JSONL path of them
 _COLUMNS = ["original", "rephrased", "chrf", "changed_word_share", "toxicity_before", "toxicity_after"]
 
 
@@ -34,10 +29,8 @@ def chrf(original: str, rephrased: str) -> float:
 
 
 def changed_word_share(original: str, rephrased: str) -> float:
-    """The share of ``original``'s words (split on whitespace) that ``rephrased`` does not keep, in [0, 1].
-
-    A kept word is one inside a block difflib matches (no junk heuristic). An empty original changes nothing (0.0).
-    """
+    """The share of ``original``'s words (split on whitespace) outside the blocks difflib matches in ``rephrased``
+    (no junk heuristic), in [0, 1]; 0.0 for an empty original."""
     before, after = original.split(), rephrased.split()
     if not before:
         return 0.0
@@ -45,7 +38,7 @@ def changed_word_share(original: str, rephrased: str) -> float:
     return 1.0 - sum(block.size for block in matcher.get_matching_blocks()) / len(before)
 
 
-def _rows(records: Sequence[dict[str, Any]] | str | os.PathLike[str], field: str) -> list[dict[str, Any]]:
+def _rows(records: Records, field: str) -> list[dict[str, Any]]:
     """One row per record TMaRCo changed. ``field="continuation"`` compares the training set's
     ``original_continuation`` with ``continuation`` (what the detox arm learns); another field with ``rephrased_text``."""
     if isinstance(records, str | os.PathLike):
@@ -60,9 +53,7 @@ def _rows(records: Sequence[dict[str, Any]] | str | os.PathLike[str], field: str
     return rows
 
 
-def survival_means(
-    records: Sequence[dict[str, Any]] | str | os.PathLike[str], field: str = "text"
-) -> dict[str, float | None]:
+def survival_means(records: Records, field: str = "text") -> dict[str, float | None]:
     """Mean chrF and mean changed-word share over the records TMaRCo rephrased (`None` when none was); ``records``
     and ``field`` as :func:`survival_table` takes them."""
     rows = _rows(records, field)
@@ -70,12 +61,9 @@ def survival_means(
     return {f"mean_{name}": sum(r[name] for r in rows) / len(rows) if rows else None for name in names}
 
 
-def survival_table(
-    records: Sequence[dict[str, Any]] | str | os.PathLike[str], field: str = "sample", n: int | None = 10
-) -> Any:
-    """A DataFrame, one row per rephrased sample: original, rephrased, chrF, changed-word share, toxicity before
-    and after. Its ``attrs`` hold the means over *all* rephrased samples (``mean_chrf``, ``mean_changed_word_share``,
-    ``rephrased``), also when ``n`` shows fewer rows.
+def survival_table(records: Records, field: str = "sample", n: int | None = 10) -> Any:
+    """A DataFrame, one row per rephrased sample: original, rephrased, chrF, changed-word share, toxicity before and
+    after; its ``attrs`` hold ``rephrased`` and the means over *all* of them, also when ``n`` shows fewer rows.
 
     Args:
         records: rephrased records or a JSONL path of them (``data/train_detox.jsonl``).

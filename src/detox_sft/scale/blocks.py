@@ -5,7 +5,6 @@ The key hashes the input and every setting that changes the output, so a changed
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -41,13 +40,8 @@ class BlockStore:
 
     def done(self) -> set[int]:
         """Indices of the blocks already written (complete files only: they are renamed into place)."""
-        found = set()
-        for path in self.dir.glob("[0-9]*.json"):
-            with contextlib.suppress(ValueError):
-                index = int(path.stem)
-                if 0 <= index < self.num_blocks:
-                    found.add(index)
-        return found
+        found = {int(path.stem) for path in self.dir.glob("[0-9]*.json") if path.stem.isdecimal()}
+        return found & set(range(self.num_blocks))
 
     def put(self, index: int, data: bytes) -> None:
         """Write block ``index``'s result (JSON bytes) atomically."""
