@@ -175,5 +175,7 @@ def test_the_shortened_rehearsal_runs_the_four_notebooks_at_full_model_size(tmp_
     assert set(report["evaluation"]["continuation_tokens"]) == {"base", "raw", "detox"}
     answers = recorded(out / "run", "4-inference_request")["answers"]
     assert len(answers) == 4 and all(isinstance(a["answer"], str) for a in answers)  # served and answered
-    assert recorded(out / "run", "3-save_convert_model")["uploads"]["caikit"]["verified"] > 0
+    caikit = recorded(out / "run", "3-save_convert_model")["uploads"]["caikit"]  # every file in S3, marker written last
+    assert caikit["files"] > 0 and len(caikit["uploaded"]) + len(caikit["skipped"]) == caikit["files"]
+    assert caikit["marker_key"].endswith(".detox-sft-upload.json")
     atomic_write_text(ROOT / "results" / "rehearsal-cpu" / "record.json", json.dumps(record, indent=2) + "\n")
